@@ -1,0 +1,313 @@
+//! Counters for every discard reason and every answer (RFC 4673's DAS MIB set; SPEC §10), as
+//! plain per-instance numbers that a runtime sums across shards, and their Prometheus text.
+//!
+//! Owns: the counter layout, merging, and the exposition format. Must not touch: decisions;
+//! `decide` increments these and nothing else writes them.
+#![forbid(unsafe_code)]
+
+use core::fmt::Write as _;
+
+use crate::dict::ErrorCause;
+
+/// Why a datagram got no answer (SPEC §2; each is counted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Discard {
+    /// SPEC §2.1: the source is not a configured client.
+    UnknownClient,
+    /// SPEC §2.2: not a RADIUS packet (length rules).
+    Malformed,
+    /// SPEC §2.3: not a Disconnect-Request or CoA-Request.
+    UnsupportedCode,
+    /// SPEC §2.4: the Request Authenticator verifies with no live secret.
+    BadRequestAuthenticator,
+    /// SPEC §2.5: the Message-Authenticator is wrong, malformed or repeated.
+    BadMessageAuthenticator,
+    /// SPEC §2.5: absent while the client requires it.
+    MissingMessageAuthenticator,
+    /// SPEC §2.6: Event-Timestamp outside the window.
+    EventTimestampOutsideWindow,
+    /// SPEC §2.6: absent while the client requires it.
+    MissingEventTimestamp,
+    /// SPEC §2.7: a copy of this request is still being processed.
+    DuplicateInFlight,
+    /// More Proxy-State attributes than the client's cap.
+    TooManyProxyStates,
+    /// The answer would exceed 4096 octets or the caller's buffer.
+    AnswerTooLarge,
+}
+
+impl Discard {
+    pub const ALL: [Discard; 11] = [
+        Discard::UnknownClient,
+        Discard::Malformed,
+        Discard::UnsupportedCode,
+        Discard::BadRequestAuthenticator,
+        Discard::BadMessageAuthenticator,
+        Discard::MissingMessageAuthenticator,
+        Discard::EventTimestampOutsideWindow,
+        Discard::MissingEventTimestamp,
+        Discard::DuplicateInFlight,
+        Discard::TooManyProxyStates,
+        Discard::AnswerTooLarge,
+    ];
+
+    pub fn index(self) -> usize {
+        Self::ALL.iter().position(|d| *d == self).unwrap_or(0)
+    }
+
+    /// A stable snake_case name for logs and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Discard::UnknownClient => "unknown_client",
+            Discard::Malformed => "malformed",
+            Discard::UnsupportedCode => "unsupported_code",
+            Discard::BadRequestAuthenticator => "bad_request_authenticator",
+            Discard::BadMessageAuthenticator => "bad_message_authenticator",
+            Discard::MissingMessageAuthenticator => "missing_message_authenticator",
+            Discard::EventTimestampOutsideWindow => "event_timestamp_outside_window",
+            Discard::MissingEventTimestamp => "missing_event_timestamp",
+            Discard::DuplicateInFlight => "duplicate_in_flight",
+            Discard::TooManyProxyStates => "too_many_proxy_states",
+            Discard::AnswerTooLarge => "answer_too_large",
+        }
+    }
+}
+
+/// Disconnect or CoA: the two request kinds every counter is split by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RequestKind {
+    Disconnect = 0,
+    Coa = 1,
+}
+
+impl RequestKind {
+    pub const fn name(self) -> &'static str {
+        match self {
+            RequestKind::Disconnect => "disconnect",
+            RequestKind::Coa => "coa",
+        }
+    }
+}
+
+const KINDS: [RequestKind; 2] = [RequestKind::Disconnect, RequestKind::Coa];
+
+/// One client's counters (RFC 4673 dynAuthServ* per client, split by request kind).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientCounters {
+    /// Requests of a known code received (dynAuthServDisconRequests, ...CoARequests).
+    pub requests: [u64; 2],
+    /// CoA-Requests with Service-Type Authorize Only (dynAuthServCoAAuthOnlyRequests).
+    pub authorize_only_requests: u64,
+    pub acks: [u64; 2],
+    /// NAKs by Error-Cause, indexed as `ErrorCause::ALL`.
+    pub naks: [[u64; 16]; 2],
+    /// Retransmissions answered from the duplicate cache (dynAuthServDupDisconRequests).
+    pub duplicates: [u64; 2],
+    /// Discards by reason, indexed as `Discard::ALL`.
+    pub discards: [u64; 11],
+    /// Sessions removed by Disconnect-Requests (dynAuthServDisconUserSessRemoved).
+    pub sessions_removed: u64,
+    /// Sessions changed by CoA-Requests.
+    pub sessions_changed: u64,
+}
+
+impl ClientCounters {
+    pub fn naks_total(&self, kind: RequestKind) -> u64 {
+        self.naks[kind as usize].iter().sum()
+    }
+
+    pub fn discards_total(&self) -> u64 {
+        self.discards.iter().sum()
+    }
+
+    pub fn nak(&self, kind: RequestKind, cause: ErrorCause) -> u64 {
+        self.naks[kind as usize][cause.index()]
+    }
+
+    pub fn discarded(&self, reason: Discard) -> u64 {
+        self.discards[reason.index()]
+    }
+
+    fn add(&mut self, o: &ClientCounters) {
+        for k in 0..2 {
+            self.requests[k] += o.requests[k];
+            self.acks[k] += o.acks[k];
+            self.duplicates[k] += o.duplicates[k];
+            for (a, b) in self.naks[k].iter_mut().zip(o.naks[k]) {
+                *a += b;
+            }
+        }
+        for (a, b) in self.discards.iter_mut().zip(o.discards) {
+            *a += b;
+        }
+        self.authorize_only_requests += o.authorize_only_requests;
+        self.sessions_removed += o.sessions_removed;
+        self.sessions_changed += o.sessions_changed;
+    }
+}
+
+/// The counters of one engine instance (one shard).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Datagrams from sources that are not clients (dynAuthServInvalidClientAddresses).
+    pub unknown_client: u64,
+    /// Per client, indexed by `ClientId`.
+    pub per_client: Vec<ClientCounters>,
+}
+
+impl Counters {
+    pub fn new(clients: usize) -> Self {
+        Counters {
+            unknown_client: 0,
+            per_client: vec![ClientCounters::default(); clients],
+        }
+    }
+
+    /// Adds another shard's counters into these.
+    pub fn merge(&mut self, other: &Counters) {
+        self.unknown_client += other.unknown_client;
+        if self.per_client.len() < other.per_client.len() {
+            self.per_client
+                .resize(other.per_client.len(), ClientCounters::default());
+        }
+        for (a, b) in self.per_client.iter_mut().zip(&other.per_client) {
+            a.add(b);
+        }
+    }
+
+    /// Every client's counters summed.
+    pub fn totals(&self) -> ClientCounters {
+        let mut t = ClientCounters::default();
+        for c in &self.per_client {
+            t.add(c);
+        }
+        t
+    }
+
+    /// Prometheus text exposition (version 0.0.4). `client_names[i]` labels client `i`.
+    pub fn write_prometheus(&self, client_names: &[&str], out: &mut String) {
+        let _ = writeln!(
+            out,
+            "# HELP dynauth_invalid_client_addresses_total Datagrams from unknown sources (RFC 4673 dynAuthServInvalidClientAddresses).\n# TYPE dynauth_invalid_client_addresses_total counter\ndynauth_invalid_client_addresses_total {}",
+            self.unknown_client
+        );
+        let series: [(&str, &str); 6] = [
+            ("dynauth_requests_total", "Requests received"),
+            ("dynauth_acks_total", "ACKs sent"),
+            ("dynauth_naks_total", "NAKs sent, by Error-Cause"),
+            (
+                "dynauth_duplicates_total",
+                "Retransmissions answered from the duplicate cache",
+            ),
+            (
+                "dynauth_discards_total",
+                "Requests silently discarded, by reason",
+            ),
+            ("dynauth_sessions_total", "Sessions removed or changed"),
+        ];
+        for (name, help) in series {
+            let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} counter");
+            for (i, c) in self.per_client.iter().enumerate() {
+                let client = client_names.get(i).copied().unwrap_or("unnamed");
+                let client = client.replace('\\', "\\\\").replace('"', "\\\"");
+                match name {
+                    "dynauth_discards_total" => {
+                        for d in Discard::ALL {
+                            let _ = writeln!(
+                                out,
+                                "{name}{{client=\"{client}\",reason=\"{}\"}} {}",
+                                d.name(),
+                                c.discarded(d)
+                            );
+                        }
+                    }
+                    "dynauth_sessions_total" => {
+                        let _ = writeln!(
+                            out,
+                            "{name}{{client=\"{client}\",action=\"removed\"}} {}\n{name}{{client=\"{client}\",action=\"changed\"}} {}",
+                            c.sessions_removed, c.sessions_changed
+                        );
+                    }
+                    _ => {
+                        for k in KINDS {
+                            let kind = k.name();
+                            let ki = k as usize;
+                            match name {
+                                "dynauth_requests_total" => {
+                                    let _ = writeln!(
+                                        out,
+                                        "{name}{{client=\"{client}\",kind=\"{kind}\"}} {}",
+                                        c.requests[ki]
+                                    );
+                                }
+                                "dynauth_acks_total" => {
+                                    let _ = writeln!(
+                                        out,
+                                        "{name}{{client=\"{client}\",kind=\"{kind}\"}} {}",
+                                        c.acks[ki]
+                                    );
+                                }
+                                "dynauth_duplicates_total" => {
+                                    let _ = writeln!(
+                                        out,
+                                        "{name}{{client=\"{client}\",kind=\"{kind}\"}} {}",
+                                        c.duplicates[ki]
+                                    );
+                                }
+                                _ => {
+                                    for cause in ErrorCause::ALL {
+                                        let _ = writeln!(
+                                            out,
+                                            "{name}{{client=\"{client}\",kind=\"{kind}\",error_cause=\"{}\"}} {}",
+                                            cause.value(),
+                                            c.nak(k, cause)
+                                        );
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_sums_shards() {
+        let mut a = Counters::new(2);
+        let mut b = Counters::new(2);
+        a.per_client[0].acks[0] = 3;
+        b.per_client[0].acks[0] = 4;
+        b.per_client[1].naks[1][ErrorCause::SessionContextNotFound.index()] = 2;
+        b.unknown_client = 5;
+        a.merge(&b);
+        assert_eq!(a.per_client[0].acks[0], 7);
+        assert_eq!(
+            a.totals()
+                .nak(RequestKind::Coa, ErrorCause::SessionContextNotFound),
+            2
+        );
+        assert_eq!(a.unknown_client, 5);
+    }
+
+    #[test]
+    fn prometheus_text_has_labelled_series() {
+        let mut c = Counters::new(1);
+        c.per_client[0].discards[Discard::BadRequestAuthenticator.index()] = 9;
+        c.per_client[0].naks[0][ErrorCause::SessionContextNotFound.index()] = 1;
+        let mut out = String::new();
+        c.write_prometheus(&["bng-\"a\""], &mut out);
+        assert!(out.contains(
+            "dynauth_discards_total{client=\"bng-\\\"a\\\"\",reason=\"bad_request_authenticator\"} 9"
+        ));
+        assert!(out.contains(
+            "dynauth_naks_total{client=\"bng-\\\"a\\\"\",kind=\"disconnect\",error_cause=\"503\"} 1"
+        ));
+        assert!(out.contains("# TYPE dynauth_requests_total counter"));
+    }
+}

@@ -1,0 +1,460 @@
+//! The contract between the decisions and wherever sessions live: the `SessionStore` trait,
+//! the `DataPlane` hand-off, and `MemoryStore`, a small, obviously correct store for tests.
+//!
+//! Owns: the meaning of a lookup (start from the most selective key, check the rest on the
+//! record: SPEC §6.4, §6.5), atomic application to every matched session (RFC 5176 §3:
+//! all or none; SPEC §6.6, §8), tombstones for Error-Cause 201 (SPEC §4).
+//! Must not touch: packets and answers (`decide`). The carrier-scale store lives in its own
+//! module and implements the same trait.
+#![forbid(unsafe_code)]
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use crate::change::AuthorizationChange;
+use crate::session::{Session, SessionQuery};
+
+/// Which sessions a request may see and how many it may touch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MatchScope<'a> {
+    /// The client's routing context: only sessions of this VRF are visible (SPEC §6.7).
+    pub vrf: Option<&'a str>,
+    /// The most sessions one request may act on; more gives NAK 508 (SPEC §6.6).
+    pub max_sessions: u32,
+}
+
+impl MatchScope<'_> {
+    /// Whether `session` is visible in this scope.
+    pub fn admits(&self, session: &Session) -> bool {
+        match self.vrf {
+            None => true,
+            Some(vrf) => session.vrf.as_deref() == Some(vrf),
+        }
+    }
+}
+
+/// One request's lookup: what identifies the session(s), the scope, and the time.
+#[derive(Debug, Clone, Copy)]
+pub struct Lookup<'a> {
+    pub query: SessionQuery<'a>,
+    pub scope: MatchScope<'a>,
+    /// Monotonic milliseconds (tombstone expiry).
+    pub now_ms: u64,
+}
+
+/// What a store did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// The request was applied to this many sessions (at least one).
+    Sessions(u32),
+    /// No live session, but a Disconnect removed a matching one within the tombstone window
+    /// (SPEC §4: Disconnect-ACK with Error-Cause 201).
+    AlreadyRemoved,
+}
+
+/// Why a store did nothing. Each maps to exactly one Error-Cause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Refusal {
+    /// No session found by any key (503).
+    NotFound,
+    /// A key found a session but another identification attribute contradicts it (407).
+    Contradicted,
+    /// More sessions matched than the scope allows (508).
+    TooManySessions,
+    /// The data plane refused a removal (504).
+    NotRemovable,
+    /// The store cannot act now (506).
+    Unavailable,
+}
+
+/// The store behind the decisions. Implementations must apply each call to every matched
+/// session or to none, also when two calls touch overlapping sessions at the same moment.
+pub trait SessionStore: Send + Sync {
+    /// Removes every session the lookup matches (SPEC §7), after the data plane agreed to
+    /// remove all of them; hands each removal to the data plane before returning.
+    fn disconnect(
+        &self,
+        lookup: &Lookup<'_>,
+        data_plane: &dyn DataPlane,
+    ) -> Result<Applied, Refusal>;
+
+    /// Applies `change` to every session the lookup matches (SPEC §8).
+    fn change(
+        &self,
+        lookup: &Lookup<'_>,
+        change: &AuthorizationChange<'_>,
+        data_plane: &dyn DataPlane,
+    ) -> Result<Applied, Refusal>;
+
+    /// Asks the data plane to re-authorize every matched session (Authorize Only, SPEC §8).
+    fn reauthorize(
+        &self,
+        lookup: &Lookup<'_>,
+        data_plane: &dyn DataPlane,
+    ) -> Result<Applied, Refusal>;
+
+    /// Adds a session (the control plane's add; bulk loads). Returns false when a unique key
+    /// is already taken.
+    fn insert(&self, session: Session) -> bool;
+
+    /// Live sessions.
+    fn len(&self) -> usize;
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The NAS's data plane, as the decisions see it. Every method has a do-nothing default.
+pub trait DataPlane: Send + Sync {
+    /// Phase one of a Disconnect: may this session be removed? A refusal of any matched
+    /// session gives NAK 504 and changes nothing (SPEC §7).
+    fn may_remove(&self, _session: &Session) -> bool {
+        true
+    }
+    /// Phase two: the session was removed from the table; tear it down.
+    fn removed(&self, _session: &Session) {}
+    /// The session's authorization changed (and any `subscriber:command` must run).
+    fn changed(&self, _session: &Session, _change: &AuthorizationChange<'_>) {}
+    /// Authorize Only: start a re-authorization of this session (RFC 5176 §3.2).
+    fn reauthorize(&self, _session: &Session) {}
+}
+
+/// A data plane that accepts everything and does nothing (tests, demo).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AcceptAll;
+
+impl DataPlane for AcceptAll {}
+
+/// How long and how many tombstones a store keeps (SPEC §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TombstonePolicy {
+    pub window_ms: u64,
+    pub capacity: usize,
+}
+
+impl Default for TombstonePolicy {
+    fn default() -> Self {
+        TombstonePolicy {
+            window_ms: 300_000,
+            capacity: 65_536,
+        }
+    }
+}
+
+/// A small store whose correctness can be read at a glance: one mutex around a vector,
+/// linear scans. For tests and tiny deployments; the session table is the carrier store.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    inner: Mutex<MemoryInner>,
+    tombstones: TombstonePolicy,
+}
+
+#[derive(Debug, Default)]
+struct MemoryInner {
+    sessions: Vec<Session>,
+    /// Removed sessions with their removal time, oldest first.
+    tombstones: VecDeque<(u64, Session)>,
+}
+
+impl MemoryStore {
+    pub fn new(tombstones: TombstonePolicy) -> Self {
+        MemoryStore {
+            inner: Mutex::new(MemoryInner {
+                sessions: Vec::new(),
+                tombstones: VecDeque::with_capacity(tombstones.capacity.min(1 << 16)),
+            }),
+            tombstones,
+        }
+    }
+
+    pub fn with_sessions(sessions: impl IntoIterator<Item = Session>) -> Self {
+        let store = MemoryStore::new(TombstonePolicy::default());
+        for s in sessions {
+            store.insert(s);
+        }
+        store
+    }
+
+    /// A copy of every live session (tests).
+    pub fn snapshot(&self) -> Vec<Session> {
+        self.lock().sessions.clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MemoryInner> {
+        // A panic in another thread cannot leave the vector half-updated: every update below
+        // is a single push, retain or assignment, so a poisoned lock is still consistent.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Sessions the lookup's primary key finds, then those that satisfy every attribute.
+/// `Err` carries the refusal; `Ok` holds how many matched.
+fn select(sessions: &[Session], lookup: &Lookup<'_>) -> Result<u32, Refusal> {
+    let Some(key) = lookup.query.primary_key() else {
+        return Err(Refusal::NotFound);
+    };
+    let mut found = 0u32;
+    let mut matched = 0u32;
+    for s in sessions {
+        if lookup.scope.admits(s) && key.finds(s, lookup.query.called_station_id) {
+            found += 1;
+            if lookup.query.matches(s) {
+                matched += 1;
+            }
+        }
+    }
+    match (found, matched) {
+        (0, _) => Err(Refusal::NotFound),
+        (_, 0) => Err(Refusal::Contradicted),
+        (_, m) if m > lookup.scope.max_sessions => Err(Refusal::TooManySessions),
+        (_, m) => Ok(m),
+    }
+}
+
+fn is_match(s: &Session, lookup: &Lookup<'_>) -> bool {
+    lookup.scope.admits(s) && lookup.query.matches(s)
+}
+
+impl SessionStore for MemoryStore {
+    fn disconnect(
+        &self,
+        lookup: &Lookup<'_>,
+        data_plane: &dyn DataPlane,
+    ) -> Result<Applied, Refusal> {
+        let mut inner = self.lock();
+        let window = self.tombstones.window_ms;
+        while inner
+            .tombstones
+            .front()
+            .is_some_and(|(t, _)| t.saturating_add(window) < lookup.now_ms)
+        {
+            inner.tombstones.pop_front();
+        }
+        let count = match select(&inner.sessions, lookup) {
+            Ok(count) => count,
+            Err(Refusal::NotFound) if inner.tombstones.iter().any(|(_, s)| is_match(s, lookup)) => {
+                return Ok(Applied::AlreadyRemoved);
+            }
+            Err(refusal) => return Err(refusal),
+        };
+        let sessions = &inner.sessions;
+        if !sessions
+            .iter()
+            .filter(|s| is_match(s, lookup))
+            .all(|s| data_plane.may_remove(s))
+        {
+            return Err(Refusal::NotRemovable);
+        }
+        let MemoryInner {
+            sessions,
+            tombstones,
+        } = &mut *inner;
+        let mut index = 0;
+        while index < sessions.len() {
+            if is_match(&sessions[index], lookup) {
+                let removed = sessions.swap_remove(index);
+                data_plane.removed(&removed);
+                if tombstones.len() >= self.tombstones.capacity {
+                    tombstones.pop_front();
+                }
+                if self.tombstones.capacity > 0 {
+                    tombstones.push_back((lookup.now_ms, removed));
+                }
+            } else {
+                index += 1;
+            }
+        }
+        Ok(Applied::Sessions(count))
+    }
+
+    fn change(
+        &self,
+        lookup: &Lookup<'_>,
+        change: &AuthorizationChange<'_>,
+        data_plane: &dyn DataPlane,
+    ) -> Result<Applied, Refusal> {
+        let mut inner = self.lock();
+        let count = select(&inner.sessions, lookup)?;
+        for s in inner.sessions.iter_mut().filter(|s| is_match(s, lookup)) {
+            change.apply_to(&mut s.authorization);
+            data_plane.changed(s, change);
+        }
+        Ok(Applied::Sessions(count))
+    }
+
+    fn reauthorize(
+        &self,
+        lookup: &Lookup<'_>,
+        data_plane: &dyn DataPlane,
+    ) -> Result<Applied, Refusal> {
+        let inner = self.lock();
+        let count = select(&inner.sessions, lookup)?;
+        for s in inner.sessions.iter().filter(|s| is_match(s, lookup)) {
+            data_plane.reauthorize(s);
+        }
+        Ok(Applied::Sessions(count))
+    }
+
+    fn insert(&self, session: Session) -> bool {
+        let mut inner = self.lock();
+        let unique_taken = inner.sessions.iter().any(|s| {
+            let same = |a: &Option<String>, b: &Option<String>| a.is_some() && a == b;
+            same(&s.acct_session_id, &session.acct_session_id)
+                || same(&s.audit_session_id, &session.audit_session_id)
+                || same(&s.cui, &session.cui)
+        });
+        if unique_taken {
+            return false;
+        }
+        inner.sessions.push(session);
+        true
+    }
+
+    fn len(&self) -> usize {
+        self.lock().sessions.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::SessionQuery;
+    use core::net::Ipv4Addr;
+
+    fn s(id: &str, user: &str) -> Session {
+        Session {
+            acct_session_id: Some(id.into()),
+            user_name: Some(user.into()),
+            ..Default::default()
+        }
+    }
+
+    fn lookup(query: SessionQuery<'_>, max: u32) -> Lookup<'_> {
+        Lookup {
+            query,
+            scope: MatchScope {
+                vrf: None,
+                max_sessions: max,
+            },
+            now_ms: 1_000,
+        }
+    }
+
+    // SPEC §6.6 (RFC 5176 §3): several matches apply to all; a cap gives 508 and nothing.
+    #[test]
+    fn rfc5176_s3_multi_session_all_or_cap() {
+        let store = MemoryStore::with_sessions([s("a", "u"), s("b", "u"), s("c", "v")]);
+        let q = SessionQuery {
+            user_name: Some(b"u"),
+            ..Default::default()
+        };
+        assert_eq!(
+            store.disconnect(&lookup(q, 1), &AcceptAll),
+            Err(Refusal::TooManySessions)
+        );
+        assert_eq!(store.len(), 3);
+        assert_eq!(
+            store.disconnect(&lookup(q, 10), &AcceptAll),
+            Ok(Applied::Sessions(2))
+        );
+        assert_eq!(store.len(), 1);
+    }
+
+    // SPEC §6.5: a key finds a session, another attribute contradicts it: 407.
+    #[test]
+    fn spec_6_5_contradiction_is_distinct_from_not_found() {
+        let store = MemoryStore::with_sessions([s("a", "u")]);
+        let q = SessionQuery {
+            acct_session_id: Some(b"a"),
+            user_name: Some(b"other"),
+            ..Default::default()
+        };
+        assert_eq!(
+            store.disconnect(&lookup(q, 10), &AcceptAll),
+            Err(Refusal::Contradicted)
+        );
+        let q = SessionQuery {
+            acct_session_id: Some(b"zzz"),
+            ..Default::default()
+        };
+        assert_eq!(
+            store.disconnect(&lookup(q, 10), &AcceptAll),
+            Err(Refusal::NotFound)
+        );
+    }
+
+    struct Refuse;
+    impl DataPlane for Refuse {
+        fn may_remove(&self, s: &Session) -> bool {
+            s.acct_session_id.as_deref() != Some("b")
+        }
+    }
+
+    // SPEC §7: a refused removal gives 504 and changes nothing, even for the other matches.
+    #[test]
+    fn spec_7_refused_removal_changes_nothing() {
+        let store = MemoryStore::with_sessions([s("a", "u"), s("b", "u")]);
+        let q = SessionQuery {
+            user_name: Some(b"u"),
+            ..Default::default()
+        };
+        assert_eq!(
+            store.disconnect(&lookup(q, 10), &Refuse),
+            Err(Refusal::NotRemovable)
+        );
+        assert_eq!(store.len(), 2);
+    }
+
+    // SPEC §4: a tombstone answers a late retry within the window, and expires.
+    #[test]
+    fn spec_4_tombstone_then_expiry() {
+        let store = MemoryStore::new(TombstonePolicy {
+            window_ms: 500,
+            capacity: 4,
+        });
+        store.insert(s("a", "u"));
+        let q = SessionQuery {
+            acct_session_id: Some(b"a"),
+            ..Default::default()
+        };
+        assert_eq!(
+            store.disconnect(&lookup(q, 10), &AcceptAll),
+            Ok(Applied::Sessions(1))
+        );
+        assert_eq!(
+            store.disconnect(&lookup(q, 10), &AcceptAll),
+            Ok(Applied::AlreadyRemoved)
+        );
+        let late = Lookup {
+            now_ms: 1_000 + 501,
+            ..lookup(q, 10)
+        };
+        assert_eq!(store.disconnect(&late, &AcceptAll), Err(Refusal::NotFound));
+    }
+
+    #[test]
+    fn vrf_scope_hides_other_contexts() {
+        let mut a = s("a", "u");
+        a.framed_ip = Some(Ipv4Addr::new(10, 0, 0, 1));
+        a.vrf = Some("red".into());
+        let store = MemoryStore::with_sessions([a]);
+        let q = SessionQuery {
+            framed_ip: Some(Ipv4Addr::new(10, 0, 0, 1)),
+            ..Default::default()
+        };
+        let mut l = lookup(q, 10);
+        l.scope.vrf = Some("blue");
+        assert_eq!(store.disconnect(&l, &AcceptAll), Err(Refusal::NotFound));
+        l.scope.vrf = Some("red");
+        assert_eq!(store.disconnect(&l, &AcceptAll), Ok(Applied::Sessions(1)));
+    }
+
+    #[test]
+    fn insert_refuses_duplicate_unique_key() {
+        let store = MemoryStore::default();
+        assert!(store.insert(s("a", "u")));
+        assert!(!store.insert(s("a", "v")));
+        assert!(store.insert(s("b", "u")));
+    }
+}
