@@ -211,7 +211,9 @@ impl Engine {
 
         let window_ms = u64::from(client.policy.event_timestamp_window_secs) * 1000;
         let expires_ms = now.monotonic_ms.saturating_add(window_ms);
-        let marked = self.dedup.begin(key, expires_ms);
+        // `handle` decides synchronously, so no other copy can arrive while this one is being
+        // decided: the in-flight mark (`DuplicateCache::begin`) is for callers that hand a
+        // request to an asynchronous data plane and answer later.
         let verdict = self.decide(kind, &packet, client, destination.ip(), now);
         let sign = match client.policy.answer_message_authenticator {
             AnswerSigning::Always => true,
@@ -237,12 +239,7 @@ impl Engine {
         );
         let len = match encoded {
             Ok(len) => len,
-            Err(_) => {
-                if marked {
-                    self.dedup.abandon(&key);
-                }
-                return Err(Discard::AnswerTooLarge);
-            }
+            Err(_) => return Err(Discard::AnswerTooLarge),
         };
         if let Some(bytes) = out.get(..len) {
             self.dedup

@@ -136,7 +136,7 @@ impl DuplicateCache {
     /// Looks a request up. Expired answers are treated as unseen.
     pub fn seen(&mut self, key: &DuplicateKey, now_ms: u64) -> Seen<'_> {
         self.expire(now_ms);
-        if self.in_flight.contains_key(key) {
+        if !self.in_flight.is_empty() && self.in_flight.contains_key(key) {
             return Seen::InFlight;
         }
         let Some(&seq) = self.index.get(key) else {
@@ -175,7 +175,9 @@ impl DuplicateCache {
 
     /// Stores the answer to `key`, kept until `expires_ms`.
     pub fn complete(&mut self, key: DuplicateKey, answer: &[u8], now_ms: u64, expires_ms: u64) {
-        self.in_flight.remove(&key);
+        if !self.in_flight.is_empty() {
+            self.in_flight.remove(&key);
+        }
         self.expire(now_ms);
         let len = answer.len();
         if len >= self.arena.len() || self.config.max_entries == 0 {
@@ -250,7 +252,10 @@ impl DuplicateCache {
         while self.entries.front().is_some_and(|e| e.expires_ms < now_ms) {
             self.evict_front(false);
         }
-        self.in_flight.retain(|_, expires| *expires >= now_ms);
+        // `retain` visits every bucket: only walk the table when something is in it.
+        if !self.in_flight.is_empty() {
+            self.in_flight.retain(|_, expires| *expires >= now_ms);
+        }
     }
 }
 

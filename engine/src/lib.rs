@@ -29,6 +29,8 @@ pub mod counters;
 pub mod decide;
 pub mod dedup;
 pub mod dict;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod session;
 pub mod store;
 pub mod synth;

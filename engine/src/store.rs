@@ -162,7 +162,7 @@ impl MemoryStore {
         MemoryStore {
             inner: Mutex::new(MemoryInner {
                 sessions: Vec::new(),
-                tombstones: VecDeque::with_capacity(tombstones.capacity.min(1 << 16)),
+                tombstones: VecDeque::new(),
             }),
             tombstones,
         }
