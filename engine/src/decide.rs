@@ -141,33 +141,77 @@ impl Engine {
         now: Now,
         out: &mut [u8],
     ) -> Outcome {
-        let config = Arc::clone(&self.config);
+        // Split borrows: the shared configuration is read while this shard's cache and counters
+        // are written, without touching the `Arc`'s reference count (a cache line every shard
+        // would otherwise bounce on every packet).
+        let Engine {
+            config,
+            store,
+            data_plane,
+            dedup,
+            counters,
+        } = self;
         let Some((client_id, client)) = config.clients.lookup(source.ip()) else {
-            self.counters.unknown_client += 1;
+            counters.unknown_client += 1;
             return Outcome::Discard(Discard::UnknownClient);
         };
-        match self.handle_client(datagram, source, destination, now, out, client_id, client) {
+        let shard = Shard {
+            nas: &config.nas,
+            store: &**store,
+            data_plane: &**data_plane,
+            dedup,
+            counters,
+        };
+        let request = Arrival {
+            datagram,
+            source,
+            destination,
+            now,
+            client_id,
+            client,
+        };
+        match shard.handle(&request, out) {
             Ok(outcome) => outcome,
             Err(reason) => {
-                if let Some(c) = self.counters.per_client.get_mut(client_id.0 as usize) {
+                if let Some(c) = counters.per_client.get_mut(client_id.0 as usize) {
                     c.discards[reason.index()] += 1;
                 }
                 Outcome::Discard(reason)
             }
         }
     }
+}
 
-    #[allow(clippy::too_many_arguments)]
-    fn handle_client(
-        &mut self,
-        datagram: &[u8],
-        source: SocketAddr,
-        destination: SocketAddr,
-        now: Now,
-        out: &mut [u8],
-        client_id: ClientId,
-        client: &Client,
-    ) -> Result<Outcome, Discard> {
+/// One datagram from a known client.
+struct Arrival<'a> {
+    datagram: &'a [u8],
+    source: SocketAddr,
+    destination: SocketAddr,
+    now: Now,
+    client_id: ClientId,
+    client: &'a Client,
+}
+
+/// What one call of `Engine::handle` works with: the shared parts by reference, this shard's
+/// duplicate cache and counters mutably.
+struct Shard<'a> {
+    nas: &'a NasIdentity,
+    store: &'a dyn SessionStore,
+    data_plane: &'a dyn DataPlane,
+    dedup: &'a mut DuplicateCache,
+    counters: &'a mut Counters,
+}
+
+impl Shard<'_> {
+    fn handle(self, arrival: &Arrival<'_>, out: &mut [u8]) -> Result<Outcome, Discard> {
+        let Arrival {
+            datagram,
+            source,
+            destination,
+            now,
+            client_id,
+            client,
+        } = *arrival;
         let packet = Packet::parse(datagram).map_err(|_| Discard::Malformed)?;
         let kind = match packet.code() {
             code::DISCONNECT_REQUEST => RequestKind::Disconnect,
@@ -228,15 +272,7 @@ impl Engine {
         let reason = (!verdict.ack && client.policy.reply_message_reasons)
             .then(|| verdict.error_cause.map(ErrorCause::reason))
             .flatten();
-        let encoded = encode_answer(
-            out,
-            &packet,
-            answer_code,
-            &verdict,
-            reason,
-            sign.then_some(secret),
-            secret,
-        );
+        let encoded = encode_answer(out, &packet, answer_code, &verdict, reason, sign, secret);
         let len = match encoded {
             Ok(len) => len,
             Err(_) => return Err(Discard::AnswerTooLarge),
@@ -277,7 +313,7 @@ impl Engine {
         arrived_on: IpAddr,
         now: Now,
     ) -> Verdict {
-        let request = match ParsedRequest::parse(kind, packet, &self.config.nas, arrived_on) {
+        let request = match ParsedRequest::parse(kind, packet, self.nas, arrived_on) {
             Ok(r) => r,
             Err(cause) => return Verdict::nak(cause),
         };
@@ -310,7 +346,7 @@ impl Engine {
             },
             now_ms: now.monotonic_ms,
         };
-        let dp = &*self.data_plane;
+        let dp = self.data_plane;
         let result = match (kind, request.service_type) {
             (RequestKind::Disconnect, _) => self.store.disconnect(&lookup, dp),
             (RequestKind::Coa, Some(_)) => self.store.reauthorize(&lookup, dp),
@@ -719,7 +755,7 @@ fn encode_answer(
     answer_code: u8,
     verdict: &Verdict,
     reason: Option<&str>,
-    sign_with: Option<&Secret>,
+    sign: bool,
     secret: &Secret,
 ) -> Result<usize, WriteError> {
     let mut w = PacketWriter::new(
@@ -728,9 +764,10 @@ fn encode_answer(
         request.identifier(),
         request.authenticator(),
     )?;
-    let ma_offset = match sign_with {
-        Some(_) => Some(w.push(attr::MESSAGE_AUTHENTICATOR, &[0; 16])?),
-        None => None,
+    let ma_offset = if sign {
+        Some(w.push(attr::MESSAGE_AUTHENTICATOR, &[0; 16])?)
+    } else {
+        None
     };
     if verdict.echo_authorize_only {
         w.push_u32(attr::SERVICE_TYPE, service_type::AUTHORIZE_ONLY)?;
