@@ -227,22 +227,10 @@ fn rfc5176_engine_reproduces_freeradius_answers_byte_for_byte() {
             .find(|a| a.ty == attr::EVENT_TIMESTAMP)
             .map(|a| u64::from(u32::from_be_bytes(a.value.try_into().unwrap())))
             .unwrap_or(1_795_263_234);
-        let now = Now {
-            unix_secs,
-            monotonic_ms: 0,
-        };
-        let mut out = vec![0u8; MAX_PACKET_LEN];
-        let outcome = engine.handle(
-            &request_bytes,
-            "192.0.2.10:1812".parse().unwrap(),
-            "192.0.2.1:3799".parse().unwrap(),
-            now,
-            &mut out,
-        );
+        let (outcome, ours) = decide(&mut engine, &request_bytes, unix_secs);
         let Outcome::Answer(answer) = outcome else {
             panic!("{}: expected an answer, got {outcome:?}", v.name);
         };
-        let ours = &out[..answer.len];
         if v.name == "resp-dm-service-type" {
             // FreeRADIUS sends a bare NAK; SPEC §7 wants 401. The RFC/SPEC wins.
             assert_eq!(answer.code, code::DISCONNECT_NAK);
@@ -250,7 +238,7 @@ fn rfc5176_engine_reproduces_freeradius_answers_byte_for_byte() {
             continue;
         }
         assert_eq!(
-            hex(ours),
+            hex(&ours),
             hex(&v.hex("hex")),
             "{}: answer differs from FreeRADIUS's",
             v.name
@@ -269,17 +257,7 @@ fn spec_2_4_and_2_5_wrong_secret_vectors_are_discarded() {
     {
         let bytes = v.hex("hex");
         let mut engine = engine_for(v.secret(), vec![]);
-        let mut out = vec![0u8; MAX_PACKET_LEN];
-        let outcome = engine.handle(
-            &bytes,
-            "192.0.2.10:1812".parse().unwrap(),
-            "192.0.2.1:3799".parse().unwrap(),
-            Now {
-                unix_secs: 1_795_263_234,
-                monotonic_ms: 0,
-            },
-            &mut out,
-        );
+        let (outcome, _) = decide(&mut engine, &bytes, 1_795_263_234);
         assert!(
             matches!(outcome, Outcome::Discard(_)),
             "{}: {outcome:?}",
@@ -297,21 +275,33 @@ fn spec_2_6_event_timestamp_vector_outside_window_is_discarded() {
         .unwrap();
     let bytes = v.hex("hex");
     let mut engine = engine_for(v.secret(), vec![]);
-    let mut out = vec![0u8; MAX_PACKET_LEN];
-    let outcome = engine.handle(
-        &bytes,
-        "192.0.2.10:1812".parse().unwrap(),
-        "192.0.2.1:3799".parse().unwrap(),
-        Now {
-            unix_secs: 1_795_263_234 + 301,
-            monotonic_ms: 0,
-        },
-        &mut out,
-    );
+    let (outcome, _) = decide(&mut engine, &bytes, 1_795_263_234 + 301);
     assert_eq!(
         outcome,
         Outcome::Discard(dynauth_engine::counters::Discard::EventTimestampOutsideWindow)
     );
+}
+
+/// Runs one datagram from the vector client (192.0.2.10) to the NAS (192.0.2.1) at `unix_secs`;
+/// returns the outcome and the answer's octets.
+fn decide(engine: &mut Engine, datagram: &[u8], unix_secs: u64) -> (Outcome, Vec<u8>) {
+    let mut out = vec![0u8; MAX_PACKET_LEN];
+    let outcome = engine.handle(
+        datagram,
+        "192.0.2.10:1812".parse().unwrap(),
+        "192.0.2.1:3799".parse().unwrap(),
+        Now {
+            unix_secs,
+            monotonic_ms: 0,
+        },
+        &mut out,
+    );
+    let len = match outcome {
+        Outcome::Answer(a) => a.len,
+        _ => 0,
+    };
+    out.truncate(len);
+    (outcome, out)
 }
 
 fn hex(b: &[u8]) -> String {
