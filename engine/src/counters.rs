@@ -186,91 +186,94 @@ impl Counters {
 
     /// Prometheus text exposition (version 0.0.4). `client_names[i]` labels client `i`.
     pub fn write_prometheus(&self, client_names: &[&str], out: &mut String) {
+        header(
+            out,
+            "dynauth_invalid_client_addresses_total",
+            "Datagrams from unknown sources (RFC 4673 dynAuthServInvalidClientAddresses)",
+        );
         let _ = writeln!(
             out,
-            "# HELP dynauth_invalid_client_addresses_total Datagrams from unknown sources (RFC 4673 dynAuthServInvalidClientAddresses).\n# TYPE dynauth_invalid_client_addresses_total counter\ndynauth_invalid_client_addresses_total {}",
+            "dynauth_invalid_client_addresses_total {}",
             self.unknown_client
         );
-        let series: [(&str, &str); 6] = [
-            ("dynauth_requests_total", "Requests received"),
-            ("dynauth_acks_total", "ACKs sent"),
-            ("dynauth_naks_total", "NAKs sent, by Error-Cause"),
+        let clients: Vec<(String, &ClientCounters)> = self
+            .per_client
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let name = client_names.get(i).copied().unwrap_or("unnamed");
+                (name.replace('\\', "\\\\").replace('"', "\\\""), c)
+            })
+            .collect();
+        let per_kind: [(&str, &str, PerKind); 3] = [
+            ("dynauth_requests_total", "Requests received", |c| {
+                &c.requests
+            }),
+            ("dynauth_acks_total", "ACKs sent", |c| &c.acks),
             (
                 "dynauth_duplicates_total",
                 "Retransmissions answered from the duplicate cache",
+                |c| &c.duplicates,
             ),
-            (
-                "dynauth_discards_total",
-                "Requests silently discarded, by reason",
-            ),
-            ("dynauth_sessions_total", "Sessions removed or changed"),
         ];
-        for (name, help) in series {
-            let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} counter");
-            for (i, c) in self.per_client.iter().enumerate() {
-                let client = client_names.get(i).copied().unwrap_or("unnamed");
-                let client = client.replace('\\', "\\\\").replace('"', "\\\"");
-                match name {
-                    "dynauth_discards_total" => {
-                        for d in Discard::ALL {
-                            let _ = writeln!(
-                                out,
-                                "{name}{{client=\"{client}\",reason=\"{}\"}} {}",
-                                d.name(),
-                                c.discarded(d)
-                            );
-                        }
-                    }
-                    "dynauth_sessions_total" => {
-                        let _ = writeln!(
-                            out,
-                            "{name}{{client=\"{client}\",action=\"removed\"}} {}\n{name}{{client=\"{client}\",action=\"changed\"}} {}",
-                            c.sessions_removed, c.sessions_changed
-                        );
-                    }
-                    _ => {
-                        for k in KINDS {
-                            let kind = k.name();
-                            let ki = k as usize;
-                            match name {
-                                "dynauth_requests_total" => {
-                                    let _ = writeln!(
-                                        out,
-                                        "{name}{{client=\"{client}\",kind=\"{kind}\"}} {}",
-                                        c.requests[ki]
-                                    );
-                                }
-                                "dynauth_acks_total" => {
-                                    let _ = writeln!(
-                                        out,
-                                        "{name}{{client=\"{client}\",kind=\"{kind}\"}} {}",
-                                        c.acks[ki]
-                                    );
-                                }
-                                "dynauth_duplicates_total" => {
-                                    let _ = writeln!(
-                                        out,
-                                        "{name}{{client=\"{client}\",kind=\"{kind}\"}} {}",
-                                        c.duplicates[ki]
-                                    );
-                                }
-                                _ => {
-                                    for cause in ErrorCause::ALL {
-                                        let _ = writeln!(
-                                            out,
-                                            "{name}{{client=\"{client}\",kind=\"{kind}\",error_cause=\"{}\"}} {}",
-                                            cause.value(),
-                                            c.nak(k, cause)
-                                        );
-                                    }
-                                }
-                            }
-                        }
-                    }
+        for (name, help, field) in per_kind {
+            header(out, name, help);
+            for (client, c) in &clients {
+                for k in KINDS {
+                    let v = field(c)[k as usize];
+                    let _ = writeln!(
+                        out,
+                        "{name}{{client=\"{client}\",kind=\"{}\"}} {v}",
+                        k.name()
+                    );
                 }
             }
         }
+        let name = "dynauth_naks_total";
+        header(out, name, "NAKs sent, by Error-Cause");
+        for (client, c) in &clients {
+            for k in KINDS {
+                for cause in ErrorCause::ALL {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{client=\"{client}\",kind=\"{}\",error_cause=\"{}\"}} {}",
+                        k.name(),
+                        cause.value(),
+                        c.nak(k, cause)
+                    );
+                }
+            }
+        }
+        let name = "dynauth_discards_total";
+        header(out, name, "Requests silently discarded, by reason");
+        for (client, c) in &clients {
+            for d in Discard::ALL {
+                let _ = writeln!(
+                    out,
+                    "{name}{{client=\"{client}\",reason=\"{}\"}} {}",
+                    d.name(),
+                    c.discarded(d)
+                );
+            }
+        }
+        let name = "dynauth_sessions_total";
+        header(out, name, "Sessions removed or changed");
+        for (client, c) in &clients {
+            for (action, v) in [
+                ("removed", c.sessions_removed),
+                ("changed", c.sessions_changed),
+            ] {
+                let _ = writeln!(out, "{name}{{client=\"{client}\",action=\"{action}\"}} {v}");
+            }
+        }
     }
+}
+
+/// Reads one per-kind counter pair of a client.
+type PerKind = fn(&ClientCounters) -> &[u64; 2];
+
+fn header(out: &mut String, name: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} counter");
 }
 
 #[cfg(test)]
