@@ -43,15 +43,35 @@ fn engine() -> Engine {
     Engine::new(Arc::new(config), Arc::new(store), Arc::new(AcceptAll))
 }
 
-/// Runs `data` through the decoders and the engine; panics only on a broken invariant.
+/// Runs `data` through the decoders and the engine twice: as it is, and re-signed with
+/// [`FUZZ_SECRET`] (Request Authenticator and any Message-Authenticator), so that mutated
+/// attributes get past authentication and reach the decisions. Panics only on a broken
+/// invariant.
 pub fn decode_and_decide(data: &[u8]) {
-    if let Ok(packet) = Packet::parse(data) {
-        for attribute in packet.attributes().flatten() {
-            if let Some(vsa) = attribute.vendor_specific() {
-                for _ in vsa.sub_attributes() {}
-            }
+    decide_once(data);
+    let Ok(packet) = Packet::parse(data) else {
+        return;
+    };
+    let mut ma_offset = None;
+    for attribute in packet.attributes().flatten() {
+        if let Some(vsa) = attribute.vendor_specific() {
+            for _ in vsa.sub_attributes() {}
+        }
+        if attribute.ty == crate::dict::attr::MESSAGE_AUTHENTICATOR && attribute.value.len() == 16 {
+            ma_offset.get_or_insert(attribute.value_offset());
         }
     }
+    let mut signed = [0u8; MAX_PACKET_LEN];
+    let Some(copy) = signed.get_mut(..packet.length()) else {
+        return;
+    };
+    copy.copy_from_slice(packet.bytes());
+    let secret = Secret::new(FUZZ_SECRET).expect("non-empty");
+    crate::auth::sign_request(copy, ma_offset, &secret);
+    decide_once(copy);
+}
+
+fn decide_once(data: &[u8]) {
     ENGINE.with(|engine| {
         let mut out = [0u8; MAX_PACKET_LEN];
         let now = Now {
