@@ -121,6 +121,11 @@ pub struct RunArgs {
     /// Open loop: offered rate in requests per second (latency from the intended send time).
     #[arg(long, conflicts_with = "window")]
     pub rate: Option<f64>,
+    /// Open loop: at most this many requests outstanding (split over the threads), like a DAC
+    /// with a bounded pending queue; a request due while the limit is reached leaves late (and
+    /// its latency still counts from its intended time). Default: the Identifiers available.
+    #[arg(long, requires = "rate")]
+    pub max_outstanding: Option<usize>,
     /// Closed loop: requests kept outstanding (default 64 when --rate is absent).
     #[arg(long)]
     pub window: Option<usize>,

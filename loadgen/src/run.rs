@@ -191,9 +191,13 @@ pub fn run(args: &RunArgs) -> Result<Report, RunError> {
         let mode = match (args.rate, window) {
             (Some(rate), _) => {
                 let interval_ns = 1e9 * threads as f64 / rate;
+                let max_outstanding = args.max_outstanding.map_or(usize::MAX, |m| {
+                    (m / threads + usize::from(index < m % threads)).max(1)
+                });
                 Mode::Open {
                     interval_ns,
                     offset_ns: interval_ns * index as f64 / threads as f64,
+                    max_outstanding,
                 }
             }
             (None, Some(w)) => Mode::Closed {

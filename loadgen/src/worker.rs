@@ -43,7 +43,12 @@ const SPIN_NS: u64 = 30_000;
 #[derive(Debug, Clone, Copy)]
 pub enum Mode {
     /// Request `j` of this worker is intended at `offset_ns + j * interval_ns` after start.
-    Open { interval_ns: f64, offset_ns: f64 },
+    /// At most `max_outstanding` requests in flight.
+    Open {
+        interval_ns: f64,
+        offset_ns: f64,
+        max_outstanding: usize,
+    },
     /// Keep `window` requests outstanding.
     Closed { window: usize },
 }
@@ -252,6 +257,7 @@ impl Worker {
             Mode::Open {
                 interval_ns,
                 offset_ns,
+                ..
             } => (offset_ns + j as f64 * interval_ns) as u64,
             Mode::Closed { .. } => 0,
         }
@@ -333,6 +339,7 @@ impl Worker {
             Mode::Open {
                 interval_ns,
                 offset_ns,
+                ..
             },
             Some(end),
         ) = (self.mode, self.send_until_ns)
@@ -349,9 +356,11 @@ impl Worker {
         let mut built = 0;
         while built < self.batch * self.socks.len() && self.more_to_send(now) {
             let intended = match self.mode {
-                Mode::Open { .. } => {
+                Mode::Open {
+                    max_outstanding, ..
+                } => {
                     let t = self.intended_ns(self.next_j);
-                    if t > now {
+                    if t > now || self.outstanding >= max_outstanding {
                         break;
                     }
                     t
@@ -661,7 +670,10 @@ impl Worker {
             next = now + 20_000; // a full socket buffer: try again shortly
         }
         if !draining
-            && let Mode::Open { .. } = self.mode
+            && let Mode::Open {
+                max_outstanding, ..
+            } = self.mode
+            && self.outstanding < max_outstanding
             && self.socks.iter().any(|s| s.ids.free() > 0)
         {
             next = next.min(self.intended_ns(self.next_j));
