@@ -37,7 +37,7 @@ pub struct EchoArgs {
     pub threads: usize,
     /// CPUs to pin the threads to, round robin ("0", "0,2", "1-3").
     #[arg(long, value_parser = parse_cpus)]
-    pub cpus: Option<Vec<usize>>,
+    pub cpus: Option<CpuList>,
     /// Stop after this long (seconds unless a unit is given: 500ms, 10s, 2m); default: never.
     #[arg(long, value_parser = parse_seconds)]
     pub duration: Option<Duration>,
@@ -153,7 +153,7 @@ pub struct RunArgs {
     pub threads: usize,
     /// CPUs to pin worker threads to, round robin ("0", "0,2", "1-3").
     #[arg(long, value_parser = parse_cpus)]
-    pub cpus: Option<Vec<usize>>,
+    pub cpus: Option<CpuList>,
     /// Source sockets in all (256 Identifiers each), spread over the threads. Default: enough
     /// for the window (closed loop) or 4 per thread (open loop).
     #[arg(long)]
@@ -280,8 +280,12 @@ pub fn parse_millis(s: &str) -> Result<Duration, String> {
     parse_duration_with(s, 1e6)
 }
 
+/// A list of CPU numbers (a newtype, so that clap takes it as one value).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CpuList(pub Vec<usize>);
+
 /// A CPU list: "0", "0,2", "1-3", "0,2-3".
-pub fn parse_cpus(s: &str) -> Result<Vec<usize>, String> {
+pub fn parse_cpus(s: &str) -> Result<CpuList, String> {
     let mut out = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let bad = || format!("`{part}`: expected a CPU number or a range such as 2-3");
@@ -299,7 +303,7 @@ pub fn parse_cpus(s: &str) -> Result<Vec<usize>, String> {
     if out.is_empty() {
         return Err("empty CPU list".into());
     }
-    Ok(out)
+    Ok(CpuList(out))
 }
 
 #[cfg(test)]
@@ -317,7 +321,7 @@ mod tests {
         assert_eq!(parse_millis("250").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_millis("1.5s").unwrap(), Duration::from_millis(1500));
         assert!(parse_millis("5 parsecs").is_err());
-        assert_eq!(parse_cpus("0,2-3").unwrap(), vec![0, 2, 3]);
+        assert_eq!(parse_cpus("0,2-3").unwrap(), CpuList(vec![0, 2, 3]));
         assert!(parse_cpus("3-1").is_err());
     }
 

@@ -11,9 +11,13 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::EchoServer(args)) => {
-            let server =
-                EchoServer::start(args.listen, args.threads, args.cpus.as_deref(), args.batch)
-                    .with_context(|| format!("echo server on {}", args.listen))?;
+            let server = EchoServer::start(
+                args.listen,
+                args.threads,
+                args.cpus.as_ref().map(|c| c.0.as_slice()),
+                args.batch,
+            )
+            .with_context(|| format!("echo server on {}", args.listen))?;
             eprintln!(
                 "loadgen echo-server: listening on {} with {} thread(s)",
                 server.local_addr(),

@@ -68,6 +68,10 @@ pub struct Counters {
     pub unsent: u64,
     /// sendmmsg errors other than a full socket buffer.
     pub send_errors: u64,
+    /// System calls made by the workers: sendmmsg, recvmmsg, ppoll.
+    pub sendmmsg_calls: u64,
+    pub recvmmsg_calls: u64,
+    pub ppoll_calls: u64,
 }
 
 impl Counters {
@@ -94,6 +98,9 @@ impl Counters {
         self.malformed_answers += o.malformed_answers;
         self.unsent += o.unsent;
         self.send_errors += o.send_errors;
+        self.sendmmsg_calls += o.sendmmsg_calls;
+        self.recvmmsg_calls += o.recvmmsg_calls;
+        self.ppoll_calls += o.ppoll_calls;
     }
 
     pub fn ack_total(&self) -> u64 {
@@ -181,6 +188,10 @@ pub struct GeneratorCost {
     /// CPU seconds of the whole process (getrusage), user and system.
     pub process_user_s: f64,
     pub process_system_s: f64,
+    /// Worker system calls per request sent: sendmmsg, recvmmsg, ppoll.
+    pub sendmmsg_per_request: f64,
+    pub recvmmsg_per_request: f64,
+    pub ppoll_per_request: f64,
 }
 
 /// Open loop only: how late requests left compared with their intended send time.
@@ -324,11 +335,14 @@ impl Report {
         }
         let g = &self.generator;
         s += &format!(
-            "generator: {:.0} ns CPU/request, workers {:.0}% busy, process CPU user {:.3} s system {:.3} s\n",
+            "generator: {:.0} ns CPU/request, workers {:.0}% busy, process CPU user {:.3} s system {:.3} s; per request: {:.3} sendmmsg {:.3} recvmmsg {:.3} ppoll\n",
             g.cpu_ns_per_request,
             g.worker_utilisation * 100.0,
             g.process_user_s,
-            g.process_system_s
+            g.process_system_s,
+            g.sendmmsg_per_request,
+            g.recvmmsg_per_request,
+            g.ppoll_per_request
         );
         if !self.counts_add_up {
             s += "WARNING: requests != answered + timeouts + expected discards\n";

@@ -229,8 +229,8 @@ pub fn run(args: &RunArgs) -> Result<Report, RunError> {
             cpu: args
                 .cpus
                 .as_ref()
-                .filter(|c| !c.is_empty())
-                .map(|c| c[index % c.len()]),
+                .filter(|c| !c.0.is_empty())
+                .map(|c| c.0[index % c.0.len()]),
             start,
             progress,
         };
@@ -304,6 +304,7 @@ pub fn run(args: &RunArgs) -> Result<Report, RunError> {
     let send_seconds = (send_end_ns as f64 / 1e9).max(1e-9);
     let answered = counters.answered();
     let expecting = counters.requests.saturating_sub(counters.expected_discards);
+    let per_request = |n: u64| n as f64 / counters.requests.max(1) as f64;
     Ok(Report {
         target: args.target.to_string(),
         mode: if args.rate.is_some() {
@@ -364,6 +365,9 @@ pub fn run(args: &RunArgs) -> Result<Report, RunError> {
             },
             process_user_s: cpu1.0.saturating_sub(cpu0.0) as f64 / 1e9,
             process_system_s: cpu1.1.saturating_sub(cpu0.1) as f64 / 1e9,
+            sendmmsg_per_request: per_request(counters.sendmmsg_calls),
+            recvmmsg_per_request: per_request(counters.recvmmsg_calls),
+            ppoll_per_request: per_request(counters.ppoll_calls),
         },
         counts_add_up: counters.requests
             == answered + counters.timeouts + counters.expected_discards,

@@ -426,6 +426,7 @@ impl Worker {
                 for (slice, &id) in slices.iter_mut().zip(sock.pending.iter()).take(n) {
                     *slice = sock.packet(id);
                 }
+                self.counters.sendmmsg_calls += 1;
                 match self.sender.send(sock.fd, &slices[..n]) {
                     Ok(sent) => {
                         let now = now_ns(self.start);
@@ -570,6 +571,7 @@ impl Worker {
         let mut total = 0;
         for s in 0..self.socks.len() {
             loop {
+                self.counters.recvmmsg_calls += 1;
                 match self.receiver.recv(self.socks[s].fd, false) {
                     Ok(n) => {
                         let now = now_ns(self.start);
@@ -699,6 +701,7 @@ impl Worker {
         }
         // Wake a little early for a send time; the last microseconds are spun.
         let timeout = Duration::from_nanos(wait_ns.saturating_sub(SPIN_NS / 2));
+        self.counters.ppoll_calls += 1;
         self.poller.wait(Some(timeout))?;
         Ok(())
     }
