@@ -44,6 +44,10 @@ pub struct EchoArgs {
     /// Datagrams per recvmmsg/sendmmsg batch.
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
+    /// Busy-poll (non-blocking recvmmsg in a loop) instead of sleeping in recvmmsg: burns its
+    /// CPUs, but senders no longer pay for waking it up.
+    #[arg(long)]
+    pub spin: bool,
 }
 
 /// How to judge answers.

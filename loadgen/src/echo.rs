@@ -43,12 +43,13 @@ fn bind(listen: SocketAddr) -> io::Result<UdpSocket> {
 
 impl EchoServer {
     /// Starts `threads` echo threads on `listen` (port 0: a free port, shared by all),
-    /// pinned round robin to `cpus` when given.
+    /// pinned round robin to `cpus` when given; `spin`: busy-poll instead of sleeping.
     pub fn start(
         listen: SocketAddr,
         threads: usize,
         cpus: Option<&[usize]>,
         batch: usize,
+        spin: bool,
     ) -> io::Result<EchoServer> {
         let first = bind(listen)?;
         let addr = first.local_addr()?;
@@ -73,10 +74,13 @@ impl EchoServer {
                     let mut rx = BatchReceiver::new(batch, 4096);
                     let fd = socket.as_raw_fd();
                     while !stop.load(Ordering::Relaxed) {
-                        match rx.recv(fd, true) {
+                        match rx.recv(fd, !spin) {
                             Ok(n) => {
                                 let _ = rx.reflect(fd);
                                 echoed.fetch_add(n as u64, Ordering::Relaxed);
+                            }
+                            Err(e) if spin && e.kind() == io::ErrorKind::WouldBlock => {
+                                std::hint::spin_loop();
                             }
                             Err(e)
                                 if matches!(

@@ -16,6 +16,7 @@ fn main() -> anyhow::Result<()> {
                 args.threads,
                 args.cpus.as_ref().map(|c| c.0.as_slice()),
                 args.batch,
+                args.spin,
             )
             .with_context(|| format!("echo server on {}", args.listen))?;
             eprintln!(
