@@ -364,9 +364,14 @@ fn mass_disconnect_removes_exactly_one_group() {
 /// echo server completes a bounded run.
 #[test]
 fn echo_mode_against_the_bundled_echo_server() {
-    let server =
-        dynauth_loadgen::echo::EchoServer::start("127.0.0.1:0".parse().unwrap(), 1, None, 64)
-            .unwrap();
+    let server = dynauth_loadgen::echo::EchoServer::start(
+        "127.0.0.1:0".parse().unwrap(),
+        1,
+        None,
+        64,
+        false,
+    )
+    .unwrap();
     let report = run(&args(
         server.local_addr(),
         &["--expect", "echo", "--requests", "2000", "--window", "32"],
