@@ -543,6 +543,48 @@ mod tests {
         assert_eq!(a.value, synth::acct_session_id(1, 256).as_bytes());
     }
 
+    #[test]
+    fn sessions_file_is_read_with_the_best_identification() {
+        let dir = std::env::temp_dir().join(format!("loadgen-pool-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("sessions.jsonl");
+        std::fs::write(
+            &path,
+            concat!(
+                "# a comment\n",
+                r#"{"acct_session_id":"a-1","user_name":"u1","nas_port_id":"ge-0/1/3"}"#,
+                "\n\n",
+                r#"{"user_name":"u2","framed_ip":"10.0.0.2"}"#,
+                "\n",
+            ),
+        )
+        .unwrap();
+        let sessions = Sessions::from_file(&path).unwrap();
+        assert_eq!(sessions.len(), 2);
+        assert_eq!(
+            sessions.ident(0),
+            Ident::Attr(attr::ACCT_SESSION_ID, b"a-1".to_vec())
+        );
+        assert_eq!(
+            sessions.ident(1),
+            Ident::Attr(attr::USER_NAME, b"u2".to_vec())
+        );
+        assert_eq!(sessions.group("ge-0/1/"), vec![0]);
+        std::fs::write(
+            &path,
+            "{\"acct_session_id\":\"x\"}\n{\"no_such_field\":1}\n",
+        )
+        .unwrap();
+        let err = Sessions::from_file(&path).unwrap_err().to_string();
+        assert!(err.contains(":2:"), "{err}");
+        std::fs::write(&path, "{\"vrf\":\"red\"}\n").unwrap();
+        assert!(matches!(
+            Sessions::from_file(&path),
+            Err(PoolError::NoIdentification { line: 1, .. })
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// The per-send cost of preparing a request (copy, Identifier, Event-Timestamp, sign),
     /// against a plain copy of a precomputed packet. A measurement, not a check: run with
     /// `cargo test --release -p dynauth-loadgen build_cost -- --ignored --nocapture`.

@@ -223,7 +223,7 @@ fn bad_authenticator_share_gets_no_answer_and_is_not_a_timeout() {
             "--mix",
             "coa=1,bad-auth=1",
             "--timeout",
-            "300ms",
+            "800ms",
         ],
     ))
     .unwrap();
@@ -380,4 +380,37 @@ fn echo_mode_against_the_bundled_echo_server() {
     assert_adds_up(&report);
     assert_eq!(report.counters.echo_ok, 2000, "{}", report.text());
     assert_eq!(server.stop().unwrap(), 2000);
+}
+
+/// Nobody listens: every request times out, the run still ends by itself within its bounds,
+/// and the counts add up.
+#[test]
+fn no_server_every_request_times_out_and_the_run_ends() {
+    let port = {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.local_addr().unwrap()
+    };
+    let started = std::time::Instant::now();
+    let report = run(&args(
+        port,
+        &[
+            "--synthetic",
+            "10",
+            "--requests",
+            "20",
+            "--window",
+            "4",
+            "--mix",
+            "coa=1",
+            "--timeout",
+            "200ms",
+        ],
+    ))
+    .unwrap();
+    assert_adds_up(&report);
+    assert_eq!(report.requests, 20);
+    assert_eq!(report.timeouts, 20, "{}", report.text());
+    assert_eq!(report.answered, 0);
+    assert!((report.loss_ratio - 1.0).abs() < 1e-9);
+    assert!(started.elapsed() < Duration::from_secs(5));
 }
