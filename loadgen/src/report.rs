@@ -261,6 +261,8 @@ pub struct Report {
     pub latency: Percentiles,
     pub schedule_lag: Option<ScheduleLag>,
     pub generator: GeneratorCost,
+    /// The run was stopped early by Ctrl-C.
+    pub interrupted: bool,
     /// True when `requests == answered + timeouts + expected_discards`.
     pub counts_add_up: bool,
     #[serde(skip)]
@@ -344,6 +346,9 @@ impl Report {
             g.recvmmsg_per_request,
             g.ppoll_per_request
         );
+        if self.interrupted {
+            s += "interrupted: the run was stopped early (Ctrl-C)\n";
+        }
         if !self.counts_add_up {
             s += "WARNING: requests != answered + timeouts + expected discards\n";
         }

@@ -369,6 +369,7 @@ pub fn run(args: &RunArgs) -> Result<Report, RunError> {
             recvmmsg_per_request: per_request(counters.recvmmsg_calls),
             ppoll_per_request: per_request(counters.ppoll_calls),
         },
+        interrupted: crate::sys::interrupted(),
         counts_add_up: counters.requests
             == answered + counters.timeouts + counters.expected_discards,
         counters,

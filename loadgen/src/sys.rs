@@ -1,7 +1,8 @@
 //! The only module with `unsafe` code: thin, allocation-free wrappers over the Linux system
 //! calls the generator needs and `std` does not offer: batched `sendmmsg(2)` / `recvmmsg(2)`,
-//! `ppoll(2)` with a nanosecond timeout, and the calling thread's CPU time
-//! (`clock_gettime(CLOCK_THREAD_CPUTIME_ID)`) and the process's (`getrusage(RUSAGE_SELF)`).
+//! `ppoll(2)` with a nanosecond timeout, the calling thread's CPU time
+//! (`clock_gettime(CLOCK_THREAD_CPUTIME_ID)`) and the process's (`getrusage(RUSAGE_SELF)`),
+//! the timer slack (`prctl`), and a SIGINT flag (`sigaction`).
 //!
 //! Every batch structure owns its `mmsghdr`/`iovec` arrays and rebuilds the raw pointers on
 //! each call, so no pointer outlives the borrow it was taken from.
@@ -11,6 +12,7 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 fn zeroed_msghdr() -> libc::mmsghdr {
@@ -363,6 +365,36 @@ pub fn set_timer_slack_ns(ns: u64) {
     // SAFETY: PR_SET_TIMERSLACK takes one unsigned long argument and affects only the
     // calling thread; the remaining arguments are ignored.
     let _ = unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, ns as libc::c_ulong, 0, 0, 0) };
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_signal: libc::c_int) {
+    // Only an atomic store: async-signal-safe.
+    INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+/// Makes the first SIGINT (Ctrl-C) set a flag, [`interrupted`], instead of killing the
+/// process, so that a run can stop sending, drain and report; the handler resets itself, so a
+/// second Ctrl-C kills as usual.
+pub fn catch_interrupt() -> io::Result<()> {
+    // SAFETY: `sigaction` is a plain C struct; all-zero is a valid empty value (no flags, empty
+    // mask) that is then filled in.
+    let mut action: libc::sigaction = unsafe { MaybeUninit::zeroed().assume_init() };
+    action.sa_sigaction = on_interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    action.sa_flags = libc::SA_RESETHAND | libc::SA_RESTART;
+    // SAFETY: `action` is a valid `sigaction` whose handler only performs an atomic store
+    // (async-signal-safe); the old action is not requested (null).
+    let rc = unsafe { libc::sigaction(libc::SIGINT, &action, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether a SIGINT arrived since [`catch_interrupt`].
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::Relaxed)
 }
 
 #[cfg(test)]

@@ -36,8 +36,8 @@ use crate::sys::{BatchReceiver, BatchSender, Poller};
 
 /// Most datagrams in one batch.
 pub const MAX_BATCH: usize = 256;
-/// Below this, waiting for the next send time spins instead of sleeping.
-const SPIN_NS: u64 = 30_000;
+/// Below this, waiting for the next send time does not sleep.
+const SPIN_NS: u64 = 2_000;
 
 /// Open or closed loop, for one worker.
 #[derive(Debug, Clone, Copy)]
@@ -163,6 +163,8 @@ struct Worker {
     next_sock: usize,
     timeouts: VecDeque<Timer>,
     retransmits: VecDeque<Timer>,
+    /// Readiness from the last `ppoll` (`Some(0)`: it timed out), consumed by `receive`.
+    polled: Option<usize>,
     counters: Counters,
     latency: Histogram<u64>,
     lag: Histogram<u64>,
@@ -227,6 +229,7 @@ pub fn run(plan: WorkerPlan) -> io::Result<WorkerResult> {
         next_sock: 0,
         timeouts: VecDeque::new(),
         retransmits: VecDeque::new(),
+        polled: None,
         counters: Counters::default(),
         latency: new_histogram(),
         lag: new_histogram(),
@@ -306,13 +309,12 @@ impl Worker {
             let sending = send_end_ns.is_none();
             let mut built = 0;
             if sending {
-                if self.more_to_send(now) {
+                let interrupted = crate::sys::interrupted();
+                if self.more_to_send(now) && !interrupted {
                     built = self.schedule(now);
                 } else {
                     send_end_ns = Some(now);
-                    if let Mode::Open { .. } = self.mode {
-                        self.count_unsent();
-                    }
+                    self.count_unsent(now, interrupted);
                 }
             }
             let (sent, blocked) = self.flush(now);
@@ -327,24 +329,29 @@ impl Worker {
                     return Ok(end);
                 }
             }
-            if built + sent + received == 0 || blocked {
+            // Fewer datagrams than sockets: let ppoll say which sockets have answers (and
+            // sleep until one has, or until the next send time or timer) rather than trying
+            // recvmmsg on every socket again.
+            if built + sent + received == 0 || received < self.socks.len() || blocked {
                 self.wait(now, send_end_ns.is_some(), blocked)?;
             }
         }
     }
 
     /// Open loop: requests intended before the end that were never sent.
-    fn count_unsent(&mut self) {
-        let (
-            Mode::Open {
-                interval_ns,
-                offset_ns,
-                ..
-            },
-            Some(end),
-        ) = (self.mode, self.send_until_ns)
+    fn count_unsent(&mut self, now: u64, interrupted: bool) {
+        let Mode::Open {
+            interval_ns,
+            offset_ns,
+            ..
+        } = self.mode
         else {
             return;
+        };
+        let end = match (interrupted, self.send_until_ns) {
+            (true, until) => now.min(until.unwrap_or(u64::MAX)),
+            (false, Some(until)) => until,
+            (false, None) => return, // bounded by count only: everything was sent
         };
         let due = ((end as f64 - offset_ns) / interval_ns).ceil().max(0.0) as u64;
         let due = self.requests.map_or(due, |n| due.min(n));
@@ -569,7 +576,12 @@ impl Worker {
     /// Receives everything queued on every socket. Returns how many datagrams.
     fn receive(&mut self) -> io::Result<usize> {
         let mut total = 0;
+        // After a ppoll, only the sockets it found readable have anything queued.
+        let polled = self.polled.take();
         for s in 0..self.socks.len() {
+            if polled.is_some() && !self.poller.readable(s) {
+                continue;
+            }
             loop {
                 self.counters.recvmmsg_calls += 1;
                 match self.receiver.recv(self.socks[s].fd, false) {
@@ -695,14 +707,15 @@ impl Worker {
             next = next.min(now + self.timeout_ns + 50_000_000);
         }
         let wait_ns = next.saturating_sub(now);
-        if wait_ns < SPIN_NS {
-            std::hint::spin_loop();
-            return Ok(());
-        }
-        // Wake a little early for a send time; the last microseconds are spun.
-        let timeout = Duration::from_nanos(wait_ns.saturating_sub(SPIN_NS / 2));
+        // The timer slack is 1 µs (set at start), so ppoll wakes close to the send time; what
+        // it misses shows in the schedule lag. Below SPIN_NS it only checks the sockets.
+        let timeout = if wait_ns < SPIN_NS {
+            Duration::ZERO
+        } else {
+            Duration::from_nanos(wait_ns)
+        };
         self.counters.ppoll_calls += 1;
-        self.poller.wait(Some(timeout))?;
+        self.polled = Some(self.poller.wait(Some(timeout))?);
         Ok(())
     }
 }
