@@ -697,6 +697,13 @@ impl Worker {
         {
             next = next.min(end);
         }
+        if !draining
+            && let Mode::Closed { window } = self.mode
+            && self.outstanding < window
+            && self.socks.iter().any(|s| s.ids.free() > 0)
+        {
+            next = now; // room in the window: only check the sockets, then send more
+        }
         if let Some(t) = self.timeouts.front() {
             next = next.min(t.at_ns);
         }
