@@ -24,6 +24,23 @@ pub struct Cli {
 pub enum Command {
     /// A plain UDP echo server (recvmmsg/sendmmsg): the ceiling target for `--expect echo`.
     EchoServer(EchoArgs),
+    /// Writes synthetic sessions as JSON Lines (the file `dynauthd --sessions` and
+    /// `loadgen --sessions` read).
+    Sessions(SessionsArgs),
+}
+
+/// Flags of the `sessions` subcommand.
+#[derive(Debug, Clone, Args)]
+pub struct SessionsArgs {
+    /// How many sessions (indices 0..N of `synth::session`).
+    #[arg(long)]
+    pub count: u64,
+    /// Seed of the synthetic sessions.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Output file; default: stdout.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
 /// Flags of the echo server.

@@ -28,6 +28,22 @@ fn main() -> anyhow::Result<()> {
             eprintln!("loadgen echo-server: echoed {echoed} datagrams");
             Ok(())
         }
+        Some(Command::Sessions(args)) => {
+            match &args.out {
+                Some(path) => {
+                    let file = std::fs::File::create(path)
+                        .with_context(|| format!("creating {}", path.display()))?;
+                    dynauth_loadgen::pool::write_synthetic(args.seed, args.count, file)
+                }
+                None => dynauth_loadgen::pool::write_synthetic(
+                    args.seed,
+                    args.count,
+                    std::io::stdout().lock(),
+                ),
+            }
+            .context("writing sessions")?;
+            Ok(())
+        }
         None => {
             // Ctrl-C stops sending, drains and reports; a second Ctrl-C kills.
             dynauth_loadgen::sys::catch_interrupt().context("installing the SIGINT handler")?;

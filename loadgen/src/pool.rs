@@ -10,7 +10,7 @@
 #![forbid(unsafe_code)]
 
 use std::fs::File;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
 use dynauth_engine::auth::{Authenticator, Secret, sign_request};
@@ -202,6 +202,16 @@ impl Sessions {
             Sessions::Loaded(_) => self.group(&synth::nas_port_group(g)),
         }
     }
+}
+
+/// Writes `count` synthetic sessions of `seed` as JSON Lines.
+pub fn write_synthetic<W: Write>(seed: u64, count: u64, out: W) -> std::io::Result<()> {
+    let mut out = std::io::BufWriter::new(out);
+    for s in synth::sessions(seed, count) {
+        serde_json::to_writer(&mut out, &s)?;
+        out.write_all(b"\n")?;
+    }
+    out.flush()
 }
 
 /// The most selective identification a session has: Acct-Session-Id first.
@@ -561,6 +571,18 @@ mod tests {
         .unwrap();
         let sessions = Sessions::from_file(&path).unwrap();
         assert_eq!(sessions.len(), 2);
+        let synthetic = dir.join("synthetic.jsonl");
+        write_synthetic(7, 300, std::fs::File::create(&synthetic).unwrap()).unwrap();
+        let read = Sessions::from_file(&synthetic).unwrap();
+        let made = Sessions::Synthetic {
+            seed: 7,
+            count: 300,
+        };
+        assert_eq!(read.len(), 300);
+        for i in [0, 1, 299] {
+            assert_eq!(read.ident(i), made.ident(i));
+        }
+        assert_eq!(read.group("ge-0/1/"), made.synthetic_group(1));
         assert_eq!(
             sessions.ident(0),
             Ident::Attr(attr::ACCT_SESSION_ID, b"a-1".to_vec())

@@ -53,6 +53,18 @@ fn binary_echo_server_and_json_report() {
     }
     assert!(json["generator"]["cpu_ns_per_request"].as_f64().unwrap() > 0.0);
 
+    // The sessions subcommand writes JSON Lines that parse as sessions.
+    let out = Command::new(exe)
+        .args(["sessions", "--count", "3", "--seed", "5"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3);
+    let first: dynauth_engine::session::Session = serde_json::from_str(lines[0]).unwrap();
+    assert_eq!(first, dynauth_engine::synth::session(5, 0));
+
     // A bad flag is refused with a usage error, not a panic.
     let bad = Command::new(exe)
         .args(["--rate", "1", "--window", "2"])
