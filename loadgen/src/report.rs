@@ -15,7 +15,7 @@ use dynauth_engine::dict::ErrorCause;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-/// Highest latency or lag recorded (ns): 60 s; higher values are clamped.
+/// Highest latency or lag recorded (ns): 60 s; higher values are recorded as 60 s.
 pub const HIST_MAX_NS: u64 = 60_000_000_000;
 /// Significant figures of every histogram.
 pub const HIST_SIGFIG: u8 = 3;

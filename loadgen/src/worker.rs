@@ -484,7 +484,8 @@ impl Worker {
             slot.first_ns = now;
             self.counters.requests += 1;
             if let Mode::Open { .. } = self.mode {
-                let _ = self.lag.record(now.saturating_sub(slot.intended_ns).max(1));
+                self.lag
+                    .saturating_record(now.saturating_sub(slot.intended_ns).max(1));
             }
             self.timeouts.push_back(Timer {
                 at_ns: now + self.timeout_ns,
@@ -622,7 +623,7 @@ impl Worker {
         if self.expect == Expect::Echo {
             if data == self.socks[s].packet(id) {
                 self.counters.echo_ok += 1;
-                let _ = self.latency.record(latency);
+                self.latency.saturating_record(latency);
             } else {
                 self.counters.echo_mismatches += 1;
             }
@@ -651,7 +652,7 @@ impl Worker {
                 return;
             }
         }
-        let _ = self.latency.record(latency);
+        self.latency.saturating_record(latency);
         let kind = template.kind;
         let cause = error_cause(&packet);
         let matched = if packet.code() == kind.ack_code() {
