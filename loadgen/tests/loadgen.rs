@@ -414,3 +414,24 @@ fn no_server_every_request_times_out_and_the_run_ends() {
     assert!((report.loss_ratio - 1.0).abs() < 1e-9);
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+/// Impossible combinations are refused before anything is sent.
+#[test]
+fn invalid_combinations_are_refused() {
+    let target: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let refused = |extra: &[&str]| match run(&args(target, extra)) {
+        Err(dynauth_loadgen::RunError::Invalid(msg)) => msg,
+        Err(other) => panic!("{extra:?}: unexpected error {other}"),
+        Ok(_) => panic!("{extra:?} was accepted"),
+    };
+    assert!(refused(&["--expect", "echo", "--mix", "coa=1,bad-auth=1"]).contains("bad"));
+    assert!(
+        refused(&["--window", "600", "--sockets", "2", "--synthetic", "1"]).contains("--sockets")
+    );
+    assert!(refused(&["--threads", "0"]).contains("--threads"));
+    // Sessions are required when the mix targets existing ones.
+    assert!(matches!(
+        run(&args(target, &["--requests", "1"])),
+        Err(dynauth_loadgen::RunError::Pool(_))
+    ));
+}
