@@ -1,5 +1,62 @@
-//! loadgen: the DAC load generator (built in its own issue).
-fn main() {
-    eprintln!("loadgen: not built yet (see the loadgen issue)");
-    std::process::exit(2);
+//! `loadgen`: the DAC load generator's command line. Everything lives in the library
+//! (`dynauth_loadgen`); this only parses flags, runs, and prints.
+#![forbid(unsafe_code)]
+
+use anyhow::Context;
+use clap::Parser;
+use dynauth_loadgen::echo::EchoServer;
+use dynauth_loadgen::{Cli, Command};
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::EchoServer(args)) => {
+            let server = EchoServer::start(
+                args.listen,
+                args.threads,
+                args.cpus.as_ref().map(|c| c.0.as_slice()),
+                args.batch,
+                args.spin,
+            )
+            .with_context(|| format!("echo server on {}", args.listen))?;
+            eprintln!(
+                "loadgen echo-server: listening on {} with {} thread(s)",
+                server.local_addr(),
+                args.threads.max(1)
+            );
+            let echoed = server.serve(args.duration)?;
+            eprintln!("loadgen echo-server: echoed {echoed} datagrams");
+            Ok(())
+        }
+        Some(Command::Sessions(args)) => {
+            match &args.out {
+                Some(path) => {
+                    let file = std::fs::File::create(path)
+                        .with_context(|| format!("creating {}", path.display()))?;
+                    dynauth_loadgen::pool::write_synthetic(args.seed, args.count, file)
+                }
+                None => dynauth_loadgen::pool::write_synthetic(
+                    args.seed,
+                    args.count,
+                    std::io::stdout().lock(),
+                ),
+            }
+            .context("writing sessions")?;
+            Ok(())
+        }
+        None => {
+            // Ctrl-C stops sending, drains and reports; a second Ctrl-C kills.
+            dynauth_loadgen::sys::catch_interrupt().context("installing the SIGINT handler")?;
+            let report = dynauth_loadgen::run(&cli.run)?;
+            if cli.run.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.text());
+            }
+            if !report.counts_add_up {
+                anyhow::bail!("the counts do not add up (a loadgen bug): see the report");
+            }
+            Ok(())
+        }
+    }
 }

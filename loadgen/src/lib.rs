@@ -1,0 +1,29 @@
+//! # dynauth-loadgen
+//!
+//! `loadgen`, the Dynamic Authorization Client (RFC 5176) load generator: it plays the RADIUS
+//! server's side and sends Disconnect-Request and CoA-Request packets to a DAS at a controlled
+//! rate, verifies every answer, and reports latency honestly.
+//!
+//! Modules, bottom up:
+//! - [`sys`]: the one module with `unsafe`: sendmmsg/recvmmsg batches, ppoll, thread CPU time.
+//! - [`ids`]: per-socket Identifier rotation (never reuse an outstanding Identifier).
+//! - [`pool`]: sessions (JSON Lines or synthetic) and the requests prepared ahead of time.
+//! - [`worker`]: one pinned thread's send/receive/verify loop, open or closed loop.
+//! - [`report`]: counters, HdrHistogram percentiles, text/JSON report, `.hgrm` file.
+//! - [`run`]: a whole run, from flags to report.
+//! - [`echo`]: the UDP echo server used as the ceiling target.
+//! - [`cli`]: the clap command line.
+#![deny(unsafe_code)]
+
+pub mod cli;
+pub mod echo;
+pub mod ids;
+pub mod pool;
+pub mod report;
+pub mod run;
+pub mod sys;
+pub mod worker;
+
+pub use cli::{Cli, Command, EchoArgs, RunArgs};
+pub use report::Report;
+pub use run::{RunError, run};

@@ -1,0 +1,489 @@
+//! What a run measured: the per-thread [`Counters`] and histograms, merged into a
+//! [`Report`] that prints as text or JSON, and the HdrHistogram percentile-distribution
+//! (`.hgrm`) file that HdrHistogram's plotting tools read.
+//!
+//! Accounting rule: every request sent is resolved exactly once, as an answer (valid,
+//! unexpected code, or bad authenticator), a timeout, or an expected discard (a request with a
+//! deliberately bad authenticator that got no answer). Hence
+//! `requests = answered + timeouts + expected_discards`.
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::io::Write;
+
+use dynauth_engine::dict::ErrorCause;
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// Highest latency or lag recorded (ns): 60 s; higher values are recorded as 60 s.
+pub const HIST_MAX_NS: u64 = 60_000_000_000;
+/// Significant figures of every histogram.
+pub const HIST_SIGFIG: u8 = 3;
+
+/// A latency histogram in nanoseconds.
+pub fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, HIST_MAX_NS, HIST_SIGFIG).expect("valid histogram bounds")
+}
+
+/// NAK counters: one per Error-Cause of RFC 5176 §3.5, then "none or unknown".
+pub const NAK_SLOTS: usize = ErrorCause::ALL.len() + 1;
+
+/// One thread's counts (summed into the report).
+#[derive(Debug, Clone, Default)]
+pub struct Counters {
+    /// Distinct requests sent (first transmissions).
+    pub requests: u64,
+    /// Retransmissions (same packet, same Identifier).
+    pub retransmissions: u64,
+    /// Valid answers (authenticated, expected code): ACK by request kind.
+    pub acks: [u64; 2],
+    /// ACKs carrying Error-Cause 201 (Residual Session Context Removed), part of `acks`.
+    pub acks_residual: u64,
+    /// Valid NAKs by request kind and Error-Cause slot.
+    pub naks: [[u64; NAK_SLOTS]; 2],
+    /// Authenticated answers with a code that does not answer the request.
+    pub unexpected_codes: u64,
+    /// Answers whose Response Authenticator is wrong.
+    pub bad_response_authenticators: u64,
+    /// Answers whose Message-Authenticator is wrong.
+    pub bad_message_authenticators: u64,
+    /// Echo mode: answers identical to the request.
+    pub echo_ok: u64,
+    /// Echo mode: answers that differ from the request.
+    pub echo_mismatches: u64,
+    /// Requests with no answer within the timeout (excluding expected discards).
+    pub timeouts: u64,
+    /// Deliberately bad requests that (rightly) got no answer.
+    pub expected_discards: u64,
+    /// Deliberately bad requests that were answered anyway (part of the answered counts).
+    pub answered_discards: u64,
+    /// Valid answers that differ from what the mix predicted (e.g. NAK 503 to a Disconnect of
+    /// a session an earlier Disconnect already removed).
+    pub expectation_mismatches: u64,
+    /// Datagrams for no outstanding request (late answers after a timeout, duplicates).
+    pub stray_answers: u64,
+    /// Datagrams that are not RADIUS packets.
+    pub malformed_answers: u64,
+    /// Requests intended (open loop) but never sent before the end: the generator fell behind.
+    pub unsent: u64,
+    /// sendmmsg errors other than a full socket buffer.
+    pub send_errors: u64,
+    /// System calls made by the workers: sendmmsg, recvmmsg, ppoll.
+    pub sendmmsg_calls: u64,
+    pub recvmmsg_calls: u64,
+    pub ppoll_calls: u64,
+}
+
+impl Counters {
+    pub fn add(&mut self, o: &Counters) {
+        self.requests += o.requests;
+        self.retransmissions += o.retransmissions;
+        for k in 0..2 {
+            self.acks[k] += o.acks[k];
+            for c in 0..NAK_SLOTS {
+                self.naks[k][c] += o.naks[k][c];
+            }
+        }
+        self.acks_residual += o.acks_residual;
+        self.unexpected_codes += o.unexpected_codes;
+        self.bad_response_authenticators += o.bad_response_authenticators;
+        self.bad_message_authenticators += o.bad_message_authenticators;
+        self.echo_ok += o.echo_ok;
+        self.echo_mismatches += o.echo_mismatches;
+        self.timeouts += o.timeouts;
+        self.expected_discards += o.expected_discards;
+        self.answered_discards += o.answered_discards;
+        self.expectation_mismatches += o.expectation_mismatches;
+        self.stray_answers += o.stray_answers;
+        self.malformed_answers += o.malformed_answers;
+        self.unsent += o.unsent;
+        self.send_errors += o.send_errors;
+        self.sendmmsg_calls += o.sendmmsg_calls;
+        self.recvmmsg_calls += o.recvmmsg_calls;
+        self.ppoll_calls += o.ppoll_calls;
+    }
+
+    pub fn ack_total(&self) -> u64 {
+        self.acks[0] + self.acks[1]
+    }
+
+    pub fn nak_total(&self) -> u64 {
+        self.naks.iter().flatten().sum()
+    }
+
+    /// Requests resolved by an answer of any kind.
+    pub fn answered(&self) -> u64 {
+        self.ack_total()
+            + self.nak_total()
+            + self.unexpected_codes
+            + self.bad_response_authenticators
+            + self.bad_message_authenticators
+            + self.echo_ok
+            + self.echo_mismatches
+    }
+
+    /// Answers that failed verification.
+    pub fn bad_authenticators(&self) -> u64 {
+        self.bad_response_authenticators + self.bad_message_authenticators
+    }
+
+    /// NAKs of one Error-Cause, both kinds.
+    pub fn naks_with(&self, cause: ErrorCause) -> u64 {
+        let i = cause.index();
+        self.naks[0][i] + self.naks[1][i]
+    }
+}
+
+/// Percentiles of one histogram, in microseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Percentiles {
+    pub count: u64,
+    pub min_us: f64,
+    pub mean_us: f64,
+    pub p50_us: f64,
+    pub p90_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub max_us: f64,
+}
+
+impl Percentiles {
+    pub fn of(h: &Histogram<u64>) -> Percentiles {
+        let us = |ns: u64| ns as f64 / 1e3;
+        if h.is_empty() {
+            return Percentiles {
+                count: 0,
+                min_us: 0.0,
+                mean_us: 0.0,
+                p50_us: 0.0,
+                p90_us: 0.0,
+                p99_us: 0.0,
+                p999_us: 0.0,
+                max_us: 0.0,
+            };
+        }
+        Percentiles {
+            count: h.len(),
+            min_us: us(h.min()),
+            mean_us: h.mean() / 1e3,
+            p50_us: us(h.value_at_quantile(0.50)),
+            p90_us: us(h.value_at_quantile(0.90)),
+            p99_us: us(h.value_at_quantile(0.99)),
+            p999_us: us(h.value_at_quantile(0.999)),
+            max_us: us(h.max()),
+        }
+    }
+}
+
+/// The generator's own cost, so a reader can tell whether it or the server was the limit.
+#[derive(Debug, Clone, Serialize)]
+pub struct GeneratorCost {
+    /// CPU seconds of the worker threads (CLOCK_THREAD_CPUTIME_ID), summed.
+    pub worker_cpu_s: f64,
+    /// Worker CPU nanoseconds per request sent (sending, receiving, verifying).
+    pub cpu_ns_per_request: f64,
+    /// Worker CPU time over worker wall time, averaged over the threads (1.0: every worker
+    /// was busy all the time, so the generator may have been the limit).
+    pub worker_utilisation: f64,
+    /// CPU seconds of the whole process (getrusage), user and system.
+    pub process_user_s: f64,
+    pub process_system_s: f64,
+    /// Worker system calls per request sent: sendmmsg, recvmmsg, ppoll.
+    pub sendmmsg_per_request: f64,
+    pub recvmmsg_per_request: f64,
+    pub ppoll_per_request: f64,
+}
+
+/// Open loop only: how late requests left compared with their intended send time.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScheduleLag {
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub max_us: f64,
+}
+
+/// Answer counts, keyed for JSON.
+#[derive(Debug, Clone, Serialize)]
+pub struct AnswerCounts {
+    pub ack_disconnect: u64,
+    pub ack_coa: u64,
+    /// ACKs with Error-Cause 201 (included in the ACK counts).
+    pub ack_residual_201: u64,
+    pub nak_disconnect: u64,
+    pub nak_coa: u64,
+    /// NAKs by Error-Cause value ("none" when absent or not a registered value).
+    pub nak_by_error_cause: BTreeMap<String, u64>,
+    pub unexpected_codes: u64,
+    pub bad_response_authenticators: u64,
+    pub bad_message_authenticators: u64,
+    pub echo_ok: u64,
+    pub echo_mismatches: u64,
+    pub answered_discards: u64,
+    pub expectation_mismatches: u64,
+    pub stray: u64,
+    pub malformed: u64,
+}
+
+/// The whole run's figures (the `--json` output).
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub target: String,
+    /// "open-loop" or "closed-loop".
+    pub mode: &'static str,
+    pub profile: &'static str,
+    pub expect: &'static str,
+    pub threads: usize,
+    pub sockets: usize,
+    pub window: Option<usize>,
+    pub offered_rate_rps: Option<f64>,
+    /// From the first send to the end of the sending phase.
+    pub send_seconds: f64,
+    /// Including the final drain.
+    pub wall_seconds: f64,
+    pub requests: u64,
+    pub transmissions: u64,
+    pub retransmissions: u64,
+    /// Requests resolved by an answer (valid or not).
+    pub answered: u64,
+    pub timeouts: u64,
+    pub expected_discards: u64,
+    /// Open loop: requests scheduled but never sent (the generator fell behind).
+    pub unsent: u64,
+    pub send_errors: u64,
+    /// Requests per second sent during the sending phase.
+    pub sent_rate_rps: f64,
+    /// Answers per second over the sending phase.
+    pub achieved_rate_rps: f64,
+    /// Timeouts over requests that expected an answer.
+    pub loss_ratio: f64,
+    pub answers: AnswerCounts,
+    /// Latency of authenticated answers (open loop: from the intended send time).
+    pub latency: Percentiles,
+    pub schedule_lag: Option<ScheduleLag>,
+    pub generator: GeneratorCost,
+    /// The run was stopped early by Ctrl-C.
+    pub interrupted: bool,
+    /// True when `requests == answered + timeouts + expected_discards`.
+    pub counts_add_up: bool,
+    #[serde(skip)]
+    pub counters: Counters,
+    #[serde(skip)]
+    pub histogram: Histogram<u64>,
+}
+
+impl Report {
+    /// Human-readable summary.
+    pub fn text(&self) -> String {
+        let mut s = String::new();
+        let l = &self.latency;
+        let a = &self.answers;
+        let rate = self
+            .offered_rate_rps
+            .map_or(String::new(), |r| format!(", offered {r:.0}/s"));
+        let window = self
+            .window
+            .map_or(String::new(), |w| format!(", window {w}"));
+        s += &format!(
+            "loadgen {} {} -> {} ({} threads, {} sockets{window}{rate}, expect {})\n",
+            self.profile, self.mode, self.target, self.threads, self.sockets, self.expect
+        );
+        s += &format!(
+            "requests {}  answered {}  timeouts {}  expected-discards {}  unsent {}  retransmissions {}\n",
+            self.requests,
+            self.answered,
+            self.timeouts,
+            self.expected_discards,
+            self.unsent,
+            self.retransmissions
+        );
+        s += &format!(
+            "rate: sent {:.0}/s  answered {:.0}/s over {:.3} s (wall {:.3} s)  loss {:.4}%\n",
+            self.sent_rate_rps,
+            self.achieved_rate_rps,
+            self.send_seconds,
+            self.wall_seconds,
+            self.loss_ratio * 100.0
+        );
+        s += &format!(
+            "answers: ACK disconnect {} coa {} (201: {})  NAK disconnect {} coa {} {:?}\n",
+            a.ack_disconnect,
+            a.ack_coa,
+            a.ack_residual_201,
+            a.nak_disconnect,
+            a.nak_coa,
+            a.nak_by_error_cause
+        );
+        s += &format!(
+            "         unexpected-codes {}  bad-response-auth {}  bad-message-auth {}  echo ok {} mismatch {}  answered-discards {}  expectation-mismatches {}  stray {}  malformed {}\n",
+            a.unexpected_codes,
+            a.bad_response_authenticators,
+            a.bad_message_authenticators,
+            a.echo_ok,
+            a.echo_mismatches,
+            a.answered_discards,
+            a.expectation_mismatches,
+            a.stray,
+            a.malformed
+        );
+        s += &format!(
+            "latency us: p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}  (mean {:.1}, n {})\n",
+            l.p50_us, l.p90_us, l.p99_us, l.p999_us, l.max_us, l.mean_us, l.count
+        );
+        if let Some(lag) = &self.schedule_lag {
+            s += &format!(
+                "schedule lag us: p50 {:.1}  p99 {:.1}  max {:.1}\n",
+                lag.p50_us, lag.p99_us, lag.max_us
+            );
+        }
+        let g = &self.generator;
+        s += &format!(
+            "generator: {:.0} ns CPU/request, workers {:.0}% busy, process CPU user {:.3} s system {:.3} s; per request: {:.3} sendmmsg {:.3} recvmmsg {:.3} ppoll\n",
+            g.cpu_ns_per_request,
+            g.worker_utilisation * 100.0,
+            g.process_user_s,
+            g.process_system_s,
+            g.sendmmsg_per_request,
+            g.recvmmsg_per_request,
+            g.ppoll_per_request
+        );
+        if self.interrupted {
+            s += "interrupted: the run was stopped early (Ctrl-C)\n";
+        }
+        if !self.counts_add_up {
+            s += "WARNING: requests != answered + timeouts + expected discards\n";
+        }
+        s
+    }
+}
+
+/// Builds the JSON-friendly answer counts.
+pub fn answer_counts(c: &Counters) -> AnswerCounts {
+    let mut by_cause = BTreeMap::new();
+    for (i, cause) in ErrorCause::ALL.iter().enumerate() {
+        let n = c.naks[0][i] + c.naks[1][i];
+        if n > 0 {
+            by_cause.insert(cause.value().to_string(), n);
+        }
+    }
+    let none = c.naks[0][NAK_SLOTS - 1] + c.naks[1][NAK_SLOTS - 1];
+    if none > 0 {
+        by_cause.insert("none".into(), none);
+    }
+    AnswerCounts {
+        ack_disconnect: c.acks[0],
+        ack_coa: c.acks[1],
+        ack_residual_201: c.acks_residual,
+        nak_disconnect: c.naks[0].iter().sum(),
+        nak_coa: c.naks[1].iter().sum(),
+        nak_by_error_cause: by_cause,
+        unexpected_codes: c.unexpected_codes,
+        bad_response_authenticators: c.bad_response_authenticators,
+        bad_message_authenticators: c.bad_message_authenticators,
+        echo_ok: c.echo_ok,
+        echo_mismatches: c.echo_mismatches,
+        answered_discards: c.answered_discards,
+        expectation_mismatches: c.expectation_mismatches,
+        stray: c.stray_answers,
+        malformed: c.malformed_answers,
+    }
+}
+
+/// Writes `h` (nanoseconds) in HdrHistogram's classic percentile-distribution format, values
+/// in milliseconds, 5 ticks per half distance (what `HistogramLogProcessor` and the online
+/// plotter read).
+pub fn write_hgrm<W: Write>(h: &Histogram<u64>, mut out: W) -> std::io::Result<()> {
+    const SCALE: f64 = 1e6;
+    writeln!(
+        out,
+        "{:>12} {:>14} {:>10} {:>14}\n",
+        "Value", "Percentile", "TotalCount", "1/(1-Percentile)"
+    )?;
+    let mut total = 0u64;
+    if !h.is_empty() {
+        for v in h.iter_quantiles(5) {
+            total += v.count_since_last_iteration();
+            let q = v.quantile_iterated_to();
+            let value = v.value_iterated_to() as f64 / SCALE;
+            if q < 1.0 {
+                writeln!(
+                    out,
+                    "{value:>12.3} {q:>2.12} {total:>10} {:>14.2}",
+                    1.0 / (1.0 - q)
+                )?;
+            } else {
+                writeln!(out, "{value:>12.3} {q:>2.12} {total:>10}")?;
+            }
+        }
+    }
+    let (mean, stdev, max) = if h.is_empty() {
+        (0.0, 0.0, 0.0)
+    } else {
+        (h.mean() / SCALE, h.stdev() / SCALE, h.max() as f64 / SCALE)
+    };
+    let sub_buckets = 1u64 << (2.0 * 10f64.powi(i32::from(h.sigfig()))).log2().ceil() as u32;
+    writeln!(
+        out,
+        "#[Mean    = {mean:>12.3}, StdDeviation   = {stdev:>12.3}]"
+    )?;
+    writeln!(
+        out,
+        "#[Max     = {max:>12.3}, Total count    = {:>12}]",
+        h.len()
+    )?;
+    writeln!(
+        out,
+        "#[Buckets = {:>12}, SubBuckets     = {:>12}]",
+        h.buckets(),
+        sub_buckets
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hgrm_has_header_rows_and_footer() {
+        let mut h = new_histogram();
+        for us in 1..=1000u64 {
+            h.record(us * 1000).unwrap();
+        }
+        let mut out = Vec::new();
+        write_hgrm(&h, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.starts_with("       Value     Percentile TotalCount 1/(1-Percentile)\n\n"));
+        let last_row = text
+            .lines()
+            .rfind(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .unwrap();
+        let cols: Vec<&str> = last_row.split_whitespace().collect();
+        assert_eq!(cols[1], "1.000000000000");
+        assert_eq!(cols[2], "1000");
+        assert!(
+            (cols[0].parse::<f64>().unwrap() - 1.0).abs() < 0.01,
+            "{last_row}"
+        );
+        assert!(text.contains("#[Max     =        1.000, Total count    =         1000]"));
+        assert!(text.contains("SubBuckets     =         2048]"));
+    }
+
+    #[test]
+    fn counts_merge_and_total() {
+        let mut a = Counters {
+            requests: 3,
+            timeouts: 1,
+            ..Counters::default()
+        };
+        a.acks[0] = 1;
+        a.naks[1][ErrorCause::SessionContextNotFound.index()] = 1;
+        let mut b = Counters::default();
+        b.add(&a);
+        b.add(&a);
+        assert_eq!(b.requests, 6);
+        assert_eq!(b.answered(), 4);
+        assert_eq!(b.naks_with(ErrorCause::SessionContextNotFound), 2);
+        let j = answer_counts(&b);
+        assert_eq!(j.nak_by_error_cause.get("503"), Some(&2));
+    }
+}

@@ -1,0 +1,756 @@
+//! One worker thread: its sockets, its share of the requests, its schedule, its timers.
+//!
+//! The loop, repeated until the worker has sent its share and resolved every request:
+//! 1. expire timers: retransmit (same bytes, same Identifier) or resolve as timeout /
+//!    expected discard;
+//! 2. send what is due: open loop, every request whose intended time has come (latency is
+//!    measured from that intended time, so a slow server cannot hide queueing delay: no
+//!    coordinated omission); closed loop, enough to keep the window full. One `sendmmsg` per
+//!    socket per round;
+//! 3. receive with `recvmmsg` on every socket until empty, verify and resolve;
+//! 4. when nothing happened, sleep in `ppoll` until the next socket event, send time or timer.
+//!
+//! Identifiers come from each socket's [`IdAllocator`], so one is never reused while
+//! outstanding. A request occupies its (socket, Identifier) slot, which also keeps the exact
+//! bytes sent (for retransmission and echo comparison) and the Request Authenticator.
+#![forbid(unsafe_code)]
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::UdpSocket;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use dynauth_engine::auth::{ResponseCheck, verify_response};
+use dynauth_engine::codec::Packet;
+use dynauth_engine::dict::{ErrorCause, attr};
+use hdrhistogram::Histogram;
+
+use crate::cli::Expect;
+use crate::ids::IdAllocator;
+use crate::pool::{Expectation, Pool};
+use crate::report::{Counters, NAK_SLOTS, new_histogram};
+use crate::sys::{BatchReceiver, BatchSender, Poller};
+
+/// Most datagrams in one batch.
+pub const MAX_BATCH: usize = 256;
+/// Below this, waiting for the next send time does not sleep.
+const SPIN_NS: u64 = 2_000;
+
+/// Open or closed loop, for one worker.
+#[derive(Debug, Clone, Copy)]
+pub enum Mode {
+    /// Request `j` of this worker is intended at `offset_ns + j * interval_ns` after start.
+    /// At most `max_outstanding` requests in flight.
+    Open {
+        interval_ns: f64,
+        offset_ns: f64,
+        max_outstanding: usize,
+    },
+    /// Keep `window` requests outstanding.
+    Closed { window: usize },
+}
+
+/// Live figures a worker publishes for the progress line.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub requests: AtomicU64,
+    pub answered: AtomicU64,
+    pub timeouts: AtomicU64,
+    pub bad: AtomicU64,
+    pub outstanding: AtomicU64,
+    _pad: [u64; 3],
+}
+
+/// Everything one worker needs.
+#[derive(Debug)]
+pub struct WorkerPlan {
+    pub index: usize,
+    pub threads: usize,
+    pub pool: Arc<Pool>,
+    pub sockets: Vec<UdpSocket>,
+    pub batch: usize,
+    pub mode: Mode,
+    /// This worker's share of the requests (`None`: until `send_for` ends).
+    pub requests: Option<u64>,
+    pub send_for: Option<Duration>,
+    pub timeout: Duration,
+    pub retransmit_after: Option<Duration>,
+    pub retries: u8,
+    pub expect: Expect,
+    pub cpu: Option<usize>,
+    /// The common start (every worker's schedule starts here).
+    pub start: Instant,
+    pub progress: Arc<Progress>,
+}
+
+/// What a worker measured.
+#[derive(Debug)]
+pub struct WorkerResult {
+    pub counters: Counters,
+    pub latency: Histogram<u64>,
+    pub lag: Histogram<u64>,
+    pub cpu_ns: u64,
+    pub wall_ns: u64,
+    /// When the sending phase ended (ns after start).
+    pub send_end_ns: u64,
+}
+
+/// One outstanding request.
+#[derive(Debug, Clone, Copy, Default)]
+struct Slot {
+    active: bool,
+    generation: u32,
+    /// Global request number (pool index).
+    k: u64,
+    intended_ns: u64,
+    first_ns: u64,
+    transmissions: u8,
+    auth: [u8; 16],
+    len: u16,
+}
+
+struct Sock {
+    socket: UdpSocket,
+    fd: RawFd,
+    ids: IdAllocator,
+    slots: Vec<Slot>,
+    bufs: Vec<u8>,
+    stride: usize,
+    /// Identifiers built (or due for retransmission) and not yet handed to the kernel.
+    pending: VecDeque<u8>,
+}
+
+impl Sock {
+    fn packet(&self, id: u8) -> &[u8] {
+        let start = usize::from(id) * self.stride;
+        let len = usize::from(self.slots[usize::from(id)].len);
+        &self.bufs[start..start + len]
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Timer {
+    at_ns: u64,
+    sock: u32,
+    id: u8,
+    generation: u32,
+}
+
+struct Worker {
+    pool: Arc<Pool>,
+    socks: Vec<Sock>,
+    sender: BatchSender,
+    receiver: BatchReceiver,
+    poller: Poller,
+    batch: usize,
+    mode: Mode,
+    requests: Option<u64>,
+    send_until_ns: Option<u64>,
+    timeout_ns: u64,
+    rtx_ns: Option<u64>,
+    retries: u8,
+    expect: Expect,
+    index: u64,
+    threads: u64,
+    start: Instant,
+    progress: Arc<Progress>,
+    // state
+    next_j: u64,
+    outstanding: usize,
+    next_sock: usize,
+    timeouts: VecDeque<Timer>,
+    retransmits: VecDeque<Timer>,
+    /// Readiness from the last `ppoll` (`Some(0)`: it timed out), consumed by `receive`.
+    polled: Option<usize>,
+    counters: Counters,
+    latency: Histogram<u64>,
+    lag: Histogram<u64>,
+    unix_secs: u32,
+}
+
+fn now_ns(start: Instant) -> u64 {
+    Instant::now().saturating_duration_since(start).as_nanos() as u64
+}
+
+fn unix_now() -> u32 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as u32)
+}
+
+/// Runs one worker to completion.
+pub fn run(plan: WorkerPlan) -> io::Result<WorkerResult> {
+    if let Some(cpu) = plan.cpu {
+        core_affinity::set_for_current(core_affinity::CoreId { id: cpu });
+    }
+    crate::sys::set_timer_slack_ns(1_000);
+    let stride = plan.pool.max_len().next_multiple_of(64).max(64);
+    let batch = plan.batch.clamp(1, MAX_BATCH);
+    let fds: Vec<RawFd> = plan.sockets.iter().map(|s| s.as_raw_fd()).collect();
+    let socks = plan
+        .sockets
+        .into_iter()
+        .map(|socket| Sock {
+            fd: socket.as_raw_fd(),
+            socket,
+            ids: IdAllocator::new(),
+            slots: vec![Slot::default(); 256],
+            bufs: vec![0; 256 * stride],
+            stride,
+            pending: VecDeque::with_capacity(256),
+        })
+        .collect();
+    let mut w = Worker {
+        pool: plan.pool,
+        socks,
+        sender: BatchSender::new(batch),
+        receiver: BatchReceiver::new(batch, 4096),
+        poller: Poller::new(&fds),
+        batch,
+        mode: plan.mode,
+        requests: plan.requests,
+        send_until_ns: plan.send_for.map(|d| d.as_nanos() as u64),
+        timeout_ns: plan.timeout.as_nanos() as u64,
+        rtx_ns: plan
+            .retransmit_after
+            .filter(|_| plan.retries > 0)
+            .map(|d| d.as_nanos().max(1) as u64),
+        retries: plan.retries,
+        expect: plan.expect,
+        index: plan.index as u64,
+        threads: plan.threads.max(1) as u64,
+        start: plan.start,
+        progress: plan.progress,
+        next_j: 0,
+        outstanding: 0,
+        next_sock: 0,
+        timeouts: VecDeque::new(),
+        retransmits: VecDeque::new(),
+        polled: None,
+        counters: Counters::default(),
+        latency: new_histogram(),
+        lag: new_histogram(),
+        unix_secs: unix_now(),
+    };
+    // Wait for the common start.
+    while Instant::now() < w.start {
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let cpu0 = crate::sys::thread_cpu_ns();
+    let send_end_ns = w.run_loop()?;
+    let cpu_ns = crate::sys::thread_cpu_ns().saturating_sub(cpu0);
+    let wall_ns = now_ns(w.start);
+    w.publish();
+    Ok(WorkerResult {
+        counters: w.counters,
+        latency: w.latency,
+        lag: w.lag,
+        cpu_ns,
+        wall_ns,
+        send_end_ns,
+    })
+}
+
+impl Worker {
+    fn intended_ns(&self, j: u64) -> u64 {
+        match self.mode {
+            Mode::Open {
+                interval_ns,
+                offset_ns,
+                ..
+            } => (offset_ns + j as f64 * interval_ns) as u64,
+            Mode::Closed { .. } => 0,
+        }
+    }
+
+    /// Whether request `j` of this worker exists (within the count and the duration).
+    fn more_to_send(&self, now: u64) -> bool {
+        if self.requests.is_some_and(|n| self.next_j >= n) {
+            return false;
+        }
+        match self.send_until_ns {
+            Some(end) => match self.mode {
+                Mode::Open { .. } => self.intended_ns(self.next_j) < end && now < end + 1,
+                Mode::Closed { .. } => now < end,
+            },
+            None => true,
+        }
+    }
+
+    fn publish(&self) {
+        let p = &self.progress;
+        let c = &self.counters;
+        p.requests.store(c.requests, Ordering::Relaxed);
+        p.answered.store(c.answered(), Ordering::Relaxed);
+        p.timeouts.store(c.timeouts, Ordering::Relaxed);
+        p.bad.store(
+            c.bad_authenticators() + c.echo_mismatches,
+            Ordering::Relaxed,
+        );
+        p.outstanding
+            .store(self.outstanding as u64, Ordering::Relaxed);
+    }
+
+    /// Returns when the sending phase ended (ns after start).
+    fn run_loop(&mut self) -> io::Result<u64> {
+        let mut send_end_ns: Option<u64> = None;
+        let mut last_publish = 0u64;
+        loop {
+            let now = now_ns(self.start);
+            if now.saturating_sub(last_publish) > 50_000_000 {
+                self.unix_secs = unix_now();
+                self.publish();
+                last_publish = now;
+            }
+            self.expire(now);
+            let sending = send_end_ns.is_none();
+            let mut built = 0;
+            if sending {
+                let interrupted = crate::sys::interrupted();
+                if self.more_to_send(now) && !interrupted {
+                    built = self.schedule(now);
+                } else {
+                    send_end_ns = Some(now);
+                    self.count_unsent(now, interrupted);
+                }
+            }
+            let (sent, blocked) = self.flush(now);
+            let received = self.receive()?;
+            if let Some(end) = send_end_ns {
+                if self.outstanding == 0 {
+                    return Ok(end);
+                }
+                // The final drain: at most `timeout` (plus retransmission slack).
+                if now > end + self.timeout_ns + 50_000_000 {
+                    self.abandon_all();
+                    return Ok(end);
+                }
+            }
+            // Fewer datagrams than sockets: let ppoll say which sockets have answers (and
+            // sleep until one has, or until the next send time or timer) rather than trying
+            // recvmmsg on every socket again.
+            if built + sent + received == 0 || received < self.socks.len() || blocked {
+                self.wait(now, send_end_ns.is_some(), blocked)?;
+            }
+        }
+    }
+
+    /// Open loop: requests intended before the end that were never sent.
+    fn count_unsent(&mut self, now: u64, interrupted: bool) {
+        let Mode::Open {
+            interval_ns,
+            offset_ns,
+            ..
+        } = self.mode
+        else {
+            return;
+        };
+        let end = match (interrupted, self.send_until_ns) {
+            (true, until) => now.min(until.unwrap_or(u64::MAX)),
+            (false, Some(until)) => until,
+            (false, None) => return, // bounded by count only: everything was sent
+        };
+        let due = ((end as f64 - offset_ns) / interval_ns).ceil().max(0.0) as u64;
+        let due = self.requests.map_or(due, |n| due.min(n));
+        self.counters.unsent += due.saturating_sub(self.next_j);
+    }
+
+    /// Builds due requests into free slots; returns how many.
+    fn schedule(&mut self, now: u64) -> usize {
+        let mut built = 0;
+        while built < self.batch * self.socks.len() && self.more_to_send(now) {
+            let intended = match self.mode {
+                Mode::Open {
+                    max_outstanding, ..
+                } => {
+                    let t = self.intended_ns(self.next_j);
+                    if t > now || self.outstanding >= max_outstanding {
+                        break;
+                    }
+                    t
+                }
+                Mode::Closed { window } => {
+                    if self.outstanding >= window {
+                        break;
+                    }
+                    now
+                }
+            };
+            let Some((s, id)) = self.allocate() else {
+                break; // every Identifier is outstanding: the schedule slips (lag grows)
+            };
+            let k = self.index + self.next_j * self.threads;
+            self.next_j += 1;
+            let sock = &mut self.socks[s];
+            let start = usize::from(id) * sock.stride;
+            let (len, auth) = self.pool.build(
+                k,
+                id,
+                self.unix_secs,
+                &mut sock.bufs[start..start + sock.stride],
+            );
+            sock.slots[usize::from(id)] = Slot {
+                active: true,
+                generation: sock.slots[usize::from(id)].generation.wrapping_add(1),
+                k,
+                intended_ns: intended,
+                first_ns: 0,
+                transmissions: 0,
+                auth,
+                len: len as u16,
+            };
+            sock.pending.push_back(id);
+            self.outstanding += 1;
+            built += 1;
+        }
+        built
+    }
+
+    fn allocate(&mut self) -> Option<(usize, u8)> {
+        let n = self.socks.len();
+        for i in 0..n {
+            let s = (self.next_sock + i) % n;
+            if let Some(id) = self.socks[s].ids.allocate() {
+                self.next_sock = (s + 1) % n;
+                return Some((s, id));
+            }
+        }
+        None
+    }
+
+    /// Hands pending packets to the kernel. Returns (sent, whether a socket buffer was full).
+    fn flush(&mut self, _now: u64) -> (usize, bool) {
+        let mut total = 0;
+        let mut blocked = false;
+        for s in 0..self.socks.len() {
+            while !self.socks[s].pending.is_empty() {
+                let sock = &self.socks[s];
+                let n = sock.pending.len().min(self.batch);
+                let mut slices: [&[u8]; MAX_BATCH] = [&[]; MAX_BATCH];
+                for (slice, &id) in slices.iter_mut().zip(sock.pending.iter()).take(n) {
+                    *slice = sock.packet(id);
+                }
+                self.counters.sendmmsg_calls += 1;
+                match self.sender.send(sock.fd, &slices[..n]) {
+                    Ok(sent) => {
+                        let now = now_ns(self.start);
+                        for _ in 0..sent {
+                            if let Some(id) = self.socks[s].pending.pop_front() {
+                                self.mark_sent(s, id, now);
+                            }
+                        }
+                        total += sent;
+                        if sent < n {
+                            blocked = true;
+                            break;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        blocked = true;
+                        break;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => {
+                        // ECONNREFUSED (ICMP port unreachable from an earlier datagram) and
+                        // the like: the first packet is lost; it will time out.
+                        self.counters.send_errors += 1;
+                        let now = now_ns(self.start);
+                        if let Some(id) = self.socks[s].pending.pop_front() {
+                            self.mark_sent(s, id, now);
+                        }
+                    }
+                }
+            }
+        }
+        (total, blocked)
+    }
+
+    fn mark_sent(&mut self, s: usize, id: u8, now: u64) {
+        let sock = &mut self.socks[s];
+        let slot = &mut sock.slots[usize::from(id)];
+        if !slot.active {
+            return;
+        }
+        let timer = Timer {
+            at_ns: 0,
+            sock: s as u32,
+            id,
+            generation: slot.generation,
+        };
+        if slot.transmissions == 0 {
+            slot.first_ns = now;
+            self.counters.requests += 1;
+            if let Mode::Open { .. } = self.mode {
+                self.lag
+                    .saturating_record(now.saturating_sub(slot.intended_ns).max(1));
+            }
+            self.timeouts.push_back(Timer {
+                at_ns: now + self.timeout_ns,
+                ..timer
+            });
+        } else {
+            self.counters.retransmissions += 1;
+        }
+        slot.transmissions = slot.transmissions.saturating_add(1);
+        if let Some(rtx) = self.rtx_ns
+            && slot.transmissions <= self.retries
+        {
+            self.retransmits.push_back(Timer {
+                at_ns: now + rtx,
+                ..timer
+            });
+        }
+    }
+
+    fn slot_matches(&self, t: &Timer) -> bool {
+        let slot = &self.socks[t.sock as usize].slots[usize::from(t.id)];
+        slot.active && slot.generation == t.generation
+    }
+
+    fn expire(&mut self, now: u64) {
+        while let Some(t) = self.retransmits.front().copied() {
+            if t.at_ns > now {
+                break;
+            }
+            self.retransmits.pop_front();
+            if self.slot_matches(&t) {
+                let sock = &mut self.socks[t.sock as usize];
+                if !sock.pending.contains(&t.id) {
+                    sock.pending.push_back(t.id);
+                }
+            }
+        }
+        while let Some(t) = self.timeouts.front().copied() {
+            if t.at_ns > now {
+                break;
+            }
+            self.timeouts.pop_front();
+            if self.slot_matches(&t) {
+                let k = self.socks[t.sock as usize].slots[usize::from(t.id)].k;
+                if self.pool.template(k).expect == Expectation::Discard
+                    && self.expect == Expect::Radius
+                {
+                    self.counters.expected_discards += 1;
+                } else {
+                    self.counters.timeouts += 1;
+                }
+                self.resolve(t.sock as usize, t.id);
+            }
+        }
+    }
+
+    /// The drain is over: whatever is still outstanding timed out.
+    fn abandon_all(&mut self) {
+        for s in 0..self.socks.len() {
+            for id in 0..=255u8 {
+                let slot = self.socks[s].slots[usize::from(id)];
+                if slot.active {
+                    if slot.transmissions == 0 {
+                        // Built but never handed to the kernel: not a request sent.
+                        self.counters.unsent += 1;
+                    } else if self.pool.template(slot.k).expect == Expectation::Discard
+                        && self.expect == Expect::Radius
+                    {
+                        self.counters.expected_discards += 1;
+                    } else {
+                        self.counters.timeouts += 1;
+                    }
+                    self.resolve(s, id);
+                }
+            }
+            self.socks[s].pending.clear();
+        }
+    }
+
+    fn resolve(&mut self, s: usize, id: u8) {
+        let sock = &mut self.socks[s];
+        let slot = &mut sock.slots[usize::from(id)];
+        slot.active = false;
+        slot.generation = slot.generation.wrapping_add(1);
+        sock.ids.release(id);
+        self.outstanding -= 1;
+    }
+
+    /// Receives everything queued on every socket. Returns how many datagrams.
+    fn receive(&mut self) -> io::Result<usize> {
+        let mut total = 0;
+        // After a ppoll, only the sockets it found readable have anything queued.
+        let polled = self.polled.take();
+        for s in 0..self.socks.len() {
+            if polled.is_some() && !self.poller.readable(s) {
+                continue;
+            }
+            loop {
+                self.counters.recvmmsg_calls += 1;
+                match self.receiver.recv(self.socks[s].fd, false) {
+                    Ok(n) => {
+                        let now = now_ns(self.start);
+                        for i in 0..n {
+                            self.answer(s, i, now);
+                        }
+                        total += n;
+                        if n < self.batch {
+                            break;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    // ICMP errors from earlier sends surface here; the request times out.
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => break,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    /// Judges datagram `i` of the last receive on socket `s`.
+    fn answer(&mut self, s: usize, i: usize, now: u64) {
+        let data = self.receiver.packet(i);
+        let Some(&id) = data.get(1) else {
+            self.counters.malformed_answers += 1;
+            return;
+        };
+        let slot = self.socks[s].slots[usize::from(id)];
+        if !slot.active || slot.transmissions == 0 {
+            self.counters.stray_answers += 1;
+            return;
+        }
+        let latency = now.saturating_sub(slot.intended_ns).max(1);
+        if self.expect == Expect::Echo {
+            if data == self.socks[s].packet(id) {
+                self.counters.echo_ok += 1;
+                self.latency.saturating_record(latency);
+            } else {
+                self.counters.echo_mismatches += 1;
+            }
+            self.resolve(s, id);
+            return;
+        }
+        let Ok(packet) = Packet::parse(data) else {
+            self.counters.malformed_answers += 1;
+            return;
+        };
+        let template = *self.pool.template(slot.k);
+        let c = &mut self.counters;
+        if template.expect == Expectation::Discard {
+            c.answered_discards += 1;
+        }
+        match verify_response(&packet, &slot.auth, self.pool.secret()) {
+            ResponseCheck::Valid => {}
+            ResponseCheck::BadResponseAuthenticator => {
+                c.bad_response_authenticators += 1;
+                self.resolve(s, id);
+                return;
+            }
+            ResponseCheck::BadMessageAuthenticator => {
+                c.bad_message_authenticators += 1;
+                self.resolve(s, id);
+                return;
+            }
+        }
+        self.latency.saturating_record(latency);
+        let kind = template.kind;
+        let cause = error_cause(&packet);
+        let matched = if packet.code() == kind.ack_code() {
+            c.acks[kind.index()] += 1;
+            if cause == Some(ErrorCause::ResidualSessionContextRemoved.value()) {
+                c.acks_residual += 1;
+            }
+            template.expect == Expectation::Ack
+        } else if packet.code() == kind.nak_code() {
+            let slot_index = cause
+                .and_then(ErrorCause::from_value)
+                .map_or(NAK_SLOTS - 1, ErrorCause::index);
+            c.naks[kind.index()][slot_index] += 1;
+            template.expect == Expectation::NakNotFound
+                && cause == Some(ErrorCause::SessionContextNotFound.value())
+        } else {
+            c.unexpected_codes += 1;
+            false
+        };
+        if !matched && template.expect != Expectation::Discard {
+            c.expectation_mismatches += 1;
+        }
+        self.resolve(s, id);
+    }
+
+    /// Sleeps until a socket is readable or the next send time or timer is due.
+    fn wait(&mut self, now: u64, draining: bool, blocked: bool) -> io::Result<()> {
+        let mut next = u64::MAX;
+        if blocked {
+            next = now + 20_000; // a full socket buffer: try again shortly
+        }
+        if !draining
+            && let Mode::Open {
+                max_outstanding, ..
+            } = self.mode
+            && self.outstanding < max_outstanding
+            && self.socks.iter().any(|s| s.ids.free() > 0)
+        {
+            next = next.min(self.intended_ns(self.next_j));
+        }
+        if let Some(end) = self.send_until_ns
+            && !draining
+        {
+            next = next.min(end);
+        }
+        if !draining
+            && let Mode::Closed { window } = self.mode
+            && self.outstanding < window
+            && self.socks.iter().any(|s| s.ids.free() > 0)
+        {
+            next = now; // room in the window: only check the sockets, then send more
+        }
+        if let Some(t) = self.timeouts.front() {
+            next = next.min(t.at_ns);
+        }
+        if let Some(t) = self.retransmits.front() {
+            next = next.min(t.at_ns);
+        }
+        if draining {
+            next = next.min(now + self.timeout_ns + 50_000_000);
+        }
+        let wait_ns = next.saturating_sub(now);
+        // The timer slack is 1 µs (set at start), so ppoll wakes close to the send time; what
+        // it misses shows in the schedule lag. Below SPIN_NS it only checks the sockets.
+        let timeout = if wait_ns < SPIN_NS {
+            Duration::ZERO
+        } else {
+            Duration::from_nanos(wait_ns)
+        };
+        self.counters.ppoll_calls += 1;
+        self.polled = Some(self.poller.wait(Some(timeout))?);
+        Ok(())
+    }
+}
+
+/// The Error-Cause value of an answer, if any.
+fn error_cause(packet: &Packet<'_>) -> Option<u32> {
+    packet
+        .attributes()
+        .filter_map(Result::ok)
+        .find(|a| a.ty == attr::ERROR_CAUSE)
+        .and_then(|a| dynauth_engine::codec::read_u32(a.value).ok())
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("sockets", &self.socks.len())
+            .field("outstanding", &self.outstanding)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for Sock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sock")
+            .field("local", &self.socket.local_addr().ok())
+            .field("outstanding", &self.ids.outstanding())
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,197 @@
+//! Loopback targets for the integration tests: a DAS built from `dynauth_engine::Engine` and
+//! `MemoryStore` on a UDP socket in a thread (with a hook that can corrupt or drop answers),
+//! and a slow echo responder.
+#![forbid(unsafe_code)]
+#![allow(dead_code)]
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use dynauth_engine::auth::Secret;
+use dynauth_engine::client::{Cidr, Client, ClientTable};
+use dynauth_engine::store::{AcceptAll, MemoryStore};
+use dynauth_engine::{Engine, EngineConfig, Now, Outcome, synth};
+
+pub const SECRET: &str = "loadgen-test-secret";
+
+/// What a target thread saw.
+#[derive(Debug, Default)]
+pub struct Seen {
+    pub received: AtomicU64,
+    pub answered: AtomicU64,
+}
+
+/// A hook on every answer: gets the request and the answer, may change the answer; returns
+/// false to drop it.
+pub type Hook = Box<dyn FnMut(&[u8], &mut Vec<u8>) -> bool + Send>;
+
+pub struct Target {
+    pub addr: SocketAddr,
+    pub store: Arc<MemoryStore>,
+    pub seen: Arc<Seen>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Target {
+    pub fn stop(mut self) -> Arc<Seen> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+        Arc::clone(&self.seen)
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A DAS on 127.0.0.1 with the first `sessions` synthetic sessions of seed 1, answering the
+/// client 127.0.0.1 with [`SECRET`]; `hook` sees every answer before it leaves.
+pub fn engine_target(sessions: u64, mut hook: Hook) -> Target {
+    let store = Arc::new(MemoryStore::with_sessions(synth::sessions(1, sessions)));
+    let client = Client::new(
+        Cidr::host(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        Secret::new(SECRET).unwrap(),
+    );
+    let config = EngineConfig {
+        clients: ClientTable::new([client]).unwrap(),
+        ..EngineConfig::default()
+    };
+    let mut engine = Engine::new(
+        Arc::new(config),
+        Arc::clone(&store) as Arc<dyn dynauth_engine::SessionStore>,
+        Arc::new(AcceptAll),
+    );
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(20)))
+        .unwrap();
+    let addr = socket.local_addr().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(Seen::default());
+    let thread = {
+        let stop = Arc::clone(&stop);
+        let seen = Arc::clone(&seen);
+        std::thread::spawn(move || {
+            let started = std::time::Instant::now();
+            let mut buf = [0u8; 4096];
+            let mut out = [0u8; 4096];
+            while !stop.load(Ordering::Relaxed) {
+                let Ok((n, from)) = socket.recv_from(&mut buf) else {
+                    continue;
+                };
+                seen.received.fetch_add(1, Ordering::Relaxed);
+                let now = Now {
+                    unix_secs: SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .unwrap()
+                        .as_secs(),
+                    monotonic_ms: started.elapsed().as_millis() as u64 + 1,
+                };
+                let len = match engine.handle(&buf[..n], from, addr, now, &mut out) {
+                    Outcome::Answer(a) => a.len,
+                    Outcome::Replay { len } => len,
+                    Outcome::Discard(_) => continue,
+                };
+                let mut answer = out[..len].to_vec();
+                if hook(&buf[..n], &mut answer) {
+                    seen.answered.fetch_add(1, Ordering::Relaxed);
+                    let _ = socket.send_to(&answer, from);
+                }
+            }
+        })
+    };
+    Target {
+        addr,
+        store,
+        seen,
+        stop,
+        thread: Some(thread),
+    }
+}
+
+/// A hook that sends every answer unchanged.
+pub fn untouched() -> Hook {
+    Box::new(|_, _| true)
+}
+
+/// An echo responder that sleeps `delay` before answering each datagram (one at a time, so
+/// requests queue behind each other like at a saturated server).
+pub fn slow_echo(delay: Duration) -> (SocketAddr, Arc<AtomicBool>, JoinHandle<()>) {
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(20)))
+        .unwrap();
+    let addr = socket.local_addr().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let handle = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while !stop.load(Ordering::Relaxed) {
+                let Ok((n, from)) = socket.recv_from(&mut buf) else {
+                    continue;
+                };
+                if !delay.is_zero() {
+                    std::thread::sleep(delay);
+                }
+                let _ = socket.send_to(&buf[..n], from);
+            }
+        })
+    };
+    (addr, stop, handle)
+}
+
+/// An echo responder that stalls `stall` on the first datagram (a server pause: GC, a lock,
+/// a full queue), then echoes everything immediately.
+pub fn stalling_echo(stall: Duration) -> (SocketAddr, Arc<AtomicBool>, JoinHandle<()>) {
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(20)))
+        .unwrap();
+    let addr = socket.local_addr().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let handle = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            let mut first = true;
+            while !stop.load(Ordering::Relaxed) {
+                let Ok((n, from)) = socket.recv_from(&mut buf) else {
+                    continue;
+                };
+                if first {
+                    std::thread::sleep(stall);
+                    first = false;
+                }
+                let _ = socket.send_to(&buf[..n], from);
+            }
+        })
+    };
+    (addr, stop, handle)
+}
+
+/// Parses loadgen flags, pointing at `target` from 127.0.0.1 with the test secret.
+pub fn args(target: SocketAddr, extra: &[&str]) -> dynauth_loadgen::RunArgs {
+    let mut v = vec![
+        "--target".to_string(),
+        target.to_string(),
+        "--bind".into(),
+        "127.0.0.1".into(),
+        "--secret".into(),
+        SECRET.into(),
+        "--quiet".into(),
+    ];
+    v.extend(extra.iter().map(|s| s.to_string()));
+    dynauth_loadgen::RunArgs::from_args(v).unwrap()
+}
