@@ -1,0 +1,239 @@
+//! The real dynauthd on loopback, with each I/O backend and with 1 and 2 shards: Disconnect
+//! and CoA requests from several source ports, every answer and its authenticators checked,
+//! Proxy-State echoed, duplicates replayed byte for byte, unknown clients and bad
+//! authenticators ignored, graceful shutdown with totals.
+//!
+//! The io_uring tests print a notice and pass without checking when this kernel or sandbox
+//! refuses io_uring; the mmsg tests always run.
+
+mod common;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::time::Duration;
+
+use common::*;
+use dynauth_engine::auth::Secret;
+use dynauth_engine::synth;
+
+const SECRET: &str = "runtime-test-secret";
+const WAIT: Duration = Duration::from_secs(3);
+const SILENCE: Duration = Duration::from_millis(400);
+
+fn start_backend(io: &str, shards: &str, extra: &[&str], sessions: &str) -> Option<Daemon> {
+    let file = sessions_file(&format!("{io}-{shards}-{sessions}.jsonl"), 200);
+    let client = format!("127.0.0.0/24={SECRET}");
+    let mut args = vec![
+        "--io",
+        io,
+        "--shards",
+        shards,
+        "--client",
+        &client,
+        "--sessions",
+        file.to_str().unwrap(),
+        "--stats-interval",
+        "1",
+        "--batch",
+        "16",
+    ];
+    args.extend_from_slice(extra);
+    if !extra.contains(&"--listen") {
+        args.extend_from_slice(&["--listen", "127.0.0.1:0"]);
+    }
+    match start(&args) {
+        Started::Running(d) => Some(d),
+        Started::Failed(e)
+            if io == "uring" && e.contains("io_uring was requested but is not available") =>
+        {
+            eprintln!("NOTICE: io_uring is not permitted here; skipping this io_uring test:\n{e}");
+            None
+        }
+        Started::Failed(e) => panic!("dynauthd did not start: {e}"),
+    }
+}
+
+fn exercise(io: &str, shards: &str) {
+    let Some(daemon) = start_backend(io, shards, &[], "main") else {
+        return;
+    };
+    assert!(
+        daemon.banner.contains(&format!("shards={shards}")),
+        "{}",
+        daemon.banner
+    );
+    let server = daemon.addr();
+    let secret = Secret::new(SECRET).unwrap();
+    let mut sent = 0u64;
+    // Several source ports (SO_REUSEPORT spreads them over the shards).
+    let clients: Vec<UdpSocket> = (0..6)
+        .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let mut session = 0u64;
+    for (c, sock) in clients.iter().enumerate() {
+        for round in 0..4u8 {
+            let id = (c as u8) * 16 + round;
+            let asid = synth::acct_session_id(9, session);
+            session += 1;
+            let with_ma = round % 2 == 0;
+            let proxy_a = format!("proxy-{c}-{round}");
+            // Disconnect an existing session, with two Proxy-States to echo in order.
+            let req = request(
+                40,
+                id,
+                &[
+                    (44, asid.as_bytes()),
+                    (33, proxy_a.as_bytes()),
+                    (33, b"second"),
+                ],
+                with_ma,
+                &secret,
+            );
+            let (answer, from) = exchange(sock, server, &req, WAIT).expect("Disconnect answered");
+            sent += 1;
+            assert_eq!(
+                from, server,
+                "answer leaves from the address the request went to"
+            );
+            let (code, cause, proxy) = check_answer(&answer, &req, &secret);
+            assert_eq!((code, cause), (41, None), "Disconnect-ACK for {asid}");
+            assert_eq!(proxy, vec![proxy_a.as_bytes().to_vec(), b"second".to_vec()]);
+            // The retransmission gets the same bytes back (not a NAK 503).
+            let (again, _) = exchange(sock, server, &req, WAIT).expect("duplicate answered");
+            sent += 1;
+            assert_eq!(again, answer, "duplicate replayed byte for byte");
+
+            // CoA on another existing session: Session-Timeout change.
+            let asid = synth::acct_session_id(9, 100 + session);
+            let req = request(
+                43,
+                id.wrapping_add(100),
+                &[(44, asid.as_bytes()), (27, &600u32.to_be_bytes())],
+                !with_ma,
+                &secret,
+            );
+            let (answer, _) = exchange(sock, server, &req, WAIT).expect("CoA answered");
+            sent += 1;
+            assert_eq!(check_answer(&answer, &req, &secret).0, 44, "CoA-ACK");
+        }
+        // No such session: NAK 503 for both kinds.
+        for code in [40u8, 43] {
+            let req = request(code, 200 + code, &[(44, b"no-such-session")], true, &secret);
+            let (answer, _) = exchange(sock, server, &req, WAIT).expect("NAK answered");
+            sent += 1;
+            let (ans_code, cause, _) = check_answer(&answer, &req, &secret);
+            assert_eq!((ans_code, cause), (code + 2, Some(503)));
+        }
+        // An unsupported attribute in a Disconnect: NAK 401.
+        let req = request(40, 250, &[(44, b"x"), (11, b"filter")], false, &secret);
+        let (answer, _) = exchange(sock, server, &req, WAIT).expect("NAK 401 answered");
+        sent += 1;
+        assert_eq!(check_answer(&answer, &req, &secret).1, Some(401));
+    }
+    // A wrong secret: silence.
+    let wrong = Secret::new("not-the-secret").unwrap();
+    let req = request(40, 1, &[(44, b"x")], false, &wrong);
+    assert!(
+        exchange(&clients[0], server, &req, SILENCE).is_none(),
+        "bad authenticator answered"
+    );
+    sent += 1;
+    // An unknown client (127.0.1.1 is outside 127.0.0.0/24): silence.
+    if let Ok(stranger) = UdpSocket::bind("127.0.1.1:0") {
+        let req = request(40, 2, &[(44, b"x")], false, &secret);
+        assert!(
+            exchange(&stranger, server, &req, SILENCE).is_none(),
+            "unknown client answered"
+        );
+        sent += 1;
+    }
+    // Long enough for one stats line (--stats-interval 1).
+    std::thread::sleep(Duration::from_millis(1300));
+    let (out, err) = daemon.stop();
+    let totals = out
+        .lines()
+        .find(|l| l.starts_with("dynauthd totals:"))
+        .unwrap_or_else(|| panic!("no totals line: {out}\n{err}"));
+    assert!(totals.contains(&format!("received {sent} ")), "{totals}");
+    assert!(
+        totals.contains("unknown_client:1") || !totals.contains("unknown"),
+        "{totals}"
+    );
+    assert!(totals.contains("bad_request_authenticator:1"), "{totals}");
+    assert!(err.contains("stats:"), "a stats line was logged: {err}");
+    assert!(!err.contains(SECRET), "the secret reached a log line");
+}
+
+#[test]
+fn mmsg_one_shard() {
+    exercise("mmsg", "1");
+}
+
+#[test]
+fn mmsg_two_shards() {
+    exercise("mmsg", "2");
+}
+
+#[test]
+fn uring_one_shard() {
+    exercise("uring", "1");
+}
+
+#[test]
+fn uring_two_shards() {
+    exercise("uring", "2");
+}
+
+/// A socket bound to the wildcard answers from the exact loopback address each request was
+/// sent to (IP_PKTINFO), here 127.0.0.1 and 127.0.0.2 on one port.
+fn answers_leave_from_the_requested_address(io: &str) {
+    let Some(daemon) = start_backend(io, "1", &["--listen", "0.0.0.0:0"], "pktinfo") else {
+        return;
+    };
+    let port = daemon.addr().port();
+    let secret = Secret::new(SECRET).unwrap();
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for (i, ip) in ["127.0.0.1", "127.0.0.2"].iter().enumerate() {
+        let to: SocketAddr = format!("{ip}:{port}").parse().unwrap();
+        let req = request(40, i as u8, &[(44, b"none")], true, &secret);
+        let (answer, from) = exchange(&sock, to, &req, WAIT).expect("answered");
+        assert_eq!(from, to, "the answer's source address");
+        assert_eq!(check_answer(&answer, &req, &secret).1, Some(503));
+    }
+    daemon.stop();
+}
+
+#[test]
+fn mmsg_pktinfo_source_address() {
+    answers_leave_from_the_requested_address("mmsg");
+}
+
+#[test]
+fn uring_pktinfo_source_address() {
+    answers_leave_from_the_requested_address("uring");
+}
+
+/// IPv6 loopback, when this host has it.
+#[test]
+fn ipv6_loopback_both_backends() {
+    if UdpSocket::bind("[::1]:0").is_err() {
+        eprintln!("NOTICE: no IPv6 loopback here; skipping");
+        return;
+    }
+    for io in ["mmsg", "uring"] {
+        let client = format!("::1/128={SECRET}");
+        let Some(daemon) =
+            start_backend(io, "1", &["--listen", "[::1]:0", "--client", &client], "v6")
+        else {
+            continue;
+        };
+        let secret = Secret::new(SECRET).unwrap();
+        let sock = UdpSocket::bind("[::1]:0").unwrap();
+        let asid = synth::acct_session_id(9, 7);
+        let req = request(40, 9, &[(44, asid.as_bytes())], true, &secret);
+        let (answer, from) =
+            exchange(&sock, daemon.addr(), &req, WAIT).expect("answered over IPv6");
+        assert_eq!(from, daemon.addr());
+        assert_eq!(check_answer(&answer, &req, &secret).0, 41);
+        daemon.stop();
+    }
+}
