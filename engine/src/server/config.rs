@@ -541,8 +541,12 @@ fn load_file(path: &Path) -> Result<Loaded, ConfigError> {
 /// `dynauthd check-config FILE`: the settings the file gives, or what is wrong with it.
 pub fn check_file(path: &Path) -> Result<Settings, ConfigError> {
     let cli = Cli::parse_from(["dynauthd"]);
-    let settings = combine(load_file(path)?, &cli)?;
-    settings.engine_config()?;
+    let name = |e: ConfigError| match e {
+        ConfigError::Other(m) => ConfigError::Other(format!("{}: {m}", path.display())),
+        e => e,
+    };
+    let settings = combine(load_file(path)?, &cli).map_err(name)?;
+    settings.engine_config().map_err(name)?;
     if let Some(sessions) = &settings.sessions
         && !sessions.is_file()
     {
