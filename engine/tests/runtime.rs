@@ -33,10 +33,11 @@ fn start_backend(io: &str, shards: &str, extra: &[&str], sessions: &str) -> Opti
         file.to_str().unwrap(),
         "--stats-interval",
         "1",
-        "--batch",
-        "16",
     ];
     args.extend_from_slice(extra);
+    if !extra.contains(&"--batch") {
+        args.extend_from_slice(&["--batch", "16"]);
+    }
     if !extra.contains(&"--listen") {
         args.extend_from_slice(&["--listen", "127.0.0.1:0"]);
     }
@@ -236,4 +237,51 @@ fn ipv6_loopback_both_backends() {
         assert_eq!(check_answer(&answer, &req, &secret).0, 41);
         daemon.stop();
     }
+}
+
+/// A burst far larger than the batch (and, for io_uring, than its send slots) is answered in
+/// full: no request is lost or left waiting when buffers and slots run short.
+fn burst(io: &str) {
+    let Some(daemon) = start_backend(io, "1", &["--batch", "1"], "burst") else {
+        return;
+    };
+    let secret = Secret::new(SECRET).unwrap();
+    let socks: Vec<UdpSocket> = (0..4)
+        .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let per_socket = 100u16;
+    for sock in &socks {
+        for i in 0..per_socket {
+            let req = request(
+                43,
+                i as u8,
+                &[(44, b"none"), (33, &i.to_be_bytes())],
+                false,
+                &secret,
+            );
+            sock.send_to(&req, daemon.addr()).unwrap();
+        }
+    }
+    for sock in &socks {
+        sock.set_read_timeout(Some(WAIT)).unwrap();
+        let mut buf = [0u8; 4096];
+        for _ in 0..per_socket {
+            let (n, _) = sock
+                .recv_from(&mut buf)
+                .expect("every request of the burst answered");
+            assert_eq!(buf[0], 45, "CoA-NAK");
+            assert!(n >= 20);
+        }
+    }
+    daemon.stop();
+}
+
+#[test]
+fn mmsg_burst_larger_than_batch() {
+    burst("mmsg");
+}
+
+#[test]
+fn uring_burst_larger_than_batch() {
+    burst("uring");
 }

@@ -650,6 +650,8 @@ pub struct UringBackend {
     slots: Vec<*mut SendSlot>,
     free_slots: Vec<u32>,
     sends_in_flight: usize,
+    /// Receive completions taken from the ring and not yet decided (each holds its buffer).
+    pending: std::collections::VecDeque<(u64, i32, u32)>,
     /// Whether each socket's multishot receive is armed.
     armed: Vec<bool>,
     stopping: bool,
@@ -807,6 +809,7 @@ impl UringBackend {
             free_slots: (0..slot_count as u32).rev().collect(),
             slots,
             sends_in_flight: 0,
+            pending: std::collections::VecDeque::with_capacity(usize::from(URING_BUFFERS) * 2),
             armed: vec![false; n],
             stopping: false,
             quiesced: false,
@@ -904,7 +907,8 @@ impl UringBackend {
             .sec(timeout.as_secs())
             .nsec(timeout.subsec_nanos());
         let args = SubmitArgs::new().timespec(&ts);
-        if self.ring.completion().is_empty() {
+        let runnable = !self.pending.is_empty() && !self.free_slots.is_empty();
+        if !runnable && self.ring.completion().is_empty() {
             if let Err(e) = self.ring.submitter().submit_with_args(1, &args) {
                 if !is_transient(&e) {
                     return Err(e);
@@ -917,67 +921,52 @@ impl UringBackend {
     }
 
     fn drain(&mut self, handler: &mut dyn Handler) -> io::Result<usize> {
+        // Take every completion that is ready: sends free their slots at once, receives
+        // queue up (bounded by the provided buffers they hold) until a send slot is free.
+        for cqe in self.ring.completion() {
+            let (user_data, result, flags) = (cqe.user_data(), cqe.result(), cqe.flags());
+            match user_data >> TAG_SHIFT {
+                TAG_SEND => {
+                    self.free_slots
+                        .push((user_data & ((1 << TAG_SHIFT) - 1)) as u32);
+                    self.sends_in_flight -= 1;
+                    if result < 0 {
+                        self.stats.send_errors += 1;
+                    } else {
+                        self.stats.sent += 1;
+                    }
+                }
+                TAG_RECV => self.pending.push_back((user_data, result, flags)),
+                _ => {}
+            }
+        }
         let mut received = 0;
         let mut begun = false;
-        let mut completions = Vec::with_capacity(self.batch);
-        loop {
-            completions.clear();
-            {
-                let mut cq = self.ring.completion();
-                // Take no more receives than there are free send slots and room in the batch.
-                let room = self.free_slots.len().min(self.batch - received);
-                let mut recvs = 0;
-                while recvs < room {
-                    let Some(cqe) = cq.next() else { break };
-                    if cqe.user_data() >> TAG_SHIFT == TAG_RECV {
-                        recvs += 1;
-                    }
-                    completions.push((cqe.user_data(), cqe.result(), cqe.flags()));
-                }
-            }
-            if completions.is_empty() {
+        while received < self.batch && !self.free_slots.is_empty() {
+            let Some((user_data, result, flags)) = self.pending.pop_front() else {
                 break;
+            };
+            let index = (user_data & ((1 << TAG_SHIFT) - 1)) as usize;
+            if !cqueue::more(flags) {
+                self.armed[index] = false;
             }
-            for &(user_data, result, flags) in &completions {
-                let index = (user_data & ((1 << TAG_SHIFT) - 1)) as usize;
-                match user_data >> TAG_SHIFT {
-                    TAG_SEND => {
-                        self.free_slots.push(index as u32);
-                        self.sends_in_flight -= 1;
-                        if result < 0 {
-                            self.stats.send_errors += 1;
-                        } else {
-                            self.stats.sent += 1;
+            match cqueue::buffer_select(flags) {
+                Some(bid) => {
+                    if result >= 0 {
+                        if !begun {
+                            begun = true;
+                            self.stats.batches += 1;
+                            handler.begin_batch();
                         }
+                        received += 1;
+                        self.stats.received += 1;
+                        self.answer(index, bid, result as usize, handler)?;
                     }
-                    TAG_RECV => {
-                        if !cqueue::more(flags) {
-                            self.armed[index] = false;
-                        }
-                        match cqueue::buffer_select(flags) {
-                            Some(bid) => {
-                                if result >= 0 {
-                                    if !begun {
-                                        begun = true;
-                                        self.stats.batches += 1;
-                                        handler.begin_batch();
-                                    }
-                                    received += 1;
-                                    self.stats.received += 1;
-                                    self.answer(index, bid, result as usize, handler)?;
-                                }
-                                self.give_buffer(bid);
-                            }
-                            None if result == -libc::ENOBUFS => self.stats.out_of_buffers += 1,
-                            None if result == -libc::ECANCELED || result >= 0 => {}
-                            None => self.stats.recv_errors += 1,
-                        }
-                    }
-                    _ => {}
+                    self.give_buffer(bid);
                 }
-            }
-            if received >= self.batch || self.free_slots.is_empty() {
-                break;
+                None if result == -libc::ENOBUFS => self.stats.out_of_buffers += 1,
+                None if result == -libc::ECANCELED || result >= 0 => {}
+                None => self.stats.recv_errors += 1,
             }
         }
         self.publish_tail();
@@ -1074,7 +1063,8 @@ impl UringBackend {
             }
         }
         let deadline = std::time::Instant::now() + Duration::from_secs(3);
-        while self.armed.iter().any(|a| *a) || self.sends_in_flight > 0 {
+        while self.armed.iter().any(|a| *a) || self.sends_in_flight > 0 || !self.pending.is_empty()
+        {
             if std::time::Instant::now() > deadline {
                 return false;
             }
@@ -1147,6 +1137,111 @@ impl Backend {
             Backend::Uring(b) => b.stats(),
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Client side (benchmark tools): batched send and receive on one socket
+// ---------------------------------------------------------------------------------------
+
+/// Sends every packet to `to` with `sendmmsg`, as few calls as it takes; returns how many
+/// were sent (fewer when the socket's buffer is full).
+pub fn send_batch(socket: &Socket, packets: &[Vec<u8>], to: SocketAddr) -> io::Result<usize> {
+    let mut name = NameBuf([0; 32]);
+    let namelen = write_sockaddr(to, &mut name.0);
+    let mut iovs: Vec<libc::iovec> = packets
+        .iter()
+        .map(|p| libc::iovec {
+            iov_base: p.as_ptr().cast_mut().cast(),
+            iov_len: p.len(),
+        })
+        .collect();
+    let mut hdrs = zeroed_mmsghdrs(packets.len());
+    for (h, iov) in hdrs.iter_mut().zip(iovs.iter_mut()) {
+        h.msg_hdr.msg_name = name.0.as_mut_ptr().cast();
+        h.msg_hdr.msg_namelen = namelen;
+        h.msg_hdr.msg_iov = iov;
+        h.msg_hdr.msg_iovlen = 1;
+    }
+    let mut done = 0;
+    while done < hdrs.len() {
+        // SAFETY: headers `done..` point at `name`, `iovs` and the packets' bytes, all alive
+        // and unchanged for the call (the kernel only reads them for a send).
+        let rc = unsafe {
+            libc::sendmmsg(
+                socket.as_raw_fd(),
+                hdrs[done..].as_mut_ptr(),
+                (hdrs.len() - done) as libc::c_uint,
+                0,
+            )
+        };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EAGAIN) => break,
+                _ => return Err(e),
+            }
+        }
+        done += rc as usize;
+    }
+    Ok(done)
+}
+
+/// Receives up to `bufs.len()` datagrams with `recvmmsg`, waiting up to `timeout` for the
+/// first; `lens[i]` gets each one's length. Returns how many arrived.
+pub fn recv_batch(
+    socket: &Socket,
+    bufs: &mut [[u8; MAX_DATAGRAM]],
+    lens: &mut [usize],
+    timeout: Duration,
+) -> io::Result<usize> {
+    let n = bufs.len().min(lens.len());
+    let mut iovs: Vec<libc::iovec> = bufs[..n]
+        .iter_mut()
+        .map(|b| libc::iovec {
+            iov_base: b.as_mut_ptr().cast(),
+            iov_len: MAX_DATAGRAM,
+        })
+        .collect();
+    let mut hdrs = zeroed_mmsghdrs(n);
+    for (h, iov) in hdrs.iter_mut().zip(iovs.iter_mut()) {
+        h.msg_hdr.msg_iov = iov;
+        h.msg_hdr.msg_iovlen = 1;
+    }
+    for attempt in 0..2 {
+        // SAFETY: every header points at one live iovec over a live buffer of MAX_DATAGRAM
+        // octets owned by the caller for the duration of the call.
+        let rc = unsafe {
+            libc::recvmmsg(
+                socket.as_raw_fd(),
+                hdrs.as_mut_ptr(),
+                n as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                core::ptr::null_mut(),
+            )
+        };
+        if rc >= 0 {
+            for (len, h) in lens.iter_mut().zip(hdrs.iter()).take(rc as usize) {
+                *len = h.msg_len as usize;
+            }
+            return Ok(rc as usize);
+        }
+        let e = io::Error::last_os_error();
+        if !is_transient(&e) {
+            return Err(e);
+        }
+        if attempt == 0 {
+            let mut pfd = libc::pollfd {
+                fd: socket.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+            // SAFETY: `pfd` is one live pollfd for the duration of the call.
+            unsafe { libc::poll(&mut pfd, 1, ms) };
+        }
+    }
+    Ok(0)
 }
 
 // ---------------------------------------------------------------------------------------
