@@ -285,3 +285,58 @@ fn mmsg_burst_larger_than_batch() {
 fn uring_burst_larger_than_batch() {
     burst("uring");
 }
+
+/// Kernel drops are counted (SO_RXQ_OVFL): with the server stopped (SIGSTOP) and a tiny
+/// receive buffer, a burst overflows the socket; after SIGCONT the totals report the drops.
+fn kernel_drops_counted(io: &str) {
+    let Some(daemon) = start_backend(io, "1", &["--recv-buffer", "4096"], "drops") else {
+        return;
+    };
+    let pid = daemon.pid().to_string();
+    let secret = Secret::new(SECRET).unwrap();
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let signal = |sig: &str| {
+        assert!(
+            std::process::Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    signal("-STOP");
+    for i in 0..300u16 {
+        let req = request(
+            43,
+            i as u8,
+            &[(44, b"none"), (33, &i.to_be_bytes())],
+            false,
+            &secret,
+        );
+        let _ = sock.send_to(&req, daemon.addr());
+    }
+    signal("-CONT");
+    std::thread::sleep(Duration::from_millis(300));
+    // A datagram queued after the drops carries the socket's drop counter.
+    let req = request(43, 7, &[(44, b"none"), (33, b"after")], false, &secret);
+    sock.send_to(&req, daemon.addr()).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let (out, _) = daemon.stop();
+    let drops: u64 = out
+        .split("kernel_drops ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no kernel_drops in {out}"));
+    assert!(drops > 100, "kernel drops counted: {out}");
+}
+
+#[test]
+fn mmsg_kernel_drops_counted() {
+    kernel_drops_counted("mmsg");
+}
+
+#[test]
+fn uring_kernel_drops_counted() {
+    kernel_drops_counted("uring");
+}

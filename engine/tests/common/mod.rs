@@ -85,6 +85,10 @@ pub fn start_ok(args: &[&str]) -> Daemon {
 }
 
 impl Daemon {
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.addrs[0]
     }
