@@ -41,6 +41,7 @@ sessions = "{}"
 recv_buffer_bytes = 33554432
 send_buffer_bytes = 8388608
 stats_interval_secs = 10
+gso = false
 
 [nas]
 identifier = ["bng-1"]

@@ -340,3 +340,71 @@ fn mmsg_kernel_drops_counted() {
 fn uring_kernel_drops_counted() {
     kernel_drops_counted("uring");
 }
+
+/// UDP GSO (`--gso`, mmsg backend): a burst of same-size answers to one address goes out as
+/// segmented messages and arrives as separate, valid datagrams.
+#[test]
+fn mmsg_gso_burst_arrives_as_separate_valid_answers() {
+    let Some(daemon) = start_backend("mmsg", "1", &["--gso", "--batch", "64"], "gso") else {
+        return;
+    };
+    let secret = Secret::new(SECRET).unwrap();
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let reqs: Vec<Vec<u8>> = (0..200u16)
+        .map(|i| {
+            request(
+                43,
+                i as u8,
+                &[(44, b"none"), (33, &i.to_be_bytes())],
+                false,
+                &secret,
+            )
+        })
+        .collect();
+    // Identifiers wrap at 256; the Proxy-State tells the answers apart. The server is
+    // stopped while the burst queues, so it reads full batches.
+    let pid = daemon.pid().to_string();
+    let signal = |sig: &str| {
+        assert!(
+            std::process::Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    signal("-STOP");
+    for req in &reqs {
+        sock.send_to(req, daemon.addr()).unwrap();
+    }
+    signal("-CONT");
+    sock.set_read_timeout(Some(WAIT)).unwrap();
+    let mut seen = vec![false; reqs.len()];
+    let mut buf = [0u8; 4096];
+    for _ in 0..reqs.len() {
+        let (n, from) = sock.recv_from(&mut buf).expect("every answer arrives");
+        assert_eq!(from, daemon.addr());
+        let answer = &buf[..n];
+        let p = dynauth_engine::codec::Packet::parse(answer).unwrap();
+        let tag = p
+            .attributes()
+            .filter_map(Result::ok)
+            .find(|a| a.ty == 33)
+            .map(|a| u16::from_be_bytes(a.value.try_into().unwrap()))
+            .expect("Proxy-State echoed");
+        let req = &reqs[usize::from(tag)];
+        assert_eq!(
+            check_answer(answer, req, &secret),
+            (45, Some(503), vec![tag.to_be_bytes().to_vec()])
+        );
+        seen[usize::from(tag)] = true;
+    }
+    assert!(seen.iter().all(|s| *s));
+    let (out, err) = daemon.stop();
+    assert!(
+        !err.contains("GSO send failed") && !err.contains("not supported"),
+        "{err}"
+    );
+    assert!(out.contains("send_errors 0"), "{out}");
+    assert!(!out.contains("gso_messages 0"), "GSO was used: {out}");
+}

@@ -90,6 +90,9 @@ pub struct Cli {
     /// Seconds between stats log lines (0: none).
     #[arg(long, value_name = "SECS")]
     pub stats_interval: Option<u64>,
+    /// Send runs of same-size answers to one DAC as one UDP GSO message (mmsg backend).
+    #[arg(long)]
+    pub gso: bool,
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -249,6 +252,7 @@ struct FileConfig {
     recv_buffer_bytes: Option<usize>,
     send_buffer_bytes: Option<usize>,
     stats_interval_secs: Option<u64>,
+    gso: Option<bool>,
     #[serde(default)]
     nas: NasFile,
     #[serde(default)]
@@ -329,6 +333,8 @@ pub struct Settings {
     pub recv_buffer: usize,
     pub send_buffer: usize,
     pub stats_interval_secs: u64,
+    /// UDP GSO for answers (mmsg backend).
+    pub gso: bool,
     pub clients: Vec<Client>,
     pub nas: NasIdentity,
     pub dedup: DedupConfig,
@@ -661,6 +667,7 @@ fn combine(loaded: Loaded, cli: &Cli) -> Result<Settings, ConfigError> {
             .stats_interval
             .or(file.stats_interval_secs)
             .unwrap_or(DEFAULT_STATS_INTERVAL_SECS),
+        gso: cli.gso || file.gso.unwrap_or(false),
         clients,
         nas,
         dedup,

@@ -165,7 +165,7 @@ impl Totals {
         }
         let dups: u64 = t.duplicates.iter().sum();
         format!(
-            "received {} ack {} nak {} [{}] duplicates {} discards {} [{}] kernel_drops {} send_errors {} out_of_buffers {}",
+            "received {} ack {} nak {} [{}] duplicates {} discards {} [{}] kernel_drops {} send_errors {} out_of_buffers {} gso_messages {}",
             self.io.received,
             acks,
             nak_total,
@@ -176,6 +176,7 @@ impl Totals {
             self.io.kernel_drops,
             self.io.send_errors,
             self.io.out_of_buffers,
+            self.io.gso_messages,
         )
     }
 }
@@ -305,6 +306,11 @@ pub fn start(
     data_plane: Arc<dyn DataPlane>,
 ) -> Result<Server, StartError> {
     let io = choose_backend(settings.io)?;
+    if settings.gso && io == IoKind::Uring {
+        tracing::warn!(
+            "--gso is implemented for the mmsg backend only; io_uring sends answers one by one"
+        );
+    }
     let cpus = resolve_cpus(settings)?;
     let shards = match settings.shards {
         Shards::Count(n) => n,
@@ -367,6 +373,7 @@ pub fn start(
         );
         let shard_stop = Arc::clone(&stop);
         let batch = settings.batch;
+        let gso = settings.gso;
         let spawned = thread::Builder::new()
             .name(format!("dynauthd-shard-{index}"))
             .spawn(move || {
@@ -376,10 +383,16 @@ pub fn start(
                     tracing::warn!(shard = index, cpu, "could not pin the shard to its CPU");
                 }
                 let backend = match io {
-                    IoKind::Mmsg => Ok(Backend::Mmsg(Box::new(sys::MmsgBackend::new(
-                        shard_listeners,
-                        batch,
-                    )))),
+                    IoKind::Mmsg => {
+                        let mut b = sys::MmsgBackend::new(shard_listeners, batch);
+                        if gso && !b.enable_gso() {
+                            tracing::warn!(
+                                shard = index,
+                                "UDP GSO is not supported here: answers go one by one"
+                            );
+                        }
+                        Ok(Backend::Mmsg(Box::new(b)))
+                    }
                     IoKind::Uring => sys::UringBackend::new(shard_listeners, batch)
                         .map(|b| Backend::Uring(Box::new(b)))
                         .map_err(|e| e.0),

@@ -247,6 +247,53 @@ fn parse_control(ctrl: &[u8]) -> PacketInfo {
     info
 }
 
+/// Most datagrams in one GSO message (the kernel allows 64 or more) and most payload octets.
+const GSO_MAX_SEGMENTS: usize = 64;
+/// `UDP_SEGMENT` (linux/udp.h; Linux 4.18), not exported by libc for glibc targets.
+const UDP_SEGMENT: libc::c_int = 103;
+const GSO_MAX_BYTES: usize = 65_000;
+
+/// Where one answer goes (mmsg backend, before messages are built).
+#[derive(Debug, Clone, Copy)]
+struct AnswerMeta {
+    to: SocketAddr,
+    local: Option<IpAddr>,
+    ifindex: u32,
+    len: usize,
+}
+
+impl Default for AnswerMeta {
+    fn default() -> Self {
+        AnswerMeta {
+            to: SocketAddr::from(([0, 0, 0, 0], 0)),
+            local: None,
+            ifindex: 0,
+            len: 0,
+        }
+    }
+}
+
+impl AnswerMeta {
+    fn same_flow(&self, o: &AnswerMeta) -> bool {
+        self.to == o.to && self.local == o.local && self.ifindex == o.ifindex && self.len == o.len
+    }
+}
+
+/// Appends a UDP_SEGMENT control message (the GSO segment size) at `offset` of `out`;
+/// returns the new control length.
+fn write_udp_segment(out: &mut [u8; CONTROL_LEN], offset: usize, size: u16) -> usize {
+    let len = CMSG_HDR + 2;
+    let Some(area) = out.get_mut(offset..offset + cmsg_align(len)) else {
+        return offset;
+    };
+    area.fill(0);
+    area[0..CMSG_ALIGN].copy_from_slice(&len.to_ne_bytes());
+    area[CMSG_ALIGN..CMSG_ALIGN + 4].copy_from_slice(&libc::SOL_UDP.to_ne_bytes());
+    area[CMSG_ALIGN + 4..CMSG_ALIGN + 8].copy_from_slice(&UDP_SEGMENT.to_ne_bytes());
+    area[CMSG_HDR..CMSG_HDR + 2].copy_from_slice(&size.to_ne_bytes());
+    offset + cmsg_align(len)
+}
+
 /// Writes the IP_PKTINFO / IPV6_PKTINFO control message that makes an answer leave from
 /// `local`; returns the control length (0 when `local` is unknown).
 fn write_pktinfo(out: &mut [u8; CONTROL_LEN], local: Option<IpAddr>, ifindex: u32) -> usize {
@@ -309,6 +356,8 @@ pub struct IoStats {
     pub out_of_buffers: u64,
     /// Batches (wake-ups that found at least one datagram).
     pub batches: u64,
+    /// UDP GSO messages sent (each carrying several answers).
+    pub gso_messages: u64,
 }
 
 impl IoStats {
@@ -321,6 +370,7 @@ impl IoStats {
         self.unparsable += o.unparsable;
         self.out_of_buffers += o.out_of_buffers;
         self.batches += o.batches;
+        self.gso_messages += o.gso_messages;
     }
 }
 
@@ -368,6 +418,10 @@ pub struct MmsgBackend {
     tx_ctrl: Box<[ControlBuf]>,
     tx_iov: Box<[libc::iovec]>,
     tx_hdrs: Box<[libc::mmsghdr]>,
+    tx_meta: Box<[AnswerMeta]>,
+    /// Answers in each `tx_hdrs` message (more than one with GSO).
+    tx_segments: Box<[usize]>,
+    gso: bool,
     drops: DropCounters,
     stats: IoStats,
 }
@@ -408,6 +462,9 @@ impl MmsgBackend {
             tx_ctrl: vec![ControlBuf([0; CONTROL_LEN]); batch].into_boxed_slice(),
             tx_iov: empty_iovecs(batch),
             tx_hdrs: zeroed_mmsghdrs(batch),
+            tx_meta: vec![AnswerMeta::default(); batch].into_boxed_slice(),
+            tx_segments: vec![0; batch].into_boxed_slice(),
+            gso: false,
             drops,
             stats: IoStats::default(),
         }
@@ -415,6 +472,16 @@ impl MmsgBackend {
 
     pub fn stats(&self) -> IoStats {
         self.stats
+    }
+
+    /// Sends runs of same-size answers to one address as one UDP GSO (UDP_SEGMENT) message,
+    /// when every socket supports it. Returns whether GSO is on.
+    pub fn enable_gso(&mut self) -> bool {
+        self.gso = self
+            .listeners
+            .iter()
+            .all(|l| setsockopt_int(l.socket.as_raw_fd(), libc::SOL_UDP, UDP_SEGMENT, 0).is_ok());
+        self.gso
     }
 
     /// Waits up to `timeout` for datagrams, decides every one with `handler`, sends the
@@ -531,28 +598,66 @@ impl MmsgBackend {
             ) else {
                 continue;
             };
-            let namelen = write_sockaddr(source, &mut self.tx_names[answers].0);
-            let ctrllen = write_pktinfo(&mut self.tx_ctrl[answers].0, info.local, info.ifindex);
-            self.tx_iov[answers] = libc::iovec {
-                iov_base: self.tx_data[answers * MAX_DATAGRAM..].as_mut_ptr().cast(),
-                iov_len: answer_len.min(MAX_DATAGRAM),
+            self.tx_meta[answers] = AnswerMeta {
+                to: source,
+                local: info.local,
+                ifindex: info.ifindex,
+                len: answer_len.min(MAX_DATAGRAM),
             };
-            let h = &mut self.tx_hdrs[answers].msg_hdr;
-            h.msg_name = self.tx_names[answers].0.as_mut_ptr().cast();
+            answers += 1;
+        }
+        let messages = self.build_messages(answers);
+        self.send_all(fd, messages);
+        Ok(n)
+    }
+
+    /// Turns this batch's answers into `sendmmsg` headers: one per answer, or with GSO one
+    /// per run of answers to the same address, from the same local address, of the same size
+    /// (UDP_SEGMENT: the kernel splits it into datagrams). Returns how many headers.
+    fn build_messages(&mut self, answers: usize) -> usize {
+        let mut m = 0;
+        let mut i = 0;
+        while i < answers {
+            let first = self.tx_meta[i];
+            let mut run = 1;
+            if self.gso {
+                while i + run < answers
+                    && run < GSO_MAX_SEGMENTS
+                    && (run + 1) * first.len <= GSO_MAX_BYTES
+                    && self.tx_meta[i + run].same_flow(&first)
+                {
+                    run += 1;
+                }
+            }
+            for k in i..i + run {
+                self.tx_iov[k] = libc::iovec {
+                    iov_base: self.tx_data[k * MAX_DATAGRAM..].as_mut_ptr().cast(),
+                    iov_len: self.tx_meta[k].len,
+                };
+            }
+            let namelen = write_sockaddr(first.to, &mut self.tx_names[m].0);
+            let mut ctrllen = write_pktinfo(&mut self.tx_ctrl[m].0, first.local, first.ifindex);
+            if run > 1 {
+                ctrllen = write_udp_segment(&mut self.tx_ctrl[m].0, ctrllen, first.len as u16);
+                self.stats.gso_messages += 1;
+            }
+            let h = &mut self.tx_hdrs[m].msg_hdr;
+            h.msg_name = self.tx_names[m].0.as_mut_ptr().cast();
             h.msg_namelen = namelen;
-            h.msg_iov = &mut self.tx_iov[answers];
-            h.msg_iovlen = 1;
+            h.msg_iov = &mut self.tx_iov[i];
+            h.msg_iovlen = run;
             h.msg_control = if ctrllen == 0 {
                 core::ptr::null_mut()
             } else {
-                self.tx_ctrl[answers].0.as_mut_ptr().cast()
+                self.tx_ctrl[m].0.as_mut_ptr().cast()
             };
             h.msg_controllen = ctrllen;
             h.msg_flags = 0;
-            answers += 1;
+            self.tx_segments[m] = run;
+            m += 1;
+            i += run;
         }
-        self.send_all(fd, answers);
-        Ok(n)
+        m
     }
 
     fn send_all(&mut self, fd: RawFd, count: usize) {
@@ -570,8 +675,9 @@ impl MmsgBackend {
                 )
             };
             if rc > 0 {
-                done += rc as usize;
-                self.stats.sent += rc as u64;
+                let sent = rc as usize;
+                self.stats.sent += self.tx_segments[done..done + sent].iter().sum::<usize>() as u64;
+                done += sent;
                 continue;
             }
             let e = io::Error::last_os_error();
@@ -591,7 +697,12 @@ impl MmsgBackend {
                 continue;
             }
             // The first message failed (bad destination, no route): skip it, keep the rest.
-            self.stats.send_errors += 1;
+            if self.tx_segments[done] > 1 && self.gso {
+                // The kernel or device refused segmentation offload: stop using it.
+                tracing::warn!("UDP GSO send failed ({e}); sending answers one by one from now on");
+                self.gso = false;
+            }
+            self.stats.send_errors += self.tx_segments[done] as u64;
             done += 1;
         }
     }
