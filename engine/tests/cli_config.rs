@@ -42,6 +42,7 @@ recv_buffer_bytes = 33554432
 send_buffer_bytes = 8388608
 stats_interval_secs = 10
 gso = false
+metrics = "127.0.0.1:0"
 
 [nas]
 identifier = ["bng-1"]

@@ -408,3 +408,42 @@ fn mmsg_gso_burst_arrives_as_separate_valid_answers() {
     assert!(out.contains("send_errors 0"), "{out}");
     assert!(!out.contains("gso_messages 0"), "GSO was used: {out}");
 }
+
+/// `--metrics ADDR`: Prometheus text with the engine's and the runtime's counters.
+#[test]
+fn metrics_endpoint_serves_prometheus_text() {
+    use std::io::{Read, Write};
+    let Some(daemon) = start_backend("mmsg", "2", &["--metrics", "127.0.0.1:0"], "metrics") else {
+        return;
+    };
+    let metrics: SocketAddr = daemon
+        .banner
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("metrics="))
+        .expect("metrics address in the banner")
+        .parse()
+        .unwrap();
+    let secret = Secret::new(SECRET).unwrap();
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let asid = synth::acct_session_id(9, 1);
+    let req = request(40, 1, &[(44, asid.as_bytes())], true, &secret);
+    exchange(&sock, daemon.addr(), &req, WAIT).expect("answered");
+    // Shards publish their counters every 250 ms.
+    std::thread::sleep(Duration::from_millis(600));
+    let mut http = std::net::TcpStream::connect(metrics).unwrap();
+    http.set_read_timeout(Some(WAIT)).unwrap();
+    http.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut body = String::new();
+    http.read_to_string(&mut body).unwrap();
+    assert!(body.starts_with("HTTP/1.0 200 OK"), "{body}");
+    assert!(
+        body.contains("dynauth_acks_total{client=\"127.0.0.0/24\",kind=\"disconnect\"} 1"),
+        "{body}"
+    );
+    assert!(body.contains("dynauth_kernel_drops_total 0"), "{body}");
+    assert!(
+        body.contains("dynauth_datagrams_received_total 1"),
+        "{body}"
+    );
+    daemon.stop();
+}

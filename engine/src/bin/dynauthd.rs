@@ -84,14 +84,27 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
         server.io.name(),
         settings.clients.len()
     );
+    let mut metrics = String::new();
+    if let Some(addr) = settings.metrics {
+        let names = settings.clients.iter().map(|c| c.name.clone()).collect();
+        let bound = server.serve_metrics(addr, names)?;
+        tracing::info!("Prometheus metrics on http://{bound}/metrics");
+        metrics = format!(" metrics={bound}");
+    }
     // One machine-readable line on stdout for scripts and tests.
     println!(
-        "dynauthd listening {addrs} io={} shards={}",
+        "dynauthd listening {addrs} io={} shards={}{metrics}",
         server.io.name(),
         server.shards
     );
     let totals = server.run_until(shutdown);
     tracing::info!("totals: {}", totals.summary());
     println!("dynauthd totals: {}", totals.summary());
+    if totals.failed_shards > 0 {
+        anyhow::bail!(
+            "{} shard(s) failed; see the log above",
+            totals.failed_shards
+        );
+    }
     Ok(())
 }

@@ -93,6 +93,9 @@ pub struct Cli {
     /// Send runs of same-size answers to one DAC as one UDP GSO message (mmsg backend).
     #[arg(long)]
     pub gso: bool,
+    /// Serve Prometheus text metrics over HTTP on this address (e.g. 127.0.0.1:9799).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -253,6 +256,7 @@ struct FileConfig {
     send_buffer_bytes: Option<usize>,
     stats_interval_secs: Option<u64>,
     gso: Option<bool>,
+    metrics: Option<SocketAddr>,
     #[serde(default)]
     nas: NasFile,
     #[serde(default)]
@@ -335,6 +339,8 @@ pub struct Settings {
     pub stats_interval_secs: u64,
     /// UDP GSO for answers (mmsg backend).
     pub gso: bool,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics: Option<SocketAddr>,
     pub clients: Vec<Client>,
     pub nas: NasIdentity,
     pub dedup: DedupConfig,
@@ -668,6 +674,7 @@ fn combine(loaded: Loaded, cli: &Cli) -> Result<Settings, ConfigError> {
             .or(file.stats_interval_secs)
             .unwrap_or(DEFAULT_STATS_INTERVAL_SECS),
         gso: cli.gso || file.gso.unwrap_or(false),
+        metrics: cli.metrics.or(file.metrics),
         clients,
         nas,
         dedup,

@@ -113,6 +113,8 @@ pub struct Totals {
     pub counters: Counters,
     pub io: IoStats,
     pub dedup: DedupStats,
+    /// Shards that stopped on their own (a panic): the server then shuts down.
+    pub failed_shards: usize,
 }
 
 impl Totals {
@@ -447,6 +449,89 @@ pub fn start(
     })
 }
 
+fn totals_of(reports: &[Arc<Mutex<ShardReport>>]) -> Totals {
+    let mut totals = Totals::default();
+    for r in reports {
+        totals.add(&r.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+    totals
+}
+
+/// The engine's counters plus the runtime's I/O and duplicate-cache counters.
+pub fn prometheus_text(totals: &Totals, client_names: &[&str]) -> String {
+    let mut out = String::new();
+    totals.counters.write_prometheus(client_names, &mut out);
+    let io = &totals.io;
+    let d = &totals.dedup;
+    for (name, help, value) in [
+        (
+            "dynauth_datagrams_received_total",
+            "Datagrams read from the sockets",
+            io.received,
+        ),
+        (
+            "dynauth_answers_sent_total",
+            "Answers handed to the kernel",
+            io.sent,
+        ),
+        (
+            "dynauth_kernel_drops_total",
+            "Datagrams the kernel dropped at a full socket (SO_RXQ_OVFL)",
+            io.kernel_drops,
+        ),
+        (
+            "dynauth_send_errors_total",
+            "Answers the kernel refused to send",
+            io.send_errors,
+        ),
+        (
+            "dynauth_receive_errors_total",
+            "Receive errors",
+            io.recv_errors,
+        ),
+        (
+            "dynauth_out_of_buffers_total",
+            "io_uring provided-buffer ring exhaustions",
+            io.out_of_buffers,
+        ),
+        (
+            "dynauth_gso_messages_total",
+            "UDP GSO messages sent",
+            io.gso_messages,
+        ),
+        (
+            "dynauth_dedup_evicted_early_total",
+            "Cached answers dropped before their window ended",
+            d.evicted_early,
+        ),
+        (
+            "dynauth_dedup_in_flight_full_total",
+            "Requests not marked in flight because that table was full",
+            d.in_flight_full,
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}.\n# TYPE {name} counter\n{name} {value}"
+        );
+    }
+    out
+}
+
+fn answer_http(mut stream: std::net::TcpStream, body: &str) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_millis(500)))?;
+    stream.set_write_timeout(Some(Duration::from_millis(500)))?;
+    let mut request = [0u8; 1024];
+    let _ = stream.read(&mut request);
+    write!(
+        stream,
+        "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
 fn run_shard(
     index: usize,
     mut backend: Backend,
@@ -492,11 +577,42 @@ fn run_shard(
 
 impl Server {
     fn totals(&self) -> Totals {
-        let mut totals = Totals::default();
-        for r in &self.reports {
-            totals.add(&r.lock().unwrap_or_else(|p| p.into_inner()));
-        }
-        totals
+        totals_of(&self.reports)
+    }
+
+    /// Serves Prometheus text on `addr` (any path, HTTP/1.0) from a thread of its own until
+    /// the server stops. Returns the bound address.
+    pub fn serve_metrics(
+        &self,
+        addr: SocketAddr,
+        client_names: Vec<String>,
+    ) -> Result<SocketAddr, StartError> {
+        let listener = std::net::TcpListener::bind(addr).map_err(|e| bind_error(addr, e))?;
+        let local = listener.local_addr().map_err(|e| bind_error(addr, e))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| bind_error(addr, e))?;
+        let reports = self.reports.clone();
+        let stop = Arc::clone(&self.stop);
+        thread::Builder::new()
+            .name("dynauthd-metrics".into())
+            .spawn(move || {
+                let names: Vec<&str> = client_names.iter().map(String::as_str).collect();
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            let body = prometheus_text(&totals_of(&reports), &names);
+                            let _ = answer_http(stream, &body);
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            thread::sleep(Duration::from_millis(50));
+                        }
+                        Err(_) => thread::sleep(Duration::from_millis(50)),
+                    }
+                }
+            })
+            .map_err(|e| StartError::Bind { addr, source: e })?;
+        Ok(local)
     }
 
     /// Runs until `shutdown` is set, logging a stats line every interval; then stops reading,
@@ -506,6 +622,12 @@ impl Server {
         let mut last_received = 0u64;
         while !shutdown.load(Ordering::SeqCst) {
             thread::sleep(Duration::from_millis(50));
+            if let Some(dead) = self.threads.iter().position(|t| t.is_finished()) {
+                tracing::error!(
+                    "shard {dead} stopped unexpectedly; shutting down so that a supervisor restarts dynauthd"
+                );
+                break;
+            }
             if !self.stats_interval.is_zero() && last.elapsed() >= self.stats_interval {
                 let totals = self.totals();
                 let secs = last.elapsed().as_secs_f64();
@@ -520,13 +642,17 @@ impl Server {
         let Server {
             threads, reports, ..
         } = self;
+        let mut failed_shards = 0;
         for t in threads {
-            let _ = t.join();
+            if t.join().is_err() {
+                failed_shards += 1;
+            }
         }
         let mut totals = Totals::default();
         for r in &reports {
             totals.add(&r.lock().unwrap_or_else(|p| p.into_inner()));
         }
+        totals.failed_shards = failed_shards;
         totals
     }
 }

@@ -1071,7 +1071,10 @@ impl UringBackend {
                         }
                         received += 1;
                         self.stats.received += 1;
-                        self.answer(index, bid, result as usize, handler)?;
+                        let answered = self.answer(index, bid, result as usize, handler);
+                        self.give_buffer(bid);
+                        answered?;
+                        continue;
                     }
                     self.give_buffer(bid);
                 }
