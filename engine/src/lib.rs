@@ -23,7 +23,9 @@
 //!   `server::sys`.
 //!
 //! The engine modules perform no I/O, read no clock and contain no `unsafe` code: each has
-//! `#![forbid(unsafe_code)]`, as does every server module but `server::sys`.
+//! `#![forbid(unsafe_code)]`, as does every server module but `server::sys`; the crate denies
+//! `unsafe` by default, so a new module cannot use it without saying so.
+#![deny(unsafe_code)]
 
 pub mod auth;
 pub mod change;

@@ -192,3 +192,51 @@ fn radclient_require_message_authenticator() {
         "{totals}"
     );
 }
+
+/// The README's first command, exactly: `dynauthd --demo` on 127.0.0.1:3799 and radclient's
+/// Disconnect of demo-1. Skips with a notice when port 3799 is taken on this machine.
+#[test]
+fn readme_demo_command_on_port_3799() {
+    if !have_radclient() {
+        return;
+    }
+    let daemon = match start(&["--demo", "--io", "mmsg", "--shards", "1"]) {
+        Started::Running(d) => d,
+        Started::Failed(e) if e.contains("already in use") => {
+            eprintln!("NOTICE: 127.0.0.1:3799 is in use here; skipping the README demo test");
+            return;
+        }
+        Started::Failed(e) => panic!("{e}"),
+    };
+    assert_eq!(
+        daemon.addr(),
+        "127.0.0.1:3799".parse::<SocketAddr>().unwrap()
+    );
+    let bin = common::radclient().unwrap();
+    let mut child = Command::new(bin)
+        .args([
+            "-r",
+            "1",
+            "-t",
+            "2",
+            "127.0.0.1:3799",
+            "disconnect",
+            "dynauth-demo-secret",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"Acct-Session-Id = \"demo-1\"\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Received Disconnect-ACK"), "{text}");
+    assert!(out.status.success(), "radclient exit status");
+    daemon.stop();
+}

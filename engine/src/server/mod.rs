@@ -7,6 +7,8 @@
 //!   stats, shutdown.
 //! - [`sys`]: the only module with `unsafe`: sockets, recvmmsg/sendmmsg, io_uring, signals.
 
+#![deny(unsafe_code)]
+
 pub mod config;
 pub mod runtime;
 pub mod sessions;

@@ -10,6 +10,7 @@
 //! Addresses and control messages are read and written as bytes in safe code; the unsafe
 //! parts are only the system calls, the kernel-shared memory of io_uring, and zero-initialising
 //! plain C structs.
+#![allow(unsafe_code)]
 
 use core::mem::{ManuallyDrop, size_of};
 use std::alloc::Layout;
