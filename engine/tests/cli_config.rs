@@ -260,3 +260,51 @@ fn bad_session_file_names_the_line() {
     ]);
     assert!(err.contains(":3: not a session"), "{err}");
 }
+
+/// Where io_uring is refused, `--io auto` falls back to recvmmsg/sendmmsg and says why, and
+/// `--io uring` fails with what to do. (The refusal is simulated with DYNAUTH_DISABLE_URING.)
+#[test]
+fn io_auto_falls_back_and_io_uring_refusal_says_what_to_do() {
+    let out = Command::new(BIN)
+        .args(["--demo", "--listen", "127.0.0.1:0", "--io", "uring"])
+        .env("DYNAUTH_DISABLE_URING", "1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("io_uring was requested but is not available") && err.contains("--io mmsg"),
+        "{err}"
+    );
+
+    let mut child = std::process::Command::new(BIN)
+        .args([
+            "--demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--io",
+            "auto",
+            "--shards",
+            "1",
+        ])
+        .env("DYNAUTH_DISABLE_URING", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert!(line.contains("io=recvmmsg/sendmmsg"), "{line}");
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("io_uring unavailable: disabled by the DYNAUTH_DISABLE_URING"),
+        "{err}"
+    );
+}

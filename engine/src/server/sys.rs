@@ -808,8 +808,14 @@ fn describe_setup_error(e: &io::Error) -> String {
 /// Checks that this kernel and sandbox allow what the io_uring backend uses: the ring itself,
 /// `IORING_FEAT_EXT_ARG`, the `recvmsg`, `sendmsg` and `async_cancel` operations, a
 /// provided-buffer ring, and multishot `recvmsg` (Linux 6.0).
+///
+/// Setting `DYNAUTH_DISABLE_URING` in the environment makes the probe fail (for testing the
+/// fallback, or to rule io_uring out without changing the configuration).
 pub fn probe_uring() -> Result<(), UringUnavailable> {
     let fail = |m: String| Err(UringUnavailable(m));
+    if std::env::var_os("DYNAUTH_DISABLE_URING").is_some() {
+        return fail("disabled by the DYNAUTH_DISABLE_URING environment variable".into());
+    }
     let ring = match IoUring::new(8) {
         Ok(r) => r,
         Err(e) => return fail(describe_setup_error(&e)),
