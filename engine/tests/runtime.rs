@@ -162,7 +162,10 @@ fn exercise(io: &str, shards: &str) {
     assert!(totals.contains("bad_request_authenticator:1"), "{totals}");
     assert!(err.contains("stats:"), "a stats line was logged: {err}");
     assert!(!err.contains(SECRET), "the secret reached a log line");
-    assert!(!err.contains("did not complete"), "shutdown quiesced every backend: {err}");
+    assert!(
+        !err.contains("did not complete"),
+        "shutdown quiesced every backend: {err}"
+    );
 }
 
 #[test]
