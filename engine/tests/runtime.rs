@@ -451,3 +451,42 @@ fn metrics_endpoint_serves_prometheus_text() {
     );
     daemon.stop();
 }
+
+/// Several listen addresses: each shard owns one socket per address, and every address
+/// answers from itself (here two IPv4 loopback sockets, plus ::1 when the host has it).
+#[test]
+fn several_listen_addresses_each_answer() {
+    let v6 = UdpSocket::bind("[::1]:0").is_ok();
+    for io in ["mmsg", "uring"] {
+        let mut extra = vec!["--listen", "127.0.0.1:0", "--listen", "127.0.0.2:0"];
+        let v6_client = format!("::1/128={SECRET}");
+        if v6 {
+            extra.extend_from_slice(&["--listen", "[::1]:0", "--client", &v6_client]);
+        }
+        let Some(daemon) = start_backend(io, "2", &extra, "multi") else {
+            continue;
+        };
+        assert_eq!(
+            daemon.addrs.len(),
+            if v6 { 3 } else { 2 },
+            "{}",
+            daemon.banner
+        );
+        let secret = Secret::new(SECRET).unwrap();
+        for (i, addr) in daemon.addrs.iter().enumerate() {
+            let sock = if addr.is_ipv6() {
+                UdpSocket::bind("[::1]:0").unwrap()
+            } else {
+                UdpSocket::bind("127.0.0.1:0").unwrap()
+            };
+            let req = request(43, i as u8, &[(44, b"none")], true, &secret);
+            let (answer, from) = exchange(&sock, *addr, &req, WAIT).expect("answered");
+            assert_eq!(from, *addr);
+            assert_eq!(
+                check_answer(&answer, &req, &secret),
+                (45, Some(503), vec![])
+            );
+        }
+        daemon.stop();
+    }
+}
