@@ -34,12 +34,7 @@ pub const DEFAULT_STATS_INTERVAL_SECS: u64 = 10;
 
 /// dynauthd: an RFC 5176 Dynamic Authorization Server (Disconnect and CoA).
 #[derive(Debug, Clone, Parser)]
-#[command(
-    name = "dynauthd",
-    version,
-    about,
-    args_conflicts_with_subcommands = true
-)]
+#[command(name = "dynauthd", version, args_conflicts_with_subcommands = true)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
