@@ -558,6 +558,25 @@ impl<I: KeyIndex> SessionTable<I> {
         }
     }
 
+    /// A Disconnect without any identification attribute (the decisions answer 402 before
+    /// asking a store): as `MemoryStore`, NotFound, or AlreadyRemoved when any tombstone in
+    /// scope is within its window (an empty query matches every session).
+    fn disconnect_without_key(&self, lookup: &Lookup<'_>) -> Result<Applied, Refusal> {
+        let mut guard = self.lock();
+        let w = &mut *guard;
+        self.expire(w, lookup.now_ms);
+        let ids: Vec<u32> = w.tombstones.iter().map(|&(_, id)| id).collect();
+        for id in ids {
+            if self
+                .read_keys(id, &mut w.rec)
+                .is_some_and(|k| k.admitted_by(&lookup.scope))
+            {
+                return Ok(Applied::AlreadyRemoved);
+            }
+        }
+        Err(Refusal::NotFound)
+    }
+
     fn read_keys<'b>(&self, id: u32, buf: &'b mut RecBuf) -> Option<Keys<'b>> {
         if !self.arena.read(id, buf) {
             return None;
@@ -607,6 +626,9 @@ impl<I: KeyIndex> SessionStore for SessionTable<I> {
         lookup: &Lookup<'_>,
         data_plane: &dyn DataPlane,
     ) -> Result<Applied, Refusal> {
+        if lookup.query.is_empty() {
+            return self.disconnect_without_key(lookup);
+        }
         if let Some(answer) = self.no_live_session(lookup, true) {
             self.expire_if_idle(lookup.now_ms);
             return answer;
