@@ -7,7 +7,8 @@
 //! (2) median lookup latency by Acct-Session-Id (random keys, batches of 64 timed);
 //! (3) lookup throughput on one thread alone, then with a second thread removing and inserting
 //! 100k sessions/s each; (4) with `--load FILE`: write N sessions to FILE as JSON Lines (if it
-//! does not exist), drop the table, load the file, report time and VmRSS.
+//! does not exist), load the file into a fresh table, report time and VmRSS. With the
+//! environment variable ONLY_LOAD set, only phase (4) runs.
 use std::io::IsTerminal;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -63,6 +64,15 @@ fn id_bytes(i: u64) -> [u8; 16] {
 }
 
 fn run<I: KeyIndex + 'static>(n: u64, load: Option<String>) {
+    if std::env::var_os("ONLY_LOAD").is_none() {
+        measure_table::<I>(n);
+    }
+    if let Some(path) = load {
+        load_file(n, path);
+    }
+}
+
+fn measure_table<I: KeyIndex + 'static>(n: u64) {
     let rss0 = rss_kib();
     let t = Instant::now();
     let table = Arc::new(SessionTable::<I>::default());
@@ -155,9 +165,10 @@ fn run<I: KeyIndex + 'static>(n: u64, load: Option<String>) {
         "throughput lookups/s: alone={alone:.0} with_writer={with_writer:.0} ({:+.1}%) writer_rate={rate:.0} removes/s + {rate:.0} inserts/s",
         (with_writer / alone - 1.0) * 100.0
     );
-    drop(table);
+}
 
-    if let Some(path) = load {
+fn load_file(n: u64, path: String) {
+    {
         let path = std::path::PathBuf::from(path);
         if !path.exists() {
             let t = Instant::now();
