@@ -31,6 +31,13 @@ pub trait KeyIndex: Send + Sync + Default {
     fn remove(&self, hash: u64, id: u32) -> bool;
     /// Prepares room for `additional` more entries. Writer only.
     fn reserve(&self, additional: usize);
+    /// Adds entries in stored form (`stored_hash(hash) << 32 | id`), sorted ascending
+    /// (bulk load of a fresh table). Writer only.
+    fn bulk_build(&self, sorted: &[u64]) {
+        for &e in sorted {
+            self.insert(e & !0xffff_ffff, e as u32);
+        }
+    }
     /// Entries.
     fn len(&self) -> usize;
     fn is_empty(&self) -> bool {
@@ -84,9 +91,11 @@ impl core::fmt::Debug for FlatIndex {
 }
 
 /// The stored 32 bits of a hash: the high half, never zero (zero marks empty/deleted).
-fn h32(hash: u64) -> u32 {
+pub(crate) fn stored_hash(hash: u64) -> u32 {
     ((hash >> 32) as u32).max(1)
 }
+
+use stored_hash as h32;
 
 fn entry(h: u32, id: u32) -> u64 {
     u64::from(h) << 32 | u64::from(id)
@@ -224,9 +233,43 @@ impl KeyIndex for FlatIndex {
     fn len(&self) -> usize {
         self.live.load(Ordering::Relaxed)
     }
+
+    fn bulk_build(&self, sorted: &[u64]) {
+        if self.len() > 0 {
+            for &e in sorted {
+                self.insert(e & !0xffff_ffff, e as u32);
+            }
+            return;
+        }
+        // Sorted by stored hash means sorted by home position: the table fills front to
+        // back, one sequential pass.
+        let new = Flat::new((sorted.len() * TARGET_DEN / TARGET_NUM).max(16));
+        let cap = new.slots.len();
+        let mut pos = 0usize;
+        for &e in sorted {
+            let home = new.home((e >> 32) as u32);
+            if home > pos || (pos == cap && home == 0) {
+                pos = home;
+            }
+            loop {
+                if pos == cap {
+                    pos = 0;
+                }
+                if new.slots[pos].load(Ordering::Relaxed) == EMPTY {
+                    break;
+                }
+                pos += 1;
+            }
+            new.slots[pos].store(e, Ordering::Relaxed);
+            pos += 1;
+        }
+        self.table.store(Arc::new(new));
+        self.live.store(sorted.len(), Ordering::Relaxed);
+        self.deleted.store(0, Ordering::Relaxed);
+    }
 }
 
-/// papaya's concurrent map from the key hash to the ids under it.
+/// papaya's concurrent map from the stored hash (see [`stored_hash`]) to the ids under it.
 #[derive(Default)]
 pub struct PapayaIndex {
     map: papaya::HashMap<u64, Box<[u32]>, foldhash::fast::RandomState>,
@@ -246,7 +289,7 @@ impl KeyIndex for PapayaIndex {
 
     fn probe(&self, hash: u64, mut f: impl FnMut(u32) -> bool) {
         let m = self.map.pin();
-        if let Some(ids) = m.get(&hash) {
+        if let Some(ids) = m.get(&u64::from(h32(hash))) {
             for &id in ids.iter() {
                 if !f(id) {
                     return;
@@ -256,6 +299,7 @@ impl KeyIndex for PapayaIndex {
     }
 
     fn insert(&self, hash: u64, id: u32) {
+        let hash = u64::from(h32(hash));
         let m = self.map.pin();
         let ids: Box<[u32]> = match m.get(&hash) {
             Some(old) => old.iter().copied().chain([id]).collect(),
@@ -266,6 +310,7 @@ impl KeyIndex for PapayaIndex {
     }
 
     fn remove(&self, hash: u64, id: u32) -> bool {
+        let hash = u64::from(h32(hash));
         let m = self.map.pin();
         let Some(old) = m.get(&hash) else {
             return false;
@@ -335,6 +380,39 @@ mod tests {
         assert_eq!(ids(&ix, h).len(), 9);
         ix.reserve(100_000);
         assert_eq!(ids(&ix, h).len(), 9);
+    }
+
+    fn bulk<I: KeyIndex>() {
+        let ix = I::default();
+        let mut entries: Vec<u64> = (0..5000u32)
+            .map(|i| {
+                u64::from(stored_hash(
+                    u64::from(i % 1700).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+                )) << 32
+                    | u64::from(i)
+            })
+            .collect();
+        entries.sort_unstable();
+        ix.bulk_build(&entries);
+        assert_eq!(ix.len(), 5000);
+        for i in 0..1700u32 {
+            let h = u64::from(i).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            let want: Vec<u32> = (0..5000).filter(|k| k % 1700 == i).collect();
+            assert_eq!(ids(&ix, h), want);
+        }
+        // Bulk into a non-empty index falls back to inserts.
+        ix.bulk_build(&[u64::from(stored_hash(7 << 32)) << 32 | 9999]);
+        assert_eq!(ids(&ix, 7 << 32), vec![9999]);
+    }
+
+    #[test]
+    fn flat_index_bulk_build_finds_everything() {
+        bulk::<FlatIndex>();
+    }
+
+    #[test]
+    fn papaya_index_bulk_build_finds_everything() {
+        bulk::<PapayaIndex>();
     }
 
     #[test]

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use super::{InsertError, KeyCounts, KeyIndex, SessionTable, TableConfig};
+use super::{Bulk, InsertError, KeyIndex, SessionTable, TableConfig};
 use crate::session::Session;
 
 /// Lines per parsing chunk.
@@ -224,33 +224,25 @@ fn insert_in_order<I: KeyIndex>(
     let mut next = 0u64;
     // Line number of each record id: a fresh table hands out ids 0, 1, 2, ... in order.
     let mut line_of: Vec<u64> = Vec::new();
-    let mut reserved = false;
+    let mut bulk = Bulk::default();
+    if let Some(n) = expected_lines {
+        line_of.reserve(n as usize);
+    }
     for (seq, parsed, bytes) in rx.iter() {
         pending.insert(seq, (parsed, bytes));
         while let Some((parsed, bytes)) = pending.remove(&next) {
             next += 1;
-            let parsed = parsed?;
-            if !reserved {
-                reserved = true;
-                reserve_estimate(table, &parsed, expected_lines);
-            }
-            for (line, session) in parsed {
+            for (line, session) in parsed? {
                 let session = session?;
-                match table.try_insert(&session) {
-                    Ok(id) => {
-                        let id = id as usize;
-                        if line_of.len() <= id {
-                            line_of.resize(id + 1, 0);
-                        }
-                        line_of[id] = line;
-                        report.sessions += 1;
-                    }
-                    Err(InsertError::Duplicate { key, existing }) => {
-                        let first = line_of.get(existing as usize).copied().unwrap_or(0);
-                        return Err(LoadError::Duplicate { line, first, key });
-                    }
-                    Err(source) => return Err(LoadError::Insert { line, source }),
+                let id = table
+                    .bulk_push(&session, &mut bulk)
+                    .map_err(|source| LoadError::Insert { line, source })?;
+                let id = id as usize;
+                if line_of.len() <= id {
+                    line_of.resize(id + 1, 0);
                 }
+                line_of[id] = line;
+                report.sessions += 1;
                 report.lines = line;
             }
             report.bytes = bytes;
@@ -261,37 +253,14 @@ fn insert_in_order<I: KeyIndex>(
             });
         }
     }
-    Ok(())
-}
-
-/// Reserves index room for the whole file, scaled from the first chunk's key counts.
-fn reserve_estimate<I: KeyIndex>(table: &SessionTable<I>, first: &Parsed, expected: Option<u64>) {
-    let Some(expected) = expected else {
-        return;
-    };
-    let mut counts = KeyCounts::default();
-    for (_, s) in first.iter() {
-        if let Ok(s) = s {
-            counts.add(s);
+    table.bulk_finish(&mut bulk).map_err(|(key, first, later)| {
+        let line = |id: u32| line_of.get(id as usize).copied().unwrap_or(0);
+        LoadError::Duplicate {
+            line: line(later),
+            first: line(first),
+            key,
         }
-    }
-    let n = first.len().max(1) as u64;
-    let scale = |c: usize| (c as u64 * expected / n) as usize;
-    let c = counts;
-    table.reserve_keys(&KeyCounts {
-        acct: scale(c.acct),
-        audit: scale(c.audit),
-        cui: scale(c.cui),
-        imsi: scale(c.imsi),
-        fip: scale(c.fip),
-        v6: scale(c.v6),
-        multi: scale(c.multi),
-        user: scale(c.user),
-        calling: scale(c.calling),
-        port_id: scale(c.port_id),
-        ifid: scale(c.ifid),
-        port: scale(c.port),
-    });
+    })
 }
 
 /// Loads a session file into a fresh default table; counts its lines first so the indexes
@@ -381,6 +350,62 @@ mod tests {
         assert_eq!(last.sessions, 40_000);
         let snap = t.snapshot();
         assert_eq!(snap[12_345], crate::synth::session(9, 12_345));
+        // Every index was built: each key finds its session, and the table keeps working.
+        use crate::session::SessionQuery;
+        use crate::store::{AcceptAll, Applied, Lookup, MatchScope};
+        for i in [0u64, 1, 20_000, 39_999] {
+            let want = crate::synth::session(9, i);
+            let id = crate::synth::acct_session_id(9, i);
+            let user = crate::synth::user_name(i);
+            let mac = crate::synth::calling_station_id(9, i);
+            let port = crate::synth::nas_port_id(i);
+            for query in [
+                SessionQuery {
+                    acct_session_id: Some(id.as_bytes()),
+                    ..Default::default()
+                },
+                SessionQuery {
+                    user_name: Some(user.as_bytes()),
+                    ..Default::default()
+                },
+                SessionQuery {
+                    calling_station_id: Some(mac.as_bytes()),
+                    ..Default::default()
+                },
+                SessionQuery {
+                    nas_port_id: Some(port.as_bytes()),
+                    ..Default::default()
+                },
+                SessionQuery {
+                    framed_ip: want.framed_ip,
+                    ..Default::default()
+                },
+            ] {
+                let l = Lookup {
+                    query,
+                    scope: MatchScope {
+                        vrf: None,
+                        max_sessions: 4,
+                    },
+                    now_ms: 0,
+                };
+                assert_eq!(t.matching(&l), vec![want.clone()]);
+            }
+            let l = Lookup {
+                query: SessionQuery {
+                    acct_session_id: Some(id.as_bytes()),
+                    ..Default::default()
+                },
+                scope: MatchScope {
+                    vrf: None,
+                    max_sessions: 4,
+                },
+                now_ms: 0,
+            };
+            assert_eq!(t.disconnect(&l, &AcceptAll), Ok(Applied::Sessions(1)));
+            assert!(t.insert(want));
+        }
+        assert!(!t.insert(crate::synth::session(9, 7)));
     }
 
     #[test]
@@ -417,6 +442,19 @@ mod tests {
                 line: 3,
                 first: 1,
                 key: "framed_ip"
+            })
+        ));
+    }
+
+    #[test]
+    fn earliest_duplicate_is_reported() {
+        let text = "{\"cui\":\"x\"}\n{\"acct_session_id\":\"a\"}\n{\"acct_session_id\":\"b\"}\n{\"acct_session_id\":\"b\"}\n{\"cui\":\"x\"}\n{\"acct_session_id\":\"a\"}\n";
+        assert!(matches!(
+            load(text),
+            Err(LoadError::Duplicate {
+                line: 4,
+                first: 3,
+                key: "acct_session_id"
             })
         ));
     }

@@ -241,36 +241,124 @@ impl<I: KeyIndex> SessionTable<I> {
 
     /// Every (index, hash) entry of a record.
     fn entries(&self, k: &Keys<'_>, mut f: impl FnMut(&I, u64)) {
+        self.numbered_entries(k, |_, ix, hash| f(ix, hash));
+    }
+
+    /// The index by number (`IX_*`).
+    fn index(&self, n: usize) -> &I {
+        match n {
+            IX_ACCT => &self.acct,
+            IX_AUDIT => &self.audit,
+            IX_CUI => &self.cui,
+            IX_IMSI => &self.imsi,
+            IX_MULTI => &self.multi,
+            IX_USER => &self.user,
+            IX_PORT_ID => &self.port_id,
+            IX_CALLING => &self.calling,
+            IX_FIP => &self.fip,
+            IX_V6 => &self.v6,
+            IX_IFID => &self.ifid,
+            _ => &self.port,
+        }
+    }
+
+    /// Every (index number, index, hash) entry of a record.
+    fn numbered_entries(&self, k: &Keys<'_>, mut f: impl FnMut(usize, &I, u64)) {
         let text = [
-            (&self.acct, k.acct_session_id),
-            (&self.audit, k.audit_session_id),
-            (&self.cui, k.cui),
-            (&self.imsi, k.imsi),
-            (&self.multi, k.acct_multi_session_id),
-            (&self.user, k.user_name),
-            (&self.port_id, k.nas_port_id),
+            (IX_ACCT, k.acct_session_id),
+            (IX_AUDIT, k.audit_session_id),
+            (IX_CUI, k.cui),
+            (IX_IMSI, k.imsi),
+            (IX_MULTI, k.acct_multi_session_id),
+            (IX_USER, k.user_name),
+            (IX_PORT_ID, k.nas_port_id),
         ];
-        for (ix, v) in text {
+        for (n, v) in text {
             if let Some(v) = v {
-                f(ix, self.h(v));
+                f(n, self.index(n), self.h(v));
             }
         }
         if let Some(c) = &k.calling_station_id {
             let mut buf = [0u8; 17];
-            f(&self.calling, self.h(c.as_bytes(&mut buf)));
+            f(IX_CALLING, &self.calling, self.h(c.as_bytes(&mut buf)));
         }
         if let Some(ip) = k.framed_ip {
-            f(&self.fip, self.h_ip(ip));
+            f(IX_FIP, &self.fip, self.h_ip(ip));
         }
         if let Some(p) = k.framed_ipv6_prefix {
-            f(&self.v6, self.h_v6(p));
+            f(IX_V6, &self.v6, self.h_v6(p));
         }
         if let Some(v) = k.framed_interface_id {
-            f(&self.ifid, self.hasher.hash_one(v));
+            f(IX_IFID, &self.ifid, self.hasher.hash_one(v));
         }
         if let Some(v) = k.nas_port {
-            f(&self.port, self.hasher.hash_one(v));
+            f(IX_PORT, &self.port, self.hasher.hash_one(v));
         }
+    }
+
+    /// Bulk load, step one (fresh table, nobody else holds it): stores the record and
+    /// collects its index entries in `bulk` instead of inserting them.
+    pub(crate) fn bulk_push(&self, session: &Session, bulk: &mut Bulk) -> Result<u32, InsertError> {
+        let mut w = self.lock();
+        let Writer { enc, arena, .. } = &mut *w;
+        record::encode(session, enc);
+        if enc.len() > arena::MAX_RECORD {
+            return Err(InsertError::TooLarge(enc.len()));
+        }
+        let id = self.arena.alloc_id(arena).map_err(|_| InsertError::Full)?;
+        if self.arena.store(arena, id, enc).is_err() {
+            self.arena.free_id(arena, id);
+            return Err(InsertError::Full);
+        }
+        self.id_bound
+            .store(Arena::id_bound(arena), Ordering::Release);
+        self.numbered_entries(&record::keys_of(session), |n, _, hash| {
+            bulk.entries[n].push(u64::from(index::stored_hash(hash)) << 32 | u64::from(id));
+        });
+        self.live.fetch_add(1, Ordering::Relaxed);
+        Ok(id)
+    }
+
+    /// Bulk load, step two: sorts each index's entries, checks unique keys (the duplicate
+    /// whose later record id is smallest is reported as `(key, first id, later id)`), then
+    /// builds every index in one sequential pass.
+    pub(crate) fn bulk_finish(&self, bulk: &mut Bulk) -> Result<(), (&'static str, u32, u32)> {
+        let mut w = self.lock();
+        let mut other = RecBuf::default();
+        let mut worst: Option<(&'static str, u32, u32)> = None;
+        for (n, entries) in bulk.entries.iter_mut().enumerate() {
+            entries.sort_unstable();
+            let Some(name) = unique_key_name(n) else {
+                continue;
+            };
+            for run in entries.chunk_by(|a, b| a >> 32 == b >> 32) {
+                for (i, &a) in run.iter().enumerate() {
+                    for &b in &run[i + 1..] {
+                        let (a, b) = (a as u32, b as u32);
+                        if worst.is_some_and(|(_, _, later)| later <= b) {
+                            continue;
+                        }
+                        let (Some(ka), Some(kb)) =
+                            (self.read_keys(a, &mut w.rec), self.read_keys(b, &mut other))
+                        else {
+                            continue;
+                        };
+                        if same_unique_key(n, &ka, &kb) {
+                            worst = Some((name, a, b));
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(dup) = worst {
+            return Err(dup);
+        }
+        for (n, entries) in bulk.entries.iter().enumerate() {
+            if !entries.is_empty() {
+                self.index(n).bulk_build(entries);
+            }
+        }
+        Ok(())
     }
 
     /// Visits the candidate records of `lookup`'s primary key and counts as `MemoryStore`'s
@@ -385,31 +473,6 @@ impl<I: KeyIndex> SessionTable<I> {
             tombstones: w.tombstones.len(),
             record_bytes: w.arena.used_words * 8,
             index_entries: ixs.iter().map(|i| i.len()).sum(),
-        }
-    }
-
-    /// Prepares every index for `additional` more sessions carrying each key that the
-    /// counts say (bulk load: one rebuild instead of many).
-    pub(crate) fn reserve_keys(&self, additional: &KeyCounts) {
-        let _w = self.lock();
-        let pairs = [
-            (&self.acct, additional.acct),
-            (&self.audit, additional.audit),
-            (&self.cui, additional.cui),
-            (&self.imsi, additional.imsi),
-            (&self.fip, additional.fip),
-            (&self.v6, additional.v6),
-            (&self.multi, additional.multi),
-            (&self.user, additional.user),
-            (&self.calling, additional.calling),
-            (&self.port_id, additional.port_id),
-            (&self.ifid, additional.ifid),
-            (&self.port, additional.port),
-        ];
-        for (ix, n) in pairs {
-            if n > 0 {
-                ix.reserve(n);
-            }
         }
     }
 
@@ -585,39 +648,54 @@ impl<I: KeyIndex> SessionTable<I> {
     }
 }
 
-/// How many sessions carry each indexed key (bulk-load reservations).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct KeyCounts {
-    pub acct: usize,
-    pub audit: usize,
-    pub cui: usize,
-    pub imsi: usize,
-    pub fip: usize,
-    pub v6: usize,
-    pub multi: usize,
-    pub user: usize,
-    pub calling: usize,
-    pub port_id: usize,
-    pub ifid: usize,
-    pub port: usize,
+const IX_ACCT: usize = 0;
+const IX_AUDIT: usize = 1;
+const IX_CUI: usize = 2;
+const IX_IMSI: usize = 3;
+const IX_MULTI: usize = 4;
+const IX_USER: usize = 5;
+const IX_PORT_ID: usize = 6;
+const IX_CALLING: usize = 7;
+const IX_FIP: usize = 8;
+const IX_V6: usize = 9;
+const IX_IFID: usize = 10;
+const IX_PORT: usize = 11;
+
+/// The unique key an index carries, by index number.
+fn unique_key_name(n: usize) -> Option<&'static str> {
+    match n {
+        IX_ACCT => Some("acct_session_id"),
+        IX_AUDIT => Some("audit_session_id"),
+        IX_CUI => Some("cui"),
+        IX_IMSI => Some("imsi+nsapi"),
+        IX_FIP => Some("framed_ip"),
+        IX_V6 => Some("framed_ipv6_prefix"),
+        _ => None,
+    }
 }
 
-impl KeyCounts {
-    pub(crate) fn add(&mut self, s: &Session) {
-        let c = |o: bool| usize::from(o);
-        self.acct += c(s.acct_session_id.is_some());
-        self.audit += c(s.audit_session_id.is_some());
-        self.cui += c(s.cui.is_some());
-        self.imsi += c(s.imsi.is_some());
-        self.fip += c(s.framed_ip.is_some());
-        self.v6 += c(s.framed_ipv6_prefix.is_some());
-        self.multi += c(s.acct_multi_session_id.is_some());
-        self.user += c(s.user_name.is_some());
-        self.calling += c(s.calling_station_id.is_some());
-        self.port_id += c(s.nas_port_id.is_some());
-        self.ifid += c(s.framed_interface_id.is_some());
-        self.port += c(s.nas_port.is_some());
+/// Whether two records collide on index `n`'s unique key (the rules of `conflict`).
+fn same_unique_key(n: usize, a: &Keys<'_>, b: &Keys<'_>) -> bool {
+    let context = a.vrf == b.vrf && a.called_station_id == b.called_station_id;
+    match n {
+        IX_ACCT => a.acct_session_id.is_some() && a.acct_session_id == b.acct_session_id,
+        IX_AUDIT => a.audit_session_id.is_some() && a.audit_session_id == b.audit_session_id,
+        IX_CUI => a.cui.is_some() && a.cui == b.cui,
+        IX_IMSI => a.imsi.is_some() && a.imsi == b.imsi && a.nsapi == b.nsapi,
+        IX_FIP => a.framed_ip.is_some() && a.framed_ip == b.framed_ip && context,
+        IX_V6 => {
+            a.framed_ipv6_prefix.is_some()
+                && a.framed_ipv6_prefix == b.framed_ipv6_prefix
+                && context
+        }
+        _ => false,
     }
+}
+
+/// Index entries collected by a bulk load, per index.
+#[derive(Debug, Default)]
+pub(crate) struct Bulk {
+    entries: [Vec<u64>; 12],
 }
 
 impl<I: KeyIndex> SessionStore for SessionTable<I> {
