@@ -390,3 +390,49 @@ fn lookups_never_miss_a_stable_session_during_churn() {
     churn.join().unwrap();
     assert_eq!(table.len(), 2000 + 100);
 }
+
+/// Readers never see a torn record: one CoA sets Session-Timeout and Idle-Timeout to the
+/// same value (new versions alternate between the inline cell and the overflow arena), and
+/// every concurrent read shows the two equal.
+#[test]
+fn readers_never_see_a_torn_record() {
+    let table = Arc::new(SessionTable::<FlatIndex>::default());
+    for c in 0..4 {
+        assert!(table.insert(grid_session(0, c)));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let (table, stop) = (table.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut seen = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    for s in table.matching(&lookup(row("r0"), 1)) {
+                        let a = &s.authorization;
+                        assert_eq!(a.session_timeout, a.idle_timeout, "torn read");
+                        assert_eq!(s.user_name.as_deref(), Some("r0"));
+                        seen += 1;
+                    }
+                }
+                seen
+            })
+        })
+        .collect();
+    let bytes = empty_coa();
+    for n in 1..=20_000u32 {
+        let mut change = AuthorizationChange::new(Packet::parse(&bytes).unwrap());
+        change.session_timeout = Some(n);
+        change.idle_timeout = Some(n);
+        assert_eq!(
+            table.change(&lookup(row("r0"), 1), &change, &AcceptAll),
+            Ok(Applied::Sessions(4))
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    for r in readers {
+        assert!(r.join().unwrap() > 0);
+    }
+    for s in table.snapshot() {
+        assert_eq!(s.authorization.session_timeout, Some(20_000));
+    }
+}

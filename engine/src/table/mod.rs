@@ -8,8 +8,9 @@
 //! this table reproduces `MemoryStore`'s answers exactly, see the differential test).
 //!
 //! Structure (details and measurements: `docs/SESSION_TABLE.md`):
-//! - records: compact byte encodings ([`record`]) in an arena of atomic words read with an
-//!   optimistic, atomics-only seqlock ([`arena`]); a record id is a `u32`;
+//! - records: compact byte encodings ([`record`]) stored inline in a fixed cell per record
+//!   id (or in an overflow arena), read with an optimistic, atomics-only seqlock
+//!   ([`arena`]); a record id is a `u32`;
 //! - indexes ([`index`]): key hash to record ids. Unique keys: Acct-Session-Id,
 //!   audit-session-id, Chargeable-User-Identity; IMSI (unique with NSAPI), Framed-IP-Address
 //!   and Framed-IPv6-Prefix (unique within VRF + Called-Station-Id) are indexed by value and
@@ -81,7 +82,7 @@ pub enum InsertError {
 pub struct TableStats {
     pub live: usize,
     pub tombstones: usize,
-    /// Octets of record blocks in use.
+    /// Octets of records in use (inline in their cells or in overflow blocks).
     pub record_bytes: u64,
     /// Index entries, all indexes together.
     pub index_entries: usize,
@@ -471,7 +472,7 @@ impl<I: KeyIndex> SessionTable<I> {
         TableStats {
             live: self.len(),
             tombstones: w.tombstones.len(),
-            record_bytes: w.arena.used_words * 8,
+            record_bytes: w.arena.used_words * 8 + w.arena.inline_bytes,
             index_entries: ixs.iter().map(|i| i.len()).sum(),
         }
     }
