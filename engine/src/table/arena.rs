@@ -25,11 +25,16 @@ const WORD_CHUNKS: usize = 1 << 14; // 2^32 words in all
 /// Words per cell: the header and the inline payload.
 const CELL: usize = 12;
 const INLINE_WORDS: usize = CELL - 1;
-/// Cell chunks grow geometrically: chunk 0 holds `FIRST_IDS` ids, chunk k > 0 holds
-/// `FIRST_IDS << (k - 1)`, so small tables stay small and 23 chunks cover 2^32 ids.
+/// Cell chunks grow geometrically up to `MAX_IDS` ids (chunk 0 holds `FIRST_IDS` ids, chunk
+/// k in 1..=8 holds `FIRST_IDS << (k - 1)`), then stay at `MAX_IDS` (24 MiB): small tables
+/// stay small and a large one wastes at most one partly used chunk (chunks are zeroed, so
+/// resident, when created).
 const FIRST_IDS_BITS: u32 = 10;
 const FIRST_IDS: usize = 1 << FIRST_IDS_BITS;
-const CELL_CHUNKS: usize = 23;
+const MAX_IDS_BITS: u32 = 18;
+const MAX_IDS: usize = 1 << MAX_IDS_BITS;
+const GEOMETRIC_CHUNKS: usize = (MAX_IDS_BITS - FIRST_IDS_BITS) as usize + 1;
+const CELL_CHUNKS: usize = GEOMETRIC_CHUNKS - 1 + (1 << (32 - MAX_IDS_BITS));
 
 const LEN_SHIFT: u32 = 32;
 const LEN_MASK: u64 = 0x3ff;
@@ -39,6 +44,10 @@ const INLINE_FLAG: u64 = 1 << 63;
 
 /// (chunk, index within it) of a record id.
 fn cell_pos(id: u32) -> (usize, usize) {
+    if id as usize >= MAX_IDS {
+        let chunk = GEOMETRIC_CHUNKS - 1 + (id >> MAX_IDS_BITS) as usize;
+        return (chunk, id as usize & (MAX_IDS - 1));
+    }
     let q = id >> FIRST_IDS_BITS;
     if q == 0 {
         return (0, id as usize);
@@ -49,10 +58,10 @@ fn cell_pos(id: u32) -> (usize, usize) {
 }
 
 fn chunk_ids(chunk: usize) -> usize {
-    if chunk == 0 {
-        FIRST_IDS
-    } else {
-        FIRST_IDS << (chunk - 1)
+    match chunk {
+        0 => FIRST_IDS,
+        c if c < GEOMETRIC_CHUNKS => FIRST_IDS << (c - 1),
+        _ => MAX_IDS,
     }
 }
 
@@ -314,7 +323,9 @@ mod tests {
         assert_eq!(cell_pos(1024), (1, 0));
         assert_eq!(cell_pos(2047), (1, 1023));
         assert_eq!(cell_pos(2048), (2, 0));
-        assert_eq!(cell_pos(u32::MAX), (22, chunk_ids(22) - 1));
+        assert_eq!(cell_pos(MAX_IDS as u32 - 1), (8, (MAX_IDS >> 1) - 1));
+        assert_eq!(cell_pos(MAX_IDS as u32), (9, 0));
+        assert_eq!(cell_pos(u32::MAX), (CELL_CHUNKS - 1, MAX_IDS - 1));
         let mut next = 0usize;
         for chunk in 0..CELL_CHUNKS {
             assert_eq!(cell_pos(next as u32), (chunk, 0));

@@ -8,9 +8,9 @@
 //! this table reproduces `MemoryStore`'s answers exactly, see the differential test).
 //!
 //! Structure (details and measurements: `docs/SESSION_TABLE.md`):
-//! - records: compact byte encodings ([`record`]) stored inline in a fixed cell per record
+//! - records: compact byte encodings (`record.rs`) stored inline in a fixed cell per record
 //!   id (or in an overflow arena), read with an optimistic, atomics-only seqlock
-//!   ([`arena`]); a record id is a `u32`;
+//!   (`arena.rs`); a record id is a `u32`;
 //! - indexes ([`index`]): key hash to record ids. Unique keys: Acct-Session-Id,
 //!   audit-session-id, Chargeable-User-Identity; IMSI (unique with NSAPI), Framed-IP-Address
 //!   and Framed-IPv6-Prefix (unique within VRF + Called-Station-Id) are indexed by value and
@@ -27,10 +27,10 @@
 //!   whose key finds no live session is answered without the lock.
 #![forbid(unsafe_code)]
 
-pub mod arena;
+mod arena;
 pub mod index;
 pub mod load;
-pub mod record;
+mod record;
 
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
