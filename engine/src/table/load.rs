@@ -79,8 +79,10 @@ impl core::fmt::Display for LoadReport {
 }
 
 type Parsed = Vec<(u64, Result<Session, LoadError>)>;
+/// Lines read into one buffer: the text and each non-blank line's (number, start, end).
+type Lines = (String, Vec<(u64, usize, usize)>);
 /// A chunk of numbered lines as read: (sequence, lines, bytes read so far).
-type Chunk = (u64, Result<Vec<(u64, String)>, LoadError>, u64);
+type Chunk = (u64, Result<Lines, LoadError>, u64);
 
 /// Which field of a bad line is at fault: the first whose value alone does not deserialize.
 fn field_at_fault(text: &str) -> Option<String> {
@@ -126,9 +128,10 @@ fn next_chunk<R: BufRead>(src: &Mutex<Source<R>>) -> Option<Chunk> {
     }
     let seq = s.next_seq;
     s.next_seq += 1;
+    let mut text = String::with_capacity(CHUNK * 192);
     let mut lines = Vec::with_capacity(CHUNK);
     while lines.len() < CHUNK {
-        let mut text = String::new();
+        let start = text.len();
         match s.reader.read_line(&mut text) {
             Ok(0) => {
                 s.done = true;
@@ -137,8 +140,10 @@ fn next_chunk<R: BufRead>(src: &Mutex<Source<R>>) -> Option<Chunk> {
             Ok(n) => {
                 s.line += 1;
                 s.bytes += n as u64;
-                if !text.trim().is_empty() {
-                    lines.push((s.line, text));
+                if text[start..].trim().is_empty() {
+                    text.truncate(start);
+                } else {
+                    lines.push((s.line, start, text.len()));
                 }
             }
             Err(source) => {
@@ -148,7 +153,7 @@ fn next_chunk<R: BufRead>(src: &Mutex<Source<R>>) -> Option<Chunk> {
             }
         }
     }
-    Some((seq, Ok(lines), s.bytes))
+    Some((seq, Ok((text, lines)), s.bytes))
 }
 
 /// Loads every session of a JSON Lines stream into a fresh table. `progress` is called after
@@ -189,10 +194,10 @@ pub fn load_jsonl<I: KeyIndex>(
                     let Some((seq, lines, bytes)) = next_chunk(src) else {
                         return;
                     };
-                    let parsed = lines.map(|lines| {
+                    let parsed = lines.map(|(text, lines)| {
                         lines
                             .into_iter()
-                            .map(|(n, text)| (n, parse_line(n, &text)))
+                            .map(|(n, a, b)| (n, parse_line(n, text.get(a..b).unwrap_or(""))))
                             .collect()
                     });
                     if tx.send((seq, parsed, bytes)).is_err() {
