@@ -268,36 +268,19 @@ fn insert_in_order<I: KeyIndex>(
     })
 }
 
-/// Loads a session file into a fresh default table; counts its lines first so the indexes
-/// are sized once.
+/// Loads a session file into a fresh default table.
 pub fn load_jsonl_file(
     path: &Path,
     config: TableConfig,
     progress: &mut dyn FnMut(LoadProgress),
 ) -> Result<(SessionTable, LoadReport), LoadError> {
-    let io_err = |source| LoadError::Io { line: 0, source };
-    let lines = count_lines(path).map_err(io_err)?;
-    let file = std::fs::File::open(path).map_err(io_err)?;
+    let file = std::fs::File::open(path).map_err(|source| LoadError::Io { line: 0, source })?;
     load_jsonl(
         io::BufReader::with_capacity(1 << 20, file),
         config,
-        Some(lines),
+        None,
         progress,
     )
-}
-
-fn count_lines(path: &Path) -> io::Result<u64> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path)?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut n = 0u64;
-    loop {
-        let got = f.read(&mut buf)?;
-        if got == 0 {
-            return Ok(n);
-        }
-        n += buf[..got].iter().filter(|&&b| b == b'\n').count() as u64;
-    }
 }
 
 /// A progress bar over `total_bytes` when drawing one makes sense (`is_terminal`, e.g.
