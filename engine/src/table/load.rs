@@ -47,8 +47,10 @@ pub enum LoadError {
     },
     #[error("line {line}: {source}")]
     Insert { line: u64, source: InsertError },
-    #[error("reading after line {line}: {source}")]
+    #[error("line {line}: cannot read: {source}")]
     Io { line: u64, source: io::Error },
+    #[error("cannot open the session file: {0}")]
+    Open(io::Error),
 }
 
 /// Where a load stands (progress callbacks).
@@ -148,7 +150,7 @@ fn next_chunk<R: BufRead>(src: &Mutex<Source<R>>) -> Option<Chunk> {
             }
             Err(source) => {
                 s.done = true;
-                let line = s.line;
+                let line = s.line + 1;
                 return Some((seq, Err(LoadError::Io { line, source }), s.bytes));
             }
         }
@@ -274,7 +276,7 @@ pub fn load_jsonl_file(
     config: TableConfig,
     progress: &mut dyn FnMut(LoadProgress),
 ) -> Result<(SessionTable, LoadReport), LoadError> {
-    let file = std::fs::File::open(path).map_err(|source| LoadError::Io { line: 0, source })?;
+    let file = std::fs::File::open(path).map_err(LoadError::Open)?;
     load_jsonl(
         io::BufReader::with_capacity(1 << 20, file),
         config,
@@ -432,6 +434,38 @@ mod tests {
                 key: "framed_ip"
             })
         ));
+    }
+
+    #[test]
+    fn invalid_utf8_is_an_error_naming_the_line() {
+        let mut bytes = b"{\"acct_session_id\":\"a\"}\n".to_vec();
+        bytes.extend_from_slice(b"{\"acct_session_id\":\"\xff\"}\n");
+        let err = load_jsonl::<FlatIndex>(&bytes[..], TableConfig::default(), None, &mut |_| {})
+            .unwrap_err();
+        assert!(matches!(err, LoadError::Io { line: 2, .. }), "{err}");
+        assert!(err.to_string().starts_with("line 2: cannot read"));
+    }
+
+    #[test]
+    fn loads_a_file_written_by_the_generator() {
+        let path = std::env::temp_dir().join(format!("dynauth-table-{}.jsonl", std::process::id()));
+        let file = std::fs::File::create(&path).unwrap();
+        write_synthetic_jsonl(io::BufWriter::new(file), 4, 1000).unwrap();
+        let (t, report) = load_jsonl_file(&path, TableConfig::default(), &mut |_| {}).unwrap();
+        std::fs::remove_file(&path).ok();
+        assert_eq!((t.len(), report.sessions), (1000, 1000));
+        assert!(
+            report
+                .to_string()
+                .starts_with("loaded 1000 sessions (1000 lines")
+        );
+        assert!(progress_bar(10, false).is_none());
+        let missing = load_jsonl_file(
+            Path::new("/nonexistent/x.jsonl"),
+            TableConfig::default(),
+            &mut |_| {},
+        );
+        assert!(matches!(missing, Err(LoadError::Open(_))));
     }
 
     #[test]
