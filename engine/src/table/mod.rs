@@ -557,6 +557,24 @@ impl<I: KeyIndex> SessionTable<I> {
         Ok(id)
     }
 
+    /// The control plane's removal (the NAS ended the session itself): removes every live
+    /// session `lookup` matches, all or none, without a data-plane hand-off and without a
+    /// tombstone (a later Disconnect gets NAK 503, not ACK 201). Returns how many.
+    pub fn remove(&self, lookup: &Lookup<'_>) -> Result<u32, Refusal> {
+        let mut guard = self.lock();
+        let w = &mut *guard;
+        let count = self
+            .select_locked(w, lookup)?
+            .verdict(lookup.scope.max_sessions)?;
+        let ids = core::mem::take(&mut w.ids);
+        for &id in &ids {
+            self.purge(w, id);
+            self.live.fetch_sub(1, Ordering::Relaxed);
+        }
+        w.ids = ids;
+        Ok(count)
+    }
+
     /// Drops tombstones older than the window (writer lock held).
     fn expire(&self, w: &mut Writer, now_ms: u64) {
         let window = self.config.tombstones.window_ms;

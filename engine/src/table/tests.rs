@@ -226,3 +226,23 @@ fn every_synthetic_key_finds_its_session() {
         }
     }
 }
+
+// The control plane's removal leaves no tombstone (SPEC §4 tombstones are for Disconnects).
+#[test]
+fn control_plane_remove_leaves_no_tombstone() {
+    let t = SessionTable::<FlatIndex>::with_sessions([s("a", "u"), s("b", "u"), s("c", "v")]);
+    assert_eq!(
+        t.remove(&lookup(user("u"), 1, 0)),
+        Err(Refusal::TooManySessions)
+    );
+    assert_eq!(t.len(), 3);
+    assert_eq!(t.remove(&lookup(user("u"), 9, 0)), Ok(2));
+    assert_eq!(t.len(), 1);
+    assert_eq!(t.stats().tombstones, 0);
+    assert_eq!(
+        t.disconnect(&lookup(acct("a"), 9, 1), &AcceptAll),
+        Err(Refusal::NotFound)
+    );
+    assert!(t.insert(s("a", "u")));
+    assert_eq!(t.stats().index_entries, 4);
+}
