@@ -419,8 +419,7 @@ impl<I: KeyIndex> SessionTable<I> {
     /// What a Disconnect-Request with this lookup would be answered, without changing
     /// anything: lock-free, allocation-free. Several sessions are not read atomically.
     pub fn peek(&self, lookup: &Lookup<'_>) -> Result<Applied, Refusal> {
-        let mut buf = RecBuf::default();
-        let sel = self.select(lookup, &mut buf, |_| {})?;
+        let sel = with_buf(|buf| self.select(lookup, buf, |_| {}))?;
         if sel.found == 0 && sel.tombstone {
             return Ok(Applied::AlreadyRemoved);
         }
@@ -628,8 +627,7 @@ impl<I: KeyIndex> SessionTable<I> {
         lookup: &Lookup<'_>,
         tombstones: bool,
     ) -> Option<Result<Applied, Refusal>> {
-        let mut buf = RecBuf::default();
-        match self.select(lookup, &mut buf, |_| {}) {
+        match with_buf(|buf| self.select(lookup, buf, |_| {})) {
             Err(r) => Some(Err(r)),
             Ok(sel) if sel.found == 0 => Some(if tombstones && sel.tombstone {
                 Ok(Applied::AlreadyRemoved)
@@ -665,6 +663,21 @@ impl<I: KeyIndex> SessionTable<I> {
         }
         record::decode(buf.bytes())
     }
+}
+
+thread_local! {
+    /// One record buffer per thread for lock-free lookups (no 512-octet initialisation per
+    /// lookup).
+    static LOOKUP_BUF: core::cell::RefCell<RecBuf> = core::cell::RefCell::new(RecBuf::default());
+}
+
+/// Runs `f` once with this thread's lookup buffer (a fresh one if it is in use).
+fn with_buf<T>(mut f: impl FnMut(&mut RecBuf) -> T) -> T {
+    LOOKUP_BUF
+        .try_with(|cell| cell.try_borrow_mut().ok().map(|mut buf| f(&mut buf)))
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| f(&mut RecBuf::default()))
 }
 
 const IX_ACCT: usize = 0;
