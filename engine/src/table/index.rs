@@ -38,10 +38,36 @@ pub trait KeyIndex: Send + Sync + Default {
             self.insert(e & !0xffff_ffff, e as u32);
         }
     }
+    /// Whether the index holds every entry stored under `hash`. False once a hash gathered
+    /// more than [`MAX_GROUP`] entries (one User-Name or NAS-Port-Id for thousands of
+    /// sessions): further entries are not indexed, so that a huge group neither makes
+    /// inserts quadratic nor clusters the table, and lookups of that hash scan instead.
+    fn complete(&self, hash: u64) -> bool;
     /// Entries.
     fn len(&self) -> usize;
     fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// The most entries one hash keeps in an index (see [`KeyIndex::complete`]).
+pub const MAX_GROUP: usize = 4096;
+
+/// Hashes whose group outgrew [`MAX_GROUP`]; never cleared (a scan stays correct).
+#[derive(Default)]
+struct Overfull {
+    any: std::sync::atomic::AtomicBool,
+    set: papaya::HashSet<u32, foldhash::fast::RandomState>,
+}
+
+impl Overfull {
+    fn mark(&self, h: u32) {
+        self.set.pin().insert(h);
+        self.any.store(true, Ordering::Release);
+    }
+
+    fn contains(&self, h: u32) -> bool {
+        self.any.load(Ordering::Acquire) && self.set.pin().contains(&h)
     }
 }
 
@@ -69,6 +95,7 @@ pub struct FlatIndex {
     table: ArcSwap<Flat>,
     live: AtomicUsize,
     deleted: AtomicUsize,
+    overfull: Overfull,
 }
 
 impl Default for FlatIndex {
@@ -77,6 +104,7 @@ impl Default for FlatIndex {
             table: ArcSwap::from_pointee(Flat::new(0)),
             live: AtomicUsize::new(0),
             deleted: AtomicUsize::new(0),
+            overfull: Overfull::default(),
         }
     }
 }
@@ -173,6 +201,7 @@ impl KeyIndex for FlatIndex {
         let h = h32(hash);
         let mut pos = t.home(h);
         let mut reuse = None;
+        let mut group = 0usize;
         for _ in 0..cap {
             let e = t.slots[pos].load(Ordering::Relaxed);
             if e == EMPTY {
@@ -180,6 +209,13 @@ impl KeyIndex for FlatIndex {
             }
             if e == DELETED && reuse.is_none() {
                 reuse = Some(pos);
+            }
+            if (e >> 32) as u32 == h {
+                group += 1;
+                if group >= MAX_GROUP {
+                    self.overfull.mark(h);
+                    return;
+                }
             }
             pos += 1;
             if pos == cap {
@@ -246,8 +282,21 @@ impl KeyIndex for FlatIndex {
         let new = Flat::new((sorted.len() * TARGET_DEN / TARGET_NUM).max(16));
         let cap = new.slots.len();
         let mut pos = 0usize;
+        let mut kept = 0usize;
+        let mut group = (0u32, 0usize);
         for &e in sorted {
-            let home = new.home((e >> 32) as u32);
+            let h = (e >> 32) as u32;
+            group = if group.0 == h {
+                (h, group.1 + 1)
+            } else {
+                (h, 1)
+            };
+            if group.1 >= MAX_GROUP {
+                self.overfull.mark(h);
+                continue;
+            }
+            kept += 1;
+            let home = new.home(h);
             if home > pos || (pos == cap && home == 0) {
                 pos = home;
             }
@@ -264,8 +313,12 @@ impl KeyIndex for FlatIndex {
             pos += 1;
         }
         self.table.store(Arc::new(new));
-        self.live.store(sorted.len(), Ordering::Relaxed);
+        self.live.store(kept, Ordering::Relaxed);
         self.deleted.store(0, Ordering::Relaxed);
+    }
+
+    fn complete(&self, hash: u64) -> bool {
+        !self.overfull.contains(h32(hash))
     }
 }
 
@@ -274,6 +327,7 @@ impl KeyIndex for FlatIndex {
 pub struct PapayaIndex {
     map: papaya::HashMap<u64, Box<[u32]>, foldhash::fast::RandomState>,
     live: AtomicUsize,
+    overfull: Overfull,
 }
 
 impl core::fmt::Debug for PapayaIndex {
@@ -302,6 +356,10 @@ impl KeyIndex for PapayaIndex {
         let hash = u64::from(h32(hash));
         let m = self.map.pin();
         let ids: Box<[u32]> = match m.get(&hash) {
+            Some(old) if old.len() + 1 >= MAX_GROUP => {
+                self.overfull.mark(hash as u32);
+                return;
+            }
             Some(old) => old.iter().copied().chain([id]).collect(),
             None => Box::new([id]),
         };
@@ -330,6 +388,10 @@ impl KeyIndex for PapayaIndex {
 
     fn reserve(&self, additional: usize) {
         self.map.pin().reserve(additional);
+    }
+
+    fn complete(&self, hash: u64) -> bool {
+        !self.overfull.contains(h32(hash))
     }
 
     fn len(&self) -> usize {
@@ -403,6 +465,29 @@ mod tests {
         // Bulk into a non-empty index falls back to inserts.
         ix.bulk_build(&[u64::from(stored_hash(7 << 32)) << 32 | 9999]);
         assert_eq!(ids(&ix, 7 << 32), vec![9999]);
+    }
+
+    fn overfull<I: KeyIndex>() {
+        let ix = I::default();
+        let h = 0xabcd_0000_0000_0000u64;
+        assert!(ix.complete(h));
+        for id in 0..(MAX_GROUP as u32 + 10) {
+            ix.insert(h, id);
+        }
+        assert!(!ix.complete(h));
+        assert!(ix.complete(h ^ 1 << 40));
+        assert!(ids(&ix, h).len() <= MAX_GROUP);
+        let bulk = I::default();
+        let sorted: Vec<u64> = (0..MAX_GROUP as u64 + 10).map(|i| 7u64 << 32 | i).collect();
+        bulk.bulk_build(&sorted);
+        assert!(!bulk.complete(7 << 32));
+        assert!(bulk.len() < MAX_GROUP);
+    }
+
+    #[test]
+    fn huge_groups_are_flagged_not_indexed() {
+        overfull::<FlatIndex>();
+        overfull::<PapayaIndex>();
     }
 
     #[test]

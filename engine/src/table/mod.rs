@@ -18,7 +18,8 @@
 //!   Calling-Station-Id, NAS-Port-Id, and (extra indexes, free when unused) NAS-Port and
 //!   Framed-Interface-Id. Called-Station-Id alone and NSAPI alone (huge groups in practice:
 //!   one APN, one NSAPI value for millions) fall back to a scan, refused with
-//!   `Refusal::Unavailable` above `TableConfig::max_scan` live sessions;
+//!   `Refusal::Unavailable` above `TableConfig::max_scan` live sessions; so does a key value
+//!   shared by more than `index::MAX_GROUP` sessions (its group is not indexed);
 //! - a lookup is one probe of the most selective key's index (`SessionQuery::primary_key`),
 //!   every other attribute checked on the record;
 //! - writers (disconnect, CoA, insert, tombstone expiry) take one table writer lock that
@@ -403,8 +404,8 @@ impl<I: KeyIndex> SessionTable<I> {
             true
         };
         match self.probe_for(&key) {
-            Probe::Index(ix, hash) => ix.probe(hash, visit),
-            Probe::Scan => {
+            Probe::Index(ix, hash) if ix.complete(hash) => ix.probe(hash, visit),
+            Probe::Index(..) | Probe::Scan => {
                 if self.len() > self.config.max_scan {
                     return Err(Refusal::Unavailable);
                 }
@@ -484,7 +485,7 @@ impl<I: KeyIndex> SessionTable<I> {
                 if found.is_some() {
                     return;
                 }
-                ix.probe(hash, |id| {
+                let mut visit = |id| {
                     let hit = self.arena.read(id, buf)
                         && record::decode(buf.bytes())
                             .is_some_and(|o| o.removed_at.is_none() && same(&o));
@@ -492,7 +493,16 @@ impl<I: KeyIndex> SessionTable<I> {
                         found = Some((name, id));
                     }
                     !hit
-                });
+                };
+                if ix.complete(hash) {
+                    ix.probe(hash, visit);
+                } else {
+                    for id in 0..self.id_bound.load(Ordering::Acquire) {
+                        if !visit(id) {
+                            break;
+                        }
+                    }
+                }
             };
         if let Some(v) = k.acct_session_id {
             check("acct_session_id", &self.acct, self.h(v), &|o| {

@@ -246,3 +246,35 @@ fn control_plane_remove_leaves_no_tombstone() {
     assert!(t.insert(s("a", "u")));
     assert_eq!(t.stats().index_entries, 4);
 }
+
+// A key value shared by more sessions than an index keeps per group: found by scan, exactly.
+#[test]
+fn huge_multi_session_group_is_found_by_scan() {
+    let n = index::MAX_GROUP + 100;
+    let t = SessionTable::<FlatIndex>::default();
+    for i in 0..n {
+        assert!(t.insert(s(&format!("s{i}"), "guest")));
+    }
+    assert!(t.insert(s("other", "alice")));
+    assert_eq!(
+        t.peek(&lookup(user("guest"), n as u32, 0)),
+        Ok(Applied::Sessions(n as u32))
+    );
+    assert_eq!(
+        t.disconnect(&lookup(user("guest"), 10, 0), &AcceptAll),
+        Err(Refusal::TooManySessions)
+    );
+    assert_eq!(
+        t.peek(&lookup(acct("s4000"), 1, 0)),
+        Ok(Applied::Sessions(1))
+    );
+    assert_eq!(
+        t.disconnect(&lookup(user("guest"), n as u32, 0), &AcceptAll),
+        Ok(Applied::Sessions(n as u32))
+    );
+    assert_eq!(t.len(), 1);
+    assert_eq!(
+        t.disconnect(&lookup(user("guest"), n as u32, 1), &AcceptAll),
+        Ok(Applied::AlreadyRemoved)
+    );
+}
