@@ -13,6 +13,8 @@
 //! - [`client`]: source address to client (longest-prefix match), secrets, policy.
 //! - [`session`], [`change`]: the session model, queries and matching; CoA changes.
 //! - [`store`]: the `SessionStore` and `DataPlane` traits and a reference store.
+//! - [`table`]: the carrier-scale session table (lock-free lookups, atomic multi-session
+//!   changes, tombstones, JSON Lines bulk load).
 //! - [`dedup`]: the bounded duplicate cache.
 //! - [`synth`]: deterministic synthetic sessions (benchmarks, demo, load generator).
 //! - [`counters`]: RFC 4673 counters, Prometheus text.
@@ -41,6 +43,7 @@ pub mod server;
 pub mod session;
 pub mod store;
 pub mod synth;
+pub mod table;
 
 pub use decide::{Answer, Engine, EngineConfig, Now, Outcome};
 pub use store::{DataPlane, SessionStore};

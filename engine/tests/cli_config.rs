@@ -258,7 +258,8 @@ fn bad_session_file_names_the_line() {
         "--sessions",
         path.to_str().unwrap(),
     ]);
-    assert!(err.contains(":3: not a session"), "{err}");
+    assert!(err.contains("line 3: field `acct_session_id`"), "{err}");
+    assert!(err.contains("nothing was"), "all or nothing: {err}");
 }
 
 /// Where io_uring is refused, `--io auto` falls back to recvmmsg/sendmmsg and says why, and

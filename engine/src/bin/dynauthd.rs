@@ -7,9 +7,10 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::Parser as _;
 use dynauth_engine::server::config::{self, Cli, Command, DEMO_SECRET, DEMO_SESSIONS};
-use dynauth_engine::server::{runtime, sessions, sys};
-use dynauth_engine::store::{AcceptAll, MemoryStore, SessionStore, TombstonePolicy};
+use dynauth_engine::server::{runtime, sys};
+use dynauth_engine::store::{AcceptAll, SessionStore};
 use dynauth_engine::synth;
+use dynauth_engine::table::{SessionTable, TableConfig, load};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -52,14 +53,36 @@ fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Loads the session file into a fresh table: all of it or nothing, with a progress bar on a
+/// terminal and the count and time at the end.
+fn load_sessions(path: &std::path::Path) -> anyhow::Result<SessionTable> {
+    let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    let bar = load::progress_bar(size, std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let loaded = load::load_jsonl_file(path, TableConfig::default(), &mut |p| {
+        if let Some(bar) = &bar {
+            bar.set_position(p.bytes);
+        }
+    });
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let (table, report) = loaded.with_context(|| {
+        format!(
+            "{}: the session file was not loaded (nothing was)",
+            path.display()
+        )
+    })?;
+    tracing::info!("{}: {report}", path.display());
+    Ok(table)
+}
+
 fn serve(cli: &Cli) -> anyhow::Result<()> {
     let settings = config::settings_from(cli)?;
     let engine_config = Arc::new(settings.engine_config()?);
-    let store = Arc::new(MemoryStore::new(TombstonePolicy::default()));
-    if let Some(path) = &settings.sessions {
-        let n = sessions::load_sessions_file(path, store.as_ref())?;
-        tracing::info!("loaded {n} sessions from {}", path.display());
-    }
+    let store = Arc::new(match &settings.sessions {
+        Some(path) => load_sessions(path)?,
+        None => SessionTable::new(TableConfig::default()),
+    });
     if settings.demo_sessions {
         for s in synth::demo_sessions(1, DEMO_SESSIONS) {
             store.insert(s);
