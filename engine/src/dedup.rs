@@ -17,7 +17,9 @@
 use core::net::SocketAddr;
 use std::collections::VecDeque;
 
-use hashbrown::HashMap;
+use core::hash::BuildHasher;
+
+use hashbrown::{HashMap, HashTable};
 
 use crate::client::canonical;
 
@@ -73,6 +75,7 @@ pub enum Seen<'c> {
 #[derive(Debug, Clone, Copy)]
 struct Entry {
     key: DuplicateKey,
+    hash: u64,
     expires_ms: u64,
     offset: usize,
     len: usize,
@@ -95,7 +98,11 @@ pub struct DedupStats {
 #[derive(Debug)]
 pub struct DuplicateCache {
     config: DedupConfig,
-    index: HashMap<DuplicateKey, u64, foldhash::fast::RandomState>,
+    hasher: foldhash::fast::RandomState,
+    /// Sequence numbers of the cached answers, by their key's hash.
+    index: HashTable<u64>,
+    /// The last key looked up and its hash: `seen` then `complete` hash a request once.
+    last_hash: Option<(DuplicateKey, u64)>,
     in_flight: HashMap<DuplicateKey, u64, foldhash::fast::RandomState>,
     entries: VecDeque<Entry>,
     /// Sequence number of `entries.front()`.
@@ -107,10 +114,14 @@ pub struct DuplicateCache {
 
 impl DuplicateCache {
     pub fn new(config: DedupConfig) -> Self {
-        let hasher = foldhash::fast::RandomState::default;
         DuplicateCache {
-            index: HashMap::with_capacity_and_hasher(config.max_entries, hasher()),
-            in_flight: HashMap::with_capacity_and_hasher(config.max_in_flight, hasher()),
+            hasher: foldhash::fast::RandomState::default(),
+            index: HashTable::with_capacity(config.max_entries),
+            last_hash: None,
+            in_flight: HashMap::with_capacity_and_hasher(
+                config.max_in_flight,
+                foldhash::fast::RandomState::default(),
+            ),
             entries: VecDeque::with_capacity(config.max_entries),
             front_seq: 0,
             arena: vec![0u8; config.arena_bytes].into_boxed_slice(),
@@ -139,13 +150,8 @@ impl DuplicateCache {
         if !self.in_flight.is_empty() && self.in_flight.contains_key(key) {
             return Seen::InFlight;
         }
-        let Some(&seq) = self.index.get(key) else {
-            return Seen::New;
-        };
-        let Some(entry) = seq
-            .checked_sub(self.front_seq)
-            .and_then(|i| self.entries.get(i as usize))
-        else {
+        let hash = self.hash_of(key);
+        let Some(entry) = self.find(hash, key) else {
             return Seen::New;
         };
         if entry.expires_ms < now_ms {
@@ -184,11 +190,13 @@ impl DuplicateCache {
             self.stats.too_large += 1;
             return;
         }
-        if let Some(&seq) = self.index.get(&key) {
-            // An expired answer to the same key is still in the ring: drop its index entry.
-            if seq >= self.front_seq {
-                self.index.remove(&key);
-            }
+        let hash = self.hash_of(&key);
+        // An expired answer to the same key may still be in the ring: drop its index entry.
+        let (entries, front) = (&self.entries, self.front_seq);
+        if let Ok(stale) = self.index.find_entry(hash, |&seq| {
+            entry_at(entries, front, seq).is_some_and(|e| e.key == key)
+        }) {
+            stale.remove();
         }
         while self.entries.len() >= self.config.max_entries {
             self.evict_front(true);
@@ -206,11 +214,15 @@ impl DuplicateCache {
         let seq = self.front_seq + self.entries.len() as u64;
         self.entries.push_back(Entry {
             key,
+            hash,
             expires_ms,
             offset,
             len,
         });
-        self.index.insert(key, seq);
+        let (entries, front) = (&self.entries, self.front_seq);
+        self.index.insert_unique(hash, seq, |&s| {
+            entry_at(entries, front, s).map_or(0, |e| e.hash)
+        });
         self.stats.stored += 1;
     }
 
@@ -236,8 +248,9 @@ impl DuplicateCache {
 
     fn evict_front(&mut self, early: bool) {
         if let Some(e) = self.entries.pop_front() {
-            if self.index.get(&e.key) == Some(&self.front_seq) {
-                self.index.remove(&e.key);
+            let front = self.front_seq;
+            if let Ok(entry) = self.index.find_entry(e.hash, |&seq| seq == front) {
+                entry.remove();
             }
             self.front_seq += 1;
             if early {
@@ -246,6 +259,25 @@ impl DuplicateCache {
                 self.stats.expired += 1;
             }
         }
+    }
+
+    /// The key's hash, computed once for a `seen` followed by a `complete` of the same key.
+    fn hash_of(&mut self, key: &DuplicateKey) -> u64 {
+        match self.last_hash {
+            Some((last, hash)) if last == *key => return hash,
+            _ => {}
+        }
+        let hash = self.hasher.hash_one(key);
+        self.last_hash = Some((*key, hash));
+        hash
+    }
+
+    fn find(&self, hash: u64, key: &DuplicateKey) -> Option<&Entry> {
+        let (entries, front) = (&self.entries, self.front_seq);
+        let seq = self.index.find(hash, |&seq| {
+            entry_at(entries, front, seq).is_some_and(|e| e.key == *key)
+        })?;
+        entry_at(entries, front, *seq)
     }
 
     fn expire(&mut self, now_ms: u64) {
@@ -257,6 +289,12 @@ impl DuplicateCache {
             self.in_flight.retain(|_, expires| *expires >= now_ms);
         }
     }
+}
+
+/// The entry with sequence number `seq`, if it is still in the ring.
+fn entry_at(entries: &VecDeque<Entry>, front_seq: u64, seq: u64) -> Option<&Entry> {
+    seq.checked_sub(front_seq)
+        .and_then(|i| entries.get(usize::try_from(i).ok()?))
 }
 
 #[cfg(test)]
