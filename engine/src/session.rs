@@ -213,19 +213,19 @@ impl<'a> SessionQuery<'a> {
         let q = self;
         q.acct_session_id
             .map(PrimaryKey::AcctSessionId)
-            .or(q.audit_session_id.map(PrimaryKey::AuditSessionId))
-            .or(q.cui.map(PrimaryKey::Cui))
-            .or(q.imsi.map(PrimaryKey::Imsi))
-            .or(q.framed_ip.map(PrimaryKey::FramedIp))
-            .or(q.framed_ipv6_prefix.map(PrimaryKey::FramedIpv6Prefix))
-            .or(q.acct_multi_session_id.map(PrimaryKey::AcctMultiSessionId))
-            .or(q.user_name.map(PrimaryKey::UserName))
-            .or(q.calling_station_id.map(PrimaryKey::CallingStationId))
-            .or(q.nas_port_id.map(PrimaryKey::NasPortId))
-            .or(q.framed_interface_id.map(PrimaryKey::FramedInterfaceId))
-            .or(q.nas_port.map(PrimaryKey::NasPort))
-            .or(q.called_station_id.map(PrimaryKey::CalledStationId))
-            .or(q.nsapi.map(PrimaryKey::Nsapi))
+            .or_else(|| q.audit_session_id.map(PrimaryKey::AuditSessionId))
+            .or_else(|| q.cui.map(PrimaryKey::Cui))
+            .or_else(|| q.imsi.map(PrimaryKey::Imsi))
+            .or_else(|| q.framed_ip.map(PrimaryKey::FramedIp))
+            .or_else(|| q.framed_ipv6_prefix.map(PrimaryKey::FramedIpv6Prefix))
+            .or_else(|| q.acct_multi_session_id.map(PrimaryKey::AcctMultiSessionId))
+            .or_else(|| q.user_name.map(PrimaryKey::UserName))
+            .or_else(|| q.calling_station_id.map(PrimaryKey::CallingStationId))
+            .or_else(|| q.nas_port_id.map(PrimaryKey::NasPortId))
+            .or_else(|| q.framed_interface_id.map(PrimaryKey::FramedInterfaceId))
+            .or_else(|| q.nas_port.map(PrimaryKey::NasPort))
+            .or_else(|| q.called_station_id.map(PrimaryKey::CalledStationId))
+            .or_else(|| q.nsapi.map(PrimaryKey::Nsapi))
     }
 
     /// Whether the request holds a complete key combination of `profile` (SPEC §6.3).
