@@ -1345,3 +1345,77 @@ fn spec_10_counters_count_every_request_answer_and_discard_rfc4673() {
         "{text}"
     );
 }
+
+// ---------------------------------------------------------------- §9 overload
+
+/// A store that has parsed nothing wrong but cannot act now (a refused scan, an overloaded
+/// table).
+struct Overloaded;
+
+impl SessionStore for Overloaded {
+    fn disconnect(
+        &self,
+        _: &dynauth_engine::store::Lookup<'_>,
+        _: &dyn dynauth_engine::store::DataPlane,
+    ) -> Result<dynauth_engine::store::Applied, dynauth_engine::store::Refusal> {
+        Err(dynauth_engine::store::Refusal::Unavailable)
+    }
+    fn change(
+        &self,
+        _: &dynauth_engine::store::Lookup<'_>,
+        _: &dynauth_engine::change::AuthorizationChange<'_>,
+        _: &dyn dynauth_engine::store::DataPlane,
+    ) -> Result<dynauth_engine::store::Applied, dynauth_engine::store::Refusal> {
+        Err(dynauth_engine::store::Refusal::Unavailable)
+    }
+    fn reauthorize(
+        &self,
+        _: &dynauth_engine::store::Lookup<'_>,
+        _: &dyn dynauth_engine::store::DataPlane,
+    ) -> Result<dynauth_engine::store::Applied, dynauth_engine::store::Refusal> {
+        Err(dynauth_engine::store::Refusal::Unavailable)
+    }
+    fn insert(&self, _: Session) -> bool {
+        false
+    }
+    fn len(&self) -> usize {
+        0
+    }
+}
+
+#[test]
+fn spec_9_overload_gives_506_once_the_request_is_parsed_rfc5176_s3_5() {
+    let mut f = default_fixture();
+    let config = std::sync::Arc::new(f.engine.config().clone());
+    f.engine = dynauth_engine::Engine::new(
+        config,
+        std::sync::Arc::new(Overloaded),
+        std::sync::Arc::new(dynauth_engine::store::AcceptAll),
+    );
+    for (code, answer) in [(DM, code::DISCONNECT_NAK), (COA, code::COA_NAK)] {
+        let p = request(
+            code,
+            1,
+            &[
+                (attr::ACCT_SESSION_ID, b"sess-1"),
+                (attr::PROXY_STATE, b"ps"),
+            ],
+            false,
+        );
+        let reply = f.answer(&p);
+        assert_eq!(reply.code, answer);
+        assert_eq!(reply.error_cause(), Some(ErrorCause::ResourcesUnavailable));
+        assert_eq!(reply.values(attr::PROXY_STATE), vec![b"ps".to_vec()]);
+    }
+    // A request that fails parsing still gets its own cause, not 506.
+    let p = request(
+        DM,
+        2,
+        &[(attr::FILTER_ID, b"x"), (attr::ACCT_SESSION_ID, b"sess-1")],
+        false,
+    );
+    assert_eq!(
+        f.answer(&p).error_cause(),
+        Some(ErrorCause::UnsupportedAttribute)
+    );
+}
