@@ -61,6 +61,16 @@ impl LoadgenReport {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Answers {
+    #[serde(default)]
+    pub ack_disconnect: u64,
+    #[serde(default)]
+    pub ack_coa: u64,
+    #[serde(default)]
+    pub nak_disconnect: u64,
+    #[serde(default)]
+    pub nak_coa: u64,
+    #[serde(default)]
+    pub echo_ok: u64,
     pub bad_response_authenticators: u64,
     pub bad_message_authenticators: u64,
     pub echo_mismatches: u64,
@@ -312,6 +322,7 @@ mod tests {
         assert_eq!(r.schedule_lag.as_ref().unwrap().p99_us, 5.0);
         assert_eq!(r.latency.p99_us, 200.0);
         assert_eq!(r.invalid_answers(), 1);
+        assert_eq!((r.answers.ack_coa, r.answers.nak_coa), (900, 90));
     }
 
     #[test]

@@ -262,6 +262,44 @@ pub fn format_utc(unix_secs: u64) -> String {
     )
 }
 
+/// "PATH (first line of `PATH ARG`)" for the record: `--version` for clap programs, `-v` for
+/// FreeRADIUS. A program that does not answer within 3 s is killed and recorded by path only.
+pub fn program_version(path: &Path, arg: &str) -> String {
+    let child = Command::new(path)
+        .arg(arg)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    let Ok(mut child) = child else {
+        return path.display().to_string();
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return path.display().to_string();
+            }
+        }
+    }
+    let mut out = String::new();
+    if let Some(mut o) = child.stdout.take() {
+        let _ = std::io::Read::read_to_string(&mut o, &mut out);
+    }
+    match out.lines().map(str::trim).find(|l| !l.is_empty()) {
+        Some(line) if child.wait().is_ok_and(|s| s.success()) => {
+            format!("{} ({line})", path.display())
+        }
+        _ => path.display().to_string(),
+    }
+}
+
 /// Whether a path is an executable file.
 pub fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
@@ -325,6 +363,34 @@ mod tests {
         assert!(process_ticks(std::process::id()).is_ok());
         assert!(process_ticks(u32::MAX).is_err());
         assert!(CpuTimes::now().unwrap().total > 0);
+    }
+
+    #[test]
+    fn program_versions_are_recorded_with_their_path() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("bh-version-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = |name: &str, body: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+            p
+        };
+        let good = script("good", "echo; echo \"tool 1.2 ($1)\"");
+        let bad = script("bad", "echo nope; exit 3");
+        // A just-written script can be briefly "text file busy" while another test thread
+        // forks; retry.
+        let got = (0..5)
+            .map(|_| program_version(&good, "--version"))
+            .find(|v| v.contains("tool"))
+            .unwrap_or_default();
+        assert_eq!(got, format!("{} (tool 1.2 (--version))", good.display()));
+        assert_eq!(program_version(&bad, "-v"), bad.display().to_string());
+        assert_eq!(
+            program_version(&dir.join("missing"), "-v"),
+            dir.join("missing").display().to_string()
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -227,13 +227,17 @@ pub fn markdown(results: &Results, charts: &[(String, PathBuf)], json_name: &str
     );
     let _ = writeln!(
         s,
-        "| sweep | {} of each maximum |\n",
+        "| sweep | {} of each maximum |",
         st.fractions
             .iter()
             .map(|f| format!("{:.0}%", f * 100.0))
             .collect::<Vec<_>>()
             .join(", ")
     );
+    for (name, what) in &st.programs {
+        let _ = writeln!(s, "| {name} | `{what}` |");
+    }
+    s.push('\n');
 
     if !results.warnings.is_empty() {
         let _ = writeln!(s, "**Warnings**\n");
@@ -252,19 +256,20 @@ pub fn markdown(results: &Results, charts: &[(String, PathBuf)], json_name: &str
          answer here with this generator). *vs FreeRADIUS*: over FreeRADIUS's, same run. *server \
          CPU/answer*: the server process's user+system CPU (`/proc/<pid>/stat`, every thread) \
          over the run, divided by the answers; *CPU vs FR*: FreeRADIUS's CPU per answer over this \
-         target's (how many times less CPU).\n",
+         target's (how many times less CPU). *ACK share*: ACKs over answers (echoes for the \
+         ceiling); with the default mix about 90%, so a server that NAKs everything shows here.\n",
         st.window,
         st.repetitions,
         if st.repetitions == 1 { "" } else { "s" }
     );
     let _ = writeln!(
         s,
-        "| target | answers/s | of ceiling | vs FreeRADIUS | server CPU/answer (ns) | CPU vs FR | p50 / p99 (µs) | flags |"
+        "| target | answers/s | of ceiling | vs FreeRADIUS | server CPU/answer (ns) | CPU vs FR | p50 / p99 (µs) | ACK share | flags |"
     );
-    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---|");
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---|");
     for t in results.targets.iter().filter(|t| t.skipped.is_none()) {
         let Some(max) = t.max_rps() else {
-            let _ = writeln!(s, "| {} | no result | | | | | | |", t.label());
+            let _ = writeln!(s, "| {} | no result | | | | | | | |", t.label());
             continue;
         };
         let r = ratios(results, t);
@@ -275,7 +280,7 @@ pub fn markdown(results: &Results, charts: &[(String, PathBuf)], json_name: &str
         let p99 = Summary::of_by(&t.closed, |m| Some(m.latency.p99_us)).map_or(0.0, |x| x.median);
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} / {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} / {} | {} | {} |",
             t.label(),
             range(&max, thousands),
             if t.kind == TargetKind::Echo {
@@ -296,6 +301,7 @@ pub fn markdown(results: &Results, charts: &[(String, PathBuf)], json_name: &str
             },
             us(p50),
             us(p99),
+            pct(t.ack_share()),
             marks(&t.closed_flags())
         );
     }
@@ -629,6 +635,11 @@ mod tests {
                 loadgen_threads: 1,
                 pinned_with_taskset: true,
                 guards: Guards::default(),
+                programs: [(
+                    "FreeRADIUS".to_string(),
+                    "/usr/sbin/freeradius (FreeRADIUS Version 3.2.1)".to_string(),
+                )]
+                .into(),
             },
             started_utc: "2026-11-21 14:00:00 UTC".into(),
             finished_utc: "2026-11-21 14:10:00 UTC".into(),
@@ -691,7 +702,7 @@ mod tests {
             "abc123",
             "`f1`",
             "2026-11-21 14:00:00 UTC",
-            "| dynauthd mmsg, 1 shard, batch 64 | 150,000 [140,000–160,000] | 50% | 5.00× | 6,000 | 5.00× | 100 / 300 | S |",
+            "| dynauthd mmsg, 1 shard, batch 64 | 150,000 [140,000–160,000] | 50% | 5.00× | 6,000 | 5.00× | 100 / 300 | 90% | S |",
             "| echo ceiling | 300,000 [290,000–310,000] | 100% |",
             "| FreeRADIUS | 30,000 [28,000–35,000] |",
             "![Maximum throughput by shard count](B-throughput-by-shards.svg)",
@@ -702,6 +713,7 @@ mod tests {
             "150 [120–180]",
             "## Latency percentiles at half load",
             "- **G**:",
+            "| FreeRADIUS | `/usr/sbin/freeradius (FreeRADIUS Version 3.2.1)` |",
         ] {
             assert!(md.contains(want), "missing `{want}` in:\n{md}");
         }

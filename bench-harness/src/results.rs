@@ -129,6 +129,12 @@ pub struct Measurement {
     pub timeouts: u64,
     pub unsent: u64,
     pub loss_ratio: f64,
+    /// Authenticated ACKs (Disconnect and CoA; echoes for the echo ceiling).
+    #[serde(default)]
+    pub acks: u64,
+    /// Authenticated NAKs.
+    #[serde(default)]
+    pub naks: u64,
     pub latency: Latency,
     pub schedule_lag_p99_us: Option<f64>,
     pub generator_worker_utilisation: f64,
@@ -165,6 +171,8 @@ impl Measurement {
             timeouts: r.timeouts,
             unsent: r.unsent,
             loss_ratio: r.loss_ratio,
+            acks: r.answers.ack_coa + r.answers.ack_disconnect + r.answers.echo_ok,
+            naks: r.answers.nak_coa + r.answers.nak_disconnect,
             latency: Latency {
                 p50_us: r.latency.p50_us,
                 p90_us: r.latency.p90_us,
@@ -326,6 +334,12 @@ impl TargetResult {
     pub fn cpu_ns_per_answer(&self) -> Option<Summary> {
         Summary::of_by(&self.closed, |m| m.server_cpu_ns_per_answer)
     }
+    /// ACKs over answers in the closed-loop runs (the default mix expects about 90%).
+    pub fn ack_share(&self) -> Option<f64> {
+        let acks: u64 = self.closed.iter().map(|m| m.acks).sum();
+        let answered: u64 = self.closed.iter().map(|m| m.answered).sum();
+        (answered > 0).then(|| acks as f64 / answered as f64)
+    }
     pub fn closed_flags(&self) -> Vec<Flag> {
         self.closed.iter().flat_map(|m| m.flags.clone()).collect()
     }
@@ -347,6 +361,9 @@ pub struct Settings {
     pub loadgen_threads: usize,
     pub pinned_with_taskset: bool,
     pub guards: Guards,
+    /// The programs run: name to "path (version)".
+    #[serde(default)]
+    pub programs: std::collections::BTreeMap<String, String>,
 }
 
 /// One suite run: the raw JSON file.
@@ -390,6 +407,8 @@ pub(crate) mod tests {
             timeouts: 0,
             unsent: 0,
             loss_ratio: 0.0,
+            acks: answered * 9 / 10,
+            naks: answered - answered * 9 / 10,
             latency: Latency {
                 p50_us: 100.0,
                 p90_us: 150.0,

@@ -202,6 +202,20 @@ impl Suite {
             &sessions_file,
         )?;
 
+        let mut programs = std::collections::BTreeMap::new();
+        programs.insert(
+            "loadgen".to_string(),
+            machine::program_version(&self.bins.loadgen, "--version"),
+        );
+        if let Some(d) = &self.bins.dynauthd {
+            programs.insert(
+                "dynauthd".to_string(),
+                machine::program_version(d, "--version"),
+            );
+        }
+        if let Some(f) = &self.bins.freeradius {
+            programs.insert("FreeRADIUS".to_string(), machine::program_version(f, "-v"));
+        }
         let plans = target_plans(&self.plan);
         let total = plans.len();
         let mut targets = Vec::new();
@@ -272,6 +286,7 @@ impl Suite {
                 loadgen_threads: self.plan.loadgen_cpus.len().max(1),
                 pinned_with_taskset: self.bins.taskset.is_some(),
                 guards: self.guards,
+                programs,
             },
             started_utc,
             finished_utc: machine::utc_now(),

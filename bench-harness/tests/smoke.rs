@@ -161,9 +161,13 @@ fn quick_run_writes_report_charts_and_json_then_report_and_compare_use_them() {
         .arg(dir.join("BENCH.json"))
         .arg("--report")
         .arg(&again)
-        .status()
+        .output()
         .unwrap();
-    assert!(st.success());
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
     assert!(again.is_file() && dir.join("again/AGAIN-p99-vs-offered.svg").is_file());
 
     // `compare`: the same machine compares; another machine's file is refused.
