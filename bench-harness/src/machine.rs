@@ -159,8 +159,8 @@ pub fn fingerprint(
 /// Whole-machine CPU time from the first line of /proc/stat, in clock ticks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CpuTimes {
-    /// user + nice + system: time spent running processes (not interrupts, which loopback
-    /// UDP charges to no process).
+    /// user + nice + system: time spent running processes (interrupts and softirqs, where
+    /// the loopback's UDP delivery runs, are separate columns).
     pub process: u64,
     /// Every column except idle and iowait.
     pub busy: u64,

@@ -125,7 +125,8 @@ impl ServerSpec {
                 batch.to_string(),
             ],
             ready_line: "dynauthd listening".into(),
-            ready_timeout: Duration::from_secs(60),
+            // Loading a large session file can take a while.
+            ready_timeout: Duration::from_secs(300),
             cpus: cpus.to_vec(),
             taskset: None,
         }
