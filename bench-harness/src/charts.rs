@@ -200,7 +200,8 @@ pub fn throughput_by_shards(
 
 /// p99 latency (log scale) against the offered rate, one line per server.
 pub fn p99_vs_offered(path: &Path, series: &[Series]) -> Result<(), ChartError> {
-    let (_, xmax) = bounds(series, |p| [p.x, p.x]);
+    // Log scales on both axes: servers an order of magnitude apart stay readable.
+    let (xmin, xmax) = bounds(series, |p| [p.x.max(1.0), p.x.max(1.0)]);
     let (ylo, yhi) = bounds(series, |p| [p.lo.max(1.0), p.hi.max(1.0)]);
     let root = SVGBackend::new(path, (W, H)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(path, e))?;
@@ -213,7 +214,7 @@ pub fn p99_vs_offered(path: &Path, series: &[Series]) -> Result<(), ChartError> 
         .x_label_area_size(48)
         .y_label_area_size(80)
         .build_cartesian_2d(
-            0.0..(xmax * 1.05).max(1.0),
+            ((xmin * 0.8).max(1.0)..(xmax * 1.25).max(10.0)).log_scale(),
             ((ylo * 0.8).max(1.0)..(yhi * 1.5).max(10.0)).log_scale(),
         )
         .map_err(|e| err(path, e))?;

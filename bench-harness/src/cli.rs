@@ -171,6 +171,9 @@ pub struct RunArgs {
     /// The FreeRADIUS binary (default: `freeradius` or `radiusd` on PATH).
     #[arg(long)]
     pub freeradius: Option<PathBuf>,
+    /// A line for the report's header (repeatable), e.g. which branch dynauthd was built from.
+    #[arg(long)]
+    pub note: Vec<String>,
 }
 
 /// The resolved plan: every default filled in.
@@ -195,6 +198,7 @@ pub struct Plan {
     pub mix: String,
     pub secret: String,
     pub timeout_ms: u64,
+    pub notes: Vec<String>,
 }
 
 /// Default CPU split: the lower half for loadgen, the upper half for the server (one CPU:
@@ -294,6 +298,7 @@ impl RunArgs {
             mix: self.mix.clone(),
             secret: self.secret.clone(),
             timeout_ms: self.timeout_ms.unwrap_or(if q { 500 } else { 1000 }),
+            notes: self.note.clone(),
         })
     }
 }

@@ -237,6 +237,9 @@ pub fn markdown(results: &Results, charts: &[(String, PathBuf)], json_name: &str
     for (name, what) in &st.programs {
         let _ = writeln!(s, "| {name} | `{what}` |");
     }
+    for n in &st.notes {
+        let _ = writeln!(s, "| note | {} |", n.replace('|', "\\|"));
+    }
     s.push('\n');
 
     if !results.warnings.is_empty() {
@@ -635,6 +638,7 @@ mod tests {
                 loadgen_threads: 1,
                 pinned_with_taskset: true,
                 guards: Guards::default(),
+                notes: vec!["dynauthd from branch runtime".into()],
                 programs: [(
                     "FreeRADIUS".to_string(),
                     "/usr/sbin/freeradius (FreeRADIUS Version 3.2.1)".to_string(),
@@ -714,6 +718,7 @@ mod tests {
             "## Latency percentiles at half load",
             "- **G**:",
             "| FreeRADIUS | `/usr/sbin/freeradius (FreeRADIUS Version 3.2.1)` |",
+            "| note | dynauthd from branch runtime |",
         ] {
             assert!(md.contains(want), "missing `{want}` in:\n{md}");
         }

@@ -364,6 +364,9 @@ pub struct Settings {
     /// The programs run: name to "path (version)".
     #[serde(default)]
     pub programs: std::collections::BTreeMap<String, String>,
+    /// The user's `--note` lines.
+    #[serde(default)]
+    pub notes: Vec<String>,
 }
 
 /// One suite run: the raw JSON file.

@@ -299,6 +299,7 @@ impl Suite {
                 pinned_with_taskset: self.bins.taskset.is_some(),
                 guards: self.guards,
                 programs,
+                notes: self.plan.notes.clone(),
             },
             started_utc,
             finished_utc: machine::utc_now(),
