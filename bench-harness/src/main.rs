@@ -99,6 +99,11 @@ fn real_main() -> anyhow::Result<ExitCode> {
                     anyhow::bail!("--dynauthd {}: not an executable file", d.display());
                 }
             }
+            if let Some(f) = &cli.run.freeradius {
+                if !machine::is_executable(f) {
+                    anyhow::bail!("--freeradius {}: not an executable file", f.display());
+                }
+            }
             let freeradius = if plan.targets.iter().any(|t| t == "freeradius") {
                 cli.run.freeradius.clone().or_else(freeradius::find)
             } else {

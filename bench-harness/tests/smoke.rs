@@ -28,8 +28,8 @@ fn workspace_bin(name: &str, env: &str) -> PathBuf {
     p
 }
 
-fn tmp_dir() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("bench-harness-smoke-{}", std::process::id()));
+fn tmp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("bench-harness-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
@@ -39,7 +39,7 @@ fn tmp_dir() -> PathBuf {
 fn quick_run_writes_report_charts_and_json_then_report_and_compare_use_them() {
     let loadgen = workspace_bin("loadgen", "BENCH_HARNESS_LOADGEN");
     let dynauthd = workspace_bin("dynauthd", "BENCH_HARNESS_DYNAUTHD");
-    let dir = tmp_dir();
+    let dir = tmp_dir("smoke");
     let report = dir.join("BENCH.md");
     let started = Instant::now();
     let out = Command::new(env!("CARGO_BIN_EXE_bench-harness"))
@@ -194,5 +194,81 @@ fn quick_run_writes_report_charts_and_json_then_report_and_compare_use_them() {
             .contains("refusing to compare runs from different machines")
     );
 
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn freeradius_installed() -> bool {
+    ["freeradius", "radiusd"].iter().any(|n| {
+        Path::new("/usr/sbin").join(n).is_file()
+            || std::env::var_os("PATH")
+                .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(n).is_file()))
+    })
+}
+
+#[test]
+fn freeradius_is_measured_as_a_das_when_installed_and_skipped_with_a_note_otherwise() {
+    let loadgen = workspace_bin("loadgen", "BENCH_HARNESS_LOADGEN");
+    let dir = tmp_dir("smoke-fr");
+    let report = dir.join("FR.md");
+    let out = Command::new(env!("CARGO_BIN_EXE_bench-harness"))
+        .args([
+            "--quick",
+            "--duration-ms",
+            "300",
+            "--points",
+            "0.5",
+            "--targets",
+            "freeradius",
+            "--sessions",
+            "1000",
+            "--timeout-ms",
+            "200",
+        ])
+        .arg("--report")
+        .arg(&report)
+        .arg("--loadgen")
+        .arg(&loadgen)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench-harness failed:\n{stderr}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("FR.json")).unwrap()).unwrap();
+    let fr = &json["targets"][0];
+    assert_eq!(fr["id"], "freeradius");
+    let md = std::fs::read_to_string(&report).unwrap();
+    if freeradius_installed() {
+        assert!(
+            fr["skipped"].is_null(),
+            "FreeRADIUS skipped: {}",
+            fr["skipped"]
+        );
+        let m = &fr["closed"][0];
+        let (acks, naks) = (m["acks"].as_u64().unwrap(), m["naks"].as_u64().unwrap());
+        // The mix is 9 CoAs for known sessions to 1 for an unknown one: the policy must ACK
+        // the first and NAK the second.
+        assert!(acks > 50 && naks > 5, "acks {acks}, naks {naks}");
+        let share = acks as f64 / (acks + naks) as f64;
+        assert!((0.85..0.95).contains(&share), "ACK share {share}");
+        assert_eq!(
+            m["timeouts"].as_u64().unwrap(),
+            0,
+            "FreeRADIUS left requests unanswered"
+        );
+        assert!(md.contains("| FreeRADIUS | "), "{md}");
+        assert!(
+            json["settings"]["programs"]["FreeRADIUS"]
+                .as_str()
+                .unwrap()
+                .contains("FreeRADIUS")
+        );
+    } else {
+        let why = fr["skipped"].as_str().expect("skipped when not installed");
+        assert!(why.contains("FreeRADIUS is not installed"), "{why}");
+        assert!(
+            md.contains("FreeRADIUS was not measured in this run"),
+            "{md}"
+        );
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
