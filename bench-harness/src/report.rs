@@ -109,16 +109,30 @@ fn range(s: &Summary, f: impl Fn(f64) -> String) -> String {
     }
 }
 
+/// A share as a percentage, with more digits when small (0.13%, 4.2%, 57%).
 fn pct(v: Option<f64>) -> String {
-    v.map_or("–".into(), |r| format!("{:.0}%", r * 100.0))
+    v.map_or("–".into(), |r| {
+        let p = r * 100.0;
+        if p >= 10.0 || p == 0.0 {
+            format!("{p:.0}%")
+        } else if p >= 1.0 {
+            format!("{p:.1}%")
+        } else {
+            format!("{p:.2}%")
+        }
+    })
 }
 
+/// A ratio: whole above 10, two decimals down to 0.1, two significant digits below (0.0071×).
 fn times(v: Option<f64>) -> String {
     v.map_or("–".into(), |r| {
         if r >= 10.0 {
             format!("{r:.0}×")
-        } else {
+        } else if r >= 0.1 || r == 0.0 {
             format!("{r:.2}×")
+        } else {
+            let digits = (1 - r.log10().floor() as i32).clamp(2, 6) as usize;
+            format!("{r:.digits$}×")
         }
     })
 }
@@ -160,6 +174,37 @@ pub fn ratios(results: &Results, t: &TargetResult) -> Ratios {
             t.cpu_ns_per_answer().map(|s| s.median),
         ),
     }
+}
+
+/// The best dynauthd configuration against the ceiling and FreeRADIUS, in one sentence.
+pub fn headline(results: &Results) -> Option<String> {
+    let best = results
+        .targets
+        .iter()
+        .filter(|t| t.kind == TargetKind::Dynauthd && t.skipped.is_none())
+        .filter_map(|t| t.max_rps().map(|m| (t, m)))
+        .max_by(|a, b| a.1.median.total_cmp(&b.1.median))?;
+    let (t, m) = best;
+    let r = ratios(results, t);
+    let mut line = format!(
+        "the fastest dynauthd configuration here ({}) answered {} requests/s",
+        t.label(),
+        thousands(m.median)
+    );
+    if let Some(c) = r.of_ceiling {
+        line += &format!(", {} of the echo ceiling", pct(Some(c)));
+    }
+    if let Some(f) = r.vs_freeradius {
+        line += &format!(", {} FreeRADIUS's throughput", times(Some(f)));
+    }
+    if let Some(c) = r.cpu_vs_freeradius {
+        line += &format!(
+            ", using {} FreeRADIUS's CPU per answer",
+            times(Some(1.0 / c))
+        );
+    }
+    line.push('.');
+    Some(line)
 }
 
 /// The whole Markdown report; `charts` are (title, path) of the SVGs, linked relative to
@@ -250,6 +295,10 @@ pub fn markdown(results: &Results, charts: &[(String, PathBuf)], json_name: &str
         s.push('\n');
     }
 
+    if let Some(h) = headline(results) {
+        let _ = writeln!(s, "**In one line:** {h}\n");
+    }
+
     // Maximum throughput.
     let _ = writeln!(s, "## Maximum throughput (closed loop)\n");
     let _ = writeln!(
@@ -279,8 +328,10 @@ pub fn markdown(results: &Results, charts: &[(String, PathBuf)], json_name: &str
         let cpu = t
             .cpu_ns_per_answer()
             .map_or("–".into(), |c| range(&c, thousands));
-        let p50 = Summary::of_by(&t.closed, |m| Some(m.latency.p50_us)).map_or(0.0, |x| x.median);
-        let p99 = Summary::of_by(&t.closed, |m| Some(m.latency.p99_us)).map_or(0.0, |x| x.median);
+        let p50 =
+            Summary::of_by(&t.closed, |m| m.latency_of(|l| l.p50_us)).map_or(0.0, |x| x.median);
+        let p99 =
+            Summary::of_by(&t.closed, |m| m.latency_of(|l| l.p99_us)).map_or(0.0, |x| x.median);
         let _ = writeln!(
             s,
             "| {} | {} | {} | {} | {} | {} | {} / {} | {} | {} |",
@@ -353,10 +404,10 @@ pub fn markdown(results: &Results, charts: &[(String, PathBuf)], json_name: &str
             let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|---|");
             for p in &t.sweep {
                 let ach = p.achieved().map_or("–".into(), |a| range(&a, thousands));
-                let p50 = Summary::of_by(&p.runs, |m| Some(m.latency.p50_us))
+                let p50 = Summary::of_by(&p.runs, |m| m.latency_of(|l| l.p50_us))
                     .map_or("–".into(), |x| us(x.median));
                 let p99 = p.p99().map_or("–".into(), |x| range(&x, us));
-                let p999 = Summary::of_by(&p.runs, |m| Some(m.latency.p999_us))
+                let p999 = Summary::of_by(&p.runs, |m| m.latency_of(|l| l.p999_us))
                     .map_or("–".into(), |x| us(x.median));
                 let lost =
                     Summary::of_by(&p.runs, |m| Some(m.loss_ratio)).map_or(0.0, |x| x.median);
@@ -468,7 +519,10 @@ pub fn markdown(results: &Results, charts: &[(String, PathBuf)], json_name: &str
         "\nThe echo ceiling is *meant* to be limited by the generator (**S**): it answers with no \
          work at all. A server row with **S** is at least as fast as the generator can tell. \
          Beyond 100% of the maximum, **G** and **L** are expected: the server cannot keep up, \
-         the generator's identifiers run out and requests queue or are dropped."
+         the generator's identifiers run out and requests queue or are dropped. **X** together \
+         with **L** beyond the maximum is usually the same overload: answers that arrive after \
+         loadgen's timeout meet a newer request with the same Identifier and fail its \
+         verification; **X** without **L** means wrongly signed answers."
     );
     s
 }
@@ -787,6 +841,34 @@ mod tests {
             Err(ReportError::Schema { .. })
         ));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn small_shares_and_ratios_keep_their_significant_digits() {
+        assert_eq!(pct(Some(0.5)), "50%");
+        assert_eq!(pct(Some(0.042)), "4.2%");
+        assert_eq!(pct(Some(0.00135)), "0.14%");
+        assert_eq!(pct(None), "–");
+        assert_eq!(times(Some(12.3)), "12×");
+        assert_eq!(times(Some(3.2)), "3.20×");
+        assert_eq!(times(Some(0.0071)), "0.0071×");
+        assert_eq!(times(Some(0.012)), "0.012×");
+    }
+
+    #[test]
+    fn the_headline_names_the_fastest_dynauthd_and_its_ratios() {
+        let r = results("f1");
+        let h = headline(&r).unwrap();
+        assert_eq!(
+            h,
+            "the fastest dynauthd configuration here (dynauthd mmsg, 1 shard, batch 64) answered \
+             150,000 requests/s, 50% of the echo ceiling, 5.00× FreeRADIUS's throughput, using \
+             0.20× FreeRADIUS's CPU per answer."
+        );
+        assert!(markdown(&r, &[], "x.json").contains(&format!("**In one line:** {h}")));
+        let mut none = r.clone();
+        none.targets.retain(|t| t.kind != TargetKind::Dynauthd);
+        assert_eq!(headline(&none), None);
     }
 
     #[test]

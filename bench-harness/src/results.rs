@@ -194,6 +194,19 @@ impl Measurement {
     }
 }
 
+impl Measurement {
+    /// The latency figures mean something: at least one authenticated answer was timed (a
+    /// run whose every answer failed verification has all-zero percentiles).
+    pub fn has_latency(&self) -> bool {
+        self.acks + self.naks > 0
+    }
+
+    /// A latency percentile, when [`has_latency`](Self::has_latency).
+    pub fn latency_of(&self, f: impl Fn(&Latency) -> f64) -> Option<f64> {
+        self.has_latency().then(|| f(&self.latency))
+    }
+}
+
 /// The guard flags of one measurement.
 pub fn flags_for(m: &Measurement, invalid_answers: bool, g: &Guards) -> Vec<Flag> {
     let mut flags = Vec::new();
@@ -228,8 +241,9 @@ pub struct SweepPoint {
 }
 
 impl SweepPoint {
+    /// p99 over the runs that timed any answer.
     pub fn p99(&self) -> Option<Summary> {
-        Summary::of_by(&self.runs, |m| Some(m.latency.p99_us))
+        Summary::of_by(&self.runs, |m| m.latency_of(|l| l.p99_us))
     }
     pub fn achieved(&self) -> Option<Summary> {
         Summary::of_by(&self.runs, |m| Some(m.achieved_rps))
@@ -479,6 +493,20 @@ pub(crate) mod tests {
             marks(&[Flag::Busy, Flag::GeneratorSaturated, Flag::Busy]),
             "SB"
         );
+    }
+
+    #[test]
+    fn runs_without_timed_answers_are_left_out_of_latency_summaries() {
+        let mut silent = open(1000.0, 0.0);
+        silent.acks = 0;
+        silent.naks = 0;
+        let p = SweepPoint {
+            fraction: 1.2,
+            offered_rps: 1000.0,
+            runs: vec![open(1000.0, 200.0), silent, open(1000.0, 400.0)],
+        };
+        let s = p.p99().unwrap();
+        assert_eq!((s.median, s.min, s.max, s.n), (300.0, 200.0, 400.0, 2));
     }
 
     #[test]
