@@ -1,0 +1,524 @@
+//! The results model: what one suite run measured, as written to the raw JSON file and read
+//! back by `report` and `compare`. Owns: the JSON schema, the per-measurement guard flags
+//! (generator behind, generator saturated, loss, busy machine, invalid answers) and the
+//! rules that set them. Must not touch: running processes, Markdown, charts.
+
+use serde::{Deserialize, Serialize};
+
+use crate::loadgen::LoadgenReport;
+use crate::machine::Machine;
+use crate::stats::Summary;
+
+/// Bumped whenever a field changes meaning.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Thresholds behind the guard flags (stored with the results, so a reader knows them).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Guards {
+    /// Open loop: schedule lag p99 above this (µs) marks the generator as behind.
+    pub lag_p99_us: f64,
+    /// Open loop: unsent requests above this share of the requests mark it as behind.
+    pub unsent_ratio: f64,
+    /// Worker utilisation at or above this marks the generator as (possibly) the limit.
+    pub worker_utilisation: f64,
+    /// Timeouts over requests above this mark a lossy result.
+    pub loss_ratio: f64,
+    /// CPU used by other processes during a run (in cores) above this marks it as busy.
+    pub other_cpu_cores: f64,
+}
+
+impl Default for Guards {
+    fn default() -> Self {
+        Guards {
+            lag_p99_us: 1000.0,
+            unsent_ratio: 0.001,
+            worker_utilisation: 0.90,
+            loss_ratio: 0.001,
+            other_cpu_cores: 0.25,
+        }
+    }
+}
+
+/// Why a figure should not be trusted as the server's own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Flag {
+    /// Open loop: the generator could not send on schedule (lag or unsent requests), so the
+    /// offered rate was not really offered.
+    GeneratorBehind,
+    /// The generator's workers were (nearly) always busy: it may have set the rate.
+    GeneratorSaturated,
+    /// Requests timed out.
+    Loss,
+    /// Other processes used CPU during the run.
+    Busy,
+    /// Answers failed verification (bad authenticators, echo mismatches, counts not adding up).
+    InvalidAnswers,
+}
+
+impl Flag {
+    /// The one-letter mark used in tables.
+    pub fn mark(self) -> char {
+        match self {
+            Flag::GeneratorBehind => 'G',
+            Flag::GeneratorSaturated => 'S',
+            Flag::Loss => 'L',
+            Flag::Busy => 'B',
+            Flag::InvalidAnswers => 'X',
+        }
+    }
+
+    pub fn meaning(self) -> &'static str {
+        match self {
+            Flag::GeneratorBehind => {
+                "generator behind its schedule (lag p99 or unsent requests): the offered rate was not fully offered"
+            }
+            Flag::GeneratorSaturated => {
+                "generator workers busy nearly all the time: the generator may have been the limit"
+            }
+            Flag::Loss => "requests timed out (loss)",
+            Flag::Busy => "other processes used CPU during the run: the machine was not quiet",
+            Flag::InvalidAnswers => {
+                "answers failed verification, or the generator's counts did not add up"
+            }
+        }
+    }
+
+    pub const ALL: [Flag; 5] = [
+        Flag::GeneratorBehind,
+        Flag::GeneratorSaturated,
+        Flag::Loss,
+        Flag::Busy,
+        Flag::InvalidAnswers,
+    ];
+}
+
+/// The marks of a set of flags, e.g. "GS"; empty when clean.
+pub fn marks(flags: &[Flag]) -> String {
+    let mut f = flags.to_vec();
+    f.sort();
+    f.dedup();
+    f.into_iter().map(Flag::mark).collect()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    ClosedLoop,
+    OpenLoop,
+}
+
+/// Latency percentiles in microseconds (open loop: from the intended send time).
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct Latency {
+    pub p50_us: f64,
+    pub p90_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub max_us: f64,
+}
+
+/// One loadgen run against one server, with the server's CPU over the same window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Measurement {
+    pub mode: Mode,
+    pub offered_rps: Option<f64>,
+    pub achieved_rps: f64,
+    pub requests: u64,
+    pub answered: u64,
+    pub timeouts: u64,
+    pub unsent: u64,
+    pub loss_ratio: f64,
+    /// Authenticated ACKs (Disconnect and CoA; echoes for the echo ceiling).
+    #[serde(default)]
+    pub acks: u64,
+    /// Authenticated NAKs.
+    #[serde(default)]
+    pub naks: u64,
+    pub latency: Latency,
+    pub schedule_lag_p99_us: Option<f64>,
+    pub generator_worker_utilisation: f64,
+    pub generator_cpu_ns_per_request: f64,
+    /// Server process CPU (user + system, every thread) over the generator's run.
+    pub server_cpu_s: f64,
+    /// `server_cpu_s` over answered requests, in nanoseconds.
+    pub server_cpu_ns_per_answer: Option<f64>,
+    /// CPU used by everything else on the machine during the run, in cores.
+    pub other_cpu_cores: f64,
+    pub flags: Vec<Flag>,
+}
+
+impl Measurement {
+    /// Builds a measurement from the generator's report, the server's CPU seconds and the
+    /// other processes' CPU over the run, and sets the guard flags.
+    pub fn from_report(
+        r: &LoadgenReport,
+        server_cpu_s: f64,
+        other_cpu_cores: f64,
+        guards: &Guards,
+    ) -> Measurement {
+        let mode = if r.mode == "open-loop" {
+            Mode::OpenLoop
+        } else {
+            Mode::ClosedLoop
+        };
+        let mut m = Measurement {
+            mode,
+            offered_rps: r.offered_rate_rps,
+            achieved_rps: r.achieved_rate_rps,
+            requests: r.requests,
+            answered: r.answered,
+            timeouts: r.timeouts,
+            unsent: r.unsent,
+            loss_ratio: r.loss_ratio,
+            acks: r.answers.ack_coa + r.answers.ack_disconnect + r.answers.echo_ok,
+            naks: r.answers.nak_coa + r.answers.nak_disconnect,
+            latency: Latency {
+                p50_us: r.latency.p50_us,
+                p90_us: r.latency.p90_us,
+                p99_us: r.latency.p99_us,
+                p999_us: r.latency.p999_us,
+                max_us: r.latency.max_us,
+            },
+            schedule_lag_p99_us: r.schedule_lag.as_ref().map(|l| l.p99_us),
+            generator_worker_utilisation: r.generator.worker_utilisation,
+            generator_cpu_ns_per_request: r.generator.cpu_ns_per_request,
+            server_cpu_s,
+            server_cpu_ns_per_answer: (r.answered > 0)
+                .then(|| server_cpu_s * 1e9 / r.answered as f64),
+            other_cpu_cores,
+            flags: Vec::new(),
+        };
+        m.flags = flags_for(&m, r.invalid_answers() > 0 || !r.counts_add_up, guards);
+        m
+    }
+}
+
+impl Measurement {
+    /// The latency figures mean something: at least one authenticated answer was timed (a
+    /// run whose every answer failed verification has all-zero percentiles).
+    pub fn has_latency(&self) -> bool {
+        self.acks + self.naks > 0
+    }
+
+    /// A latency percentile, when [`has_latency`](Self::has_latency).
+    pub fn latency_of(&self, f: impl Fn(&Latency) -> f64) -> Option<f64> {
+        self.has_latency().then(|| f(&self.latency))
+    }
+}
+
+/// The guard flags of one measurement.
+pub fn flags_for(m: &Measurement, invalid_answers: bool, g: &Guards) -> Vec<Flag> {
+    let mut flags = Vec::new();
+    if m.mode == Mode::OpenLoop {
+        let lag = m.schedule_lag_p99_us.unwrap_or(0.0);
+        let unsent = m.unsent as f64 / (m.requests + m.unsent).max(1) as f64;
+        if lag > g.lag_p99_us || unsent > g.unsent_ratio {
+            flags.push(Flag::GeneratorBehind);
+        }
+    }
+    if m.generator_worker_utilisation >= g.worker_utilisation {
+        flags.push(Flag::GeneratorSaturated);
+    }
+    if m.loss_ratio > g.loss_ratio {
+        flags.push(Flag::Loss);
+    }
+    if m.other_cpu_cores > g.other_cpu_cores {
+        flags.push(Flag::Busy);
+    }
+    if invalid_answers {
+        flags.push(Flag::InvalidAnswers);
+    }
+    flags
+}
+
+/// One point of the open-loop sweep: a fraction of the maximum, repeated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SweepPoint {
+    pub fraction: f64,
+    pub offered_rps: f64,
+    pub runs: Vec<Measurement>,
+}
+
+impl SweepPoint {
+    /// p99 over the runs that timed any answer.
+    pub fn p99(&self) -> Option<Summary> {
+        Summary::of_by(&self.runs, |m| m.latency_of(|l| l.p99_us))
+    }
+    pub fn achieved(&self) -> Option<Summary> {
+        Summary::of_by(&self.runs, |m| Some(m.achieved_rps))
+    }
+    pub fn flags(&self) -> Vec<Flag> {
+        self.runs.iter().flat_map(|m| m.flags.clone()).collect()
+    }
+}
+
+/// A latency percentile: `percentile` in 0..100, latency in microseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DistPoint {
+    pub percentile: f64,
+    pub latency_us: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TargetKind {
+    /// The plain UDP echo server: the ceiling.
+    Echo,
+    Dynauthd,
+    Freeradius,
+}
+
+/// Everything measured for one server configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TargetResult {
+    /// Unique in a run: `echo`, `dynauthd-mmsg-s1-b64`, `freeradius`.
+    pub id: String,
+    pub kind: TargetKind,
+    pub io: Option<String>,
+    pub shards: Option<usize>,
+    pub batch: Option<usize>,
+    /// Swept (open loop) and drawn as a line in the latency charts.
+    pub primary: bool,
+    /// Why it was not measured (binary absent, io_uring unavailable, start failure).
+    pub skipped: Option<String>,
+    /// CPU busy on the machine just before the server started, in cores.
+    pub busy_before_cores: f64,
+    pub closed: Vec<Measurement>,
+    pub sweep: Vec<SweepPoint>,
+    /// Latency percentile distribution at half of the maximum (the sweep's 0.5 point, first
+    /// repetition).
+    pub half_load_distribution: Vec<DistPoint>,
+    pub notes: Vec<String>,
+}
+
+impl TargetResult {
+    pub fn new(id: impl Into<String>, kind: TargetKind) -> TargetResult {
+        TargetResult {
+            id: id.into(),
+            kind,
+            io: None,
+            shards: None,
+            batch: None,
+            primary: false,
+            skipped: None,
+            busy_before_cores: 0.0,
+            closed: Vec::new(),
+            sweep: Vec::new(),
+            half_load_distribution: Vec::new(),
+            notes: Vec::new(),
+        }
+    }
+
+    /// Human label: "echo ceiling", "dynauthd mmsg, 1 shard, batch 64", "FreeRADIUS".
+    pub fn label(&self) -> String {
+        match self.kind {
+            TargetKind::Echo => "echo ceiling".into(),
+            TargetKind::Freeradius => "FreeRADIUS".into(),
+            TargetKind::Dynauthd => {
+                let shards = self.shards.unwrap_or(1);
+                format!(
+                    "dynauthd {}, {} shard{}, batch {}",
+                    self.io.as_deref().unwrap_or("?"),
+                    shards,
+                    if shards == 1 { "" } else { "s" },
+                    self.batch.unwrap_or(0)
+                )
+            }
+        }
+    }
+
+    /// Short label for chart legends: "echo", "dynauthd mmsg", "FreeRADIUS".
+    pub fn series_name(&self) -> String {
+        match self.kind {
+            TargetKind::Echo => "echo ceiling".into(),
+            TargetKind::Freeradius => "FreeRADIUS".into(),
+            TargetKind::Dynauthd => format!(
+                "dynauthd {} s{} b{}",
+                self.io.as_deref().unwrap_or("?"),
+                self.shards.unwrap_or(1),
+                self.batch.unwrap_or(0)
+            ),
+        }
+    }
+
+    pub fn max_rps(&self) -> Option<Summary> {
+        Summary::of_by(&self.closed, |m| Some(m.achieved_rps))
+    }
+    pub fn cpu_ns_per_answer(&self) -> Option<Summary> {
+        Summary::of_by(&self.closed, |m| m.server_cpu_ns_per_answer)
+    }
+    /// ACKs over answers in the closed-loop runs (the default mix expects about 90%).
+    pub fn ack_share(&self) -> Option<f64> {
+        let acks: u64 = self.closed.iter().map(|m| m.acks).sum();
+        let answered: u64 = self.closed.iter().map(|m| m.answered).sum();
+        (answered > 0).then(|| acks as f64 / answered as f64)
+    }
+    pub fn closed_flags(&self) -> Vec<Flag> {
+        self.closed.iter().flat_map(|m| m.flags.clone()).collect()
+    }
+}
+
+/// What the suite was asked to do (so the report can say it, and a rerun can repeat it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Settings {
+    pub quick: bool,
+    pub duration_ms: u64,
+    pub repetitions: usize,
+    pub fractions: Vec<f64>,
+    pub window: usize,
+    pub sessions: usize,
+    pub seed: u64,
+    pub mix: String,
+    pub server_cpus: Vec<usize>,
+    pub loadgen_cpus: Vec<usize>,
+    pub loadgen_threads: usize,
+    pub pinned_with_taskset: bool,
+    pub guards: Guards,
+    /// The programs run: name to "path (version)".
+    #[serde(default)]
+    pub programs: std::collections::BTreeMap<String, String>,
+    /// The user's `--note` lines.
+    #[serde(default)]
+    pub notes: Vec<String>,
+}
+
+/// One suite run: the raw JSON file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Results {
+    pub schema_version: u32,
+    pub machine: Machine,
+    pub settings: Settings,
+    pub started_utc: String,
+    pub finished_utc: String,
+    pub targets: Vec<TargetResult>,
+    /// Suite-level warnings (busy machine, CPUs shared between server and generator, ...).
+    pub warnings: Vec<String>,
+}
+
+impl Results {
+    pub fn target(&self, id: &str) -> Option<&TargetResult> {
+        self.targets.iter().find(|t| t.id == id)
+    }
+    /// The first measured target of a kind.
+    pub fn first_of(&self, kind: TargetKind) -> Option<&TargetResult> {
+        self.targets
+            .iter()
+            .find(|t| t.kind == kind && t.skipped.is_none() && !t.closed.is_empty())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A clean closed-loop measurement at `rps`, with `cpu_ns` of server CPU per answer.
+    pub fn closed(rps: f64, cpu_ns: f64) -> Measurement {
+        let answered = (rps * 2.0) as u64;
+        Measurement {
+            mode: Mode::ClosedLoop,
+            offered_rps: None,
+            achieved_rps: rps,
+            requests: answered,
+            answered,
+            timeouts: 0,
+            unsent: 0,
+            loss_ratio: 0.0,
+            acks: answered * 9 / 10,
+            naks: answered - answered * 9 / 10,
+            latency: Latency {
+                p50_us: 100.0,
+                p90_us: 150.0,
+                p99_us: 300.0,
+                p999_us: 500.0,
+                max_us: 900.0,
+            },
+            schedule_lag_p99_us: None,
+            generator_worker_utilisation: 0.5,
+            generator_cpu_ns_per_request: 3000.0,
+            server_cpu_s: cpu_ns * answered as f64 / 1e9,
+            server_cpu_ns_per_answer: Some(cpu_ns),
+            other_cpu_cores: 0.0,
+            flags: Vec::new(),
+        }
+    }
+
+    pub fn open(offered: f64, p99: f64) -> Measurement {
+        let mut m = closed(offered, 1000.0);
+        m.mode = Mode::OpenLoop;
+        m.offered_rps = Some(offered);
+        m.latency.p99_us = p99;
+        m.schedule_lag_p99_us = Some(10.0);
+        m
+    }
+
+    #[test]
+    fn clean_runs_have_no_flags() {
+        assert!(flags_for(&closed(1000.0, 1.0), false, &Guards::default()).is_empty());
+        assert!(flags_for(&open(1000.0, 100.0), false, &Guards::default()).is_empty());
+    }
+
+    #[test]
+    fn generator_behind_schedule_is_flagged_in_open_loop_only() {
+        let g = Guards::default();
+        let mut m = open(1000.0, 100.0);
+        m.schedule_lag_p99_us = Some(5000.0);
+        assert_eq!(flags_for(&m, false, &g), vec![Flag::GeneratorBehind]);
+        let mut m = open(1000.0, 100.0);
+        m.unsent = 50;
+        m.requests = 950;
+        assert_eq!(flags_for(&m, false, &g), vec![Flag::GeneratorBehind]);
+        let mut m = closed(1000.0, 1.0);
+        m.schedule_lag_p99_us = Some(5000.0);
+        assert!(flags_for(&m, false, &g).is_empty());
+    }
+
+    #[test]
+    fn saturation_loss_busy_and_invalid_answers_are_flagged() {
+        let g = Guards::default();
+        let mut m = closed(1000.0, 1.0);
+        m.generator_worker_utilisation = 0.97;
+        m.loss_ratio = 0.05;
+        m.other_cpu_cores = 0.8;
+        assert_eq!(
+            flags_for(&m, true, &g),
+            vec![
+                Flag::GeneratorSaturated,
+                Flag::Loss,
+                Flag::Busy,
+                Flag::InvalidAnswers
+            ]
+        );
+        assert_eq!(
+            marks(&[Flag::Busy, Flag::GeneratorSaturated, Flag::Busy]),
+            "SB"
+        );
+    }
+
+    #[test]
+    fn runs_without_timed_answers_are_left_out_of_latency_summaries() {
+        let mut silent = open(1000.0, 0.0);
+        silent.acks = 0;
+        silent.naks = 0;
+        let p = SweepPoint {
+            fraction: 1.2,
+            offered_rps: 1000.0,
+            runs: vec![open(1000.0, 200.0), silent, open(1000.0, 400.0)],
+        };
+        let s = p.p99().unwrap();
+        assert_eq!((s.median, s.min, s.max, s.n), (300.0, 200.0, 400.0, 2));
+    }
+
+    #[test]
+    fn target_summaries_use_every_repetition() {
+        let mut t = TargetResult::new("x", TargetKind::Echo);
+        t.closed = vec![
+            closed(100.0, 10.0),
+            closed(300.0, 30.0),
+            closed(200.0, 20.0),
+        ];
+        let max = t.max_rps().unwrap();
+        assert_eq!((max.median, max.min, max.max), (200.0, 100.0, 300.0));
+        assert_eq!(t.cpu_ns_per_answer().unwrap().median, 20.0);
+    }
+}
