@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use dynauth_engine::server::config::CpuList;
 
 /// Side-by-side benchmarks: the echo ceiling, dynauthd (each I/O backend, shard count and
 /// batch size) and FreeRADIUS as a DAS, driven by loadgen on 127.0.0.1; a Markdown report
@@ -77,28 +78,9 @@ fn parse_strings(s: &str) -> Result<List<String>, String> {
     parse_list(s)
 }
 
-/// A CPU list: "0", "0,2", "1-3".
+/// A CPU list: "0", "0,2", "1-3" (parsed as `dynauthd --cpus` parses it).
 pub fn parse_cpus(s: &str) -> Result<List<usize>, String> {
-    let mut out = Vec::new();
-    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let bad = || format!("`{part}`: expected a CPU number or a range such as 2-3");
-        if let Some((a, b)) = part.split_once('-') {
-            let a: usize = a.trim().parse().map_err(|_| bad())?;
-            let b: usize = b.trim().parse().map_err(|_| bad())?;
-            if a > b {
-                return Err(bad());
-            }
-            out.extend(a..=b);
-        } else {
-            out.push(part.parse().map_err(|_| bad())?);
-        }
-    }
-    if out.is_empty() {
-        return Err("empty CPU list".into());
-    }
-    out.sort_unstable();
-    out.dedup();
-    Ok(List(out))
+    s.parse::<CpuList>().map(|cpus| List(cpus.0))
 }
 
 #[derive(Debug, Clone, Args)]

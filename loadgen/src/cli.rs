@@ -302,29 +302,11 @@ pub fn parse_millis(s: &str) -> Result<Duration, String> {
 }
 
 /// A list of CPU numbers (a newtype, so that clap takes it as one value).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CpuList(pub Vec<usize>);
+pub use dynauth_engine::server::config::CpuList;
 
-/// A CPU list: "0", "0,2", "1-3", "0,2-3".
+/// A CPU list: "0", "0,2", "1-3", "0,2-3" (parsed as `dynauthd --cpus` parses it).
 pub fn parse_cpus(s: &str) -> Result<CpuList, String> {
-    let mut out = Vec::new();
-    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let bad = || format!("`{part}`: expected a CPU number or a range such as 2-3");
-        if let Some((a, b)) = part.split_once('-') {
-            let a: usize = a.trim().parse().map_err(|_| bad())?;
-            let b: usize = b.trim().parse().map_err(|_| bad())?;
-            if a > b {
-                return Err(bad());
-            }
-            out.extend(a..=b);
-        } else {
-            out.push(part.parse().map_err(|_| bad())?);
-        }
-    }
-    if out.is_empty() {
-        return Err("empty CPU list".into());
-    }
-    Ok(CpuList(out))
+    s.parse()
 }
 
 #[cfg(test)]
