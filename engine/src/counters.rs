@@ -269,6 +269,88 @@ impl Counters {
     }
 }
 
+/// Upper bounds of the latency buckets, in nanoseconds (the last bucket is unbounded).
+pub const LATENCY_BOUNDS_NS: [u64; 14] = [
+    1_000,
+    2_000,
+    5_000,
+    10_000,
+    20_000,
+    50_000,
+    100_000,
+    200_000,
+    500_000,
+    1_000_000,
+    2_000_000,
+    5_000_000,
+    10_000_000,
+    100_000_000,
+];
+
+/// A latency histogram with fixed buckets (SPEC §10): recording is a few comparisons and an
+/// increment, nothing allocates, and shards' histograms add up like counters. Exported as a
+/// Prometheus histogram.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LatencyHistogram {
+    /// Counts per bucket of `LATENCY_BOUNDS_NS`, plus one for everything above the last bound.
+    pub buckets: [u64; 15],
+    pub count: u64,
+    pub sum_ns: u64,
+}
+
+impl LatencyHistogram {
+    pub fn record(&mut self, ns: u64) {
+        let i = LATENCY_BOUNDS_NS.partition_point(|&bound| bound < ns);
+        if let Some(b) = self.buckets.get_mut(i) {
+            *b += 1;
+        }
+        self.count += 1;
+        self.sum_ns = self.sum_ns.saturating_add(ns);
+    }
+
+    pub fn merge(&mut self, other: &LatencyHistogram) {
+        for (a, b) in self.buckets.iter_mut().zip(other.buckets) {
+            *a += b;
+        }
+        self.count += other.count;
+        self.sum_ns = self.sum_ns.saturating_add(other.sum_ns);
+    }
+
+    /// The upper bound (ns) of the bucket holding quantile `q` (0..=1); `None` when empty or
+    /// in the unbounded bucket.
+    pub fn quantile_bound_ns(&self, q: f64) -> Option<u64> {
+        if self.count == 0 {
+            return None;
+        }
+        let rank = ((q.clamp(0.0, 1.0) * self.count as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (i, n) in self.buckets.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                return LATENCY_BOUNDS_NS.get(i).copied();
+            }
+        }
+        None
+    }
+
+    /// Prometheus histogram text for metric `name` (in seconds).
+    pub fn write_prometheus(&self, name: &str, help: &str, out: &mut String) {
+        let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (bound, n) in LATENCY_BOUNDS_NS.iter().zip(self.buckets) {
+            cumulative += n;
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{}\"}} {cumulative}",
+                *bound as f64 / 1e9
+            );
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(out, "{name}_sum {}", self.sum_ns as f64 / 1e9);
+        let _ = writeln!(out, "{name}_count {}", self.count);
+    }
+}
+
 /// Reads one per-kind counter pair of a client.
 type PerKind = fn(&ClientCounters) -> &[u64; 2];
 
@@ -296,6 +378,39 @@ mod tests {
             2
         );
         assert_eq!(a.unknown_client, 5);
+    }
+
+    #[test]
+    fn latency_histogram_buckets_merge_and_quantiles() {
+        let mut a = LatencyHistogram::default();
+        for ns in [500, 1_000, 1_001, 3_000, 3_000, 40_000, 200_000_000] {
+            a.record(ns);
+        }
+        assert_eq!(
+            a.buckets[0], 2,
+            "bounds are inclusive: 500 and 1000 in le=1us"
+        );
+        assert_eq!(a.buckets[1], 1);
+        assert_eq!(a.buckets[2], 2);
+        assert_eq!(a.buckets[5], 1);
+        assert_eq!(a.buckets[14], 1, "above every bound");
+        assert_eq!(a.quantile_bound_ns(0.5), Some(5_000));
+        assert_eq!(a.quantile_bound_ns(0.0), Some(1_000));
+        assert_eq!(a.quantile_bound_ns(1.0), None);
+        let mut b = LatencyHistogram::default();
+        b.record(7_000);
+        b.merge(&a);
+        assert_eq!(b.count, 8);
+        assert_eq!(b.buckets[3], 1);
+        let mut text = String::new();
+        b.write_prometheus("dynauth_decision_seconds", "x", &mut text);
+        assert!(
+            text.contains("dynauth_decision_seconds_bucket{le=\"0.000005\"} 5"),
+            "{text}"
+        );
+        assert!(text.contains("dynauth_decision_seconds_bucket{le=\"+Inf\"} 8"));
+        assert!(text.contains("dynauth_decision_seconds_count 8"));
+        assert_eq!(LatencyHistogram::default().quantile_bound_ns(0.5), None);
     }
 
     #[test]

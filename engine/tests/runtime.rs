@@ -449,7 +449,21 @@ fn metrics_endpoint_serves_prometheus_text() {
         body.contains("dynauth_datagrams_received_total 1"),
         "{body}"
     );
-    daemon.stop();
+    // SPEC §10: the decision-latency histogram counts the one datagram.
+    assert!(
+        body.contains("# TYPE dynauth_decision_seconds histogram"),
+        "{body}"
+    );
+    assert!(
+        body.contains("dynauth_decision_seconds_bucket{le=\"+Inf\"} 1"),
+        "{body}"
+    );
+    assert!(body.contains("dynauth_decision_seconds_count 1"), "{body}");
+    let (out, _) = daemon.stop();
+    assert!(
+        out.contains("decision p50 <="),
+        "totals name the decision latency: {out}"
+    );
 }
 
 /// Several listen addresses: each shard owns one socket per address, and every address

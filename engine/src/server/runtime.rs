@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::counters::{Counters, Discard, RequestKind};
+use crate::counters::{Counters, Discard, LatencyHistogram, RequestKind};
 use crate::decide::{Engine, EngineConfig, Now, Outcome};
 use crate::dedup::DedupStats;
 use crate::dict::ErrorCause;
@@ -105,6 +105,8 @@ pub struct ShardReport {
     pub counters: Counters,
     pub io: IoStats,
     pub dedup: DedupStats,
+    /// Time `Engine::handle` took per datagram (SPEC §10 latency histogram).
+    pub decision_latency: LatencyHistogram,
 }
 
 /// Every shard's reports summed.
@@ -113,6 +115,7 @@ pub struct Totals {
     pub counters: Counters,
     pub io: IoStats,
     pub dedup: DedupStats,
+    pub decision_latency: LatencyHistogram,
     /// Shards that stopped on their own (a panic): the server then shuts down.
     pub failed_shards: usize,
 }
@@ -126,6 +129,7 @@ impl Totals {
         self.dedup.evicted_early += r.dedup.evicted_early;
         self.dedup.too_large += r.dedup.too_large;
         self.dedup.in_flight_full += r.dedup.in_flight_full;
+        self.decision_latency.merge(&r.decision_latency);
     }
 
     /// One line: answers, NAKs by Error-Cause, discards by reason, kernel drops.
@@ -166,8 +170,13 @@ impl Totals {
             }
         }
         let dups: u64 = t.duplicates.iter().sum();
+        let bound = |q| match self.decision_latency.quantile_bound_ns(q) {
+            Some(ns) => format!("<={}us", ns / 1000),
+            None if self.decision_latency.count == 0 => "-".to_string(),
+            None => ">100ms".to_string(),
+        };
         format!(
-            "received {} ack {} nak {} [{}] duplicates {} discards {} [{}] kernel_drops {} send_errors {} out_of_buffers {} gso_messages {}",
+            "received {} ack {} nak {} [{}] duplicates {} discards {} [{}] kernel_drops {} send_errors {} out_of_buffers {} gso_messages {} decision p50 {} p99 {}",
             self.io.received,
             acks,
             nak_total,
@@ -179,6 +188,8 @@ impl Totals {
             self.io.send_errors,
             self.io.out_of_buffers,
             self.io.gso_messages,
+            bound(0.5),
+            bound(0.99),
         )
     }
 }
@@ -187,6 +198,7 @@ struct ShardHandler {
     engine: Engine,
     now: Now,
     base: Instant,
+    decision_latency: LatencyHistogram,
 }
 
 fn now(base: Instant) -> Now {
@@ -205,10 +217,13 @@ impl Handler for ShardHandler {
     }
 
     fn datagram(&mut self, d: Received<'_>, out: &mut [u8]) -> Option<usize> {
-        match self
+        let started = Instant::now();
+        let outcome = self
             .engine
-            .handle(d.data, d.source, d.destination, self.now, out)
-        {
+            .handle(d.data, d.source, d.destination, self.now, out);
+        self.decision_latency
+            .record(u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX));
+        match outcome {
             Outcome::Discard(_) => None,
             Outcome::Answer(a) => Some(a.len),
             Outcome::Replay { len } => Some(len),
@@ -515,6 +530,11 @@ pub fn prometheus_text(totals: &Totals, client_names: &[&str]) -> String {
             "# HELP {name} {help}.\n# TYPE {name} counter\n{name} {value}"
         );
     }
+    totals.decision_latency.write_prometheus(
+        "dynauth_decision_seconds",
+        "Time to decide and encode one datagram (Engine::handle), per datagram",
+        &mut out,
+    );
     out
 }
 
@@ -544,12 +564,14 @@ fn run_shard(
         engine,
         now: now(base),
         base,
+        decision_latency: LatencyHistogram::default(),
     };
     let publish = |handler: &ShardHandler, backend: &Backend| {
         let mut r = report.lock().unwrap_or_else(|p| p.into_inner());
         r.counters.clone_from(handler.engine.counters());
         r.io = backend.stats();
         r.dedup = handler.engine.dedup_stats();
+        r.decision_latency = handler.decision_latency;
     };
     let mut last_publish = Instant::now();
     let mut errors = 0u32;
