@@ -50,11 +50,6 @@ impl Secret {
         })
     }
 
-    /// The secret's octets (for code that must hash it; never for display).
-    pub fn expose(&self) -> &[u8] {
-        &self.bytes
-    }
-
     /// HMAC-MD5 over the concatenation of `parts`, starting from the precomputed key state.
     pub fn hmac_md5(&self, parts: &[&[u8]]) -> Authenticator {
         let mut mac = self.hmac_key_state.clone();

@@ -94,11 +94,6 @@ impl<'a> Packet<'a> {
         self.bytes
     }
 
-    /// Code, Identifier and Length: the first four octets.
-    pub fn header_prefix(&self) -> &'a [u8; 4] {
-        self.bytes.first_chunk::<4>().unwrap_or(&[0; 4])
-    }
-
     /// The attribute area (everything after the header).
     pub fn attribute_bytes(&self) -> &'a [u8] {
         self.bytes.get(HEADER_LEN..).unwrap_or(&[])

@@ -377,7 +377,7 @@ impl Shard<'_> {
 }
 
 /// The one Error-Cause for each store refusal.
-pub fn refusal_cause(refusal: Refusal) -> ErrorCause {
+fn refusal_cause(refusal: Refusal) -> ErrorCause {
     match refusal {
         Refusal::NotFound => ErrorCause::SessionContextNotFound,
         Refusal::Contradicted => ErrorCause::InvalidAttributeValue,

@@ -352,6 +352,10 @@ mod tests {
         assert!(c.begin(key(2, 2), 10));
         assert!(!c.begin(key(2, 3), 10));
         assert_eq!(c.stats().in_flight_full, 1);
+        // A dropped request leaves nothing behind: its copy is new again.
+        assert_eq!(c.seen(&key(2, 1), 0), Seen::InFlight);
+        c.abandon(&key(2, 1));
+        assert_eq!(c.seen(&key(2, 1), 0), Seen::New);
     }
 
     #[test]
