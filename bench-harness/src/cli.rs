@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use dynauth_engine::server::config::CpuList;
+use dynauth_udp::cpu::CpuList;
 
 /// Side-by-side benchmarks: the echo ceiling, dynauthd (each I/O backend, shard count and
 /// batch size) and FreeRADIUS as a DAS, driven by loadgen on 127.0.0.1; a Markdown report

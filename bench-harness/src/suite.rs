@@ -312,7 +312,7 @@ impl Suite {
         match r.kind {
             TargetKind::Echo => None,
             TargetKind::Dynauthd if self.bins.dynauthd.is_none() => Some(
-                "dynauthd binary not found (build it with `cargo build --release -p dynauth-engine --bin dynauthd` or pass --dynauthd PATH)".into(),
+                "dynauthd binary not found (build it with `cargo build --release -p dynauthd --bin dynauthd` or pass --dynauthd PATH)".into(),
             ),
             TargetKind::Dynauthd => match (r.io.as_deref(), uring_unavailable) {
                 (Some("uring"), Some(reason)) => Some(reason.to_string()),

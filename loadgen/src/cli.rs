@@ -100,7 +100,7 @@ pub struct RunArgs {
     #[arg(long, default_value = "testing123", hide_default_value = true)]
     pub secret: String,
 
-    /// Sessions to target, from a JSON Lines file of `dynauth_engine::session::Session`.
+    /// Sessions to target, from a JSON Lines file of `dynauth_proto::session::Session`.
     #[arg(long, conflicts_with = "synthetic")]
     pub sessions: Option<PathBuf>,
     /// Sessions to target: the first N synthetic sessions of --seed (as `dynauthd` loads).
@@ -302,7 +302,7 @@ pub fn parse_millis(s: &str) -> Result<Duration, String> {
 }
 
 /// A list of CPU numbers (a newtype, so that clap takes it as one value).
-pub use dynauth_engine::server::config::CpuList;
+pub use dynauth_udp::cpu::CpuList;
 
 /// A CPU list: "0", "0,2", "1-3", "0,2-3" (parsed as `dynauthd --cpus` parses it).
 pub fn parse_cpus(s: &str) -> Result<CpuList, String> {

@@ -1,7 +1,7 @@
 //! Requests prepared ahead of time.
 //!
-//! The sessions to target come from a JSON Lines file of `dynauth_engine::session::Session`
-//! (the format `dynauthd --sessions` loads) or from `dynauth_engine::synth` (the same
+//! The sessions to target come from a JSON Lines file of `dynauth_proto::session::Session`
+//! (the format `dynauthd --sessions` loads) or from `dynauth_proto::synth` (the same
 //! `(seed, index)` gives the same session on both sides). From them the pool builds every
 //! distinct request once, into one arena: header with Identifier 0 and a zero Authenticator,
 //! then the attributes. Sending request `k` copies template `k % len`, sets the Identifier and
@@ -13,11 +13,11 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
-use dynauth_engine::auth::{Authenticator, Secret, sign_request};
-use dynauth_engine::codec::{MAX_PACKET_LEN, PacketWriter, WriteError};
-use dynauth_engine::dict::{attr, code, vendor};
-use dynauth_engine::session::Session;
-use dynauth_engine::synth;
+use dynauth_proto::auth::{Authenticator, Secret, sign_request};
+use dynauth_proto::codec::{MAX_PACKET_LEN, PacketWriter, WriteError};
+use dynauth_proto::dict::{attr, code, vendor};
+use dynauth_proto::session::Session;
+use dynauth_proto::synth;
 
 use crate::cli::Mix;
 
@@ -44,7 +44,7 @@ pub enum PoolError {
     #[error("a request does not fit in a RADIUS packet ({0:?})")]
     TooLarge(WriteError),
     #[error("{0}")]
-    Secret(#[from] dynauth_engine::auth::EmptySecret),
+    Secret(#[from] dynauth_proto::auth::EmptySecret),
 }
 
 /// The packet a request is.
@@ -474,10 +474,10 @@ impl Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dynauth_engine::auth::{
+    use dynauth_proto::auth::{
         request_authenticator_is_valid, request_message_authenticator_is_valid,
     };
-    use dynauth_engine::codec::Packet;
+    use dynauth_proto::codec::Packet;
 
     fn options(ma: bool, ts: bool) -> Options {
         Options {

@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 
-use dynauth_engine::dict::ErrorCause;
+use dynauth_proto::dict::ErrorCause;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 

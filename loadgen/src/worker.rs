@@ -23,9 +23,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use dynauth_engine::auth::{ResponseCheck, verify_response};
-use dynauth_engine::codec::Packet;
-use dynauth_engine::dict::{ErrorCause, attr};
+use dynauth_proto::auth::{ResponseCheck, verify_response};
+use dynauth_proto::codec::Packet;
+use dynauth_proto::dict::{ErrorCause, attr};
 use hdrhistogram::Histogram;
 
 use crate::cli::Expect;
@@ -734,7 +734,7 @@ fn error_cause(packet: &Packet<'_>) -> Option<u32> {
         .attributes()
         .filter_map(Result::ok)
         .find(|a| a.ty == attr::ERROR_CAUSE)
-        .and_then(|a| dynauth_engine::codec::read_u32(a.value).ok())
+        .and_then(|a| dynauth_proto::codec::read_u32(a.value).ok())
 }
 
 impl std::fmt::Debug for Worker {

@@ -62,8 +62,8 @@ fn binary_echo_server_and_json_report() {
     let text = String::from_utf8(out.stdout).unwrap();
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 3);
-    let first: dynauth_engine::session::Session = serde_json::from_str(lines[0]).unwrap();
-    assert_eq!(first, dynauth_engine::synth::session(5, 0));
+    let first: dynauth_proto::session::Session = serde_json::from_str(lines[0]).unwrap();
+    assert_eq!(first, dynauth_proto::synth::session(5, 0));
 
     // A bad flag is refused with a usage error, not a panic.
     let bad = Command::new(exe)

@@ -11,10 +11,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{SECRET, args, engine_target, slow_echo, untouched};
-use dynauth_engine::auth::{Secret, md5_authenticator};
-use dynauth_engine::dict::{ErrorCause, attr};
-use dynauth_engine::synth;
 use dynauth_loadgen::run;
+use dynauth_proto::auth::{Secret, md5_authenticator};
+use dynauth_proto::dict::{ErrorCause, attr};
+use dynauth_proto::synth;
 
 fn assert_adds_up(r: &dynauth_loadgen::Report) {
     assert!(r.counts_add_up, "{}", r.text());

@@ -1,4 +1,4 @@
-//! Loopback targets for the integration tests: a DAS built from `dynauth_engine::Engine` and
+//! Loopback targets for the integration tests: a DAS built from `dynauth_proto::Engine` and
 //! `MemoryStore` on a UDP socket in a thread (with a hook that can corrupt or drop answers),
 //! and a slow echo responder.
 #![forbid(unsafe_code)]
@@ -10,10 +10,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use dynauth_engine::auth::Secret;
-use dynauth_engine::client::{Cidr, Client, ClientTable};
-use dynauth_engine::store::{AcceptAll, MemoryStore};
-use dynauth_engine::{Engine, EngineConfig, Now, Outcome, synth};
+use dynauth_proto::auth::Secret;
+use dynauth_proto::client::{Cidr, Client, ClientTable};
+use dynauth_proto::store::{AcceptAll, MemoryStore};
+use dynauth_proto::{Engine, EngineConfig, Now, Outcome, synth};
 
 pub const SECRET: &str = "loadgen-test-secret";
 
@@ -69,7 +69,7 @@ pub fn engine_target(sessions: u64, mut hook: Hook) -> Target {
     };
     let mut engine = Engine::new(
         Arc::new(config),
-        Arc::clone(&store) as Arc<dyn dynauth_engine::SessionStore>,
+        Arc::clone(&store) as Arc<dyn dynauth_proto::SessionStore>,
         Arc::new(AcceptAll),
     );
     let socket = UdpSocket::bind("127.0.0.1:0").unwrap();

@@ -1,0 +1,662 @@
+//! dynauthd's configuration: the command line (clap), the TOML file (serde + toml), and how
+//! they combine into the [`Settings`] the runtime runs with.
+//!
+//! Owns: every setting's name, default and validation; secrets from the file, a file or an
+//! environment variable (never logged: [`Secret`]'s `Debug` redacts); error messages that say
+//! where (file, line, key) and what to do. Flags override the file. Must not touch: sockets,
+//! threads (the runtime) or packets (the engine).
+#![forbid(unsafe_code)]
+
+use core::fmt;
+use core::str::FromStr;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use serde::Deserialize;
+use toml::Spanned;
+
+use dynauth_proto::auth::Secret;
+use dynauth_proto::client::{Cidr, Client, ClientPolicy, ClientTable, NasIdentity};
+use dynauth_proto::dedup::DedupConfig;
+pub use dynauth_udp::cpu::CpuList;
+
+/// The documented demo secret (`--demo`): public, for the quick start only.
+pub const DEMO_SECRET: &str = "dynauth-demo-secret";
+/// How many synthetic sessions `--demo` loads (Acct-Session-Id demo-1 ... demo-1000).
+pub const DEMO_SESSIONS: u64 = 1000;
+/// The default listen address (RFC 5176 §3.7: UDP port 3799).
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:3799";
+/// Default socket buffers: 32 MiB receive (a storm at full rate queues, not drops), 8 MiB send.
+pub const DEFAULT_RECV_BUFFER: usize = 32 << 20;
+pub const DEFAULT_SEND_BUFFER: usize = 8 << 20;
+pub const DEFAULT_BATCH: usize = 64;
+pub const DEFAULT_STATS_INTERVAL_SECS: u64 = 10;
+
+/// dynauthd: an RFC 5176 Dynamic Authorization Server (Disconnect and CoA).
+#[derive(Debug, Clone, Parser)]
+#[command(name = "dynauthd", version, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// TOML configuration file (flags override its settings).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address and port to listen on; repeatable (default 127.0.0.1:3799).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: Vec<SocketAddr>,
+    /// A client (DAC) network and its shared secret; repeatable. The secret is visible in the
+    /// process list: in production put secrets in the config file's secret_file/secret_env.
+    #[arg(long, value_name = "CIDR=SECRET", value_parser = parse_client_flag)]
+    pub client: Vec<ClientFlag>,
+    /// This NAS's NAS-Identifier (checked against requests, RFC 5176 §3); repeatable.
+    #[arg(long, value_name = "ID")]
+    pub nas_identifier: Vec<String>,
+    /// This NAS's NAS-IP-Address; repeatable (default: the address a request arrived on).
+    #[arg(long, value_name = "IP")]
+    pub nas_ip: Vec<Ipv4Addr>,
+    /// This NAS's NAS-IPv6-Address; repeatable (default: the address a request arrived on).
+    #[arg(long, value_name = "IP")]
+    pub nas_ipv6: Vec<Ipv6Addr>,
+    /// Sessions to load: JSON Lines, one session per line.
+    #[arg(long, value_name = "FILE.jsonl")]
+    pub sessions: Option<PathBuf>,
+    /// Number of shards (threads, each with its own sockets): a number or `auto` (one per CPU).
+    #[arg(long, value_name = "N|auto")]
+    pub shards: Option<Shards>,
+    /// CPUs to pin shards to, e.g. `0,2-5` (default: every CPU this process may use).
+    #[arg(long, value_name = "LIST")]
+    pub cpus: Option<CpuList>,
+    /// I/O backend: `auto` picks io_uring when the kernel allows it, else recvmmsg/sendmmsg.
+    #[arg(long, value_enum, value_name = "auto|uring|mmsg")]
+    pub io: Option<IoChoice>,
+    /// Most datagrams received and answered per batch.
+    #[arg(long, value_name = "N")]
+    pub batch: Option<usize>,
+    /// Demo mode: loopback 127.0.0.1:3799, client 127.0.0.1 and ::1 with the public secret
+    /// `dynauth-demo-secret`, 1000 synthetic sessions demo-1 ... demo-1000.
+    #[arg(long)]
+    pub demo: bool,
+    /// SO_RCVBUF per socket, in octets (default 32 MiB).
+    #[arg(long, value_name = "BYTES")]
+    pub recv_buffer: Option<usize>,
+    /// SO_SNDBUF per socket, in octets (default 8 MiB).
+    #[arg(long, value_name = "BYTES")]
+    pub send_buffer: Option<usize>,
+    /// Seconds between stats log lines (0: none).
+    #[arg(long, value_name = "SECS")]
+    pub stats_interval: Option<u64>,
+    /// Send runs of same-size answers to one DAC as one UDP GSO message (mmsg backend).
+    #[arg(long)]
+    pub gso: bool,
+    /// Serve Prometheus text metrics over HTTP on this address (e.g. 127.0.0.1:9799).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Validates a configuration file (and the secrets and session file it names) and says
+    /// exactly what is wrong: file, line, key.
+    CheckConfig {
+        /// The TOML file to check.
+        file: PathBuf,
+    },
+}
+
+/// `--client CIDR=SECRET`.
+#[derive(Clone)]
+pub struct ClientFlag {
+    pub network: Cidr,
+    pub secret: Secret,
+}
+
+impl fmt::Debug for ClientFlag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ClientFlag({}={:?})", self.network, self.secret)
+    }
+}
+
+fn parse_client_flag(s: &str) -> Result<ClientFlag, String> {
+    let (cidr, secret) = s
+        .split_once('=')
+        .ok_or("expected CIDR=SECRET, e.g. 192.0.2.0/24=s3cret (no `=` found)")?;
+    let network = cidr
+        .parse::<Cidr>()
+        .map_err(|e| format!("bad client network: {e}"))?;
+    let secret = Secret::new(secret)
+        .map_err(|_| format!("the secret for {network} is empty (RFC 2865 §3 forbids that)"))?;
+    Ok(ClientFlag { network, secret })
+}
+
+/// `--shards N|auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Shards {
+    #[default]
+    Auto,
+    Count(usize),
+}
+
+impl FromStr for Shards {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.eq_ignore_ascii_case("auto") {
+            return Ok(Shards::Auto);
+        }
+        match s.trim().parse::<usize>() {
+            Ok(n) if (1..=1024).contains(&n) => Ok(Shards::Count(n)),
+            _ => Err(format!(
+                "`{s}` is not a shard count: use a number from 1 to 1024 or `auto`"
+            )),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Shards {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(i64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => n.to_string().parse().map_err(serde::de::Error::custom),
+            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// `--io`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IoChoice {
+    /// io_uring when the kernel allows it, else mmsg.
+    #[default]
+    Auto,
+    /// io_uring (multishot recvmsg, provided buffers); an error if it is not available.
+    Uring,
+    /// recvmmsg/sendmmsg.
+    Mmsg,
+}
+
+/// A CIDR in the TOML file (parse errors carry the value's position).
+#[derive(Debug, Clone, Copy)]
+struct CidrValue(Cidr);
+
+impl<'de> Deserialize<'de> for CidrValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse::<Cidr>()
+            .map(CidrValue)
+            .map_err(|e| serde::de::Error::custom(format!("bad client network: {e}")))
+    }
+}
+
+/// The TOML file, as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<Vec<SocketAddr>>,
+    shards: Option<Shards>,
+    cpus: Option<CpuList>,
+    io: Option<IoChoice>,
+    batch: Option<usize>,
+    sessions: Option<PathBuf>,
+    recv_buffer_bytes: Option<usize>,
+    send_buffer_bytes: Option<usize>,
+    stats_interval_secs: Option<u64>,
+    gso: Option<bool>,
+    metrics: Option<SocketAddr>,
+    #[serde(default)]
+    nas: NasFile,
+    #[serde(default)]
+    dedup: DedupFile,
+    #[serde(default)]
+    client: Vec<ClientFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NasFile {
+    #[serde(default)]
+    identifier: Vec<String>,
+    #[serde(default)]
+    ipv4: Vec<Ipv4Addr>,
+    #[serde(default)]
+    ipv6: Vec<Ipv6Addr>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DedupFile {
+    max_entries: Option<usize>,
+    arena_bytes: Option<usize>,
+    max_in_flight: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientFile {
+    name: Option<String>,
+    network: Spanned<CidrValue>,
+    secret: Option<Spanned<String>>,
+    secret_file: Option<Spanned<PathBuf>>,
+    secret_env: Option<Spanned<String>>,
+    previous_secret: Option<Spanned<String>>,
+    previous_secret_file: Option<Spanned<PathBuf>>,
+    previous_secret_env: Option<Spanned<String>>,
+    #[serde(default)]
+    policy: ClientPolicy,
+}
+
+/// A configuration that cannot be used. Every variant says where and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// TOML syntax, an unknown key, or a value of the wrong type; toml's message names the
+    /// line, column and key.
+    #[error("{path}: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("{path}:{line}: key `{key}`: {problem}")]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        key: String,
+        problem: String,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Everything dynauthd runs with, after file, flags and demo defaults are combined.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: Vec<SocketAddr>,
+    pub shards: Shards,
+    pub cpus: Option<CpuList>,
+    pub io: IoChoice,
+    pub batch: usize,
+    pub sessions: Option<PathBuf>,
+    /// Load the synthetic demo sessions.
+    pub demo_sessions: bool,
+    pub recv_buffer: usize,
+    pub send_buffer: usize,
+    pub stats_interval_secs: u64,
+    /// UDP GSO for answers (mmsg backend).
+    pub gso: bool,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics: Option<SocketAddr>,
+    pub clients: Vec<Client>,
+    pub nas: NasIdentity,
+    pub dedup: DedupConfig,
+}
+
+impl Settings {
+    /// The engine's view: clients, NAS identity, duplicate-cache sizing.
+    pub fn engine_config(&self) -> Result<dynauth_proto::EngineConfig, ConfigError> {
+        let clients = ClientTable::new(self.clients.iter().cloned())
+            .map_err(|e| ConfigError::Other(format!("{e}: list each client network once")))?;
+        Ok(dynauth_proto::EngineConfig {
+            clients,
+            nas: self.nas.clone(),
+            dedup: self.dedup,
+        })
+    }
+}
+
+fn line_of(source: &str, offset: usize) -> usize {
+    source
+        .get(..offset.min(source.len()))
+        .map(|s| s.matches('\n').count() + 1)
+        .unwrap_or(1)
+}
+
+struct SecretSource<'a> {
+    value: Option<&'a Spanned<String>>,
+    file: Option<&'a Spanned<PathBuf>>,
+    env: Option<&'a Spanned<String>>,
+}
+
+fn resolve_secret(
+    path: &Path,
+    source: &str,
+    base_dir: &Path,
+    key_prefix: &str,
+    which: &str,
+    s: SecretSource<'_>,
+    fallback_line: usize,
+) -> Result<Option<Secret>, ConfigError> {
+    let invalid =
+        |span: core::ops::Range<usize>, key: String, problem: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            line: line_of(source, span.start),
+            key,
+            problem,
+        };
+    let given = [s.value.is_some(), s.file.is_some(), s.env.is_some()]
+        .iter()
+        .filter(|b| **b)
+        .count();
+    if given > 1 {
+        let span = s
+            .file
+            .map(Spanned::span)
+            .or(s.env.map(Spanned::span))
+            .unwrap_or(0..0);
+        return Err(invalid(
+            span,
+            format!("{key_prefix}.{which}"),
+            format!("give only one of `{which}`, `{which}_file` and `{which}_env`"),
+        ));
+    }
+    let bytes: Vec<u8> = if let Some(v) = s.value {
+        v.get_ref().as_bytes().to_vec()
+    } else if let Some(f) = s.file {
+        let file = base_dir.join(f.get_ref());
+        let mut data = std::fs::read(&file).map_err(|e| {
+            invalid(
+                f.span(),
+                format!("{key_prefix}.{which}_file"),
+                format!(
+                    "cannot read secret file {}: {e} (create it with the shared secret on one line, readable only by dynauthd)",
+                    file.display()
+                ),
+            )
+        })?;
+        while data.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+            data.pop();
+        }
+        warn_if_world_readable(&file);
+        data
+    } else if let Some(e) = s.env {
+        match std::env::var_os(e.get_ref()) {
+            Some(v) => v.into_encoded_bytes(),
+            None => {
+                return Err(invalid(
+                    e.span(),
+                    format!("{key_prefix}.{which}_env"),
+                    format!(
+                        "environment variable {} is not set: export it before starting dynauthd",
+                        e.get_ref()
+                    ),
+                ));
+            }
+        }
+    } else {
+        return Ok(None);
+    };
+    let span = s
+        .value
+        .map(Spanned::span)
+        .or(s.file.map(Spanned::span))
+        .or(s.env.map(Spanned::span));
+    Secret::new(bytes)
+        .map(Some)
+        .map_err(|_| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            line: span
+                .map(|sp| line_of(source, sp.start))
+                .unwrap_or(fallback_line),
+            key: format!("{key_prefix}.{which}"),
+            problem: "the secret is empty (RFC 2865 §3 forbids an empty shared secret)".into(),
+        })
+}
+
+fn warn_if_world_readable(file: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(file)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(
+            file = %file.display(),
+            "secret file is readable by group or others: chmod 600 it"
+        );
+    }
+}
+
+/// The file's settings, parsed and resolved (secrets read), before flags.
+#[derive(Debug, Default)]
+struct Loaded {
+    file: FileConfig,
+    clients: Vec<Client>,
+}
+
+fn load_file(path: &Path) -> Result<Loaded, ConfigError> {
+    let source = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let file: FileConfig = toml::from_str(&source).map_err(|e| ConfigError::Syntax {
+        path: path.to_path_buf(),
+        message: e.to_string().trim_end().to_string(),
+    })?;
+    let base_dir = path.parent().unwrap_or(Path::new("."));
+    let mut clients = Vec::with_capacity(file.client.len());
+    for (i, c) in file.client.iter().enumerate() {
+        let key = format!("client[{i}]");
+        let line = line_of(&source, c.network.span().start);
+        let secret = resolve_secret(
+            path,
+            &source,
+            base_dir,
+            &key,
+            "secret",
+            SecretSource {
+                value: c.secret.as_ref(),
+                file: c.secret_file.as_ref(),
+                env: c.secret_env.as_ref(),
+            },
+            line,
+        )?
+        .ok_or_else(|| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            line,
+            key: format!("{key}.secret"),
+            problem: format!(
+                "client {} has no secret: set `secret_file` (recommended), `secret_env` or `secret`",
+                c.network.get_ref().0
+            ),
+        })?;
+        let previous = resolve_secret(
+            path,
+            &source,
+            base_dir,
+            &key,
+            "previous_secret",
+            SecretSource {
+                value: c.previous_secret.as_ref(),
+                file: c.previous_secret_file.as_ref(),
+                env: c.previous_secret_env.as_ref(),
+            },
+            line,
+        )?;
+        let network = c.network.get_ref().0;
+        if let Some(dup) = clients.iter().position(|x: &Client| x.network == network) {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                line,
+                key: format!("{key}.network"),
+                problem: format!("{network} is already configured by client[{dup}]"),
+            });
+        }
+        let mut client = Client::new(network, secret);
+        if let Some(name) = &c.name {
+            client.name = name.clone();
+        }
+        client.previous_secret = previous;
+        client.policy = c.policy.clone();
+        clients.push(client);
+    }
+    let mut file = file;
+    // Relative paths in the file are relative to the file.
+    file.sessions = file
+        .sessions
+        .map(|s| if s.is_relative() { base_dir.join(s) } else { s });
+    Ok(Loaded { file, clients })
+}
+
+/// `dynauthd check-config FILE`: the settings the file gives, or what is wrong with it.
+pub fn check_file(path: &Path) -> Result<Settings, ConfigError> {
+    let cli = Cli::parse_from(["dynauthd"]);
+    let name = |e: ConfigError| match e {
+        ConfigError::Other(m) => ConfigError::Other(format!("{}: {m}", path.display())),
+        e => e,
+    };
+    let settings = combine(load_file(path)?, &cli).map_err(name)?;
+    settings.engine_config().map_err(name)?;
+    if let Some(sessions) = &settings.sessions
+        && !sessions.is_file()
+    {
+        return Err(ConfigError::Other(format!(
+            "{}: key `sessions`: no such file {}",
+            path.display(),
+            sessions.display()
+        )));
+    }
+    Ok(settings)
+}
+
+/// The settings of a command line (with its `--config` file, when given).
+pub fn settings_from(cli: &Cli) -> Result<Settings, ConfigError> {
+    let loaded = match &cli.config {
+        Some(path) => load_file(path)?,
+        None => Loaded::default(),
+    };
+    combine(loaded, cli)
+}
+
+fn combine(loaded: Loaded, cli: &Cli) -> Result<Settings, ConfigError> {
+    let Loaded { file, mut clients } = loaded;
+    // --client adds clients; one whose network the file already has replaces it.
+    for flag in &cli.client {
+        let client = Client::new(flag.network, flag.secret.clone());
+        match clients.iter_mut().find(|c| c.network == flag.network) {
+            Some(existing) => {
+                existing.secret = client.secret;
+                existing.previous_secret = None;
+            }
+            None => clients.push(client),
+        }
+    }
+    let mut listen = if !cli.listen.is_empty() {
+        cli.listen.clone()
+    } else {
+        file.listen.clone().unwrap_or_default()
+    };
+    if cli.demo {
+        for net in ["127.0.0.1/32", "::1/128"] {
+            let network: Cidr = net
+                .parse()
+                .map_err(|e| ConfigError::Other(format!("{e}")))?;
+            if !clients.iter().any(|c| c.network == network) {
+                let secret =
+                    Secret::new(DEMO_SECRET).map_err(|e| ConfigError::Other(e.to_string()))?;
+                let mut client = Client::new(network, secret);
+                client.name = format!("demo {net}");
+                clients.push(client);
+            }
+        }
+    }
+    if listen.is_empty() {
+        listen.push(
+            DEFAULT_LISTEN
+                .parse()
+                .map_err(|_| ConfigError::Other("bad default".into()))?,
+        );
+    }
+    let mut nas = NasIdentity {
+        identifiers: file.nas.identifier.clone(),
+        ipv4: file.nas.ipv4.clone(),
+        ipv6: file.nas.ipv6.clone(),
+    };
+    if !cli.nas_identifier.is_empty() {
+        nas.identifiers = cli.nas_identifier.clone();
+    }
+    if !cli.nas_ip.is_empty() {
+        nas.ipv4 = cli.nas_ip.clone();
+    }
+    if !cli.nas_ipv6.is_empty() {
+        nas.ipv6 = cli.nas_ipv6.clone();
+    }
+    let defaults = DedupConfig::default();
+    let dedup = DedupConfig {
+        max_entries: file.dedup.max_entries.unwrap_or(defaults.max_entries),
+        arena_bytes: file.dedup.arena_bytes.unwrap_or(defaults.arena_bytes),
+        max_in_flight: file.dedup.max_in_flight.unwrap_or(defaults.max_in_flight),
+    };
+    let sessions = cli.sessions.clone().or(file.sessions.clone());
+    let batch = cli.batch.or(file.batch).unwrap_or(DEFAULT_BATCH);
+    if !(1..=1024).contains(&batch) {
+        return Err(ConfigError::Other(format!(
+            "batch {batch} is out of range: use 1 to 1024"
+        )));
+    }
+    if clients.is_empty() {
+        return Err(ConfigError::Other(
+            "no clients configured, so every request would be dropped: add --client CIDR=SECRET, \
+             a [[client]] table in --config FILE, or use --demo"
+                .into(),
+        ));
+    }
+    Ok(Settings {
+        listen,
+        shards: cli.shards.or(file.shards).unwrap_or_default(),
+        cpus: cli.cpus.clone().or(file.cpus.clone()),
+        io: cli.io.or(file.io).unwrap_or_default(),
+        batch,
+        demo_sessions: cli.demo && sessions.is_none(),
+        sessions,
+        recv_buffer: cli
+            .recv_buffer
+            .or(file.recv_buffer_bytes)
+            .unwrap_or(DEFAULT_RECV_BUFFER),
+        send_buffer: cli
+            .send_buffer
+            .or(file.send_buffer_bytes)
+            .unwrap_or(DEFAULT_SEND_BUFFER),
+        stats_interval_secs: cli
+            .stats_interval
+            .or(file.stats_interval_secs)
+            .unwrap_or(DEFAULT_STATS_INTERVAL_SECS),
+        gso: cli.gso || file.gso.unwrap_or(false),
+        metrics: cli.metrics.or(file.metrics),
+        clients,
+        nas,
+        dedup,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_parse() {
+        assert_eq!("auto".parse::<Shards>().unwrap(), Shards::Auto);
+        assert_eq!("2".parse::<Shards>().unwrap(), Shards::Count(2));
+        assert!("0".parse::<Shards>().is_err());
+    }
+
+    #[test]
+    fn client_flag_parses_and_hides_secret() {
+        let f = parse_client_flag("10.0.0.0/8=topsecret").unwrap();
+        assert_eq!(f.network.to_string(), "10.0.0.0/8");
+        assert!(!format!("{f:?}").contains("topsecret"));
+        assert!(parse_client_flag("10.0.0.0/33=x").is_err());
+        assert!(parse_client_flag("10.0.0.0/8=").is_err());
+        assert!(parse_client_flag("10.0.0.0/8").is_err());
+    }
+
+    #[test]
+    fn line_numbers() {
+        assert_eq!(line_of("a\nb\nc", 0), 1);
+        assert_eq!(line_of("a\nb\nc", 2), 2);
+        assert_eq!(line_of("a\nb\nc", 4), 3);
+    }
+}

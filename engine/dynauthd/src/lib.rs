@@ -1,0 +1,15 @@
+//! dynauthd, the Dynauth server: the crate that wires the pipeline together.
+//!
+//! A datagram's path: [`dynauth_udp`] receives a batch from the kernel, the [`runtime`] hands
+//! it to this shard's [`dynauth_proto::Engine`] (verify, request rules, session decision
+//! against the [`dynauth_table::SessionTable`], answer), and `dynauth_udp` sends the answers.
+//!
+//! - [`config`]: command line and TOML file, combined into `Settings`.
+//! - [`runtime`]: shards (one pinned thread each, own SO_REUSEPORT sockets, own `Engine`),
+//!   stats, metrics, shutdown.
+//!
+//! Must not touch: syscalls (they are `dynauth_udp`'s) or protocol rules (`dynauth_proto`'s).
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod runtime;

@@ -1,0 +1,133 @@
+//! dynauthd: the Dynauth server. See `docs/RUNNING.md`.
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use dynauth_proto::store::{AcceptAll, SessionStore};
+use dynauth_proto::synth;
+use dynauth_table::{SessionTable, TableConfig, load};
+use dynauthd::config::{self, Cli, Command, DEMO_SECRET, DEMO_SESSIONS};
+use dynauthd::runtime;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let result = match &cli.command {
+        Some(Command::CheckConfig { file }) => check_config(file),
+        None => serve(&cli),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dynauthd: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
+    let settings = config::check_file(file)?;
+    println!(
+        "{}: OK: {} client(s), listen {}, io {:?}, shards {:?}",
+        file.display(),
+        settings.clients.len(),
+        settings
+            .listen
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(" "),
+        settings.io,
+        settings.shards,
+    );
+    Ok(())
+}
+
+/// Loads the session file into a fresh table: all of it or nothing, with a progress bar on a
+/// terminal and the count and time at the end.
+fn load_sessions(path: &std::path::Path) -> anyhow::Result<SessionTable> {
+    let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    let bar = load::progress_bar(size, std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let loaded = load::load_jsonl_file(path, TableConfig::default(), &mut |p| {
+        if let Some(bar) = &bar {
+            bar.set_position(p.bytes);
+        }
+    });
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let (table, report) = loaded.with_context(|| {
+        format!(
+            "{}: the session file was not loaded (nothing was)",
+            path.display()
+        )
+    })?;
+    tracing::info!("{}: {report}", path.display());
+    Ok(table)
+}
+
+fn serve(cli: &Cli) -> anyhow::Result<()> {
+    let settings = config::settings_from(cli)?;
+    let engine_config = Arc::new(settings.engine_config()?);
+    let store = Arc::new(match &settings.sessions {
+        Some(path) => load_sessions(path)?,
+        None => SessionTable::new(TableConfig::default()),
+    });
+    if settings.demo_sessions {
+        for s in synth::demo_sessions(1, DEMO_SESSIONS) {
+            store.insert(s);
+        }
+        tracing::warn!(
+            "demo mode: the shared secret is the public `{DEMO_SECRET}`; {DEMO_SESSIONS} synthetic sessions demo-1 ... demo-{DEMO_SESSIONS}"
+        );
+    }
+    let shutdown = dynauth_udp::install_shutdown_signals()
+        .context("installing the SIGINT/SIGTERM handlers")?;
+    let store: Arc<dyn SessionStore> = store;
+    let server = runtime::start(&settings, engine_config, store, Arc::new(AcceptAll))?;
+    let addrs = server
+        .local_addrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(" ");
+    tracing::info!(
+        "listening on {addrs} with {} shard(s), io {}, {} client(s)",
+        server.shards,
+        server.io.name(),
+        settings.clients.len()
+    );
+    let mut metrics = String::new();
+    if let Some(addr) = settings.metrics {
+        let names = settings.clients.iter().map(|c| c.name.clone()).collect();
+        let bound = server.serve_metrics(addr, names)?;
+        tracing::info!("Prometheus metrics on http://{bound}/metrics");
+        metrics = format!(" metrics={bound}");
+    }
+    // One machine-readable line on stdout for scripts and tests.
+    println!(
+        "dynauthd listening {addrs} io={} shards={}{metrics}",
+        server.io.name(),
+        server.shards
+    );
+    let totals = server.run_until(shutdown);
+    tracing::info!("totals: {}", totals.summary());
+    println!("dynauthd totals: {}", totals.summary());
+    if totals.failed_shards > 0 {
+        anyhow::bail!(
+            "{} shard(s) failed; see the log above",
+            totals.failed_shards
+        );
+    }
+    Ok(())
+}

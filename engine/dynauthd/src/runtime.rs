@@ -1,0 +1,691 @@
+//! The shard-per-core runtime: one pinned thread per shard, each with its own SO_REUSEPORT
+//! socket per listen address, its own I/O backend and its own [`Engine`] (so its own
+//! duplicate cache: the kernel sends one source address and port to one socket), all sharing
+//! one session store. A stats line every few seconds; graceful shutdown on request.
+//!
+//! Owns: backend choice (probe, `auto`), CPU and shard layout, binding (with the errors an
+//! operator can act on), the stats line and the totals. Must not touch: `unsafe` (that is
+//! `sys`), decisions (the engine), configuration parsing (`config`).
+#![forbid(unsafe_code)]
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::config::{IoChoice, Settings, Shards};
+use dynauth_proto::counters::{Counters, Discard, LatencyHistogram, RequestKind};
+use dynauth_proto::decide::{Engine, EngineConfig, Now, Outcome};
+use dynauth_proto::dedup::DedupStats;
+use dynauth_proto::dict::ErrorCause;
+use dynauth_proto::store::{DataPlane, SessionStore};
+use dynauth_udp::{Backend, BufferSizes, Handler, IoStats, Listener, Received};
+
+/// A start-up failure, with what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(
+        "cannot listen on {addr}: the address is already in use (another dynauthd, or a DAS such \
+         as FreeRADIUS, holds it): stop that process or choose another --listen"
+    )]
+    AddressInUse { addr: SocketAddr },
+    #[error(
+        "cannot listen on {addr}: permission denied: ports below 1024 need root or \
+         CAP_NET_BIND_SERVICE (setcap cap_net_bind_service=+ep dynauthd), or use port 3799"
+    )]
+    PermissionDenied { addr: SocketAddr },
+    #[error(
+        "cannot listen on {addr}: the address is not configured on this host: check `ip addr` \
+         or listen on 0.0.0.0 / [::]"
+    )]
+    AddressNotAvailable { addr: SocketAddr },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "no such CPU {cpu}: this process may use CPUs {available}; fix --cpus (or `cpus` in the config file)"
+    )]
+    NoSuchCpu { cpu: usize, available: String },
+    #[error(
+        "io_uring was requested but is not available: {0}; run with --io mmsg, or --io auto to fall back by itself"
+    )]
+    UringRefused(String),
+    #[error("shard {shard} could not start: {message}")]
+    Shard { shard: usize, message: String },
+}
+
+/// The backend the runtime chose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoKind {
+    Uring,
+    Mmsg,
+}
+
+impl IoKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            IoKind::Uring => "io_uring",
+            IoKind::Mmsg => "recvmmsg/sendmmsg",
+        }
+    }
+}
+
+/// Picks the backend: `auto` takes io_uring when the probe passes and says why not otherwise.
+pub fn choose_backend(choice: IoChoice) -> Result<IoKind, StartError> {
+    match choice {
+        IoChoice::Mmsg => Ok(IoKind::Mmsg),
+        IoChoice::Uring => dynauth_udp::probe_uring()
+            .map(|()| IoKind::Uring)
+            .map_err(|e| StartError::UringRefused(e.0)),
+        IoChoice::Auto => match dynauth_udp::probe_uring() {
+            Ok(()) => {
+                tracing::info!("io backend: io_uring (--io auto: the kernel probe passed)");
+                Ok(IoKind::Uring)
+            }
+            Err(e) => {
+                tracing::info!(
+                    "io backend: recvmmsg/sendmmsg (--io auto: io_uring unavailable: {})",
+                    e.0
+                );
+                Ok(IoKind::Mmsg)
+            }
+        },
+    }
+}
+
+/// What a shard publishes for the stats line.
+#[derive(Debug, Clone, Default)]
+pub struct ShardReport {
+    pub counters: Counters,
+    pub io: IoStats,
+    pub dedup: DedupStats,
+    /// Time `Engine::handle` took per datagram (SPEC §10 latency histogram).
+    pub decision_latency: LatencyHistogram,
+}
+
+/// Every shard's reports summed.
+#[derive(Debug, Clone, Default)]
+pub struct Totals {
+    pub counters: Counters,
+    pub io: IoStats,
+    pub dedup: DedupStats,
+    pub decision_latency: LatencyHistogram,
+    /// Shards that stopped on their own (a panic): the server then shuts down.
+    pub failed_shards: usize,
+}
+
+impl Totals {
+    fn add(&mut self, r: &ShardReport) {
+        self.counters.merge(&r.counters);
+        self.io.add(&r.io);
+        self.dedup.stored += r.dedup.stored;
+        self.dedup.expired += r.dedup.expired;
+        self.dedup.evicted_early += r.dedup.evicted_early;
+        self.dedup.too_large += r.dedup.too_large;
+        self.dedup.in_flight_full += r.dedup.in_flight_full;
+        self.decision_latency.merge(&r.decision_latency);
+    }
+
+    /// One line: answers, NAKs by Error-Cause, discards by reason, kernel drops.
+    pub fn summary(&self) -> String {
+        let t = self.counters.totals();
+        let acks: u64 = t.acks.iter().sum();
+        let mut naks = String::new();
+        let mut nak_total = 0;
+        for cause in ErrorCause::ALL {
+            let n = t.nak(RequestKind::Disconnect, cause) + t.nak(RequestKind::Coa, cause);
+            if n > 0 {
+                nak_total += n;
+                let _ = write!(
+                    naks,
+                    "{}{}:{}",
+                    if naks.is_empty() { "" } else { " " },
+                    cause.value(),
+                    n
+                );
+            }
+        }
+        let mut discards = String::new();
+        let mut discard_total = self.counters.unknown_client;
+        if self.counters.unknown_client > 0 {
+            let _ = write!(discards, "unknown_client:{}", self.counters.unknown_client);
+        }
+        for d in Discard::ALL {
+            let n = t.discarded(d);
+            if n > 0 {
+                discard_total += n;
+                let _ = write!(
+                    discards,
+                    "{}{}:{}",
+                    if discards.is_empty() { "" } else { " " },
+                    d.name(),
+                    n
+                );
+            }
+        }
+        let dups: u64 = t.duplicates.iter().sum();
+        let bound = |q| match self.decision_latency.quantile_bound_ns(q) {
+            Some(ns) => format!("<={}us", ns / 1000),
+            None if self.decision_latency.count == 0 => "-".to_string(),
+            None => ">100ms".to_string(),
+        };
+        format!(
+            "received {} ack {} nak {} [{}] duplicates {} discards {} [{}] kernel_drops {} send_errors {} out_of_buffers {} gso_messages {} decision p50 {} p99 {}",
+            self.io.received,
+            acks,
+            nak_total,
+            naks,
+            dups,
+            discard_total,
+            discards,
+            self.io.kernel_drops,
+            self.io.send_errors,
+            self.io.out_of_buffers,
+            self.io.gso_messages,
+            bound(0.5),
+            bound(0.99),
+        )
+    }
+}
+
+struct ShardHandler {
+    engine: Engine,
+    now: Now,
+    base: Instant,
+    decision_latency: LatencyHistogram,
+}
+
+fn now(base: Instant) -> Now {
+    Now {
+        unix_secs: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        monotonic_ms: base.elapsed().as_millis() as u64,
+    }
+}
+
+impl Handler for ShardHandler {
+    fn begin_batch(&mut self) {
+        self.now = now(self.base);
+    }
+
+    fn datagram(&mut self, d: Received<'_>, out: &mut [u8]) -> Option<usize> {
+        let started = Instant::now();
+        let outcome = self
+            .engine
+            .handle(d.data, d.source, d.destination, self.now, out);
+        self.decision_latency
+            .record(u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX));
+        match outcome {
+            Outcome::Discard(_) => None,
+            Outcome::Answer(a) => Some(a.len),
+            Outcome::Replay { len } => Some(len),
+        }
+    }
+}
+
+fn bind_error(addr: SocketAddr, e: std::io::Error) -> StartError {
+    match e.raw_os_error() {
+        Some(libc::EADDRINUSE) => StartError::AddressInUse { addr },
+        Some(libc::EACCES) => StartError::PermissionDenied { addr },
+        Some(libc::EADDRNOTAVAIL) => StartError::AddressNotAvailable { addr },
+        _ => StartError::Bind { addr, source: e },
+    }
+}
+
+/// Whether something else already holds `addr`: a bind without SO_REUSEPORT fails then (our
+/// own sockets use SO_REUSEPORT, which would otherwise silently share the port with another
+/// dynauthd of the same user).
+fn check_free(addr: SocketAddr) -> Result<(), StartError> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )
+    .map_err(|e| bind_error(addr, e))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true).map_err(|e| bind_error(addr, e))?;
+    }
+    socket.bind(&addr.into()).map_err(|e| bind_error(addr, e))
+}
+
+/// The CPUs shards are pinned to, in order (`None`: the platform cannot pin).
+fn resolve_cpus(settings: &Settings) -> Result<Option<Vec<usize>>, StartError> {
+    let available: Option<Vec<usize>> =
+        core_affinity::get_core_ids().map(|ids| ids.into_iter().map(|c| c.id).collect());
+    match (&settings.cpus, available) {
+        (Some(list), Some(available)) => {
+            if let Some(cpu) = list.0.iter().find(|c| !available.contains(c)) {
+                return Err(StartError::NoSuchCpu {
+                    cpu: *cpu,
+                    available: format_cpu_list(&available),
+                });
+            }
+            Ok(Some(list.0.clone()))
+        }
+        (Some(_), None) => {
+            tracing::warn!("cannot read this process's CPU set: --cpus ignored, shards not pinned");
+            Ok(None)
+        }
+        (None, available) => Ok(available),
+    }
+}
+
+fn format_cpu_list(cpus: &[usize]) -> String {
+    let mut out = String::new();
+    let mut i = 0;
+    while i < cpus.len() {
+        let start = cpus[i];
+        let mut end = start;
+        while i + 1 < cpus.len() && cpus[i + 1] == end + 1 {
+            i += 1;
+            end = cpus[i];
+        }
+        if !out.is_empty() {
+            out.push(',');
+        }
+        if start == end {
+            let _ = write!(out, "{start}");
+        } else {
+            let _ = write!(out, "{start}-{end}");
+        }
+        i += 1;
+    }
+    out
+}
+
+/// The running server: its shards and where it listens.
+pub struct Server {
+    pub local_addrs: Vec<SocketAddr>,
+    pub io: IoKind,
+    pub shards: usize,
+    stop: Arc<AtomicBool>,
+    threads: Vec<thread::JoinHandle<()>>,
+    reports: Vec<Arc<Mutex<ShardReport>>>,
+    stats_interval: Duration,
+}
+
+/// Binds every socket and starts every shard. Returns once all shards are receiving.
+pub fn start(
+    settings: &Settings,
+    config: Arc<EngineConfig>,
+    store: Arc<dyn SessionStore>,
+    data_plane: Arc<dyn DataPlane>,
+) -> Result<Server, StartError> {
+    let io = choose_backend(settings.io)?;
+    if settings.gso && io == IoKind::Uring {
+        tracing::warn!(
+            "--gso is implemented for the mmsg backend only; io_uring sends answers one by one"
+        );
+    }
+    let cpus = resolve_cpus(settings)?;
+    let shards = match settings.shards {
+        Shards::Count(n) => n,
+        Shards::Auto => cpus
+            .as_ref()
+            .map(Vec::len)
+            .unwrap_or_else(|| {
+                thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            })
+            .max(1),
+    };
+    let sizes = BufferSizes {
+        recv: settings.recv_buffer,
+        send: settings.send_buffer,
+    };
+    // listeners[shard][address]
+    let mut listeners: Vec<Vec<Listener>> = (0..shards).map(|_| Vec::new()).collect();
+    let mut local_addrs = Vec::new();
+    for &addr in &settings.listen {
+        check_free(addr)?;
+        let mut bound = addr;
+        for shard in listeners.iter_mut() {
+            let l = dynauth_udp::bind_udp(bound, sizes).map_err(|e| bind_error(addr, e))?;
+            // Port 0: every shard binds the port the first one got.
+            bound = l.local;
+            if l.recv_buffer < sizes.recv / 2
+                && local_addrs.len() < settings.listen.len()
+                && shard.is_empty()
+            {
+                tracing::warn!(
+                    "{addr}: the kernel granted a {} octet receive buffer, not {}: raise net.core.rmem_max (sysctl -w net.core.rmem_max={}) or run with CAP_NET_ADMIN",
+                    l.recv_buffer,
+                    sizes.recv,
+                    sizes.recv
+                );
+            }
+            shard.push(l);
+        }
+        local_addrs.push(bound);
+    }
+    let base = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut threads = Vec::with_capacity(shards);
+    let mut reports = Vec::with_capacity(shards);
+    let mut readiness = Vec::with_capacity(shards);
+    for (index, shard_listeners) in listeners.into_iter().enumerate() {
+        let cpu = cpus
+            .as_ref()
+            .and_then(|c| c.get(index % c.len().max(1)).copied());
+        let report = Arc::new(Mutex::new(ShardReport::default()));
+        reports.push(Arc::clone(&report));
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
+        readiness.push(ready_rx);
+        let engine = Engine::new(
+            Arc::clone(&config),
+            Arc::clone(&store),
+            Arc::clone(&data_plane),
+        );
+        let shard_stop = Arc::clone(&stop);
+        let batch = settings.batch;
+        let gso = settings.gso;
+        let spawned = thread::Builder::new()
+            .name(format!("dynauthd-shard-{index}"))
+            .spawn(move || {
+                if let Some(cpu) = cpu
+                    && !core_affinity::set_for_current(core_affinity::CoreId { id: cpu })
+                {
+                    tracing::warn!(shard = index, cpu, "could not pin the shard to its CPU");
+                }
+                let backend = match io {
+                    IoKind::Mmsg => {
+                        let mut b = dynauth_udp::MmsgBackend::new(shard_listeners, batch);
+                        if gso && !b.enable_gso() {
+                            tracing::warn!(
+                                shard = index,
+                                "UDP GSO is not supported here: answers go one by one"
+                            );
+                        }
+                        Ok(Backend::Mmsg(Box::new(b)))
+                    }
+                    IoKind::Uring => dynauth_udp::UringBackend::new(shard_listeners, batch)
+                        .map(|b| Backend::Uring(Box::new(b)))
+                        .map_err(|e| e.0),
+                };
+                let backend = match backend {
+                    Ok(b) => {
+                        let _ = ready_tx.send(Ok(()));
+                        b
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                run_shard(index, backend, engine, base, &shard_stop, &report);
+            });
+        match spawned {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                stop.store(true, Ordering::SeqCst);
+                return Err(StartError::Shard {
+                    shard: index,
+                    message: e.to_string(),
+                });
+            }
+        }
+    }
+    for (shard, rx) in readiness.into_iter().enumerate() {
+        let result = rx
+            .recv()
+            .unwrap_or_else(|_| Err("the shard thread exited during start".into()));
+        if let Err(message) = result {
+            stop.store(true, Ordering::SeqCst);
+            for t in threads {
+                let _ = t.join();
+            }
+            return Err(if io == IoKind::Uring {
+                StartError::UringRefused(message)
+            } else {
+                StartError::Shard { shard, message }
+            });
+        }
+    }
+    Ok(Server {
+        local_addrs,
+        io,
+        shards,
+        stop,
+        threads,
+        reports,
+        stats_interval: Duration::from_secs(settings.stats_interval_secs),
+    })
+}
+
+fn totals_of(reports: &[Arc<Mutex<ShardReport>>]) -> Totals {
+    let mut totals = Totals::default();
+    for r in reports {
+        totals.add(&r.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+    totals
+}
+
+/// The engine's counters plus the runtime's I/O and duplicate-cache counters.
+pub fn prometheus_text(totals: &Totals, client_names: &[&str]) -> String {
+    let mut out = String::new();
+    totals.counters.write_prometheus(client_names, &mut out);
+    let io = &totals.io;
+    let d = &totals.dedup;
+    for (name, help, value) in [
+        (
+            "dynauth_datagrams_received_total",
+            "Datagrams read from the sockets",
+            io.received,
+        ),
+        (
+            "dynauth_answers_sent_total",
+            "Answers handed to the kernel",
+            io.sent,
+        ),
+        (
+            "dynauth_kernel_drops_total",
+            "Datagrams the kernel dropped at a full socket (SO_RXQ_OVFL)",
+            io.kernel_drops,
+        ),
+        (
+            "dynauth_send_errors_total",
+            "Answers the kernel refused to send",
+            io.send_errors,
+        ),
+        (
+            "dynauth_receive_errors_total",
+            "Receive errors",
+            io.recv_errors,
+        ),
+        (
+            "dynauth_out_of_buffers_total",
+            "io_uring provided-buffer ring exhaustions",
+            io.out_of_buffers,
+        ),
+        (
+            "dynauth_gso_messages_total",
+            "UDP GSO messages sent",
+            io.gso_messages,
+        ),
+        (
+            "dynauth_dedup_evicted_early_total",
+            "Cached answers dropped before their window ended",
+            d.evicted_early,
+        ),
+        (
+            "dynauth_dedup_in_flight_full_total",
+            "Requests not marked in flight because that table was full",
+            d.in_flight_full,
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}.\n# TYPE {name} counter\n{name} {value}"
+        );
+    }
+    totals.decision_latency.write_prometheus(
+        "dynauth_decision_seconds",
+        "Time to decide and encode one datagram (Engine::handle), per datagram",
+        &mut out,
+    );
+    out
+}
+
+fn answer_http(mut stream: std::net::TcpStream, body: &str) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_millis(500)))?;
+    stream.set_write_timeout(Some(Duration::from_millis(500)))?;
+    let mut request = [0u8; 1024];
+    let _ = stream.read(&mut request);
+    write!(
+        stream,
+        "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+fn run_shard(
+    index: usize,
+    mut backend: Backend,
+    engine: Engine,
+    base: Instant,
+    stop: &AtomicBool,
+    report: &Mutex<ShardReport>,
+) {
+    let mut handler = ShardHandler {
+        engine,
+        now: now(base),
+        base,
+        decision_latency: LatencyHistogram::default(),
+    };
+    let publish = |handler: &ShardHandler, backend: &Backend| {
+        let mut r = report.lock().unwrap_or_else(|p| p.into_inner());
+        r.counters.clone_from(handler.engine.counters());
+        r.io = backend.stats();
+        r.dedup = handler.engine.dedup_stats();
+        r.decision_latency = handler.decision_latency;
+    };
+    let mut last_publish = Instant::now();
+    let mut errors = 0u32;
+    while !stop.load(Ordering::Relaxed) {
+        if let Err(e) = backend.poll_batch(Duration::from_millis(100), &mut handler) {
+            errors += 1;
+            if errors <= 10 || errors.is_power_of_two() {
+                tracing::error!(shard = index, "I/O error (count {errors}): {e}");
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        if last_publish.elapsed() >= Duration::from_millis(250) {
+            publish(&handler, &backend);
+            last_publish = Instant::now();
+        }
+    }
+    if !backend.shutdown(&mut handler) {
+        tracing::warn!(
+            shard = index,
+            "some I/O did not complete during shutdown; its buffers are left allocated"
+        );
+    }
+    publish(&handler, &backend);
+}
+
+impl Server {
+    fn totals(&self) -> Totals {
+        totals_of(&self.reports)
+    }
+
+    /// Serves Prometheus text on `addr` (any path, HTTP/1.0) from a thread of its own until
+    /// the server stops. Returns the bound address.
+    pub fn serve_metrics(
+        &self,
+        addr: SocketAddr,
+        client_names: Vec<String>,
+    ) -> Result<SocketAddr, StartError> {
+        let listener = std::net::TcpListener::bind(addr).map_err(|e| bind_error(addr, e))?;
+        let local = listener.local_addr().map_err(|e| bind_error(addr, e))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| bind_error(addr, e))?;
+        let reports = self.reports.clone();
+        let stop = Arc::clone(&self.stop);
+        thread::Builder::new()
+            .name("dynauthd-metrics".into())
+            .spawn(move || {
+                let names: Vec<&str> = client_names.iter().map(String::as_str).collect();
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            let body = prometheus_text(&totals_of(&reports), &names);
+                            let _ = answer_http(stream, &body);
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            thread::sleep(Duration::from_millis(50));
+                        }
+                        Err(_) => thread::sleep(Duration::from_millis(50)),
+                    }
+                }
+            })
+            .map_err(|e| StartError::Bind { addr, source: e })?;
+        Ok(local)
+    }
+
+    /// Runs until `shutdown` is set, logging a stats line every interval; then stops reading,
+    /// answers what is in flight, joins the shards and returns the totals.
+    pub fn run_until(self, shutdown: &AtomicBool) -> Totals {
+        let mut last = Instant::now();
+        let mut last_received = 0u64;
+        while !shutdown.load(Ordering::SeqCst) {
+            thread::sleep(Duration::from_millis(50));
+            if let Some(dead) = self.threads.iter().position(|t| t.is_finished()) {
+                tracing::error!(
+                    "shard {dead} stopped unexpectedly; shutting down so that a supervisor restarts dynauthd"
+                );
+                break;
+            }
+            if !self.stats_interval.is_zero() && last.elapsed() >= self.stats_interval {
+                let totals = self.totals();
+                let secs = last.elapsed().as_secs_f64();
+                let rate = (totals.io.received - last_received) as f64 / secs.max(1e-3);
+                tracing::info!("stats: {rate:.0} req/s, {}", totals.summary());
+                last = Instant::now();
+                last_received = totals.io.received;
+            }
+        }
+        tracing::info!("shutting down: stopped reading, answering what is in flight");
+        self.stop.store(true, Ordering::SeqCst);
+        let Server {
+            threads, reports, ..
+        } = self;
+        let mut failed_shards = 0;
+        for t in threads {
+            if t.join().is_err() {
+                failed_shards += 1;
+            }
+        }
+        let mut totals = Totals::default();
+        for r in &reports {
+            totals.add(&r.lock().unwrap_or_else(|p| p.into_inner()));
+        }
+        totals.failed_shards = failed_shards;
+        totals
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_list_formatting() {
+        assert_eq!(format_cpu_list(&[0, 1, 2, 5, 7, 8]), "0-2,5,7-8");
+        assert_eq!(format_cpu_list(&[3]), "3");
+    }
+}

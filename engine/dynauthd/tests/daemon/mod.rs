@@ -1,0 +1,220 @@
+//! Shared helpers for the tests that run the real `dynauthd` binary on loopback.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::{SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use dynauth_proto::auth::{self, Secret};
+use dynauth_proto::codec::{Packet, PacketWriter};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_dynauthd");
+
+/// A running dynauthd; killed when dropped.
+pub struct Daemon {
+    child: Option<Child>,
+    pub addrs: Vec<SocketAddr>,
+    pub banner: String,
+    stdout: mpsc::Receiver<String>,
+    stderr: std::thread::JoinHandle<String>,
+}
+
+/// How a start ended.
+pub enum Started {
+    Running(Daemon),
+    /// The process exited before listening; its stderr.
+    Failed(String),
+}
+
+pub fn start(args: &[&str]) -> Started {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn dynauthd");
+    let stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let stderr = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(line) if line.starts_with("dynauthd listening ") => {
+            let addrs = line
+                .split_whitespace()
+                .filter_map(|w| w.parse().ok())
+                .collect();
+            Started::Running(Daemon {
+                child: Some(child),
+                addrs,
+                banner: line,
+                stdout: rx,
+                stderr,
+            })
+        }
+        other => {
+            let _ = child.kill();
+            let _ = child.wait();
+            let err = stderr.join().unwrap_or_default();
+            Started::Failed(format!("{other:?}\n{err}"))
+        }
+    }
+}
+
+pub fn start_ok(args: &[&str]) -> Daemon {
+    match start(args) {
+        Started::Running(d) => d,
+        Started::Failed(e) => panic!("dynauthd did not start: {e}"),
+    }
+}
+
+impl Daemon {
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addrs[0]
+    }
+
+    /// SIGTERM, wait (bounded), and return the rest of stdout (the totals line) and stderr.
+    pub fn stop(mut self) -> (String, String) {
+        let mut child = self.child.take().unwrap();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                assert!(status.success(), "dynauthd exited with {status}");
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("dynauthd did not stop within 10 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut out = String::new();
+        while let Ok(line) = self.stdout.recv_timeout(Duration::from_secs(2)) {
+            out.push_str(&line);
+            out.push('\n');
+        }
+        let err = std::mem::replace(&mut self.stderr, std::thread::spawn(String::new))
+            .join()
+            .unwrap_or_default();
+        (out, err)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A unique temporary path for this test process.
+pub fn temp_path(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("dynauthd-tests-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+/// A signed request: Message-Authenticator first when asked, then `attrs` in order.
+pub fn request(code: u8, id: u8, attrs: &[(u8, &[u8])], with_ma: bool, secret: &Secret) -> Vec<u8> {
+    let mut buf = [0u8; 4096];
+    let mut w = PacketWriter::new(&mut buf, code, id, &[0; 16]).unwrap();
+    let ma = with_ma.then(|| w.push(80, &[0; 16]).unwrap());
+    for (ty, value) in attrs {
+        w.push(*ty, value).unwrap();
+    }
+    let packet = w.finish();
+    auth::sign_request(packet, ma, secret);
+    packet.to_vec()
+}
+
+/// Sends `req` and waits for one answer (bounded); None on timeout.
+pub fn exchange(
+    sock: &UdpSocket,
+    to: SocketAddr,
+    req: &[u8],
+    wait: Duration,
+) -> Option<(Vec<u8>, SocketAddr)> {
+    sock.set_read_timeout(Some(wait)).unwrap();
+    sock.send_to(req, to).unwrap();
+    let mut buf = [0u8; 4096];
+    match sock.recv_from(&mut buf) {
+        Ok((n, from)) => Some((buf[..n].to_vec(), from)),
+        Err(_) => None,
+    }
+}
+
+/// The answer's checks every test wants: parses, same Identifier, authenticators valid.
+/// Returns (code, Error-Cause, Proxy-State values).
+pub fn check_answer(answer: &[u8], req: &[u8], secret: &Secret) -> (u8, Option<u32>, Vec<Vec<u8>>) {
+    let a = Packet::parse(answer).expect("answer parses");
+    let r = Packet::parse(req).unwrap();
+    assert_eq!(a.identifier(), r.identifier(), "answer Identifier");
+    assert_eq!(
+        auth::verify_response(&a, r.authenticator(), secret),
+        auth::ResponseCheck::Valid,
+        "answer authenticators"
+    );
+    let mut cause = None;
+    let mut proxy = Vec::new();
+    let mut first = true;
+    for attr in a.attributes() {
+        let attr = attr.unwrap();
+        if first {
+            assert_eq!(attr.ty, 80, "Message-Authenticator comes first");
+            first = false;
+        }
+        match attr.ty {
+            101 => cause = Some(u32::from_be_bytes(attr.value.try_into().unwrap())),
+            33 => proxy.push(attr.value.to_vec()),
+            _ => {}
+        }
+    }
+    (a.code(), cause, proxy)
+}
+
+/// Writes `n` synthetic sessions (seed 9) as JSON Lines; returns the path.
+pub fn sessions_file(name: &str, n: u64) -> PathBuf {
+    let path = temp_path(name);
+    let mut text = String::new();
+    for s in dynauth_proto::synth::sessions(9, n) {
+        text.push_str(&serde_json::to_string(&s).unwrap());
+        text.push('\n');
+    }
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+pub fn radclient() -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join("radclient"))
+            .find(|p| p.is_file())
+    })
+}

@@ -1,0 +1,40 @@
+//! # dynauth-proto
+//!
+//! The sans-IO heart of Dynauth, a RADIUS Dynamic Authorization Server (RFC 5176): one
+//! datagram, its addresses and the time go in; a silent discard with its reason, or the exact
+//! answer packet, comes out, and the session changes are applied through a [`SessionStore`].
+//! No sockets, no clocks, no threads, no `unsafe`: `cargo tree -p dynauth-proto` shows no
+//! libc, socket2 or io-uring.
+//!
+//! Layers, bottom up (see `docs/ARCHITECTURE.md`):
+//!
+//! - [`dict`]: codes, attribute numbers, Error-Cause values.
+//! - [`codec`]: checked, zero-copy packet view and the allocation-free answer writer.
+//! - [`auth`]: Request/Response Authenticators and Message-Authenticator (HMAC-MD5 with the
+//!   key state precomputed per secret), constant-time comparisons.
+//! - [`client`]: source address to client (longest-prefix match), secrets, policy.
+//! - [`session`], [`change`]: the session model, queries and matching; CoA changes.
+//! - [`store`]: the `SessionStore` and `DataPlane` traits and a reference store
+//!   (the carrier-scale one is the `dynauth-table` crate).
+//! - [`dedup`]: the bounded duplicate cache.
+//! - [`synth`]: deterministic synthetic sessions (benchmarks, demo, load generator).
+//! - [`counters`]: RFC 4673 counters, Prometheus text.
+//! - [`decide`]: the RFC 5176 decisions tying it together ([`Engine`]).
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod change;
+pub mod client;
+pub mod codec;
+pub mod counters;
+pub mod decide;
+pub mod dedup;
+pub mod dict;
+#[doc(hidden)]
+pub mod fuzzing;
+pub mod session;
+pub mod store;
+pub mod synth;
+
+pub use decide::{Answer, Engine, EngineConfig, Now, Outcome};
+pub use store::{DataPlane, SessionStore};

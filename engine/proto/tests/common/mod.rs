@@ -1,0 +1,269 @@
+//! Test support: building signed requests, running them through an `Engine` over a
+//! `MemoryStore`, and reading answers (every answer's authenticators are checked here).
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use dynauth_proto::auth::{self, ResponseCheck, Secret};
+use dynauth_proto::change::{AuthorizationChange, SubscriberCommand};
+use dynauth_proto::client::{Client, ClientPolicy, ClientTable, NasIdentity};
+use dynauth_proto::codec::{MAX_PACKET_LEN, Packet, PacketWriter};
+use dynauth_proto::dict::{ErrorCause, attr};
+use dynauth_proto::session::Session;
+use dynauth_proto::store::{DataPlane, MemoryStore};
+use dynauth_proto::{Engine, EngineConfig, Now, Outcome};
+
+pub const SECRET: &str = "testing123";
+pub const NOW: Now = Now {
+    unix_secs: 1_795_263_234,
+    monotonic_ms: 1_000_000,
+};
+
+pub fn source() -> SocketAddr {
+    "127.0.0.1:40000".parse().unwrap()
+}
+
+pub fn destination() -> SocketAddr {
+    "127.0.0.1:3799".parse().unwrap()
+}
+
+/// Builds a request: attributes in order; `message_authenticator` puts one first.
+pub fn request(code: u8, id: u8, attrs: &[(u8, &[u8])], message_authenticator: bool) -> Vec<u8> {
+    request_with_secret(code, id, attrs, message_authenticator, SECRET)
+}
+
+pub fn request_with_secret(
+    code: u8,
+    id: u8,
+    attrs: &[(u8, &[u8])],
+    message_authenticator: bool,
+    secret: &str,
+) -> Vec<u8> {
+    let mut buf = vec![0u8; MAX_PACKET_LEN];
+    let mut w = PacketWriter::new(&mut buf, code, id, &[0; 16]).unwrap();
+    let ma = message_authenticator.then(|| w.push(attr::MESSAGE_AUTHENTICATOR, &[0; 16]).unwrap());
+    for (ty, v) in attrs {
+        w.push(*ty, v).unwrap();
+    }
+    let len = w.finish().len();
+    buf.truncate(len);
+    auth::sign_request(&mut buf, ma, &Secret::new(secret).unwrap());
+    buf
+}
+
+/// A Vendor-Specific attribute value holding one sub-attribute.
+pub fn vsa(vendor: u32, ty: u8, value: &[u8]) -> Vec<u8> {
+    let mut v = vendor.to_be_bytes().to_vec();
+    v.push(ty);
+    v.push((value.len() + 2) as u8);
+    v.extend_from_slice(value);
+    v
+}
+
+/// Re-signs a request after a test edited its bytes (so only the edit is under test).
+pub fn resign(packet: &mut [u8]) {
+    let ma = Packet::parse(packet)
+        .unwrap()
+        .attributes()
+        .map_while(Result::ok)
+        .find(|a| a.ty == attr::MESSAGE_AUTHENTICATOR)
+        .map(|a| a.value_offset());
+    if let Some(off) = ma {
+        packet[off..off + 16].fill(0);
+    }
+    packet[4..20].fill(0);
+    auth::sign_request(packet, ma, &Secret::new(SECRET).unwrap());
+}
+
+/// Everything a data plane was told, in order.
+#[derive(Debug, Default)]
+pub struct RecordingDataPlane {
+    pub events: Mutex<Vec<String>>,
+    pub refuse_removal_of: Mutex<Option<String>>,
+}
+
+impl DataPlane for RecordingDataPlane {
+    fn may_remove(&self, s: &Session) -> bool {
+        let refused = self.refuse_removal_of.lock().unwrap();
+        refused.as_deref() != s.acct_session_id.as_deref() || refused.is_none()
+    }
+    fn removed(&self, s: &Session) {
+        self.events.lock().unwrap().push(format!(
+            "removed {}",
+            s.acct_session_id.as_deref().unwrap_or("?")
+        ));
+    }
+    fn changed(&self, s: &Session, c: &AuthorizationChange<'_>) {
+        let cmd = match c.command {
+            Some(SubscriberCommand::Reauthenticate) => " reauthenticate",
+            Some(SubscriberCommand::BounceHostPort) => " bounce-host-port",
+            Some(SubscriberCommand::DisableHostPort) => " disable-host-port",
+            None => "",
+        };
+        self.events.lock().unwrap().push(format!(
+            "changed {}{cmd}",
+            s.acct_session_id.as_deref().unwrap_or("?")
+        ));
+    }
+    fn reauthorize(&self, s: &Session) {
+        self.events.lock().unwrap().push(format!(
+            "reauthorize {}",
+            s.acct_session_id.as_deref().unwrap_or("?")
+        ));
+    }
+}
+
+pub struct Fixture {
+    pub engine: Engine,
+    pub store: Arc<MemoryStore>,
+    pub data_plane: Arc<RecordingDataPlane>,
+    pub out: Vec<u8>,
+}
+
+/// A parsed, authenticator-checked answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub code: u8,
+    pub identifier: u8,
+    pub attrs: Vec<(u8, Vec<u8>)>,
+    pub bytes: Vec<u8>,
+}
+
+impl Reply {
+    pub fn error_causes(&self) -> Vec<u32> {
+        self.attrs
+            .iter()
+            .filter(|(t, _)| *t == attr::ERROR_CAUSE)
+            .map(|(_, v)| u32::from_be_bytes(v[..4].try_into().unwrap()))
+            .collect()
+    }
+
+    pub fn error_cause(&self) -> Option<ErrorCause> {
+        let all = self.error_causes();
+        assert!(all.len() <= 1, "more than one Error-Cause: {all:?}");
+        all.first().map(|v| ErrorCause::from_value(*v).unwrap())
+    }
+
+    pub fn values(&self, ty: u8) -> Vec<Vec<u8>> {
+        self.attrs
+            .iter()
+            .filter(|(t, _)| *t == ty)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    pub fn types(&self) -> Vec<u8> {
+        self.attrs.iter().map(|(t, _)| *t).collect()
+    }
+}
+
+pub fn session(id: &str) -> Session {
+    Session {
+        acct_session_id: Some(id.into()),
+        ..Session::default()
+    }
+}
+
+impl Fixture {
+    pub fn new(policy: ClientPolicy, sessions: Vec<Session>) -> Self {
+        Self::with_nas(policy, sessions, NasIdentity::default())
+    }
+
+    pub fn with_nas(policy: ClientPolicy, sessions: Vec<Session>, nas: NasIdentity) -> Self {
+        let mut client = Client::new(
+            "127.0.0.1/32".parse().unwrap(),
+            Secret::new(SECRET).unwrap(),
+        );
+        client.policy = policy;
+        Self::with_clients(vec![client], sessions, nas)
+    }
+
+    pub fn with_clients(clients: Vec<Client>, sessions: Vec<Session>, nas: NasIdentity) -> Self {
+        let config = EngineConfig {
+            clients: ClientTable::new(clients).unwrap(),
+            nas,
+            dedup: Default::default(),
+        };
+        let store = Arc::new(MemoryStore::with_sessions(sessions));
+        let data_plane = Arc::new(RecordingDataPlane::default());
+        let engine = Engine::new(Arc::new(config), store.clone(), data_plane.clone());
+        Fixture {
+            engine,
+            store,
+            data_plane,
+            out: vec![0; MAX_PACKET_LEN],
+        }
+    }
+
+    pub fn handle_at(
+        &mut self,
+        packet: &[u8],
+        from: SocketAddr,
+        now: Now,
+    ) -> (Outcome, Option<Reply>) {
+        let outcome = self
+            .engine
+            .handle(packet, from, destination(), now, &mut self.out);
+        let len = match outcome {
+            Outcome::Answer(a) => a.len,
+            Outcome::Replay { len } => len,
+            Outcome::Discard(_) => return (outcome, None),
+        };
+        let bytes = self.out[..len].to_vec();
+        let request = Packet::parse(packet).unwrap();
+        let answer = Packet::parse(&bytes).expect("answer parses");
+        assert_eq!(
+            answer.identifier(),
+            request.identifier(),
+            "SPEC §9: same Identifier"
+        );
+        assert_eq!(
+            auth::verify_response(
+                &answer,
+                request.authenticator(),
+                &Secret::new(SECRET).unwrap()
+            ),
+            ResponseCheck::Valid,
+            "answer authenticators must verify"
+        );
+        let attrs = answer
+            .attributes()
+            .map(|a| {
+                let a = a.expect("answer framing");
+                (a.ty, a.value.to_vec())
+            })
+            .collect();
+        let reply = Reply {
+            code: answer.code(),
+            identifier: answer.identifier(),
+            attrs,
+            bytes,
+        };
+        (outcome, Some(reply))
+    }
+
+    pub fn handle(&mut self, packet: &[u8]) -> (Outcome, Option<Reply>) {
+        self.handle_at(packet, source(), NOW)
+    }
+
+    /// Sends a request that must be answered; returns the answer.
+    pub fn answer(&mut self, packet: &[u8]) -> Reply {
+        match self.handle(packet) {
+            (_, Some(reply)) => reply,
+            (outcome, None) => panic!("expected an answer, got {outcome:?}"),
+        }
+    }
+
+    /// Sends a request that must be silently discarded; returns the reason.
+    pub fn discard(&mut self, packet: &[u8]) -> dynauth_proto::counters::Discard {
+        match self.handle(packet) {
+            (Outcome::Discard(reason), None) => reason,
+            other => panic!("expected a silent discard, got {other:?}"),
+        }
+    }
+
+    pub fn events(&self) -> Vec<String> {
+        self.data_plane.events.lock().unwrap().clone()
+    }
+}
