@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::sys::BatchReceiver;
+use dynauth_udp::dac::BatchReceiver;
 
 /// A running echo server.
 #[derive(Debug)]

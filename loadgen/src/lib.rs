@@ -5,7 +5,8 @@
 //! rate, verifies every answer, and reports latency honestly.
 //!
 //! Modules, bottom up:
-//! - [`sys`]: the one module with `unsafe`: sendmmsg/recvmmsg batches, ppoll, thread CPU time.
+//! Batched I/O (sendmmsg/recvmmsg, ppoll, thread CPU time) is `dynauth_udp::dac`: loadgen has
+//! no syscall code of its own.
 //! - [`ids`]: per-socket Identifier rotation (never reuse an outstanding Identifier).
 //! - [`pool`]: sessions (JSON Lines or synthetic) and the requests prepared ahead of time.
 //! - [`worker`]: one pinned thread's send/receive/verify loop, open or closed loop.
@@ -13,7 +14,7 @@
 //! - [`run`]: a whole run, from flags to report.
 //! - [`echo`]: the UDP echo server used as the ceiling target.
 //! - [`cli`]: the clap command line.
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 pub mod cli;
 pub mod echo;
@@ -21,7 +22,6 @@ pub mod ids;
 pub mod pool;
 pub mod report;
 pub mod run;
-pub mod sys;
 pub mod worker;
 
 pub use cli::{Cli, Command, EchoArgs, RunArgs};

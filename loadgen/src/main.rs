@@ -46,7 +46,7 @@ fn main() -> anyhow::Result<()> {
         }
         None => {
             // Ctrl-C stops sending, drains and reports; a second Ctrl-C kills.
-            dynauth_loadgen::sys::catch_interrupt().context("installing the SIGINT handler")?;
+            dynauth_udp::dac::catch_interrupt().context("installing the SIGINT handler")?;
             let report = dynauth_loadgen::run(&cli.run)?;
             if cli.run.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);

@@ -184,7 +184,7 @@ pub fn run(args: &RunArgs) -> Result<Report, RunError> {
 
     // Workers.
     let start = Instant::now() + Duration::from_millis(20);
-    let cpu0 = crate::sys::process_cpu_ns();
+    let cpu0 = dynauth_udp::dac::process_cpu_ns();
     let mut handles = Vec::with_capacity(threads);
     let mut progresses = Vec::with_capacity(threads);
     for (index, sockets) in socket_sets.into_iter().enumerate() {
@@ -288,7 +288,7 @@ pub fn run(args: &RunArgs) -> Result<Report, RunError> {
         send_end_ns = send_end_ns.max(result.send_end_ns);
         wall_max = wall_max.max(result.wall_ns);
     }
-    let cpu1 = crate::sys::process_cpu_ns();
+    let cpu1 = dynauth_udp::dac::process_cpu_ns();
 
     if let Some(path) = &args.histogram_file {
         let file = std::fs::File::create(path).map_err(|source| RunError::Output {
@@ -369,7 +369,7 @@ pub fn run(args: &RunArgs) -> Result<Report, RunError> {
             recvmmsg_per_request: per_request(counters.recvmmsg_calls),
             ppoll_per_request: per_request(counters.ppoll_calls),
         },
-        interrupted: crate::sys::interrupted(),
+        interrupted: dynauth_udp::dac::interrupted(),
         counts_add_up: counters.requests
             == answered + counters.timeouts + counters.expected_discards,
         counters,

@@ -32,7 +32,7 @@ use crate::cli::Expect;
 use crate::ids::IdAllocator;
 use crate::pool::{Expectation, Pool};
 use crate::report::{Counters, NAK_SLOTS, new_histogram};
-use crate::sys::{BatchReceiver, BatchSender, Poller};
+use dynauth_udp::dac::{BatchReceiver, BatchSender, Poller};
 
 /// Most datagrams in one batch.
 pub const MAX_BATCH: usize = 256;
@@ -186,7 +186,7 @@ pub fn run(plan: WorkerPlan) -> io::Result<WorkerResult> {
     if let Some(cpu) = plan.cpu {
         core_affinity::set_for_current(core_affinity::CoreId { id: cpu });
     }
-    crate::sys::set_timer_slack_ns(1_000);
+    dynauth_udp::dac::set_timer_slack_ns(1_000);
     let stride = plan.pool.max_len().next_multiple_of(64).max(64);
     let batch = plan.batch.clamp(1, MAX_BATCH);
     let fds: Vec<RawFd> = plan.sockets.iter().map(|s| s.as_raw_fd()).collect();
@@ -239,9 +239,9 @@ pub fn run(plan: WorkerPlan) -> io::Result<WorkerResult> {
     while Instant::now() < w.start {
         std::thread::sleep(Duration::from_micros(200));
     }
-    let cpu0 = crate::sys::thread_cpu_ns();
+    let cpu0 = dynauth_udp::dac::thread_cpu_ns();
     let send_end_ns = w.run_loop()?;
-    let cpu_ns = crate::sys::thread_cpu_ns().saturating_sub(cpu0);
+    let cpu_ns = dynauth_udp::dac::thread_cpu_ns().saturating_sub(cpu0);
     let wall_ns = now_ns(w.start);
     w.publish();
     Ok(WorkerResult {
@@ -309,7 +309,7 @@ impl Worker {
             let sending = send_end_ns.is_none();
             let mut built = 0;
             if sending {
-                let interrupted = crate::sys::interrupted();
+                let interrupted = dynauth_udp::dac::interrupted();
                 if self.more_to_send(now) && !interrupted {
                     built = self.schedule(now);
                 } else {

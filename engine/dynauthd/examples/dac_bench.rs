@@ -8,12 +8,14 @@
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use dynauth_proto::auth::{self, Secret};
 use dynauth_proto::codec::PacketWriter;
 use dynauth_proto::synth;
 use dynauth_udp::MAX_DATAGRAM;
+use dynauth_udp::dac::{BatchReceiver, BatchSender};
 
 fn cpu_ticks(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -55,8 +57,12 @@ fn main() -> anyhow::Result<()> {
     socket.set_recv_buffer_size(16 << 20)?;
     socket.set_send_buffer_size(16 << 20)?;
     socket.bind(&"127.0.0.1:0".parse::<SocketAddr>()?.into())?;
-    let mut bufs = vec![[0u8; MAX_DATAGRAM]; 64];
-    let mut lens = vec![0usize; 64];
+    socket.connect(&server.into())?;
+    // A blocking receive that gives up after 50 ms: lost packets restart the window.
+    socket.set_read_timeout(Some(Duration::from_millis(50)))?;
+    let fd = socket.as_raw_fd();
+    let mut sender = BatchSender::new(64);
+    let mut receiver = BatchReceiver::new(64, MAX_DATAGRAM);
     let mut counter = 0u64;
     let make = |k: usize, counter: &mut u64| -> Vec<Vec<u8>> {
         (0..k)
@@ -79,19 +85,35 @@ fn main() -> anyhow::Result<()> {
         }
         if outstanding < window {
             let batch = make((window - outstanding).min(64), &mut counter);
-            let n = dynauth_udp::send_batch(&socket, &batch, server)?;
+            let packets: Vec<&[u8]> = batch.iter().map(Vec::as_slice).collect();
+            let n = match sender.send(fd, &packets) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+                Err(e) => return Err(e.into()),
+            };
             sent += n as u64;
             outstanding += n;
         }
-        let n = dynauth_udp::recv_batch(&socket, &mut bufs, &mut lens, Duration::from_millis(50))?;
+        let n = match receiver.recv(fd, true) {
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                0
+            }
+            Err(e) => return Err(e.into()),
+        };
         if n == 0 {
             // Lost packets: start the window over.
             outstanding = 0;
             continue;
         }
         for i in 0..n {
-            if lens[i] > 0 {
-                codes[usize::from(bufs[i][0])] += 1;
+            if let Some(&code) = receiver.packet(i).first() {
+                codes[usize::from(code)] += 1;
             }
         }
         answers += n as u64;

@@ -13,6 +13,7 @@
 #![allow(unsafe_code)]
 
 pub mod cpu;
+pub mod dac;
 
 use core::mem::{ManuallyDrop, size_of};
 use std::alloc::Layout;
@@ -1260,111 +1261,6 @@ impl Backend {
             Backend::Uring(b) => b.stats(),
         }
     }
-}
-
-// ---------------------------------------------------------------------------------------
-// Client side (benchmark tools): batched send and receive on one socket
-// ---------------------------------------------------------------------------------------
-
-/// Sends every packet to `to` with `sendmmsg`, as few calls as it takes; returns how many
-/// were sent (fewer when the socket's buffer is full).
-pub fn send_batch(socket: &Socket, packets: &[Vec<u8>], to: SocketAddr) -> io::Result<usize> {
-    let mut name = NameBuf([0; 32]);
-    let namelen = write_sockaddr(to, &mut name.0);
-    let mut iovs: Vec<libc::iovec> = packets
-        .iter()
-        .map(|p| libc::iovec {
-            iov_base: p.as_ptr().cast_mut().cast(),
-            iov_len: p.len(),
-        })
-        .collect();
-    let mut hdrs = zeroed_mmsghdrs(packets.len());
-    for (h, iov) in hdrs.iter_mut().zip(iovs.iter_mut()) {
-        h.msg_hdr.msg_name = name.0.as_mut_ptr().cast();
-        h.msg_hdr.msg_namelen = namelen;
-        h.msg_hdr.msg_iov = iov;
-        h.msg_hdr.msg_iovlen = 1;
-    }
-    let mut done = 0;
-    while done < hdrs.len() {
-        // SAFETY: headers `done..` point at `name`, `iovs` and the packets' bytes, all alive
-        // and unchanged for the call (the kernel only reads them for a send).
-        let rc = unsafe {
-            libc::sendmmsg(
-                socket.as_raw_fd(),
-                hdrs[done..].as_mut_ptr(),
-                (hdrs.len() - done) as libc::c_uint,
-                0,
-            )
-        };
-        if rc < 0 {
-            let e = io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::EINTR) => continue,
-                Some(libc::EAGAIN) => break,
-                _ => return Err(e),
-            }
-        }
-        done += rc as usize;
-    }
-    Ok(done)
-}
-
-/// Receives up to `bufs.len()` datagrams with `recvmmsg`, waiting up to `timeout` for the
-/// first; `lens[i]` gets each one's length. Returns how many arrived.
-pub fn recv_batch(
-    socket: &Socket,
-    bufs: &mut [[u8; MAX_DATAGRAM]],
-    lens: &mut [usize],
-    timeout: Duration,
-) -> io::Result<usize> {
-    let n = bufs.len().min(lens.len());
-    let mut iovs: Vec<libc::iovec> = bufs[..n]
-        .iter_mut()
-        .map(|b| libc::iovec {
-            iov_base: b.as_mut_ptr().cast(),
-            iov_len: MAX_DATAGRAM,
-        })
-        .collect();
-    let mut hdrs = zeroed_mmsghdrs(n);
-    for (h, iov) in hdrs.iter_mut().zip(iovs.iter_mut()) {
-        h.msg_hdr.msg_iov = iov;
-        h.msg_hdr.msg_iovlen = 1;
-    }
-    for attempt in 0..2 {
-        // SAFETY: every header points at one live iovec over a live buffer of MAX_DATAGRAM
-        // octets owned by the caller for the duration of the call.
-        let rc = unsafe {
-            libc::recvmmsg(
-                socket.as_raw_fd(),
-                hdrs.as_mut_ptr(),
-                n as libc::c_uint,
-                libc::MSG_DONTWAIT,
-                core::ptr::null_mut(),
-            )
-        };
-        if rc >= 0 {
-            for (len, h) in lens.iter_mut().zip(hdrs.iter()).take(rc as usize) {
-                *len = h.msg_len as usize;
-            }
-            return Ok(rc as usize);
-        }
-        let e = io::Error::last_os_error();
-        if !is_transient(&e) {
-            return Err(e);
-        }
-        if attempt == 0 {
-            let mut pfd = libc::pollfd {
-                fd: socket.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-            // SAFETY: `pfd` is one live pollfd for the duration of the call.
-            unsafe { libc::poll(&mut pfd, 1, ms) };
-        }
-    }
-    Ok(0)
 }
 
 // ---------------------------------------------------------------------------------------

@@ -1,12 +1,15 @@
-//! The only module with `unsafe` code: thin, allocation-free wrappers over the Linux system
-//! calls the generator needs and `std` does not offer: batched `sendmmsg(2)` / `recvmmsg(2)`,
-//! `ppoll(2)` with a nanosecond timeout, the calling thread's CPU time
-//! (`clock_gettime(CLOCK_THREAD_CPUTIME_ID)`) and the process's (`getrusage(RUSAGE_SELF)`),
-//! the timer slack (`prctl`), and a SIGINT flag (`sigaction`).
+//! The DAC side of the I/O layer, for the load generator, the echo server and other bench
+//! clients: thin, allocation-free wrappers over the Linux system calls they need and `std`
+//! does not offer: batched `sendmmsg(2)` / `recvmmsg(2)` on one socket, `ppoll(2)` with a
+//! nanosecond timeout, the calling thread's CPU time (`clock_gettime(CLOCK_THREAD_CPUTIME_ID)`)
+//! and the process's (`getrusage(RUSAGE_SELF)`), the timer slack (`prctl`), and a SIGINT flag
+//! (`sigaction`).
+//!
+//! Owns: those syscalls for the tools. Must not touch: RADIUS (the callers build and verify
+//! packets) or the server's receive path (the backends in this crate's root).
 //!
 //! Every batch structure owns its `mmsghdr`/`iovec` arrays and rebuilds the raw pointers on
 //! each call, so no pointer outlives the borrow it was taken from.
-#![allow(unsafe_code)]
 
 use std::io;
 use std::mem::MaybeUninit;
