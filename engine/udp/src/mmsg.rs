@@ -1,0 +1,328 @@
+//! The `recvmmsg(2)` / `sendmmsg(2)` backend.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::Duration;
+
+use crate::backend::*;
+use crate::cmsg::*;
+use crate::socket::*;
+use crate::{CONTROL_LEN, MAX_DATAGRAM, NAME_LEN};
+
+// ---------------------------------------------------------------------------------------
+// recvmmsg / sendmmsg
+// ---------------------------------------------------------------------------------------
+
+/// Batched receive and send with `recvmmsg(2)` / `sendmmsg(2)`.
+pub struct MmsgBackend {
+    pub(crate) listeners: Vec<Listener>,
+    pub(crate) batch: usize,
+    pub(crate) rx_data: Box<[u8]>,
+    pub(crate) rx_names: Box<[NameBuf]>,
+    pub(crate) rx_ctrl: Box<[ControlBuf]>,
+    pub(crate) rx_iov: Box<[libc::iovec]>,
+    pub(crate) rx_hdrs: Box<[libc::mmsghdr]>,
+    pub(crate) tx_data: Box<[u8]>,
+    pub(crate) tx_names: Box<[NameBuf]>,
+    pub(crate) tx_ctrl: Box<[ControlBuf]>,
+    pub(crate) tx_iov: Box<[libc::iovec]>,
+    pub(crate) tx_hdrs: Box<[libc::mmsghdr]>,
+    pub(crate) tx_meta: Box<[AnswerMeta]>,
+    /// Answers in each `tx_hdrs` message (more than one with GSO).
+    pub(crate) tx_segments: Box<[usize]>,
+    pub(crate) gso: bool,
+    pub(crate) drops: DropCounters,
+    pub(crate) stats: IoStats,
+}
+
+pub(crate) fn zeroed_mmsghdrs(n: usize) -> Box<[libc::mmsghdr]> {
+    (0..n)
+        .map(|_| {
+            // SAFETY: mmsghdr is a plain C struct of integers and raw pointers, for which all
+            // zero bits are a valid value (null pointers, zero lengths).
+            unsafe { core::mem::zeroed::<libc::mmsghdr>() }
+        })
+        .collect()
+}
+
+pub(crate) fn empty_iovecs(n: usize) -> Box<[libc::iovec]> {
+    (0..n)
+        .map(|_| libc::iovec {
+            iov_base: core::ptr::null_mut(),
+            iov_len: 0,
+        })
+        .collect()
+}
+
+impl MmsgBackend {
+    pub fn new(listeners: Vec<Listener>, batch: usize) -> Self {
+        let batch = batch.clamp(1, 1024);
+        let drops = DropCounters::new(listeners.len());
+        MmsgBackend {
+            listeners,
+            batch,
+            rx_data: vec![0u8; batch * MAX_DATAGRAM].into_boxed_slice(),
+            rx_names: vec![NameBuf([0; 32]); batch].into_boxed_slice(),
+            rx_ctrl: vec![ControlBuf([0; CONTROL_LEN]); batch].into_boxed_slice(),
+            rx_iov: empty_iovecs(batch),
+            rx_hdrs: zeroed_mmsghdrs(batch),
+            tx_data: vec![0u8; batch * MAX_DATAGRAM].into_boxed_slice(),
+            tx_names: vec![NameBuf([0; 32]); batch].into_boxed_slice(),
+            tx_ctrl: vec![ControlBuf([0; CONTROL_LEN]); batch].into_boxed_slice(),
+            tx_iov: empty_iovecs(batch),
+            tx_hdrs: zeroed_mmsghdrs(batch),
+            tx_meta: vec![AnswerMeta::default(); batch].into_boxed_slice(),
+            tx_segments: vec![0; batch].into_boxed_slice(),
+            gso: false,
+            drops,
+            stats: IoStats::default(),
+        }
+    }
+
+    pub fn stats(&self) -> IoStats {
+        self.stats
+    }
+
+    /// Sends runs of same-size answers to one address as one UDP GSO (UDP_SEGMENT) message,
+    /// when every socket supports it. Returns whether GSO is on.
+    pub fn enable_gso(&mut self) -> bool {
+        self.gso = self
+            .listeners
+            .iter()
+            .all(|l| setsockopt_int(l.socket.as_raw_fd(), libc::SOL_UDP, UDP_SEGMENT, 0).is_ok());
+        self.gso
+    }
+
+    /// Waits up to `timeout` for datagrams, decides every one with `handler`, sends the
+    /// answers (one `sendmmsg` per socket and batch). Returns how many datagrams it read.
+    pub fn poll_batch(
+        &mut self,
+        timeout: Duration,
+        handler: &mut dyn Handler,
+    ) -> io::Result<usize> {
+        let mut total = 0;
+        for round in 0..2 {
+            for s in 0..self.listeners.len() {
+                total += self.receive_and_answer(s, handler)?;
+            }
+            if total > 0 || round == 1 {
+                break;
+            }
+            self.wait_readable(timeout)?;
+        }
+        Ok(total)
+    }
+
+    pub(crate) fn wait_readable(&self, timeout: Duration) -> io::Result<()> {
+        let mut fds: Vec<libc::pollfd> = self
+            .listeners
+            .iter()
+            .map(|l| libc::pollfd {
+                fd: l.socket.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: `fds` is a live, initialised array of `fds.len()` pollfd values that poll
+        // may write `revents` into; it outlives the call.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if !is_transient(&e) {
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn receive_and_answer(
+        &mut self,
+        s: usize,
+        handler: &mut dyn Handler,
+    ) -> io::Result<usize> {
+        let fd = self.listeners[s].socket.as_raw_fd();
+        let local = self.listeners[s].local;
+        for i in 0..self.batch {
+            self.rx_iov[i] = libc::iovec {
+                iov_base: self.rx_data[i * MAX_DATAGRAM..].as_mut_ptr().cast(),
+                iov_len: MAX_DATAGRAM,
+            };
+            let h = &mut self.rx_hdrs[i].msg_hdr;
+            h.msg_name = self.rx_names[i].0.as_mut_ptr().cast();
+            h.msg_namelen = NAME_LEN as libc::socklen_t;
+            h.msg_iov = &mut self.rx_iov[i];
+            h.msg_iovlen = 1;
+            h.msg_control = self.rx_ctrl[i].0.as_mut_ptr().cast();
+            h.msg_controllen = CONTROL_LEN;
+            h.msg_flags = 0;
+            self.rx_hdrs[i].msg_len = 0;
+        }
+        // SAFETY: every header points at buffers owned by `self` (names, iovecs, data and
+        // control areas of the sizes written above), which live across the call; the kernel
+        // writes at most those lengths. `batch` headers exist.
+        let n = unsafe {
+            libc::recvmmsg(
+                fd,
+                self.rx_hdrs.as_mut_ptr(),
+                self.batch as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                core::ptr::null_mut(),
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if is_transient(&e) {
+                return Ok(0);
+            }
+            self.stats.recv_errors += 1;
+            return match e.raw_os_error() {
+                // An ICMP error queued on the socket, or memory pressure: not fatal.
+                Some(libc::ECONNREFUSED) | Some(libc::ENOMEM) | Some(libc::ENOBUFS) => Ok(0),
+                _ => Err(e),
+            };
+        }
+        let n = n as usize;
+        self.stats.received += n as u64;
+        self.stats.batches += 1;
+        handler.begin_batch();
+        let mut answers = 0;
+        for i in 0..n {
+            let hdr = &self.rx_hdrs[i];
+            let len = (hdr.msg_len as usize).min(MAX_DATAGRAM);
+            let namelen = (hdr.msg_hdr.msg_namelen as usize).min(NAME_LEN);
+            let ctrllen = hdr.msg_hdr.msg_controllen.min(CONTROL_LEN);
+            let info = parse_control(&self.rx_ctrl[i].0[..ctrllen]);
+            self.drops.update(s, info.drops, &mut self.stats);
+            let Some(source) = parse_sockaddr(&self.rx_names[i].0[..namelen]) else {
+                self.stats.unparsable += 1;
+                continue;
+            };
+            let destination = SocketAddr::new(info.local.unwrap_or(local.ip()), local.port());
+            let data = &self.rx_data[i * MAX_DATAGRAM..i * MAX_DATAGRAM + len];
+            let out = &mut self.tx_data[answers * MAX_DATAGRAM..(answers + 1) * MAX_DATAGRAM];
+            let Some(answer_len) = handler.datagram(
+                Received {
+                    data,
+                    source,
+                    destination,
+                },
+                out,
+            ) else {
+                continue;
+            };
+            self.tx_meta[answers] = AnswerMeta {
+                to: source,
+                local: info.local,
+                ifindex: info.ifindex,
+                len: answer_len.min(MAX_DATAGRAM),
+            };
+            answers += 1;
+        }
+        let messages = self.build_messages(answers);
+        self.send_all(fd, messages);
+        Ok(n)
+    }
+
+    /// Turns this batch's answers into `sendmmsg` headers: one per answer, or with GSO one
+    /// per run of answers to the same address, from the same local address, of the same size
+    /// (UDP_SEGMENT: the kernel splits it into datagrams). Returns how many headers.
+    pub(crate) fn build_messages(&mut self, answers: usize) -> usize {
+        let mut m = 0;
+        let mut i = 0;
+        while i < answers {
+            let first = self.tx_meta[i];
+            let mut run = 1;
+            if self.gso {
+                while i + run < answers
+                    && run < GSO_MAX_SEGMENTS
+                    && (run + 1) * first.len <= GSO_MAX_BYTES
+                    && self.tx_meta[i + run].same_flow(&first)
+                {
+                    run += 1;
+                }
+            }
+            for k in i..i + run {
+                self.tx_iov[k] = libc::iovec {
+                    iov_base: self.tx_data[k * MAX_DATAGRAM..].as_mut_ptr().cast(),
+                    iov_len: self.tx_meta[k].len,
+                };
+            }
+            let namelen = write_sockaddr(first.to, &mut self.tx_names[m].0);
+            let mut ctrllen = write_pktinfo(&mut self.tx_ctrl[m].0, first.local, first.ifindex);
+            if run > 1 {
+                ctrllen = write_udp_segment(&mut self.tx_ctrl[m].0, ctrllen, first.len as u16);
+                self.stats.gso_messages += 1;
+            }
+            let h = &mut self.tx_hdrs[m].msg_hdr;
+            h.msg_name = self.tx_names[m].0.as_mut_ptr().cast();
+            h.msg_namelen = namelen;
+            h.msg_iov = &mut self.tx_iov[i];
+            h.msg_iovlen = run;
+            h.msg_control = if ctrllen == 0 {
+                core::ptr::null_mut()
+            } else {
+                self.tx_ctrl[m].0.as_mut_ptr().cast()
+            };
+            h.msg_controllen = ctrllen;
+            h.msg_flags = 0;
+            self.tx_segments[m] = run;
+            m += 1;
+            i += run;
+        }
+        m
+    }
+
+    pub(crate) fn send_all(&mut self, fd: RawFd, count: usize) {
+        let mut done = 0;
+        let mut retries = 0;
+        while done < count {
+            // SAFETY: headers `done..count` were filled in this batch and point at buffers
+            // owned by `self` that stay alive and unchanged during the call.
+            let rc = unsafe {
+                libc::sendmmsg(
+                    fd,
+                    self.tx_hdrs[done..].as_mut_ptr(),
+                    (count - done) as libc::c_uint,
+                    0,
+                )
+            };
+            if rc > 0 {
+                let sent = rc as usize;
+                self.stats.sent += self.tx_segments[done..done + sent].iter().sum::<usize>() as u64;
+                done += sent;
+                continue;
+            }
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            if e.raw_os_error() == Some(libc::EAGAIN) && retries < 100 {
+                // The send buffer is full: wait for room briefly.
+                retries += 1;
+                let mut pfd = libc::pollfd {
+                    fd,
+                    events: libc::POLLOUT,
+                    revents: 0,
+                };
+                // SAFETY: `pfd` is one live pollfd for the duration of the call.
+                unsafe { libc::poll(&mut pfd, 1, 10) };
+                continue;
+            }
+            // The first message failed (bad destination, no route): skip it, keep the rest.
+            if self.tx_segments[done] > 1 && self.gso {
+                // The kernel or device refused segmentation offload: stop using it.
+                tracing::warn!("UDP GSO send failed ({e}); sending answers one by one from now on");
+                self.gso = false;
+            }
+            self.stats.send_errors += self.tx_segments[done] as u64;
+            done += 1;
+        }
+    }
+
+    /// Nothing is in the kernel's hands between batches: shutting down needs no draining.
+    pub fn shutdown(&mut self, _handler: &mut dyn Handler) -> bool {
+        true
+    }
+}
