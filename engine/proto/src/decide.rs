@@ -1,9 +1,10 @@
 //! RFC 5176 decisions: one datagram in, a silent discard with its reason or the exact answer
 //! out, with the session changes applied through the `SessionStore`.
 //!
-//! Owns: the order of checks (client, framing, code, duplicates, authenticators,
-//! Event-Timestamp, attribute rules, NAS identification, session identification, action), the
-//! choice of exactly one Error-Cause per NAK, and the answer's layout (Message-Authenticator
+//! Owns: the order of checks (client, framing, code, authenticators, Event-Timestamp,
+//! Proxy-State limit, and only then duplicates, so that no cached answer is replayed to bytes
+//! that were not authenticated; then attribute rules, NAS identification, session
+//! identification, action), the choice of exactly one Error-Cause per NAK, and the answer's layout (Message-Authenticator
 //! first, then Service-Type for 507, Error-Cause, Reply-Message, State, Proxy-State in order).
 //! Must not touch: sockets, threads or clocks (time is passed in as `Now`), allocation on the
 //! Disconnect path.
@@ -219,6 +220,23 @@ impl Shard<'_> {
             _ => return Err(Discard::UnsupportedCode),
         };
         let ci = client_id.0 as usize;
+        if let Some(c) = self.counters.per_client.get_mut(ci) {
+            c.requests[kind as usize] += 1;
+        }
+        // Authenticate before the duplicate cache is consulted: the cache key covers only the
+        // first 20 octets, so only a request whose Request Authenticator (over the whole
+        // packet) verified may be matched against it.
+        let secret = client
+            .secrets()
+            .find(|s| auth::request_authenticator_is_valid(&packet, s))
+            .ok_or(Discard::BadRequestAuthenticator)?;
+        let security = SecurityScan::of(&packet);
+        check_message_authenticator(&packet, &security, client, secret)?;
+        check_event_timestamp(&security, client, now)?;
+        if security.proxy_states > usize::from(client.policy.max_proxy_states) {
+            return Err(Discard::TooManyProxyStates);
+        }
+
         let key = DuplicateKey::new(
             source,
             packet.code(),
@@ -233,24 +251,10 @@ impl Shard<'_> {
                 let slot = out.get_mut(..len).ok_or(Discard::AnswerTooLarge)?;
                 slot.copy_from_slice(bytes);
                 if let Some(c) = self.counters.per_client.get_mut(ci) {
-                    c.requests[kind as usize] += 1;
                     c.duplicates[kind as usize] += 1;
                 }
                 return Ok(Outcome::Replay { len });
             }
-        }
-        if let Some(c) = self.counters.per_client.get_mut(ci) {
-            c.requests[kind as usize] += 1;
-        }
-        let secret = client
-            .secrets()
-            .find(|s| auth::request_authenticator_is_valid(&packet, s))
-            .ok_or(Discard::BadRequestAuthenticator)?;
-        let security = SecurityScan::of(&packet);
-        check_message_authenticator(&packet, &security, client, secret)?;
-        check_event_timestamp(&security, client, now)?;
-        if security.proxy_states > usize::from(client.policy.max_proxy_states) {
-            return Err(Discard::TooManyProxyStates);
         }
 
         let window_ms = u64::from(client.policy.event_timestamp_window_secs) * 1000;

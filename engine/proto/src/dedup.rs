@@ -10,8 +10,9 @@
 //! answer: then the oldest answer is dropped and `evicted_early` counts it. A retransmission
 //! of an answer dropped early is processed again as a new request (for a Disconnect whose
 //! session is gone, the tombstone still answers it with 201). Nothing here allocates after
-//! construction. Must not touch: authentication or decisions (`decide` calls this only for
-//! requests whose Request Authenticator verified).
+//! construction. Must not touch: authentication or decisions (`decide` consults this only for
+//! requests that passed every security check: Request Authenticator, Message-Authenticator,
+//! Event-Timestamp window, Proxy-State limit; the key covers only the first 20 octets).
 #![forbid(unsafe_code)]
 
 use core::net::SocketAddr;

@@ -329,6 +329,44 @@ fn spec_4_retransmitted_disconnect_gets_the_cached_ack_not_503_rfc5080_s2_2_2() 
 }
 
 #[test]
+fn spec_4_cached_answer_only_for_an_authenticated_copy_rfc5080_s2_2_2_rfc5176_s3_4() {
+    let mut f = Fixture::new(ClientPolicy::default(), {
+        let mut s = sess1();
+        s.push(session("sess-2"));
+        s
+    });
+    let p = dm_sess1(7);
+    let first = f.answer(&p);
+    assert_eq!(first.code, code::DISCONNECT_ACK);
+    // The first 20 octets of the answered request (Code, Identifier, Length, Request
+    // Authenticator) with another body of the same length: it does not authenticate, so it
+    // must not be answered from the cache.
+    let mut forged = p.clone();
+    let other = request(DM, 7, &[(attr::ACCT_SESSION_ID, b"sess-2")], false);
+    assert_eq!(other.len(), p.len());
+    forged[20..].copy_from_slice(&other[20..]);
+    assert_eq!(f.discard(&forged), Discard::BadRequestAuthenticator);
+    // The same header with a longer body (Length left as it was: the extra octets are padding,
+    // and the body inside Length still differs).
+    let mut padded = forged.clone();
+    padded.extend_from_slice(&[attr::ACCT_SESSION_ID, 8, b's', b'e', b's', b's', b'-', b'2']);
+    assert_eq!(f.discard(&padded), Discard::BadRequestAuthenticator);
+    assert_eq!(f.store.len(), 1, "sess-2 untouched");
+    // The real retransmission still gets the identical cached bytes.
+    let (outcome, again) = f.handle(&p);
+    assert!(matches!(outcome, Outcome::Replay { .. }), "{outcome:?}");
+    assert_eq!(again.unwrap().bytes, first.bytes, "byte for byte");
+    assert_eq!(f.events(), vec!["removed sess-1"], "processed once");
+    let c = &f.engine.counters().per_client[0];
+    assert_eq!(c.requests[0], 4, "every datagram counts as a request");
+    assert_eq!(
+        c.duplicates[0], 1,
+        "only the authenticated copy is a duplicate"
+    );
+    assert_eq!(c.discarded(Discard::BadRequestAuthenticator), 2);
+}
+
+#[test]
 fn spec_4_same_identifier_with_new_authenticator_is_a_new_request() {
     let mut f = default_fixture();
     let first = f.answer(&dm_sess1(7));
