@@ -5,7 +5,8 @@
 //! Proxy-State limit, and only then duplicates, so that no cached answer is replayed to bytes
 //! that were not authenticated; then attribute rules, NAS identification, session
 //! identification, action), the choice of exactly one Error-Cause per NAK, and the answer's layout (Message-Authenticator
-//! first, then Service-Type for 507, Error-Cause, Reply-Message, State, Proxy-State in order).
+//! first, then Service-Type for 507, Error-Cause, Reply-Message, every State, every Proxy-State,
+//! in order).
 //! Must not touch: sockets, threads or clocks (time is passed in as `Now`), allocation on the
 //! Disconnect path.
 #![forbid(unsafe_code)]
@@ -751,8 +752,9 @@ fn read_vendor_specific<'a>(
 }
 
 /// Writes the answer (SPEC §9, RFC 5176 §3.5): Message-Authenticator first when signing,
-/// Service-Type for 507, the Error-Cause, an optional Reply-Message, State, then every
-/// Proxy-State in order; then the Message-Authenticator and the Response Authenticator.
+/// Service-Type for 507, the Error-Cause, an optional Reply-Message, every State in order (a
+/// request with several gets NAK 404, which still echoes them all), then every Proxy-State in
+/// order; then the Message-Authenticator and the Response Authenticator.
 fn encode_answer(
     out: &mut [u8],
     request: &Packet<'_>,
@@ -783,7 +785,7 @@ fn encode_answer(
         w.push(attr::REPLY_MESSAGE, reason.as_bytes())?;
     }
     let well_framed = || request.attributes().map_while(Result::ok);
-    if let Some(state) = well_framed().find(|a| a.ty == attr::STATE) {
+    for state in well_framed().filter(|a| a.ty == attr::STATE) {
         w.push(attr::STATE, state.value)?;
     }
     for proxy_state in well_framed().filter(|a| a.ty == attr::PROXY_STATE) {

@@ -1290,6 +1290,40 @@ fn spec_9_state_echoed_unchanged_in_ack_and_nak() {
 }
 
 #[test]
+fn spec_9_every_state_echoed_in_order_even_in_the_404_for_repeats_rfc5176_s3_1() {
+    let mut f = default_fixture();
+    let nak = f.answer(&request(
+        DM,
+        1,
+        &[
+            (attr::STATE, b"first"),
+            (attr::ACCT_SESSION_ID, b"sess-1"),
+            (attr::PROXY_STATE, b"ps"),
+            (attr::STATE, b"\x00second"),
+        ],
+        false,
+    ));
+    assert_eq!(nak.code, code::DISCONNECT_NAK);
+    assert_eq!(nak.error_cause(), Some(ErrorCause::InvalidRequest));
+    assert_eq!(
+        nak.values(attr::STATE),
+        vec![b"first".to_vec(), b"\x00second".to_vec()],
+        "every State, in wire order"
+    );
+    assert_eq!(
+        nak.types(),
+        vec![
+            attr::MESSAGE_AUTHENTICATOR,
+            attr::ERROR_CAUSE,
+            attr::STATE,
+            attr::STATE,
+            attr::PROXY_STATE
+        ]
+    );
+    assert_eq!(f.store.len(), 1, "a 404 changes nothing");
+}
+
+#[test]
 fn spec_9_nak_carries_exactly_one_error_cause_and_ack_none() {
     let mut f = default_fixture();
     // Several problems at once: still exactly one Error-Cause.
