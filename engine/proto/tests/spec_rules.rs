@@ -563,6 +563,60 @@ fn spec_6_2_no_identification_attribute_is_nak_402_rfc5176_s3() {
     );
 }
 
+fn two_bearers() -> Vec<Session> {
+    ["001010000000001", "001010000000002"]
+        .iter()
+        .enumerate()
+        .map(|(i, imsi)| Session {
+            acct_session_id: Some(format!("bearer-{i}")),
+            imsi: Some((*imsi).into()),
+            nsapi: Some("5".into()),
+            ..Session::default()
+        })
+        .collect()
+}
+
+#[test]
+fn spec_6_2_nsapi_without_imsi_is_no_identification_nak_402_rfc5176_s3() {
+    let mut f = Fixture::new(ClientPolicy::default(), two_bearers());
+    let nsapi = vsa(vendor::THREE_GPP, vendor::THREE_GPP_NSAPI, b"5");
+    let reply = f.answer(&request(DM, 1, &[(attr::VENDOR_SPECIFIC, &nsapi)], false));
+    assert_eq!(reply.code, code::DISCONNECT_NAK);
+    assert_eq!(reply.error_cause(), Some(ErrorCause::MissingAttribute));
+    assert_eq!(f.store.len(), 2, "no session selected by NSAPI alone");
+    assert!(f.events().is_empty());
+    // With the IMSI, NSAPI narrows it (AND): a wrong NSAPI finds nothing, the right one
+    // removes only that subscriber's bearer.
+    let imsi = vsa(
+        vendor::THREE_GPP,
+        vendor::THREE_GPP_IMSI,
+        b"001010000000002",
+    );
+    let nsapi6 = vsa(vendor::THREE_GPP, vendor::THREE_GPP_NSAPI, b"6");
+    let wrong = f.answer(&request(
+        DM,
+        2,
+        &[
+            (attr::VENDOR_SPECIFIC, &imsi),
+            (attr::VENDOR_SPECIFIC, &nsapi6),
+        ],
+        false,
+    ));
+    assert_eq!(wrong.code, code::DISCONNECT_NAK);
+    assert_eq!(f.store.len(), 2);
+    let right = f.answer(&request(
+        DM,
+        3,
+        &[
+            (attr::VENDOR_SPECIFIC, &imsi),
+            (attr::VENDOR_SPECIFIC, &nsapi),
+        ],
+        false,
+    ));
+    assert_eq!(right.code, code::DISCONNECT_ACK);
+    assert_eq!(f.events(), vec!["removed bearer-1"]);
+}
+
 #[test]
 fn spec_6_3_smf_profile_needs_a_complete_combination() {
     let policy = ClientPolicy {
