@@ -456,7 +456,8 @@ fn check_message_authenticator(
 }
 
 /// SPEC §2.6 (RFC 5176 §3.4): outside the window either side, or absent when required. A
-/// malformed Event-Timestamp is not discarded here: it gets NAK 407 (SPEC §7).
+/// malformed Event-Timestamp (wrong length) carries no time: when the client requires one it
+/// counts as missing and is discarded; otherwise it gets NAK 407 (SPEC §7).
 fn check_event_timestamp(scan: &SecurityScan, client: &Client, now: Now) -> Result<(), Discard> {
     match scan.event_timestamp {
         Some(Ok(ts)) => {
@@ -467,8 +468,10 @@ fn check_event_timestamp(scan: &SecurityScan, client: &Client, now: Now) -> Resu
                 Ok(())
             }
         }
+        Some(Err(_)) | None if client.policy.require_event_timestamp => {
+            Err(Discard::MissingEventTimestamp)
+        }
         Some(Err(_)) => Ok(()),
-        None if client.policy.require_event_timestamp => Err(Discard::MissingEventTimestamp),
         None => Ok(()),
     }
 }

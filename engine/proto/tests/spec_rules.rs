@@ -237,6 +237,37 @@ fn spec_2_6_missing_event_timestamp_when_required_is_discarded() {
 }
 
 #[test]
+fn spec_2_6_malformed_event_timestamp_counts_as_missing_when_required_rfc5176_s3_4() {
+    let malformed = |id: u8| {
+        request(
+            DM,
+            id,
+            &[
+                (attr::ACCT_SESSION_ID, b"sess-1"),
+                (attr::EVENT_TIMESTAMP, &[0x6a, 0x00, 0x00]),
+            ],
+            false,
+        )
+    };
+    let required = ClientPolicy {
+        require_event_timestamp: true,
+        ..ClientPolicy::default()
+    };
+    let mut f = Fixture::new(required, sess1());
+    assert_eq!(f.discard(&malformed(1)), Discard::MissingEventTimestamp);
+    assert_eq!(f.store.len(), 1, "nothing changed");
+    let c = &f.engine.counters().per_client[0];
+    assert_eq!(c.discarded(Discard::MissingEventTimestamp), 1);
+    assert_eq!(c.naks_total(RequestKind::Disconnect), 0);
+    // Not required: a malformed value is a NAK 407 (SPEC §7), as before.
+    let mut f = default_fixture();
+    let reply = f.answer(&malformed(2));
+    assert_eq!(reply.code, code::DISCONNECT_NAK);
+    assert_eq!(reply.error_cause(), Some(ErrorCause::InvalidAttributeValue));
+    assert_eq!(f.store.len(), 1);
+}
+
+#[test]
 fn spec_2_discards_never_reveal_whether_the_secret_was_right() {
     // A wrong secret and an unknown code both give no answer at all; the counters tell them apart.
     let mut f = default_fixture();
