@@ -237,6 +237,17 @@ impl Shard<'_> {
         if security.proxy_states > usize::from(client.policy.max_proxy_states) {
             return Err(Discard::TooManyProxyStates);
         }
+        let sign = match client.policy.answer_message_authenticator {
+            AnswerSigning::Always => true,
+            AnswerSigning::WhenRequested => security.message_authenticator.is_some(),
+        };
+        // Before any session is touched: a change must never be committed and then left
+        // without an answer because the answer does not fit.
+        let worst_case =
+            worst_case_answer_len(security.echo_len, sign, client.policy.reply_message_reasons);
+        if worst_case > out.len().min(codec::MAX_PACKET_LEN) {
+            return Err(Discard::AnswerWouldNotFit);
+        }
 
         let key = DuplicateKey::new(
             source,
@@ -264,10 +275,6 @@ impl Shard<'_> {
         // decided: the in-flight mark (`DuplicateCache::begin`) is for callers that hand a
         // request to an asynchronous data plane and answer later.
         let verdict = self.decide(kind, &packet, client, destination.ip(), now);
-        let sign = match client.policy.answer_message_authenticator {
-            AnswerSigning::Always => true,
-            AnswerSigning::WhenRequested => security.message_authenticator.is_some(),
-        };
         let answer_code = match (kind, verdict.ack) {
             (RequestKind::Disconnect, true) => code::DISCONNECT_ACK,
             (RequestKind::Disconnect, false) => code::DISCONNECT_NAK,
@@ -403,6 +410,8 @@ struct SecurityScan {
     /// The first Event-Timestamp: its value, or `Err` for a wrong length.
     event_timestamp: Option<Result<u32, MalformedValue>>,
     proxy_states: usize,
+    /// Octets the answer's echo takes: every State and Proxy-State, 2 octets of header each.
+    echo_len: usize,
 }
 
 impl SecurityScan {
@@ -422,12 +431,44 @@ impl SecurityScan {
                 attr::EVENT_TIMESTAMP if scan.event_timestamp.is_none() => {
                     scan.event_timestamp = Some(codec::read_u32(a.value));
                 }
-                attr::PROXY_STATE => scan.proxy_states += 1,
+                attr::PROXY_STATE => {
+                    scan.proxy_states += 1;
+                    scan.echo_len += 2 + a.value.len();
+                }
+                attr::STATE => scan.echo_len += 2 + a.value.len(),
                 _ => {}
             }
         }
         scan
     }
+}
+
+/// The longest Reply-Message reason a NAK can carry.
+const MAX_REASON_LEN: usize = {
+    let mut max = 0;
+    let mut i = 0;
+    while i < ErrorCause::ALL.len() {
+        let n = ErrorCause::ALL[i].reason().len();
+        if n > max {
+            max = n;
+        }
+        i += 1;
+    }
+    max
+};
+
+/// The largest answer `encode_answer` can write for a request whose echo (States and
+/// Proxy-States with their headers) takes `echo_len` octets, whatever the verdict: header,
+/// Message-Authenticator when signing, Service-Type, Error-Cause, the longest Reply-Message
+/// reason when reasons are enabled, then the echo.
+fn worst_case_answer_len(echo_len: usize, sign: bool, reasons: bool) -> usize {
+    let message_authenticator = if sign {
+        2 + codec::AUTHENTICATOR_LEN
+    } else {
+        0
+    };
+    let reply_message = if reasons { 2 + MAX_REASON_LEN } else { 0 };
+    codec::HEADER_LEN + message_authenticator + 6 + 6 + reply_message + echo_len
 }
 
 /// SPEC §2.5 (RFC 5176 §3.4, RFC 3579 §3.2).

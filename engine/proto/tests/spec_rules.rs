@@ -1353,6 +1353,30 @@ fn spec_9_proxy_state_count_is_capped() {
 }
 
 #[test]
+fn spec_9_request_whose_answer_could_not_fit_is_discarded_before_any_change_rfc5176_s3_1() {
+    let mut f = default_fixture();
+    // 20 + 8 (Acct-Session-Id) + 4060 octets of Proxy-State = 4088 octets: a valid request,
+    // but its ACK (20 + 18 Message-Authenticator + 4060 echoed) would need 4098.
+    let full = [0x5a; 253];
+    let last = [0xa5; 233];
+    let mut attrs: Vec<(u8, &[u8])> = vec![(attr::ACCT_SESSION_ID, b"sess-1")];
+    attrs.extend(std::iter::repeat_n((attr::PROXY_STATE, &full[..]), 15));
+    attrs.push((attr::PROXY_STATE, &last[..]));
+    let p = request(DM, 1, &attrs, false);
+    assert_eq!(p.len(), 4088);
+    assert_eq!(f.discard(&p), Discard::AnswerWouldNotFit);
+    assert_eq!(f.store.len(), 1, "the session is still there");
+    assert!(f.events().is_empty(), "nothing reached the data plane");
+    let c = &f.engine.counters().per_client[0];
+    assert_eq!(c.discarded(Discard::AnswerWouldNotFit), 1);
+    // A following normal Disconnect still finds the session (a plain ACK, not 201).
+    let ack = f.answer(&dm_sess1(2));
+    assert_eq!(ack.code, code::DISCONNECT_ACK);
+    assert_eq!(ack.error_cause(), None);
+    assert_eq!(f.events(), vec!["removed sess-1"]);
+}
+
+#[test]
 fn spec_9_state_echoed_unchanged_in_ack_and_nak() {
     let mut f = default_fixture();
     let ack = f.answer(&request(
