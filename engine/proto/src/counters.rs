@@ -34,10 +34,15 @@ pub enum Discard {
     TooManyProxyStates,
     /// The answer would exceed 4096 octets or the caller's buffer.
     AnswerTooLarge,
+    /// Checked before any session is touched: the largest answer this request could get (its
+    /// States and Proxy-States echoed, plus every attribute the server may add) would not fit
+    /// in 4096 octets or the caller's buffer, so it is not acted on (a change must never be
+    /// committed without an answer to say so).
+    AnswerWouldNotFit,
 }
 
 impl Discard {
-    pub const ALL: [Discard; 11] = [
+    pub const ALL: [Discard; 12] = [
         Discard::UnknownClient,
         Discard::Malformed,
         Discard::UnsupportedCode,
@@ -49,6 +54,7 @@ impl Discard {
         Discard::DuplicateInFlight,
         Discard::TooManyProxyStates,
         Discard::AnswerTooLarge,
+        Discard::AnswerWouldNotFit,
     ];
 
     pub fn index(self) -> usize {
@@ -69,6 +75,7 @@ impl Discard {
             Discard::DuplicateInFlight => "duplicate_in_flight",
             Discard::TooManyProxyStates => "too_many_proxy_states",
             Discard::AnswerTooLarge => "answer_too_large",
+            Discard::AnswerWouldNotFit => "answer_would_not_fit",
         }
     }
 }
@@ -104,7 +111,7 @@ pub struct ClientCounters {
     /// Retransmissions answered from the duplicate cache (dynAuthServDupDisconRequests).
     pub duplicates: [u64; 2],
     /// Discards by reason, indexed as `Discard::ALL`.
-    pub discards: [u64; 11],
+    pub discards: [u64; Discard::ALL.len()],
     /// Sessions removed by Disconnect-Requests (dynAuthServDisconUserSessRemoved).
     pub sessions_removed: u64,
     /// Sessions changed by CoA-Requests.

@@ -1,10 +1,12 @@
 //! RFC 5176 decisions: one datagram in, a silent discard with its reason or the exact answer
 //! out, with the session changes applied through the `SessionStore`.
 //!
-//! Owns: the order of checks (client, framing, code, duplicates, authenticators,
-//! Event-Timestamp, attribute rules, NAS identification, session identification, action), the
-//! choice of exactly one Error-Cause per NAK, and the answer's layout (Message-Authenticator
-//! first, then Service-Type for 507, Error-Cause, Reply-Message, State, Proxy-State in order).
+//! Owns: the order of checks (client, framing, code, authenticators, Event-Timestamp,
+//! Proxy-State limit, and only then duplicates, so that no cached answer is replayed to bytes
+//! that were not authenticated; then attribute rules, NAS identification, session
+//! identification, action), the choice of exactly one Error-Cause per NAK, and the answer's layout (Message-Authenticator
+//! first, then Service-Type for 507, Error-Cause, Reply-Message, every State, every Proxy-State,
+//! in order).
 //! Must not touch: sockets, threads or clocks (time is passed in as `Now`), allocation on the
 //! Disconnect path.
 #![forbid(unsafe_code)]
@@ -219,6 +221,34 @@ impl Shard<'_> {
             _ => return Err(Discard::UnsupportedCode),
         };
         let ci = client_id.0 as usize;
+        if let Some(c) = self.counters.per_client.get_mut(ci) {
+            c.requests[kind as usize] += 1;
+        }
+        // Authenticate before the duplicate cache is consulted: the cache key covers only the
+        // first 20 octets, so only a request whose Request Authenticator (over the whole
+        // packet) verified may be matched against it.
+        let secret = client
+            .secrets()
+            .find(|s| auth::request_authenticator_is_valid(&packet, s))
+            .ok_or(Discard::BadRequestAuthenticator)?;
+        let security = SecurityScan::of(&packet);
+        check_message_authenticator(&packet, &security, client, secret)?;
+        check_event_timestamp(&security, client, now)?;
+        if security.proxy_states > usize::from(client.policy.max_proxy_states) {
+            return Err(Discard::TooManyProxyStates);
+        }
+        let sign = match client.policy.answer_message_authenticator {
+            AnswerSigning::Always => true,
+            AnswerSigning::WhenRequested => security.message_authenticator.is_some(),
+        };
+        // Before any session is touched: a change must never be committed and then left
+        // without an answer because the answer does not fit.
+        let worst_case =
+            worst_case_answer_len(security.echo_len, sign, client.policy.reply_message_reasons);
+        if worst_case > out.len().min(codec::MAX_PACKET_LEN) {
+            return Err(Discard::AnswerWouldNotFit);
+        }
+
         let key = DuplicateKey::new(
             source,
             packet.code(),
@@ -233,24 +263,10 @@ impl Shard<'_> {
                 let slot = out.get_mut(..len).ok_or(Discard::AnswerTooLarge)?;
                 slot.copy_from_slice(bytes);
                 if let Some(c) = self.counters.per_client.get_mut(ci) {
-                    c.requests[kind as usize] += 1;
                     c.duplicates[kind as usize] += 1;
                 }
                 return Ok(Outcome::Replay { len });
             }
-        }
-        if let Some(c) = self.counters.per_client.get_mut(ci) {
-            c.requests[kind as usize] += 1;
-        }
-        let secret = client
-            .secrets()
-            .find(|s| auth::request_authenticator_is_valid(&packet, s))
-            .ok_or(Discard::BadRequestAuthenticator)?;
-        let security = SecurityScan::of(&packet);
-        check_message_authenticator(&packet, &security, client, secret)?;
-        check_event_timestamp(&security, client, now)?;
-        if security.proxy_states > usize::from(client.policy.max_proxy_states) {
-            return Err(Discard::TooManyProxyStates);
         }
 
         let window_ms = u64::from(client.policy.event_timestamp_window_secs) * 1000;
@@ -259,10 +275,6 @@ impl Shard<'_> {
         // decided: the in-flight mark (`DuplicateCache::begin`) is for callers that hand a
         // request to an asynchronous data plane and answer later.
         let verdict = self.decide(kind, &packet, client, destination.ip(), now);
-        let sign = match client.policy.answer_message_authenticator {
-            AnswerSigning::Always => true,
-            AnswerSigning::WhenRequested => security.message_authenticator.is_some(),
-        };
         let answer_code = match (kind, verdict.ack) {
             (RequestKind::Disconnect, true) => code::DISCONNECT_ACK,
             (RequestKind::Disconnect, false) => code::DISCONNECT_NAK,
@@ -398,6 +410,8 @@ struct SecurityScan {
     /// The first Event-Timestamp: its value, or `Err` for a wrong length.
     event_timestamp: Option<Result<u32, MalformedValue>>,
     proxy_states: usize,
+    /// Octets the answer's echo takes: every State and Proxy-State, 2 octets of header each.
+    echo_len: usize,
 }
 
 impl SecurityScan {
@@ -417,12 +431,44 @@ impl SecurityScan {
                 attr::EVENT_TIMESTAMP if scan.event_timestamp.is_none() => {
                     scan.event_timestamp = Some(codec::read_u32(a.value));
                 }
-                attr::PROXY_STATE => scan.proxy_states += 1,
+                attr::PROXY_STATE => {
+                    scan.proxy_states += 1;
+                    scan.echo_len += 2 + a.value.len();
+                }
+                attr::STATE => scan.echo_len += 2 + a.value.len(),
                 _ => {}
             }
         }
         scan
     }
+}
+
+/// The longest Reply-Message reason a NAK can carry.
+const MAX_REASON_LEN: usize = {
+    let mut max = 0;
+    let mut i = 0;
+    while i < ErrorCause::ALL.len() {
+        let n = ErrorCause::ALL[i].reason().len();
+        if n > max {
+            max = n;
+        }
+        i += 1;
+    }
+    max
+};
+
+/// The largest answer `encode_answer` can write for a request whose echo (States and
+/// Proxy-States with their headers) takes `echo_len` octets, whatever the verdict: header,
+/// Message-Authenticator when signing, Service-Type, Error-Cause, the longest Reply-Message
+/// reason when reasons are enabled, then the echo.
+fn worst_case_answer_len(echo_len: usize, sign: bool, reasons: bool) -> usize {
+    let message_authenticator = if sign {
+        2 + codec::AUTHENTICATOR_LEN
+    } else {
+        0
+    };
+    let reply_message = if reasons { 2 + MAX_REASON_LEN } else { 0 };
+    codec::HEADER_LEN + message_authenticator + 6 + 6 + reply_message + echo_len
 }
 
 /// SPEC §2.5 (RFC 5176 §3.4, RFC 3579 §3.2).
@@ -451,7 +497,8 @@ fn check_message_authenticator(
 }
 
 /// SPEC §2.6 (RFC 5176 §3.4): outside the window either side, or absent when required. A
-/// malformed Event-Timestamp is not discarded here: it gets NAK 407 (SPEC §7).
+/// malformed Event-Timestamp (wrong length) carries no time: when the client requires one it
+/// counts as missing and is discarded; otherwise it gets NAK 407 (SPEC §7).
 fn check_event_timestamp(scan: &SecurityScan, client: &Client, now: Now) -> Result<(), Discard> {
     match scan.event_timestamp {
         Some(Ok(ts)) => {
@@ -462,8 +509,10 @@ fn check_event_timestamp(scan: &SecurityScan, client: &Client, now: Now) -> Resu
                 Ok(())
             }
         }
+        Some(Err(_)) | None if client.policy.require_event_timestamp => {
+            Err(Discard::MissingEventTimestamp)
+        }
         Some(Err(_)) => Ok(()),
-        None if client.policy.require_event_timestamp => Err(Discard::MissingEventTimestamp),
         None => Ok(()),
     }
 }
@@ -747,8 +796,9 @@ fn read_vendor_specific<'a>(
 }
 
 /// Writes the answer (SPEC §9, RFC 5176 §3.5): Message-Authenticator first when signing,
-/// Service-Type for 507, the Error-Cause, an optional Reply-Message, State, then every
-/// Proxy-State in order; then the Message-Authenticator and the Response Authenticator.
+/// Service-Type for 507, the Error-Cause, an optional Reply-Message, every State in order (a
+/// request with several gets NAK 404, which still echoes them all), then every Proxy-State in
+/// order; then the Message-Authenticator and the Response Authenticator.
 fn encode_answer(
     out: &mut [u8],
     request: &Packet<'_>,
@@ -779,7 +829,7 @@ fn encode_answer(
         w.push(attr::REPLY_MESSAGE, reason.as_bytes())?;
     }
     let well_framed = || request.attributes().map_while(Result::ok);
-    if let Some(state) = well_framed().find(|a| a.ty == attr::STATE) {
+    for state in well_framed().filter(|a| a.ty == attr::STATE) {
         w.push(attr::STATE, state.value)?;
     }
     for proxy_state in well_framed().filter(|a| a.ty == attr::PROXY_STATE) {

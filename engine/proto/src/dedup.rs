@@ -10,8 +10,9 @@
 //! answer: then the oldest answer is dropped and `evicted_early` counts it. A retransmission
 //! of an answer dropped early is processed again as a new request (for a Disconnect whose
 //! session is gone, the tombstone still answers it with 201). Nothing here allocates after
-//! construction. Must not touch: authentication or decisions (`decide` calls this only for
-//! requests whose Request Authenticator verified).
+//! construction. Must not touch: authentication or decisions (`decide` consults this only for
+//! requests that passed every security check: Request Authenticator, Message-Authenticator,
+//! Event-Timestamp window, Proxy-State limit; the key covers only the first 20 octets).
 #![forbid(unsafe_code)]
 
 use core::net::SocketAddr;
@@ -369,14 +370,24 @@ mod tests {
             let len = 5 + usize::from(i % 17);
             let byte = (i % 251) as u8;
             c.complete(key(i, byte), &vec![byte; len], 0, 1_000);
-            // Every entry still indexed must read back exactly what was stored.
+            // Every entry still indexed must read back exactly what was stored; eviction is
+            // FIFO, so the live entries are the newest ones, and the newest is always live.
+            let mut live = 0u16;
             for j in 0..=i {
                 let b = (j % 251) as u8;
-                if let Seen::Answered(bytes) = c.seen(&key(j, b), 0) {
-                    assert!(bytes.iter().all(|x| *x == b), "entry {j} corrupted");
-                    assert_eq!(bytes.len(), 5 + usize::from(j % 17));
+                match c.seen(&key(j, b), 0) {
+                    Seen::Answered(bytes) => {
+                        assert!(bytes.iter().all(|x| *x == b), "entry {j} corrupted");
+                        assert_eq!(bytes.len(), 5 + usize::from(j % 17));
+                        live += 1;
+                    }
+                    Seen::New => assert_eq!(live, 0, "entry {j} evicted before an older one"),
+                    Seen::InFlight => panic!("entry {j} is not in flight"),
                 }
             }
+            // 100 octets always hold the three newest answers (at most 21 octets each, plus
+            // a wrap gap shorter than one answer).
+            assert!(live >= (i + 1).min(3), "only {live} live entries after {i}");
         }
     }
 }

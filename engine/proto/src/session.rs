@@ -172,6 +172,8 @@ pub enum PrimaryKey<'a> {
     FramedInterfaceId(u64),
     NasPort(u32),
     CalledStationId(&'a [u8]),
+    /// Never chosen by `SessionQuery::primary_key` (3GPP-NSAPI identifies only together with
+    /// 3GPP-IMSI); kept so that session tables can still name the field.
     Nsapi(&'a [u8]),
 }
 
@@ -203,7 +205,8 @@ fn value_eq<T: PartialEq>(wanted: Option<T>, have: Option<T>) -> bool {
 }
 
 impl<'a> SessionQuery<'a> {
-    /// No identification attribute at all (SPEC §6.2: NAK 402).
+    /// No identification attribute at all (SPEC §6.2: NAK 402). 3GPP-NSAPI without
+    /// 3GPP-IMSI does not count: it identifies only together with an IMSI (SPEC §6).
     pub fn is_empty(&self) -> bool {
         self.primary_key().is_none()
     }
@@ -225,7 +228,9 @@ impl<'a> SessionQuery<'a> {
             .or_else(|| q.framed_interface_id.map(PrimaryKey::FramedInterfaceId))
             .or_else(|| q.nas_port.map(PrimaryKey::NasPort))
             .or_else(|| q.called_station_id.map(PrimaryKey::CalledStationId))
-            .or_else(|| q.nsapi.map(PrimaryKey::Nsapi))
+        // 3GPP-NSAPI is never a key of its own (SPEC §6): it only narrows an IMSI (it is
+        // ANDed in by `matches`), so a request with NSAPI and no other identification
+        // attribute has none (NAK 402), rather than selecting every session with that NSAPI.
     }
 
     /// Whether the request holds a complete key combination of `profile` (SPEC §6.3).
@@ -339,6 +344,33 @@ mod tests {
         assert!(key.finds(&s, Some(b"corp")));
         assert!(!key.finds(&s, Some(b"internet")));
         assert!(key.finds(&s, None));
+    }
+
+    // SPEC §6 (RFC 5176 §3): 3GPP-NSAPI identifies only together with 3GPP-IMSI.
+    #[test]
+    fn spec_6_nsapi_alone_is_no_identification_rfc5176_s3() {
+        let nsapi_only = SessionQuery {
+            nsapi: Some(b"5"),
+            ..Default::default()
+        };
+        assert!(nsapi_only.is_empty());
+        assert_eq!(nsapi_only.primary_key(), None);
+        assert!(!nsapi_only.satisfies(KeyProfile::Any));
+        assert!(!nsapi_only.satisfies(KeyProfile::Smf5g));
+        let with_imsi = SessionQuery {
+            imsi: Some(b"001010123456789"),
+            ..nsapi_only
+        };
+        assert_eq!(
+            with_imsi.primary_key(),
+            Some(PrimaryKey::Imsi(b"001010123456789"))
+        );
+        let s = Session {
+            imsi: Some("001010123456789".into()),
+            nsapi: Some("6".into()),
+            ..Session::default()
+        };
+        assert!(!with_imsi.matches(&s), "NSAPI is ANDed with the IMSI");
     }
 
     // SPEC §6.3: the 5G SMF key profile.

@@ -237,6 +237,37 @@ fn spec_2_6_missing_event_timestamp_when_required_is_discarded() {
 }
 
 #[test]
+fn spec_2_6_malformed_event_timestamp_counts_as_missing_when_required_rfc5176_s3_4() {
+    let malformed = |id: u8| {
+        request(
+            DM,
+            id,
+            &[
+                (attr::ACCT_SESSION_ID, b"sess-1"),
+                (attr::EVENT_TIMESTAMP, &[0x6a, 0x00, 0x00]),
+            ],
+            false,
+        )
+    };
+    let required = ClientPolicy {
+        require_event_timestamp: true,
+        ..ClientPolicy::default()
+    };
+    let mut f = Fixture::new(required, sess1());
+    assert_eq!(f.discard(&malformed(1)), Discard::MissingEventTimestamp);
+    assert_eq!(f.store.len(), 1, "nothing changed");
+    let c = &f.engine.counters().per_client[0];
+    assert_eq!(c.discarded(Discard::MissingEventTimestamp), 1);
+    assert_eq!(c.naks_total(RequestKind::Disconnect), 0);
+    // Not required: a malformed value is a NAK 407 (SPEC §7), as before.
+    let mut f = default_fixture();
+    let reply = f.answer(&malformed(2));
+    assert_eq!(reply.code, code::DISCONNECT_NAK);
+    assert_eq!(reply.error_cause(), Some(ErrorCause::InvalidAttributeValue));
+    assert_eq!(f.store.len(), 1);
+}
+
+#[test]
 fn spec_2_discards_never_reveal_whether_the_secret_was_right() {
     // A wrong secret and an unknown code both give no answer at all; the counters tell them apart.
     let mut f = default_fixture();
@@ -326,6 +357,44 @@ fn spec_4_retransmitted_disconnect_gets_the_cached_ack_not_503_rfc5080_s2_2_2() 
     assert_eq!(second.unwrap().bytes, first.bytes, "byte for byte");
     assert_eq!(f.events(), vec!["removed sess-1"], "processed once");
     assert_eq!(f.engine.counters().per_client[0].duplicates[0], 1);
+}
+
+#[test]
+fn spec_4_cached_answer_only_for_an_authenticated_copy_rfc5080_s2_2_2_rfc5176_s3_4() {
+    let mut f = Fixture::new(ClientPolicy::default(), {
+        let mut s = sess1();
+        s.push(session("sess-2"));
+        s
+    });
+    let p = dm_sess1(7);
+    let first = f.answer(&p);
+    assert_eq!(first.code, code::DISCONNECT_ACK);
+    // The first 20 octets of the answered request (Code, Identifier, Length, Request
+    // Authenticator) with another body of the same length: it does not authenticate, so it
+    // must not be answered from the cache.
+    let mut forged = p.clone();
+    let other = request(DM, 7, &[(attr::ACCT_SESSION_ID, b"sess-2")], false);
+    assert_eq!(other.len(), p.len());
+    forged[20..].copy_from_slice(&other[20..]);
+    assert_eq!(f.discard(&forged), Discard::BadRequestAuthenticator);
+    // The same header with a longer body (Length left as it was: the extra octets are padding,
+    // and the body inside Length still differs).
+    let mut padded = forged.clone();
+    padded.extend_from_slice(&[attr::ACCT_SESSION_ID, 8, b's', b'e', b's', b's', b'-', b'2']);
+    assert_eq!(f.discard(&padded), Discard::BadRequestAuthenticator);
+    assert_eq!(f.store.len(), 1, "sess-2 untouched");
+    // The real retransmission still gets the identical cached bytes.
+    let (outcome, again) = f.handle(&p);
+    assert!(matches!(outcome, Outcome::Replay { .. }), "{outcome:?}");
+    assert_eq!(again.unwrap().bytes, first.bytes, "byte for byte");
+    assert_eq!(f.events(), vec!["removed sess-1"], "processed once");
+    let c = &f.engine.counters().per_client[0];
+    assert_eq!(c.requests[0], 4, "every datagram counts as a request");
+    assert_eq!(
+        c.duplicates[0], 1,
+        "only the authenticated copy is a duplicate"
+    );
+    assert_eq!(c.discarded(Discard::BadRequestAuthenticator), 2);
 }
 
 #[test]
@@ -523,6 +592,60 @@ fn spec_6_2_no_identification_attribute_is_nak_402_rfc5176_s3() {
         f.answer(&coa).error_cause(),
         Some(ErrorCause::MissingAttribute)
     );
+}
+
+fn two_bearers() -> Vec<Session> {
+    ["001010000000001", "001010000000002"]
+        .iter()
+        .enumerate()
+        .map(|(i, imsi)| Session {
+            acct_session_id: Some(format!("bearer-{i}")),
+            imsi: Some((*imsi).into()),
+            nsapi: Some("5".into()),
+            ..Session::default()
+        })
+        .collect()
+}
+
+#[test]
+fn spec_6_2_nsapi_without_imsi_is_no_identification_nak_402_rfc5176_s3() {
+    let mut f = Fixture::new(ClientPolicy::default(), two_bearers());
+    let nsapi = vsa(vendor::THREE_GPP, vendor::THREE_GPP_NSAPI, b"5");
+    let reply = f.answer(&request(DM, 1, &[(attr::VENDOR_SPECIFIC, &nsapi)], false));
+    assert_eq!(reply.code, code::DISCONNECT_NAK);
+    assert_eq!(reply.error_cause(), Some(ErrorCause::MissingAttribute));
+    assert_eq!(f.store.len(), 2, "no session selected by NSAPI alone");
+    assert!(f.events().is_empty());
+    // With the IMSI, NSAPI narrows it (AND): a wrong NSAPI finds nothing, the right one
+    // removes only that subscriber's bearer.
+    let imsi = vsa(
+        vendor::THREE_GPP,
+        vendor::THREE_GPP_IMSI,
+        b"001010000000002",
+    );
+    let nsapi6 = vsa(vendor::THREE_GPP, vendor::THREE_GPP_NSAPI, b"6");
+    let wrong = f.answer(&request(
+        DM,
+        2,
+        &[
+            (attr::VENDOR_SPECIFIC, &imsi),
+            (attr::VENDOR_SPECIFIC, &nsapi6),
+        ],
+        false,
+    ));
+    assert_eq!(wrong.code, code::DISCONNECT_NAK);
+    assert_eq!(f.store.len(), 2);
+    let right = f.answer(&request(
+        DM,
+        3,
+        &[
+            (attr::VENDOR_SPECIFIC, &imsi),
+            (attr::VENDOR_SPECIFIC, &nsapi),
+        ],
+        false,
+    ));
+    assert_eq!(right.code, code::DISCONNECT_ACK);
+    assert_eq!(f.events(), vec!["removed bearer-1"]);
 }
 
 #[test]
@@ -1230,6 +1353,30 @@ fn spec_9_proxy_state_count_is_capped() {
 }
 
 #[test]
+fn spec_9_request_whose_answer_could_not_fit_is_discarded_before_any_change_rfc5176_s3_1() {
+    let mut f = default_fixture();
+    // 20 + 8 (Acct-Session-Id) + 4060 octets of Proxy-State = 4088 octets: a valid request,
+    // but its ACK (20 + 18 Message-Authenticator + 4060 echoed) would need 4098.
+    let full = [0x5a; 253];
+    let last = [0xa5; 233];
+    let mut attrs: Vec<(u8, &[u8])> = vec![(attr::ACCT_SESSION_ID, b"sess-1")];
+    attrs.extend(std::iter::repeat_n((attr::PROXY_STATE, &full[..]), 15));
+    attrs.push((attr::PROXY_STATE, &last[..]));
+    let p = request(DM, 1, &attrs, false);
+    assert_eq!(p.len(), 4088);
+    assert_eq!(f.discard(&p), Discard::AnswerWouldNotFit);
+    assert_eq!(f.store.len(), 1, "the session is still there");
+    assert!(f.events().is_empty(), "nothing reached the data plane");
+    let c = &f.engine.counters().per_client[0];
+    assert_eq!(c.discarded(Discard::AnswerWouldNotFit), 1);
+    // A following normal Disconnect still finds the session (a plain ACK, not 201).
+    let ack = f.answer(&dm_sess1(2));
+    assert_eq!(ack.code, code::DISCONNECT_ACK);
+    assert_eq!(ack.error_cause(), None);
+    assert_eq!(f.events(), vec!["removed sess-1"]);
+}
+
+#[test]
 fn spec_9_state_echoed_unchanged_in_ack_and_nak() {
     let mut f = default_fixture();
     let ack = f.answer(&request(
@@ -1249,6 +1396,40 @@ fn spec_9_state_echoed_unchanged_in_ack_and_nak() {
         false,
     ));
     assert_eq!(nak.values(attr::STATE), vec![b"s2".to_vec()]);
+}
+
+#[test]
+fn spec_9_every_state_echoed_in_order_even_in_the_404_for_repeats_rfc5176_s3_1() {
+    let mut f = default_fixture();
+    let nak = f.answer(&request(
+        DM,
+        1,
+        &[
+            (attr::STATE, b"first"),
+            (attr::ACCT_SESSION_ID, b"sess-1"),
+            (attr::PROXY_STATE, b"ps"),
+            (attr::STATE, b"\x00second"),
+        ],
+        false,
+    ));
+    assert_eq!(nak.code, code::DISCONNECT_NAK);
+    assert_eq!(nak.error_cause(), Some(ErrorCause::InvalidRequest));
+    assert_eq!(
+        nak.values(attr::STATE),
+        vec![b"first".to_vec(), b"\x00second".to_vec()],
+        "every State, in wire order"
+    );
+    assert_eq!(
+        nak.types(),
+        vec![
+            attr::MESSAGE_AUTHENTICATOR,
+            attr::ERROR_CAUSE,
+            attr::STATE,
+            attr::STATE,
+            attr::PROXY_STATE
+        ]
+    );
+    assert_eq!(f.store.len(), 1, "a 404 changes nothing");
 }
 
 #[test]
