@@ -4,9 +4,9 @@
 //! Owns: the order of checks (client, framing, code, authenticators, Event-Timestamp,
 //! Proxy-State limit, and only then duplicates, so that no cached answer is replayed to bytes
 //! that were not authenticated; then attribute rules, NAS identification, session
-//! identification, action), the choice of exactly one Error-Cause per NAK, and the answer's layout (Message-Authenticator
-//! first, then Service-Type for 507, Error-Cause, Reply-Message, every State, every Proxy-State,
-//! in order).
+//! identification, action), the choice of exactly one Error-Cause per NAK, and the answer's
+//! layout (Message-Authenticator first, then Service-Type for 507, Error-Cause,
+//! Reply-Message, every State, every Proxy-State, in order).
 //! Must not touch: sockets, threads or clocks (time is passed in as `Now`), allocation on the
 //! Disconnect path.
 #![forbid(unsafe_code)]
@@ -468,7 +468,9 @@ fn worst_case_answer_len(echo_len: usize, sign: bool, reasons: bool) -> usize {
         0
     };
     let reply_message = if reasons { 2 + MAX_REASON_LEN } else { 0 };
-    codec::HEADER_LEN + message_authenticator + 6 + 6 + reply_message + echo_len
+    // Service-Type (507) and Error-Cause: 2 octets of header and a 4-octet integer each.
+    const U32_ATTRIBUTE: usize = 2 + 4;
+    codec::HEADER_LEN + message_authenticator + 2 * U32_ATTRIBUTE + reply_message + echo_len
 }
 
 /// SPEC §2.5 (RFC 5176 §3.4, RFC 3579 §3.2).

@@ -172,9 +172,7 @@ pub enum PrimaryKey<'a> {
     FramedInterfaceId(u64),
     NasPort(u32),
     CalledStationId(&'a [u8]),
-    /// Never chosen by `SessionQuery::primary_key` (3GPP-NSAPI identifies only together with
-    /// 3GPP-IMSI); kept so that session tables can still name the field.
-    Nsapi(&'a [u8]),
+    // No 3GPP-NSAPI: it identifies only together with 3GPP-IMSI (checked on the record).
 }
 
 /// Which combinations of identification attributes a client may use (SPEC §6.3).
@@ -288,7 +286,6 @@ impl PrimaryKey<'_> {
             PrimaryKey::FramedInterfaceId(v) => s.framed_interface_id == Some(v),
             PrimaryKey::NasPort(v) => s.nas_port == Some(v),
             PrimaryKey::CalledStationId(v) => text_eq(Some(v), &s.called_station_id),
-            PrimaryKey::Nsapi(v) => text_eq(Some(v), &s.nsapi),
         }
     }
 }

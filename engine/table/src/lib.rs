@@ -237,7 +237,7 @@ impl<I: KeyIndex> SessionTable<I> {
             PrimaryKey::NasPortId(v) => Probe::Index(&self.port_id, self.h(v)),
             PrimaryKey::FramedInterfaceId(v) => Probe::Index(&self.ifid, self.hasher.hash_one(v)),
             PrimaryKey::NasPort(v) => Probe::Index(&self.port, self.hasher.hash_one(v)),
-            PrimaryKey::CalledStationId(_) | PrimaryKey::Nsapi(_) => Probe::Scan,
+            PrimaryKey::CalledStationId(_) => Probe::Scan,
         }
     }
 

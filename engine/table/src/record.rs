@@ -396,7 +396,6 @@ impl Keys<'_> {
             PrimaryKey::FramedInterfaceId(v) => self.framed_interface_id == Some(v),
             PrimaryKey::NasPort(v) => self.nas_port == Some(v),
             PrimaryKey::CalledStationId(v) => t(v, self.called_station_id),
-            PrimaryKey::Nsapi(v) => t(v, self.nsapi),
         }
     }
 
