@@ -18,10 +18,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::config::{IoChoice, Settings, Shards};
 use dynauth_proto::counters::{Counters, Discard, LatencyHistogram, RequestKind};
-use dynauth_proto::decide::{Engine, EngineConfig, Now, Outcome};
 use dynauth_proto::dedup::DedupStats;
 use dynauth_proto::dict::ErrorCause;
 use dynauth_proto::store::{DataPlane, SessionStore};
+use dynauth_proto::{Engine, EngineConfig, Now, Outcome};
 use dynauth_udp::{Backend, BufferSizes, Handler, IoStats, Listener, Received};
 
 /// A start-up failure, with what to do about it.

@@ -10,9 +10,10 @@
 //! answer: then the oldest answer is dropped and `evicted_early` counts it. A retransmission
 //! of an answer dropped early is processed again as a new request (for a Disconnect whose
 //! session is gone, the tombstone still answers it with 201). Nothing here allocates after
-//! construction. Must not touch: authentication or decisions (`decide` consults this only for
-//! requests that passed every security check: Request Authenticator, Message-Authenticator,
-//! Event-Timestamp window, Proxy-State limit; the key covers only the first 20 octets).
+//! construction. Must not touch: authentication or decisions. Its public methods accept only an
+//! [`Authenticated`] request (built by `verify` once every security check passed: Request
+//! Authenticator, Message-Authenticator, Event-Timestamp window, Proxy-State limit), because the
+//! key covers only the first 20 octets.
 #![forbid(unsafe_code)]
 
 use core::net::SocketAddr;
@@ -23,6 +24,7 @@ use core::hash::BuildHasher;
 use hashbrown::{HashMap, HashTable};
 
 use crate::client::canonical;
+use crate::verify::Authenticated;
 
 /// What identifies a retransmission (SPEC §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -34,7 +36,12 @@ pub struct DuplicateKey {
 }
 
 impl DuplicateKey {
-    pub fn new(source: SocketAddr, code: u8, identifier: u8, authenticator: [u8; 16]) -> Self {
+    pub(crate) fn new(
+        source: SocketAddr,
+        code: u8,
+        identifier: u8,
+        authenticator: [u8; 16],
+    ) -> Self {
         DuplicateKey {
             source: SocketAddr::new(canonical(source.ip()), source.port()),
             code,
@@ -145,8 +152,35 @@ impl DuplicateCache {
         self.entries.is_empty()
     }
 
-    /// Looks a request up. Expired answers are treated as unseen.
-    pub fn seen(&mut self, key: &DuplicateKey, now_ms: u64) -> Seen<'_> {
+    /// Looks an authenticated request up. Expired answers are treated as unseen.
+    pub fn seen(&mut self, request: &Authenticated<'_>, now_ms: u64) -> Seen<'_> {
+        self.seen_key(&request.duplicate_key(), now_ms)
+    }
+
+    /// Marks an authenticated request as being processed until `complete` or `abandon`.
+    /// Returns false (and counts it) when the in-flight table is full; the request is then
+    /// processed unmarked.
+    pub fn begin(&mut self, request: &Authenticated<'_>, expires_ms: u64) -> bool {
+        self.begin_key(request.duplicate_key(), expires_ms)
+    }
+
+    /// The request was dropped without an answer: forget it.
+    pub fn abandon(&mut self, request: &Authenticated<'_>) {
+        self.abandon_key(&request.duplicate_key());
+    }
+
+    /// Stores the answer to `request`, kept until `expires_ms`.
+    pub fn complete(
+        &mut self,
+        request: &Authenticated<'_>,
+        answer: &[u8],
+        now_ms: u64,
+        expires_ms: u64,
+    ) {
+        self.complete_key(request.duplicate_key(), answer, now_ms, expires_ms);
+    }
+
+    pub(crate) fn seen_key(&mut self, key: &DuplicateKey, now_ms: u64) -> Seen<'_> {
         self.expire(now_ms);
         if !self.in_flight.is_empty() && self.in_flight.contains_key(key) {
             return Seen::InFlight;
@@ -164,9 +198,7 @@ impl DuplicateCache {
         }
     }
 
-    /// Marks a request as being processed until `complete` or `abandon`. Returns false (and
-    /// counts it) when the in-flight table is full; the request is then processed unmarked.
-    pub fn begin(&mut self, key: DuplicateKey, expires_ms: u64) -> bool {
+    pub(crate) fn begin_key(&mut self, key: DuplicateKey, expires_ms: u64) -> bool {
         if self.in_flight.len() >= self.config.max_in_flight {
             self.stats.in_flight_full += 1;
             return false;
@@ -175,13 +207,17 @@ impl DuplicateCache {
         true
     }
 
-    /// The request was dropped without an answer: forget it.
-    pub fn abandon(&mut self, key: &DuplicateKey) {
+    pub(crate) fn abandon_key(&mut self, key: &DuplicateKey) {
         self.in_flight.remove(key);
     }
 
-    /// Stores the answer to `key`, kept until `expires_ms`.
-    pub fn complete(&mut self, key: DuplicateKey, answer: &[u8], now_ms: u64, expires_ms: u64) {
+    pub(crate) fn complete_key(
+        &mut self,
+        key: DuplicateKey,
+        answer: &[u8],
+        now_ms: u64,
+        expires_ms: u64,
+    ) {
         if !self.in_flight.is_empty() {
             self.in_flight.remove(&key);
         }
@@ -311,17 +347,17 @@ mod tests {
     fn rfc5080_s2_2_2_answered_duplicate_replays_bytes() {
         let mut c = DuplicateCache::new(DedupConfig::default());
         let k = key(1000, 1);
-        assert_eq!(c.seen(&k, 0), Seen::New);
-        assert!(c.begin(k, 300_000));
-        assert_eq!(c.seen(&k, 1), Seen::InFlight);
-        c.complete(k, b"answer-1", 1, 300_000);
-        assert_eq!(c.seen(&k, 2), Seen::Answered(b"answer-1"));
+        assert_eq!(c.seen_key(&k, 0), Seen::New);
+        assert!(c.begin_key(k, 300_000));
+        assert_eq!(c.seen_key(&k, 1), Seen::InFlight);
+        c.complete_key(k, b"answer-1", 1, 300_000);
+        assert_eq!(c.seen_key(&k, 2), Seen::Answered(b"answer-1"));
         // Same source, port and Identifier with another authenticator: a new request.
         let mut other = k;
         other.authenticator = [9; 16];
-        assert_eq!(c.seen(&other, 2), Seen::New);
+        assert_eq!(c.seen_key(&other, 2), Seen::New);
         // After the window: new again.
-        assert_eq!(c.seen(&k, 300_001), Seen::New);
+        assert_eq!(c.seen_key(&k, 300_001), Seen::New);
         assert_eq!(c.stats().expired, 1);
     }
 
@@ -340,23 +376,23 @@ mod tests {
             max_in_flight: 2,
         });
         for i in 0..10u8 {
-            c.complete(key(1, i), &[i; 20], 0, 1_000);
+            c.complete_key(key(1, i), &[i; 20], 0, 1_000);
             assert!(c.len() <= 4);
         }
         // 64 bytes hold at most two 20-byte answers plus a gap: the newest survive.
-        assert_eq!(c.seen(&key(1, 9), 0), Seen::Answered(&[9; 20]));
-        assert_eq!(c.seen(&key(1, 0), 0), Seen::New);
+        assert_eq!(c.seen_key(&key(1, 9), 0), Seen::Answered(&[9; 20]));
+        assert_eq!(c.seen_key(&key(1, 0), 0), Seen::New);
         assert!(c.stats().evicted_early >= 6);
-        c.complete(key(1, 99), &[0; 64], 0, 1_000);
+        c.complete_key(key(1, 99), &[0; 64], 0, 1_000);
         assert_eq!(c.stats().too_large, 1);
-        assert!(c.begin(key(2, 1), 10));
-        assert!(c.begin(key(2, 2), 10));
-        assert!(!c.begin(key(2, 3), 10));
+        assert!(c.begin_key(key(2, 1), 10));
+        assert!(c.begin_key(key(2, 2), 10));
+        assert!(!c.begin_key(key(2, 3), 10));
         assert_eq!(c.stats().in_flight_full, 1);
         // A dropped request leaves nothing behind: its copy is new again.
-        assert_eq!(c.seen(&key(2, 1), 0), Seen::InFlight);
-        c.abandon(&key(2, 1));
-        assert_eq!(c.seen(&key(2, 1), 0), Seen::New);
+        assert_eq!(c.seen_key(&key(2, 1), 0), Seen::InFlight);
+        c.abandon_key(&key(2, 1));
+        assert_eq!(c.seen_key(&key(2, 1), 0), Seen::New);
     }
 
     #[test]
@@ -369,13 +405,13 @@ mod tests {
         for i in 0..200u16 {
             let len = 5 + usize::from(i % 17);
             let byte = (i % 251) as u8;
-            c.complete(key(i, byte), &vec![byte; len], 0, 1_000);
+            c.complete_key(key(i, byte), &vec![byte; len], 0, 1_000);
             // Every entry still indexed must read back exactly what was stored; eviction is
             // FIFO, so the live entries are the newest ones, and the newest is always live.
             let mut live = 0u16;
             for j in 0..=i {
                 let b = (j % 251) as u8;
-                match c.seen(&key(j, b), 0) {
+                match c.seen_key(&key(j, b), 0) {
                     Seen::Answered(bytes) => {
                         assert!(bytes.iter().all(|x| *x == b), "entry {j} corrupted");
                         assert_eq!(bytes.len(), 5 + usize::from(j % 17));

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use crate::auth::Secret;
 use crate::client::{Client, ClientTable, NasIdentity};
 use crate::codec::{MAX_PACKET_LEN, Packet};
-use crate::decide::{Engine, EngineConfig, Now, Outcome};
+use crate::engine::{Engine, EngineConfig, Now, Outcome};
 use crate::store::{AcceptAll, MemoryStore};
 
 /// The secret of the fuzzing client (corpus files signed with it reach the decisions).

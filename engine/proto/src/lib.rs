@@ -16,25 +16,31 @@
 //! - [`session`], [`change`]: the session model, queries and matching; CoA changes.
 //! - [`store`]: the `SessionStore` and `DataPlane` traits and a reference store
 //!   (the carrier-scale one is the `dynauth-table` crate).
-//! - [`dedup`]: the bounded duplicate cache.
 //! - [`synth`]: deterministic synthetic sessions (benchmarks, demo, load generator).
 //! - [`counters`]: RFC 4673 counters, Prometheus text.
-//! - [`decide`]: the RFC 5176 decisions tying it together ([`Engine`]).
+//! - The pipeline, one stage per module: [`verify`] (the only way to an
+//!   [`verify::Authenticated`] request), [`dedup`] (the bounded duplicate cache, which accepts
+//!   only authenticated requests), [`rules`] (request rules and the verdict), [`answer`] (the
+//!   answer's layout and signatures), tied together by [`engine`] ([`Engine`]).
 #![forbid(unsafe_code)]
 
+pub mod answer;
 pub mod auth;
 pub mod change;
 pub mod client;
 pub mod codec;
 pub mod counters;
-pub mod decide;
 pub mod dedup;
 pub mod dict;
+pub mod engine;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod rules;
 pub mod session;
 pub mod store;
 pub mod synth;
+pub mod verify;
 
-pub use decide::{Answer, Engine, EngineConfig, Now, Outcome};
+pub use engine::{Answer, Engine, EngineConfig, Now, Outcome};
 pub use store::{DataPlane, SessionStore};
+pub use verify::Authenticated;

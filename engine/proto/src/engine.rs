@@ -1,0 +1,250 @@
+//! The engine: one datagram in, a silent discard with its reason or the exact answer out.
+//!
+//! Owns: the pipeline's order, one stage per module: `verify` (client, framing, code,
+//! authenticators, Event-Timestamp, Proxy-State limit, answer fit) builds an
+//! [`Authenticated`] request; only then the duplicate cache (`dedup`), so that no cached
+//! answer is replayed to bytes that were not authenticated; then `rules` (attribute rules,
+//! NAS identification, session identification, the store call) gives a verdict; `answer`
+//! encodes and signs it; the answer is cached and counted here.
+//! Must not touch: sockets, threads or clocks (time is passed in as [`Now`]), allocation on
+//! the Disconnect path.
+#![forbid(unsafe_code)]
+
+use core::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::answer;
+use crate::client::{ClientTable, NasIdentity};
+use crate::counters::{Counters, Discard, RequestKind};
+use crate::dedup::{DedupConfig, DuplicateCache, Seen};
+use crate::dict::ErrorCause;
+use crate::rules;
+use crate::store::{DataPlane, SessionStore};
+use crate::verify::{self, Arrival, Authenticated};
+
+/// The time, passed in by the caller (the engine reads no clock).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Now {
+    /// Wall-clock seconds since the Unix epoch (Event-Timestamp checks).
+    pub unix_secs: u64,
+    /// A monotonic clock in milliseconds (duplicate cache, tombstones).
+    pub monotonic_ms: u64,
+}
+
+/// Everything the decisions need that is fixed while the server runs.
+#[derive(Debug, Clone, Default)]
+pub struct EngineConfig {
+    pub clients: ClientTable,
+    pub nas: NasIdentity,
+    pub dedup: DedupConfig,
+}
+
+/// What to do with one datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Send nothing; the reason was counted.
+    Discard(Discard),
+    /// Send `out[..len]`, a fresh answer.
+    Answer(Answer),
+    /// Send `out[..len]`: the cached answer to an earlier copy of this request.
+    Replay { len: usize },
+}
+
+/// A fresh answer's summary (the bytes are in the caller's buffer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Answer {
+    pub len: usize,
+    pub code: u8,
+    pub error_cause: Option<ErrorCause>,
+    /// Sessions removed or changed.
+    pub sessions: u32,
+}
+
+/// One engine per shard: the shared configuration, store and data plane, and this shard's
+/// duplicate cache and counters.
+pub struct Engine {
+    config: Arc<EngineConfig>,
+    store: Arc<dyn SessionStore>,
+    data_plane: Arc<dyn DataPlane>,
+    dedup: DuplicateCache,
+    counters: Counters,
+}
+
+impl core::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Engine")
+            .field("clients", &self.config.clients.len())
+            .field("sessions", &self.store.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    pub fn new(
+        config: Arc<EngineConfig>,
+        store: Arc<dyn SessionStore>,
+        data_plane: Arc<dyn DataPlane>,
+    ) -> Self {
+        Engine {
+            dedup: DuplicateCache::new(config.dedup),
+            counters: Counters::new(config.clients.len()),
+            config,
+            store,
+            data_plane,
+        }
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    pub fn dedup_stats(&self) -> crate::dedup::DedupStats {
+        self.dedup.stats()
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    pub fn store(&self) -> &Arc<dyn SessionStore> {
+        &self.store
+    }
+
+    /// Decides one datagram that arrived from `source` on `destination` (the local address,
+    /// which the answer must leave from). The answer, if any, is written to `out`, which
+    /// should hold `codec::MAX_PACKET_LEN` octets.
+    pub fn handle(
+        &mut self,
+        datagram: &[u8],
+        source: SocketAddr,
+        destination: SocketAddr,
+        now: Now,
+        out: &mut [u8],
+    ) -> Outcome {
+        // Split borrows: the shared configuration is read while this shard's cache and counters
+        // are written, without touching the `Arc`'s reference count (a cache line every shard
+        // would otherwise bounce on every packet).
+        let Engine {
+            config,
+            store,
+            data_plane,
+            dedup,
+            counters,
+        } = self;
+        let Some((client_id, client)) = config.clients.lookup(source.ip()) else {
+            counters.unknown_client += 1;
+            return Outcome::Discard(Discard::UnknownClient);
+        };
+        let shard = Shard {
+            nas: &config.nas,
+            store: &**store,
+            data_plane: &**data_plane,
+            dedup,
+            counters,
+        };
+        let arrival = verify::classify(datagram).map(|(packet, kind)| Arrival {
+            packet,
+            kind,
+            source,
+            client_id,
+            client,
+        });
+        match arrival.and_then(|a| shard.handle(a, destination, now, out)) {
+            Ok(outcome) => outcome,
+            Err(reason) => {
+                if let Some(c) = counters.per_client.get_mut(client_id.0 as usize) {
+                    c.discards[reason.index()] += 1;
+                }
+                Outcome::Discard(reason)
+            }
+        }
+    }
+}
+
+/// What one call of `Engine::handle` works with: the shared parts by reference, this shard's
+/// duplicate cache and counters mutably.
+struct Shard<'a> {
+    nas: &'a NasIdentity,
+    store: &'a dyn SessionStore,
+    data_plane: &'a dyn DataPlane,
+    dedup: &'a mut DuplicateCache,
+    counters: &'a mut Counters,
+}
+
+impl Shard<'_> {
+    fn handle(
+        self,
+        arrival: Arrival<'_>,
+        destination: SocketAddr,
+        now: Now,
+        out: &mut [u8],
+    ) -> Result<Outcome, Discard> {
+        let ci = arrival.client_id.0 as usize;
+        let kind = arrival.kind;
+        if let Some(c) = self.counters.per_client.get_mut(ci) {
+            c.requests[kind as usize] += 1;
+        }
+        let request = verify::authenticate(arrival, now, out.len())?;
+        match self.dedup.seen(&request, now.monotonic_ms) {
+            Seen::New => {}
+            Seen::InFlight => return Err(Discard::DuplicateInFlight),
+            Seen::Answered(bytes) => {
+                let len = bytes.len();
+                let slot = out.get_mut(..len).ok_or(Discard::AnswerTooLarge)?;
+                slot.copy_from_slice(bytes);
+                if let Some(c) = self.counters.per_client.get_mut(ci) {
+                    c.duplicates[kind as usize] += 1;
+                }
+                return Ok(Outcome::Replay { len });
+            }
+        }
+        // `handle` decides synchronously, so no other copy can arrive while this one is being
+        // decided: the in-flight mark (`DuplicateCache::begin`) is for callers that hand a
+        // request to an asynchronous data plane and answer later.
+        let verdict = rules::decide(
+            &request,
+            self.nas,
+            self.store,
+            self.data_plane,
+            destination.ip(),
+            now.monotonic_ms,
+        );
+        let len = answer::encode(out, &request, &verdict).map_err(|_| Discard::AnswerTooLarge)?;
+        if let Some(bytes) = out.get(..len) {
+            self.dedup.complete(
+                &request,
+                bytes,
+                now.monotonic_ms,
+                answer_expiry(&request, now),
+            );
+        }
+        if let Some(c) = self.counters.per_client.get_mut(ci) {
+            let k = kind as usize;
+            if verdict.ack {
+                c.acks[k] += 1;
+            } else if let Some(cause) = verdict.error_cause {
+                c.naks[k][cause.index()] += 1;
+            }
+            match kind {
+                RequestKind::Disconnect => c.sessions_removed += u64::from(verdict.sessions),
+                RequestKind::Coa => c.sessions_changed += u64::from(verdict.sessions),
+            }
+            if verdict.echo_authorize_only {
+                c.authorize_only_requests += 1;
+            }
+        }
+        Ok(Outcome::Answer(Answer {
+            len,
+            code: answer::answer_code(kind, verdict.ack),
+            error_cause: verdict.error_cause,
+            sessions: verdict.sessions,
+        }))
+    }
+}
+
+/// How long an answer stays cached: the client's Event-Timestamp window (a copy older than
+/// that is discarded by the window check anyway).
+fn answer_expiry(request: &Authenticated<'_>, now: Now) -> u64 {
+    let window_ms = u64::from(request.client().policy.event_timestamp_window_secs) * 1000;
+    now.monotonic_ms.saturating_add(window_ms)
+}
