@@ -22,7 +22,7 @@ use dynauth_proto::dedup::DedupStats;
 use dynauth_proto::dict::ErrorCause;
 use dynauth_proto::store::{DataPlane, SessionStore};
 use dynauth_proto::{Engine, EngineConfig, Now, Outcome};
-use dynauth_udp::{Backend, BufferSizes, Handler, IoStats, Listener, Received};
+use dynauth_udp::{Backend, Batch, BufferSizes, Handler, IoStats, Listener};
 
 /// A start-up failure, with what to do about it.
 #[derive(Debug, thiserror::Error)]
@@ -212,21 +212,21 @@ fn now(base: Instant) -> Now {
 }
 
 impl Handler for ShardHandler {
-    fn begin_batch(&mut self) {
+    fn batch(&mut self, batch: &mut Batch<'_, '_>) {
+        // One clock read per batch for the decisions.
         self.now = now(self.base);
-    }
-
-    fn datagram(&mut self, d: Received<'_>, out: &mut [u8]) -> Option<usize> {
-        let started = Instant::now();
-        let outcome = self
-            .engine
-            .handle(d.data, d.source, d.destination, self.now, out);
-        self.decision_latency
-            .record(u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX));
-        match outcome {
-            Outcome::Discard(_) => None,
-            Outcome::Answer(a) => Some(a.len),
-            Outcome::Replay { len } => Some(len),
+        for (d, answer) in batch.iter_mut() {
+            let started = Instant::now();
+            let outcome =
+                self.engine
+                    .handle(d.data, d.source, d.destination, self.now, answer.buffer());
+            self.decision_latency
+                .record(u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX));
+            match outcome {
+                Outcome::Discard(_) => {}
+                Outcome::Answer(a) => answer.send(a.len),
+                Outcome::Replay { len } => answer.send(len),
+            }
         }
     }
 }

@@ -1,4 +1,6 @@
-//! The interface between the I/O backends and the code that decides datagrams: `Handler`, `Received`, `IoStats`, and `Backend`, either backend behind one type.
+//! The interface between the I/O backends and the code that decides datagrams: `Handler`
+//! (one receive batch in, answers out), `Batch`, `Received`, `AnswerBuffer`, `IoStats`, and
+//! `Backend`, either backend behind one type.
 #![forbid(unsafe_code)]
 
 use std::io;
@@ -21,12 +23,89 @@ pub struct Received<'a> {
     pub destination: SocketAddr,
 }
 
-/// What a backend feeds datagrams to.
+/// The buffer one datagram's answer is written into, and whether there is one to send.
+#[derive(Debug)]
+pub struct AnswerBuffer<'d> {
+    buffer: &'d mut [u8],
+    len: Option<usize>,
+}
+
+impl<'d> AnswerBuffer<'d> {
+    pub(crate) fn new(buffer: &'d mut [u8]) -> Self {
+        AnswerBuffer { buffer, len: None }
+    }
+
+    /// Where to write the answer (`MAX_DATAGRAM` octets).
+    pub fn buffer(&mut self) -> &mut [u8] {
+        self.buffer
+    }
+
+    /// Sends the first `len` octets of the buffer as the answer (capped at its size).
+    pub fn send(&mut self, len: usize) {
+        self.len = Some(len.min(self.buffer.len()));
+    }
+
+    /// The length to send, if the handler answered.
+    pub fn answer_len(&self) -> Option<usize> {
+        self.len
+    }
+}
+
+/// One receive batch: the datagrams in, one answer buffer per datagram out (same index).
+/// Handing the handler the whole batch at once lets it do per-batch work (read the clock
+/// once, prefetch, multi-buffer hashing) without touching the I/O code.
+#[derive(Debug)]
+pub struct Batch<'b, 'd> {
+    datagrams: &'b [Received<'d>],
+    answers: &'b mut [AnswerBuffer<'d>],
+}
+
+impl<'b, 'd> Batch<'b, 'd> {
+    pub(crate) fn new(datagrams: &'b [Received<'d>], answers: &'b mut [AnswerBuffer<'d>]) -> Self {
+        debug_assert_eq!(datagrams.len(), answers.len());
+        Batch { datagrams, answers }
+    }
+
+    pub fn len(&self) -> usize {
+        self.datagrams.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.datagrams.is_empty()
+    }
+
+    pub fn datagrams(&self) -> &[Received<'d>] {
+        self.datagrams
+    }
+
+    /// Each datagram with its answer buffer.
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (&Received<'d>, &mut AnswerBuffer<'d>)> {
+        self.datagrams.iter().zip(self.answers.iter_mut())
+    }
+}
+
+/// What a backend feeds datagrams to, one receive batch at a time.
 pub trait Handler {
-    /// A batch of datagrams begins (read the clock once here).
-    fn begin_batch(&mut self) {}
-    /// Decides one datagram; writes the answer, if any, into `out` and returns its length.
-    fn datagram(&mut self, datagram: Received<'_>, out: &mut [u8]) -> Option<usize>;
+    /// Decides every datagram of the batch, writing answers into their buffers.
+    fn batch(&mut self, batch: &mut Batch<'_, '_>);
+}
+
+/// Empties a vector of borrowed values so that its allocation can be kept across batches
+/// whose borrows have different lifetimes. The in-place `collect` reuses the allocation (same
+/// size and alignment), so steady-state batches allocate nothing.
+pub(crate) fn recycle<'a, 'b>(mut v: Vec<Received<'a>>) -> Vec<Received<'b>> {
+    v.clear();
+    v.into_iter()
+        .map(|_| unreachable!("the vector is empty"))
+        .collect()
+}
+
+/// [`recycle`] for answer buffers.
+pub(crate) fn recycle_answers<'a, 'b>(mut v: Vec<AnswerBuffer<'a>>) -> Vec<AnswerBuffer<'b>> {
+    v.clear();
+    v.into_iter()
+        .map(|_| unreachable!("the vector is empty"))
+        .collect()
 }
 
 /// I/O counters of one shard's backend.
@@ -122,5 +201,62 @@ impl Backend {
             Backend::Mmsg(b) => b.stats(),
             Backend::Uring(b) => b.stats(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recycled_vectors_keep_their_allocation() {
+        let data = [1u8, 2, 3];
+        let mut v = Vec::with_capacity(64);
+        v.push(Received {
+            data: &data,
+            source: SocketAddr::from(([127, 0, 0, 1], 1)),
+            destination: SocketAddr::from(([127, 0, 0, 1], 2)),
+        });
+        let ptr = v.as_ptr() as usize;
+        let v: Vec<Received<'static>> = recycle(v);
+        assert!(v.is_empty());
+        assert!(v.capacity() >= 64);
+        assert_eq!(v.as_ptr() as usize, ptr);
+    }
+
+    #[test]
+    fn batch_pairs_each_datagram_with_its_answer_buffer() {
+        let (a, b) = ([40u8; 20], [43u8; 20]);
+        let source = SocketAddr::from(([127, 0, 0, 1], 1));
+        let datagrams = [
+            Received {
+                data: &a,
+                source,
+                destination: source,
+            },
+            Received {
+                data: &b,
+                source,
+                destination: source,
+            },
+        ];
+        let mut out = [[0u8; 8]; 2];
+        let [o1, o2] = &mut out;
+        let mut answers = [AnswerBuffer::new(o1), AnswerBuffer::new(o2)];
+        let mut batch = Batch::new(&datagrams, &mut answers);
+        assert_eq!(batch.len(), 2);
+        for (d, answer) in batch.iter_mut() {
+            if d.data[0] == 43 {
+                answer.buffer()[0] = 44;
+                answer.send(100);
+            }
+        }
+        assert_eq!(answers[0].answer_len(), None);
+        assert_eq!(
+            answers[1].answer_len(),
+            Some(8),
+            "capped at the buffer's size"
+        );
+        assert_eq!(out[1][0], 44);
     }
 }

@@ -142,6 +142,8 @@ pub(crate) struct AnswerMeta {
     pub(crate) local: Option<IpAddr>,
     pub(crate) ifindex: u32,
     pub(crate) len: usize,
+    /// Which transmit buffer holds the answer.
+    pub(crate) slot: usize,
 }
 
 impl Default for AnswerMeta {
@@ -151,6 +153,7 @@ impl Default for AnswerMeta {
             local: None,
             ifindex: 0,
             len: 0,
+            slot: 0,
         }
     }
 }

@@ -2,8 +2,9 @@
 //! io_uring (multishot `recvmsg` with a provided-buffer ring, batched `sendmsg`), and the
 //! SIGINT/SIGTERM handler. Each `unsafe` block says why it is sound in a `// SAFETY:` comment.
 //!
-//! Owns: turning datagrams on sockets into [`Received`] values for a [`Handler`] and sending
-//! the answers it writes, from the exact local address each request came to (IP_PKTINFO /
+//! Owns: turning datagrams on sockets into a [`Batch`] of [`Received`] values for a
+//! [`Handler`] (one receive batch in, one answer buffer per datagram out) and sending the
+//! answers it writes, from the exact local address each request came to (IP_PKTINFO /
 //! IPV6_PKTINFO), with kernel drop counts (SO_RXQ_OVFL). Must not touch: RADIUS decisions
 //! (the handler makes them) or configuration (the runtime passes plain values in).
 //!
@@ -14,7 +15,8 @@
 //! Files, by concern:
 //! - `socket.rs`: binding (SO_REUSEPORT, buffer sizes, IP_PKTINFO, SO_RXQ_OVFL).
 //! - `cmsg.rs`: socket addresses and control messages as bytes (safe code).
-//! - `backend.rs`: the `Handler` interface, `Received`, `IoStats`, and `Backend` (either one).
+//! - `backend.rs`: the `Handler` batch interface, `Batch`, `Received`, `AnswerBuffer`,
+//!   `IoStats`, and `Backend` (either one).
 //! - `mmsg.rs`: the `recvmmsg`/`sendmmsg` backend.
 //! - `uring.rs`: the io_uring backend and its probe.
 //! - `signals.rs`: SIGINT/SIGTERM for graceful shutdown.

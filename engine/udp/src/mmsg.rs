@@ -32,6 +32,11 @@ pub struct MmsgBackend {
     /// Answers in each `tx_hdrs` message (more than one with GSO).
     pub(crate) tx_segments: Box<[usize]>,
     pub(crate) gso: bool,
+    /// Per datagram of the batch being decided: its packet info.
+    pub(crate) batch_info: Box<[PacketInfo]>,
+    /// The batch handed to the handler (kept empty between batches, allocation reused).
+    pub(crate) batch_received: Vec<Received<'static>>,
+    pub(crate) batch_answers: Vec<AnswerBuffer<'static>>,
     pub(crate) drops: DropCounters,
     pub(crate) stats: IoStats,
 }
@@ -75,6 +80,9 @@ impl MmsgBackend {
             tx_meta: vec![AnswerMeta::default(); batch].into_boxed_slice(),
             tx_segments: vec![0; batch].into_boxed_slice(),
             gso: false,
+            batch_info: vec![PacketInfo::default(); batch].into_boxed_slice(),
+            batch_received: Vec::with_capacity(batch),
+            batch_answers: Vec::with_capacity(batch),
             drops,
             stats: IoStats::default(),
         }
@@ -186,8 +194,9 @@ impl MmsgBackend {
         let n = n as usize;
         self.stats.received += n as u64;
         self.stats.batches += 1;
-        handler.begin_batch();
-        let mut answers = 0;
+        let mut datagrams = recycle(core::mem::take(&mut self.batch_received));
+        let mut buffers = recycle_answers(core::mem::take(&mut self.batch_answers));
+        let mut tx = self.tx_data.chunks_exact_mut(MAX_DATAGRAM);
         for i in 0..n {
             let hdr = &self.rx_hdrs[i];
             let len = (hdr.msg_len as usize).min(MAX_DATAGRAM);
@@ -199,27 +208,31 @@ impl MmsgBackend {
                 self.stats.unparsable += 1;
                 continue;
             };
-            let destination = SocketAddr::new(info.local.unwrap_or(local.ip()), local.port());
-            let data = &self.rx_data[i * MAX_DATAGRAM..i * MAX_DATAGRAM + len];
-            let out = &mut self.tx_data[answers * MAX_DATAGRAM..(answers + 1) * MAX_DATAGRAM];
-            let Some(answer_len) = handler.datagram(
-                Received {
-                    data,
-                    source,
-                    destination,
-                },
-                out,
-            ) else {
-                continue;
-            };
+            let Some(out) = tx.next() else { break };
+            self.batch_info[datagrams.len()] = info;
+            datagrams.push(Received {
+                data: &self.rx_data[i * MAX_DATAGRAM..i * MAX_DATAGRAM + len],
+                source,
+                destination: SocketAddr::new(info.local.unwrap_or(local.ip()), local.port()),
+            });
+            buffers.push(AnswerBuffer::new(out));
+        }
+        handler.batch(&mut Batch::new(&datagrams, &mut buffers));
+        let mut answers = 0;
+        for (slot, (d, b)) in datagrams.iter().zip(&buffers).enumerate() {
+            let Some(len) = b.answer_len() else { continue };
+            let info = self.batch_info[slot];
             self.tx_meta[answers] = AnswerMeta {
-                to: source,
+                to: d.source,
                 local: info.local,
                 ifindex: info.ifindex,
-                len: answer_len.min(MAX_DATAGRAM),
+                len: len.min(MAX_DATAGRAM),
+                slot,
             };
             answers += 1;
         }
+        self.batch_received = recycle(datagrams);
+        self.batch_answers = recycle_answers(buffers);
         let messages = self.build_messages(answers);
         self.send_all(fd, messages);
         Ok(n)
@@ -245,7 +258,9 @@ impl MmsgBackend {
             }
             for k in i..i + run {
                 self.tx_iov[k] = libc::iovec {
-                    iov_base: self.tx_data[k * MAX_DATAGRAM..].as_mut_ptr().cast(),
+                    iov_base: self.tx_data[self.tx_meta[k].slot * MAX_DATAGRAM..]
+                        .as_mut_ptr()
+                        .cast(),
                     iov_len: self.tx_meta[k].len,
                 };
             }

@@ -71,6 +71,11 @@ pub struct UringBackend {
     pub(crate) stopping: bool,
     /// True once shutdown saw every operation complete: memory may be freed.
     pub(crate) quiesced: bool,
+    /// Per datagram of the batch being decided: (socket, provided buffer, send slot, info).
+    pub(crate) batch_meta: Vec<(usize, u16, u32, PacketInfo)>,
+    /// The batch handed to the handler (kept empty between batches, allocation reused).
+    pub(crate) batch_received: Vec<Received<'static>>,
+    pub(crate) batch_answers: Vec<AnswerBuffer<'static>>,
     pub(crate) drops: DropCounters,
     pub(crate) stats: IoStats,
 }
@@ -233,6 +238,9 @@ impl UringBackend {
             armed: vec![false; n],
             stopping: false,
             quiesced: false,
+            batch_meta: Vec::with_capacity(batch),
+            batch_received: Vec::with_capacity(batch),
+            batch_answers: Vec::with_capacity(batch),
             drops: DropCounters::new(n),
             stats: IoStats::default(),
         };
@@ -361,7 +369,9 @@ impl UringBackend {
             }
         }
         let mut received = 0;
-        let mut begun = false;
+        let mut datagrams = recycle(core::mem::take(&mut self.batch_received));
+        let mut buffers = recycle_answers(core::mem::take(&mut self.batch_answers));
+        self.batch_meta.clear();
         while received < self.batch && !self.free_slots.is_empty() {
             let Some((user_data, result, flags)) = self.pending.pop_front() else {
                 break;
@@ -371,84 +381,108 @@ impl UringBackend {
                 self.armed[index] = false;
             }
             match cqueue::buffer_select(flags) {
-                Some(bid) => {
-                    if result >= 0 {
-                        if !begun {
-                            begun = true;
-                            self.stats.batches += 1;
-                            handler.begin_batch();
-                        }
-                        received += 1;
-                        self.stats.received += 1;
-                        let answered = self.answer(index, bid, result as usize, handler);
-                        self.give_buffer(bid);
-                        answered?;
-                        continue;
+                Some(bid) if result >= 0 => {
+                    received += 1;
+                    self.stats.received += 1;
+                    let len = (result as usize).min(URING_BUF_LEN);
+                    // SAFETY: the kernel completed its write into buffer `bid` (its completion
+                    // was just taken) and will not touch it again until `give_buffer(bid)`
+                    // returns it, which happens only after the handler below is done with
+                    // this batch; `bid` < URING_BUFFERS keeps the slice inside the allocation.
+                    let buffer: &[u8] = unsafe {
+                        core::slice::from_raw_parts(
+                            self.buffers.add(usize::from(bid) * URING_BUF_LEN),
+                            len,
+                        )
+                    };
+                    // SAFETY: `recv_msghdr` is the live template the receives were armed with.
+                    let template = unsafe { &*self.recv_msghdr };
+                    let msg = RecvMsgOut::parse(buffer, template).ok();
+                    let info = msg.as_ref().map(|m| parse_control(m.control_data()));
+                    if let Some(info) = info {
+                        self.drops.update(index, info.drops, &mut self.stats);
                     }
-                    self.give_buffer(bid);
+                    let source = msg.as_ref().and_then(|m| parse_sockaddr(m.name_data()));
+                    let (Some(msg), Some(info), Some(source)) = (msg.as_ref(), info, source) else {
+                        self.stats.unparsable += 1;
+                        self.give_buffer(bid);
+                        continue;
+                    };
+                    let Some(slot_index) = self.free_slots.pop() else {
+                        // Not reached: the loop runs only while a slot is free.
+                        self.give_buffer(bid);
+                        continue;
+                    };
+                    // The payload as a slice of `buffer` itself (which outlives `msg`).
+                    let payload = msg.payload_data();
+                    let start = payload.as_ptr() as usize - buffer.as_ptr() as usize;
+                    let end = start + payload.len().min(MAX_DATAGRAM);
+                    let data = buffer.get(start..end).unwrap_or_default();
+                    let local = self.listeners[index].local;
+                    datagrams.push(Received {
+                        data,
+                        source,
+                        destination: SocketAddr::new(
+                            info.local.unwrap_or(local.ip()),
+                            local.port(),
+                        ),
+                    });
+                    // SAFETY: the slot was free (its previous send completed, or it was never
+                    // used), so the kernel holds no reference to it; it was just taken off the
+                    // free list, so this is the only reference until its send is submitted.
+                    let slot = unsafe { &mut *self.slots[slot_index as usize] };
+                    buffers.push(AnswerBuffer::new(&mut slot.data));
+                    self.batch_meta.push((index, bid, slot_index, info));
                 }
+                Some(bid) => self.give_buffer(bid),
                 None if result == -libc::ENOBUFS => self.stats.out_of_buffers += 1,
                 None if result == -libc::ECANCELED || result >= 0 => {}
                 None => self.stats.recv_errors += 1,
             }
         }
+        if !datagrams.is_empty() {
+            self.stats.batches += 1;
+            handler.batch(&mut Batch::new(&datagrams, &mut buffers));
+        }
+        let mut outcome = Ok(());
+        for (k, b) in buffers.iter().enumerate() {
+            let (s, bid, slot_index, info) = self.batch_meta[k];
+            let answer = b.answer_len().map(|len| (len, datagrams[k].source));
+            if outcome.is_ok() {
+                if let Some((len, to)) = answer {
+                    outcome = self.submit_answer(s, slot_index, to, info, len);
+                    self.give_buffer(bid);
+                    continue;
+                }
+            }
+            self.free_slots.push(slot_index);
+            self.give_buffer(bid);
+        }
+        self.batch_received = recycle(datagrams);
+        self.batch_answers = recycle_answers(buffers);
         self.publish_tail();
-        Ok(received)
+        outcome.map(|()| received)
     }
 
-    pub(crate) fn answer(
+    /// Submits the answer written into send slot `slot_index` to `to`, from the local address
+    /// the request arrived on.
+    pub(crate) fn submit_answer(
         &mut self,
         s: usize,
-        bid: u16,
+        slot_index: u32,
+        to: SocketAddr,
+        info: PacketInfo,
         len: usize,
-        handler: &mut dyn Handler,
     ) -> io::Result<()> {
-        let len = len.min(URING_BUF_LEN);
-        // SAFETY: the kernel completed its write into buffer `bid` (its completion was just
-        // taken) and will not touch it again until `give_buffer(bid)` returns it after this
-        // call; `bid` < URING_BUFFERS keeps the slice inside the allocation.
-        let buffer = unsafe {
-            core::slice::from_raw_parts(self.buffers.add(usize::from(bid) * URING_BUF_LEN), len)
-        };
-        // SAFETY: `recv_msghdr` is the live template the receives were armed with.
-        let template = unsafe { &*self.recv_msghdr };
-        let Ok(msg) = RecvMsgOut::parse(buffer, template) else {
-            self.stats.unparsable += 1;
-            return Ok(());
-        };
-        let info = parse_control(msg.control_data());
-        self.drops.update(s, info.drops, &mut self.stats);
-        let Some(source) = parse_sockaddr(msg.name_data()) else {
-            self.stats.unparsable += 1;
-            return Ok(());
-        };
-        let local = self.listeners[s].local;
-        let destination = SocketAddr::new(info.local.unwrap_or(local.ip()), local.port());
-        let payload = msg.payload_data();
-        let data = &payload[..payload.len().min(MAX_DATAGRAM)];
-        let Some(slot_index) = self.free_slots.pop() else {
-            return Ok(());
-        };
         let slot_ptr = self.slots[slot_index as usize];
-        // SAFETY: the slot is free (its previous send completed, or it was never used), so
-        // the kernel holds no reference to it and this is the only reference.
+        // SAFETY: the slot was taken off the free list for this batch and its send is not yet
+        // submitted, so the kernel holds no reference to it and this is the only reference.
         let slot = unsafe { &mut *slot_ptr };
-        let Some(answer_len) = handler.datagram(
-            Received {
-                data,
-                source,
-                destination,
-            },
-            &mut slot.data,
-        ) else {
-            self.free_slots.push(slot_index);
-            return Ok(());
-        };
-        let namelen = write_sockaddr(source, &mut slot.name.0);
+        let namelen = write_sockaddr(to, &mut slot.name.0);
         let ctrllen = write_pktinfo(&mut slot.ctrl.0, info.local, info.ifindex);
         slot.iov = libc::iovec {
             iov_base: slot.data.as_mut_ptr().cast(),
-            iov_len: answer_len.min(MAX_DATAGRAM),
+            iov_len: len.min(MAX_DATAGRAM),
         };
         slot.hdr.msg_name = slot.name.0.as_mut_ptr().cast();
         slot.hdr.msg_namelen = namelen;
