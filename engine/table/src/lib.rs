@@ -11,15 +11,17 @@
 //! - records: compact byte encodings (`record.rs`) stored inline in a fixed cell per record
 //!   id (or in an overflow arena), read with an optimistic, atomics-only seqlock
 //!   (`arena.rs`); a record id is a `u32`;
-//! - indexes ([`index`]): key hash to record ids. Unique keys: Acct-Session-Id,
-//!   audit-session-id, Chargeable-User-Identity; IMSI (unique with NSAPI), Framed-IP-Address
-//!   and Framed-IPv6-Prefix (unique within VRF + Called-Station-Id) are indexed by value and
+//! - indexes ([`index`]): key hash to record ids, one per indexed `Key`, in the array
+//!   `indexes` numbered by `Key::index` (the key table in `dynauth_proto::session` says
+//!   which keys are indexed and unique). Unique keys: Acct-Session-Id, audit-session-id,
+//!   Chargeable-User-Identity; IMSI (unique with NSAPI), Framed-IP-Address and
+//!   Framed-IPv6-Prefix (unique within VRF + Called-Station-Id) are indexed by value and
 //!   checked on the record. Multi-valued: Acct-Multi-Session-Id, User-Name,
 //!   Calling-Station-Id, NAS-Port-Id, and (extra indexes, free when unused) NAS-Port and
-//!   Framed-Interface-Id. Called-Station-Id alone and NSAPI alone (huge groups in practice:
-//!   one APN, one NSAPI value for millions) fall back to a scan, refused with
-//!   `Refusal::Unavailable` above `TableConfig::max_scan` live sessions; so does a key value
-//!   shared by more than `index::MAX_GROUP` sessions (its group is not indexed);
+//!   Framed-Interface-Id. Called-Station-Id alone (a huge group in practice: one APN for
+//!   millions) falls back to a scan, refused with `Refusal::Unavailable` above
+//!   `TableConfig::max_scan` live sessions; so does a key value shared by more than
+//!   `index::MAX_GROUP` sessions (its group is not indexed);
 //! - a lookup is one probe of the most selective key's index (`SessionQuery::primary_key`),
 //!   every other attribute checked on the record;
 //! - writers (disconnect, CoA, insert, tombstone expiry) take one table writer lock that
@@ -50,7 +52,7 @@ use record::Keys;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TableConfig {
     pub tombstones: TombstonePolicy,
-    /// The most live sessions a scan (Called-Station-Id or NSAPI as the only key) may visit;
+    /// The most live sessions a scan (Called-Station-Id as the only key) may visit;
     /// above it the request is refused with `Refusal::Unavailable` (NAK 506).
     pub max_scan: usize,
 }
