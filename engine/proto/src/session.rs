@@ -1,9 +1,12 @@
 //! The session model: every identification key of SPEC §6 and the authorization state a
 //! CoA-Request changes (SPEC §8).
 //!
-//! Owns: the `Session` record (serialised with these exact field names in the JSON Lines
-//! session files), the borrowed `SessionQuery` a request is turned into, and the matching
-//! rules (AND semantics, normalisation, routing-context scope, the most selective key).
+//! Owns: the identification keys, defined once: [`Key`] and its key table (field name, kind
+//! of value, whether it identifies alone and is indexed, uniqueness); the `Session` record
+//! (serialised with these exact field names in the JSON Lines session files), the borrowed
+//! `SessionQuery` a request is turned into, and the matching rules (AND semantics,
+//! normalisation, routing-context scope, the most selective key, key profiles), each a loop
+//! over [`Key::ALL`] through `get` and [`HasKeys`].
 //! Must not touch: storage layout or concurrency (`store` and the session table), wire
 //! parsing (`decide` builds queries from parsed attributes).
 #![forbid(unsafe_code)]
@@ -113,23 +116,438 @@ mod prefix_as_text {
     }
 }
 
+/// One identification key of SPEC §6.
+///
+/// The variants are in selectivity order, the order in which [`SessionQuery::primary_key`]
+/// tries them, and `Key::ALL[k as usize] == k`. Every property of a key is in its row of
+/// [`Key::info`]: the field name, the kind of value, whether it identifies on its own and is
+/// indexed, and how many live sessions may share a value. `Session` and `SessionQuery` have
+/// one field per key, reached by [`Session::get`] and [`SessionQuery::get`]; everything else
+/// (identification, matching, the primary key, key profiles, the session table's indexes)
+/// is a loop over [`Key::ALL`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Key {
+    /// Acct-Session-Id.
+    AcctSessionId,
+    /// Cisco-AVPair "audit-session-id=VALUE".
+    AuditSessionId,
+    /// Chargeable-User-Identity (RFC 4372).
+    Cui,
+    /// 3GPP-IMSI (vendor 10415, type 1).
+    Imsi,
+    /// Framed-IP-Address.
+    FramedIp,
+    /// Framed-IPv6-Prefix.
+    FramedIpv6Prefix,
+    /// Acct-Multi-Session-Id.
+    AcctMultiSessionId,
+    /// User-Name.
+    UserName,
+    /// Calling-Station-Id.
+    CallingStationId,
+    /// NAS-Port-Id.
+    NasPortId,
+    /// Framed-Interface-Id (RFC 3162 §2.2).
+    FramedInterfaceId,
+    /// NAS-Port.
+    NasPort,
+    /// Called-Station-Id (the APN or DNN of a mobile session).
+    CalledStationId,
+    /// 3GPP-NSAPI (vendor 10415, type 10): identifies only together with 3GPP-IMSI.
+    Nsapi,
+}
+
+/// The kind of value a key holds (see [`KeyValue`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ValueKind {
+    Text,
+    Ipv4,
+    Ipv6Prefix,
+    U64,
+    U32,
+}
+
+/// How a key finds sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// Identifies on its own; the session table keeps an index of it.
+    Indexed,
+    /// Identifies on its own, but a lookup by it alone visits every session: one
+    /// Called-Station-Id (an APN or DNN) is shared by millions.
+    Scanned,
+    /// Identifies only together with another key and is never a primary key: 3GPP-NSAPI
+    /// narrows a 3GPP-IMSI (SPEC §6), NSAPI alone identifies nothing.
+    Qualifier,
+}
+
+/// How many live sessions of the session table may hold one value of a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Uniqueness {
+    /// Any number.
+    Shared,
+    /// One.
+    Unique,
+    /// One per 3GPP-NSAPI value (or absence): 3GPP-IMSI, one session per PDP context.
+    WithNsapi,
+    /// One per routing context, VRF + Called-Station-Id: the addresses (SPEC §6.7). A lookup
+    /// by such a key is scoped by the request's Called-Station-Id.
+    InContext,
+}
+
+/// The properties of one key (a row of the key table, see [`Key::info`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyInfo {
+    pub key: Key,
+    /// The field name in `Session` and `SessionQuery`, and so in the JSON Lines session
+    /// files.
+    pub name: &'static str,
+    pub kind: ValueKind,
+    pub role: Role,
+    pub uniqueness: Uniqueness,
+}
+
+/// The key table, one row per key in `Key` order (checked at compile time below).
+const INFO: [KeyInfo; Key::COUNT] = {
+    use Role::{Indexed, Qualifier, Scanned};
+    use Uniqueness::{InContext, Shared, Unique, WithNsapi};
+    use ValueKind::{Ipv4, Ipv6Prefix, Text, U32, U64};
+    const fn row(
+        key: Key,
+        name: &'static str,
+        kind: ValueKind,
+        role: Role,
+        uniqueness: Uniqueness,
+    ) -> KeyInfo {
+        KeyInfo {
+            key,
+            name,
+            kind,
+            role,
+            uniqueness,
+        }
+    }
+    [
+        row(Key::AcctSessionId, "acct_session_id", Text, Indexed, Unique),
+        row(
+            Key::AuditSessionId,
+            "audit_session_id",
+            Text,
+            Indexed,
+            Unique,
+        ),
+        row(Key::Cui, "cui", Text, Indexed, Unique),
+        row(Key::Imsi, "imsi", Text, Indexed, WithNsapi),
+        row(Key::FramedIp, "framed_ip", Ipv4, Indexed, InContext),
+        row(
+            Key::FramedIpv6Prefix,
+            "framed_ipv6_prefix",
+            Ipv6Prefix,
+            Indexed,
+            InContext,
+        ),
+        row(
+            Key::AcctMultiSessionId,
+            "acct_multi_session_id",
+            Text,
+            Indexed,
+            Shared,
+        ),
+        row(Key::UserName, "user_name", Text, Indexed, Shared),
+        row(
+            Key::CallingStationId,
+            "calling_station_id",
+            Text,
+            Indexed,
+            Shared,
+        ),
+        row(Key::NasPortId, "nas_port_id", Text, Indexed, Shared),
+        row(
+            Key::FramedInterfaceId,
+            "framed_interface_id",
+            U64,
+            Indexed,
+            Shared,
+        ),
+        row(Key::NasPort, "nas_port", U32, Indexed, Shared),
+        row(
+            Key::CalledStationId,
+            "called_station_id",
+            Text,
+            Scanned,
+            Shared,
+        ),
+        row(Key::Nsapi, "nsapi", Text, Qualifier, Shared),
+    ]
+};
+
+// The invariants the rest of the code relies on, checked by the compiler.
+const _: () = {
+    let mut i = 0;
+    while i < Key::COUNT {
+        assert!(
+            Key::ALL[i] as usize == i,
+            "Key::ALL is in declaration order"
+        );
+        assert!(
+            INFO[i].key as usize == i,
+            "one INFO row per key, in Key order"
+        );
+        let indexed = matches!(INFO[i].role, Role::Indexed);
+        assert!(
+            indexed == (i < Key::INDEXED),
+            "the indexed keys come first: index numbers are 0..Key::INDEXED"
+        );
+        assert!(
+            indexed || matches!(INFO[i].uniqueness, Uniqueness::Shared),
+            "a unique key is indexed (duplicates are found through the index)"
+        );
+        i += 1;
+    }
+};
+
+impl Key {
+    /// How many keys there are.
+    pub const COUNT: usize = 14;
+
+    /// Every key, most selective first.
+    pub const ALL: [Key; Key::COUNT] = [
+        Key::AcctSessionId,
+        Key::AuditSessionId,
+        Key::Cui,
+        Key::Imsi,
+        Key::FramedIp,
+        Key::FramedIpv6Prefix,
+        Key::AcctMultiSessionId,
+        Key::UserName,
+        Key::CallingStationId,
+        Key::NasPortId,
+        Key::FramedInterfaceId,
+        Key::NasPort,
+        Key::CalledStationId,
+        Key::Nsapi,
+    ];
+
+    /// How many keys the session table indexes: `Key::ALL[..Key::INDEXED]`, index number
+    /// `k as usize` ([`Key::index`]).
+    pub const INDEXED: usize = {
+        let mut n = 0;
+        while n < Key::COUNT && matches!(INFO[n].role, Role::Indexed) {
+            n += 1;
+        }
+        n
+    };
+
+    /// This key's row of the key table.
+    pub const fn info(self) -> &'static KeyInfo {
+        &INFO[self as usize]
+    }
+
+    /// The field name (`Session`, `SessionQuery`, session files).
+    pub const fn name(self) -> &'static str {
+        self.info().name
+    }
+
+    pub const fn kind(self) -> ValueKind {
+        self.info().kind
+    }
+
+    pub const fn role(self) -> Role {
+        self.info().role
+    }
+
+    pub const fn uniqueness(self) -> Uniqueness {
+        self.info().uniqueness
+    }
+
+    /// Whether the key identifies sessions on its own (everything but 3GPP-NSAPI).
+    pub const fn identifies_alone(self) -> bool {
+        !matches!(self.role(), Role::Qualifier)
+    }
+
+    /// The number of the session table's index for this key, below [`Key::INDEXED`];
+    /// `None` for the keys looked up by scan or never looked up alone.
+    pub const fn index(self) -> Option<usize> {
+        match self.role() {
+            Role::Indexed => Some(self as usize),
+            Role::Scanned | Role::Qualifier => None,
+        }
+    }
+
+    /// Whether a lookup by this key is scoped by the request's Called-Station-Id (the
+    /// addresses: SPEC §6.7).
+    pub const fn scoped_by_context(self) -> bool {
+        matches!(self.uniqueness(), Uniqueness::InContext)
+    }
+}
+
+impl core::fmt::Display for Key {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The value of one key, borrowed. Text is compared octet for octet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KeyValue<'a> {
+    Text(&'a [u8]),
+    Ipv4(Ipv4Addr),
+    Ipv6Prefix(Ipv6Prefix),
+    U64(u64),
+    U32(u32),
+}
+
+impl<'a> KeyValue<'a> {
+    pub const fn kind(&self) -> ValueKind {
+        match self {
+            KeyValue::Text(_) => ValueKind::Text,
+            KeyValue::Ipv4(_) => ValueKind::Ipv4,
+            KeyValue::Ipv6Prefix(_) => ValueKind::Ipv6Prefix,
+            KeyValue::U64(_) => ValueKind::U64,
+            KeyValue::U32(_) => ValueKind::U32,
+        }
+    }
+
+    pub const fn text(self) -> Option<&'a [u8]> {
+        match self {
+            KeyValue::Text(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    pub const fn ipv4(self) -> Option<Ipv4Addr> {
+        match self {
+            KeyValue::Ipv4(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    pub const fn ipv6_prefix(self) -> Option<Ipv6Prefix> {
+        match self {
+            KeyValue::Ipv6Prefix(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    pub const fn u64(self) -> Option<u64> {
+        match self {
+            KeyValue::U64(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    pub const fn u32(self) -> Option<u32> {
+        match self {
+            KeyValue::U32(v) => Some(v),
+            _ => None,
+        }
+    }
+}
+
+/// Why a key could not be set to a value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum KeyValueError {
+    #[error("{key} holds a {:?} value, not {found:?}", key.kind())]
+    WrongKind { key: Key, found: ValueKind },
+    #[error("{key} is text and must be UTF-8")]
+    NotUtf8 { key: Key },
+}
+
+/// `value` as the `T` that `pick` extracts, or the error naming `key`.
+fn picked<'a, T>(
+    key: Key,
+    value: Option<KeyValue<'a>>,
+    pick: impl FnOnce(KeyValue<'a>) -> Option<T>,
+) -> Result<Option<T>, KeyValueError> {
+    match value {
+        None => Ok(None),
+        Some(v) => pick(v).map(Some).ok_or(KeyValueError::WrongKind {
+            key,
+            found: v.kind(),
+        }),
+    }
+}
+
+/// A text `value` as an owned string.
+fn owned(key: Key, value: Option<KeyValue<'_>>) -> Result<Option<String>, KeyValueError> {
+    picked(key, value, KeyValue::text)?
+        .map(|t| {
+            core::str::from_utf8(t)
+                .map(str::to_owned)
+                .map_err(|_| KeyValueError::NotUtf8 { key })
+        })
+        .transpose()
+}
+
+/// Something holding identification keys: a [`Session`], or a record of the session table.
+/// The matching rules ([`SessionQuery::matches`], [`PrimaryKey::finds`]) are written once,
+/// against this.
+pub trait HasKeys {
+    /// Whether `key` is present with exactly `value`.
+    fn has_key(&self, key: Key, value: KeyValue<'_>) -> bool;
+}
+
+impl HasKeys for Session {
+    fn has_key(&self, key: Key, value: KeyValue<'_>) -> bool {
+        self.get(key) == Some(value)
+    }
+}
+
 impl Session {
-    /// True when at least one identification key is set (a session file line must have one).
+    /// The value of `key`, if set.
+    pub fn get(&self, key: Key) -> Option<KeyValue<'_>> {
+        fn text(v: &Option<String>) -> Option<KeyValue<'_>> {
+            v.as_deref().map(|t| KeyValue::Text(t.as_bytes()))
+        }
+        match key {
+            Key::AcctSessionId => text(&self.acct_session_id),
+            Key::AuditSessionId => text(&self.audit_session_id),
+            Key::Cui => text(&self.cui),
+            Key::Imsi => text(&self.imsi),
+            Key::FramedIp => self.framed_ip.map(KeyValue::Ipv4),
+            Key::FramedIpv6Prefix => self.framed_ipv6_prefix.map(KeyValue::Ipv6Prefix),
+            Key::AcctMultiSessionId => text(&self.acct_multi_session_id),
+            Key::UserName => text(&self.user_name),
+            Key::CallingStationId => text(&self.calling_station_id),
+            Key::NasPortId => text(&self.nas_port_id),
+            Key::FramedInterfaceId => self.framed_interface_id.map(KeyValue::U64),
+            Key::NasPort => self.nas_port.map(KeyValue::U32),
+            Key::CalledStationId => text(&self.called_station_id),
+            Key::Nsapi => text(&self.nsapi),
+        }
+    }
+
+    /// Sets `key` to `value` (`None` clears it). Refused, leaving the session unchanged,
+    /// for a value of another kind than the key's or text that is not UTF-8.
+    pub fn set(&mut self, key: Key, value: Option<KeyValue<'_>>) -> Result<(), KeyValueError> {
+        match key {
+            Key::AcctSessionId => self.acct_session_id = owned(key, value)?,
+            Key::AuditSessionId => self.audit_session_id = owned(key, value)?,
+            Key::Cui => self.cui = owned(key, value)?,
+            Key::Imsi => self.imsi = owned(key, value)?,
+            Key::FramedIp => self.framed_ip = picked(key, value, KeyValue::ipv4)?,
+            Key::FramedIpv6Prefix => {
+                self.framed_ipv6_prefix = picked(key, value, KeyValue::ipv6_prefix)?;
+            }
+            Key::AcctMultiSessionId => self.acct_multi_session_id = owned(key, value)?,
+            Key::UserName => self.user_name = owned(key, value)?,
+            Key::CallingStationId => self.calling_station_id = owned(key, value)?,
+            Key::NasPortId => self.nas_port_id = owned(key, value)?,
+            Key::FramedInterfaceId => {
+                self.framed_interface_id = picked(key, value, KeyValue::u64)?;
+            }
+            Key::NasPort => self.nas_port = picked(key, value, KeyValue::u32)?,
+            Key::CalledStationId => self.called_station_id = owned(key, value)?,
+            Key::Nsapi => self.nsapi = owned(key, value)?,
+        }
+        Ok(())
+    }
+
+    /// True when at least one key that identifies on its own is set (a session file line
+    /// must have one; 3GPP-NSAPI alone does not count).
     pub fn has_identification(&self) -> bool {
-        let s = self;
-        s.acct_session_id.is_some()
-            || s.acct_multi_session_id.is_some()
-            || s.user_name.is_some()
-            || s.cui.is_some()
-            || s.framed_ip.is_some()
-            || s.framed_ipv6_prefix.is_some()
-            || s.framed_interface_id.is_some()
-            || s.called_station_id.is_some()
-            || s.calling_station_id.is_some()
-            || s.nas_port.is_some()
-            || s.nas_port_id.is_some()
-            || s.imsi.is_some()
-            || s.audit_session_id.is_some()
+        Key::ALL
+            .into_iter()
+            .any(|key| key.identifies_alone() && self.get(key).is_some())
     }
 }
 
@@ -155,24 +573,11 @@ pub struct SessionQuery<'a> {
 
 /// The key a lookup starts from: the most selective identification attribute present
 /// (session-table issue: one index probe per request, the rest checked on the record).
+/// Never 3GPP-NSAPI, which identifies only together with 3GPP-IMSI (checked on the record).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PrimaryKey<'a> {
-    AcctSessionId(&'a [u8]),
-    AuditSessionId(&'a [u8]),
-    Cui(&'a [u8]),
-    /// 3GPP-IMSI, with 3GPP-NSAPI when present (checked on the record).
-    Imsi(&'a [u8]),
-    /// Framed-IP-Address, unique within its routing context.
-    FramedIp(Ipv4Addr),
-    FramedIpv6Prefix(Ipv6Prefix),
-    AcctMultiSessionId(&'a [u8]),
-    UserName(&'a [u8]),
-    CallingStationId(&'a [u8]),
-    NasPortId(&'a [u8]),
-    FramedInterfaceId(u64),
-    NasPort(u32),
-    CalledStationId(&'a [u8]),
-    // No 3GPP-NSAPI: it identifies only together with 3GPP-IMSI (checked on the record).
+pub struct PrimaryKey<'a> {
+    pub key: Key,
+    pub value: KeyValue<'a>,
 }
 
 /// Which combinations of identification attributes a client may use (SPEC §6.3).
@@ -188,105 +593,132 @@ pub enum KeyProfile {
     Smf5g,
 }
 
-fn text_eq(wanted: Option<&[u8]>, have: &Option<String>) -> bool {
-    match wanted {
-        None => true,
-        Some(w) => have.as_deref().is_some_and(|h| h.as_bytes() == w),
-    }
-}
-
-fn value_eq<T: PartialEq>(wanted: Option<T>, have: Option<T>) -> bool {
-    match wanted {
-        None => true,
-        Some(w) => have == Some(w),
+impl KeyProfile {
+    /// The key combinations of the profile, one of which a request must hold completely;
+    /// `None` for [`KeyProfile::Any`]: any key that identifies on its own.
+    pub const fn combinations(self) -> Option<&'static [&'static [Key]]> {
+        match self {
+            KeyProfile::Any => None,
+            KeyProfile::Smf5g => Some(&[
+                &[Key::Imsi, Key::Nsapi],
+                &[Key::AcctSessionId],
+                &[Key::CalledStationId, Key::FramedIp],
+                &[Key::CalledStationId, Key::FramedIpv6Prefix],
+            ]),
+        }
     }
 }
 
 impl<'a> SessionQuery<'a> {
+    /// The value of `key`, if the request holds it.
+    pub fn get(&self, key: Key) -> Option<KeyValue<'a>> {
+        let text = |v: Option<&'a [u8]>| v.map(KeyValue::Text);
+        match key {
+            Key::AcctSessionId => text(self.acct_session_id),
+            Key::AuditSessionId => text(self.audit_session_id),
+            Key::Cui => text(self.cui),
+            Key::Imsi => text(self.imsi),
+            Key::FramedIp => self.framed_ip.map(KeyValue::Ipv4),
+            Key::FramedIpv6Prefix => self.framed_ipv6_prefix.map(KeyValue::Ipv6Prefix),
+            Key::AcctMultiSessionId => text(self.acct_multi_session_id),
+            Key::UserName => text(self.user_name),
+            Key::CallingStationId => text(self.calling_station_id),
+            Key::NasPortId => text(self.nas_port_id),
+            Key::FramedInterfaceId => self.framed_interface_id.map(KeyValue::U64),
+            Key::NasPort => self.nas_port.map(KeyValue::U32),
+            Key::CalledStationId => text(self.called_station_id),
+            Key::Nsapi => text(self.nsapi),
+        }
+    }
+
+    /// Sets `key` to `value` (`None` clears it). Refused, leaving the query unchanged, for a
+    /// value of another kind than the key's.
+    pub fn set(&mut self, key: Key, value: Option<KeyValue<'a>>) -> Result<(), KeyValueError> {
+        let text = || picked(key, value, KeyValue::text);
+        match key {
+            Key::AcctSessionId => self.acct_session_id = text()?,
+            Key::AuditSessionId => self.audit_session_id = text()?,
+            Key::Cui => self.cui = text()?,
+            Key::Imsi => self.imsi = text()?,
+            Key::FramedIp => self.framed_ip = picked(key, value, KeyValue::ipv4)?,
+            Key::FramedIpv6Prefix => {
+                self.framed_ipv6_prefix = picked(key, value, KeyValue::ipv6_prefix)?;
+            }
+            Key::AcctMultiSessionId => self.acct_multi_session_id = text()?,
+            Key::UserName => self.user_name = text()?,
+            Key::CallingStationId => self.calling_station_id = text()?,
+            Key::NasPortId => self.nas_port_id = text()?,
+            Key::FramedInterfaceId => {
+                self.framed_interface_id = picked(key, value, KeyValue::u64)?;
+            }
+            Key::NasPort => self.nas_port = picked(key, value, KeyValue::u32)?,
+            Key::CalledStationId => self.called_station_id = text()?,
+            Key::Nsapi => self.nsapi = text()?,
+        }
+        Ok(())
+    }
+
     /// No identification attribute at all (SPEC §6.2: NAK 402). 3GPP-NSAPI without
     /// 3GPP-IMSI does not count: it identifies only together with an IMSI (SPEC §6).
     pub fn is_empty(&self) -> bool {
         self.primary_key().is_none()
     }
 
-    /// The most selective key present, in the order of `PrimaryKey`'s variants.
+    /// The most selective key present, in the order of [`Key::ALL`]. 3GPP-NSAPI is never a
+    /// key of its own (SPEC §6): it only narrows an IMSI (it is ANDed in by `matches`), so a
+    /// request with NSAPI and no other identification attribute has none (NAK 402), rather
+    /// than selecting every session with that NSAPI.
     pub fn primary_key(&self) -> Option<PrimaryKey<'a>> {
-        let q = self;
-        q.acct_session_id
-            .map(PrimaryKey::AcctSessionId)
-            .or_else(|| q.audit_session_id.map(PrimaryKey::AuditSessionId))
-            .or_else(|| q.cui.map(PrimaryKey::Cui))
-            .or_else(|| q.imsi.map(PrimaryKey::Imsi))
-            .or_else(|| q.framed_ip.map(PrimaryKey::FramedIp))
-            .or_else(|| q.framed_ipv6_prefix.map(PrimaryKey::FramedIpv6Prefix))
-            .or_else(|| q.acct_multi_session_id.map(PrimaryKey::AcctMultiSessionId))
-            .or_else(|| q.user_name.map(PrimaryKey::UserName))
-            .or_else(|| q.calling_station_id.map(PrimaryKey::CallingStationId))
-            .or_else(|| q.nas_port_id.map(PrimaryKey::NasPortId))
-            .or_else(|| q.framed_interface_id.map(PrimaryKey::FramedInterfaceId))
-            .or_else(|| q.nas_port.map(PrimaryKey::NasPort))
-            .or_else(|| q.called_station_id.map(PrimaryKey::CalledStationId))
-        // 3GPP-NSAPI is never a key of its own (SPEC §6): it only narrows an IMSI (it is
-        // ANDed in by `matches`), so a request with NSAPI and no other identification
-        // attribute has none (NAK 402), rather than selecting every session with that NSAPI.
+        Key::ALL
+            .into_iter()
+            .filter(|key| key.identifies_alone())
+            .find_map(|key| self.get(key).map(|value| PrimaryKey { key, value }))
     }
 
     /// Whether the request holds a complete key combination of `profile` (SPEC §6.3).
     pub fn satisfies(&self, profile: KeyProfile) -> bool {
-        match profile {
-            KeyProfile::Any => !self.is_empty(),
-            KeyProfile::Smf5g => {
-                (self.imsi.is_some() && self.nsapi.is_some())
-                    || self.acct_session_id.is_some()
-                    || (self.called_station_id.is_some()
-                        && (self.framed_ip.is_some() || self.framed_ipv6_prefix.is_some()))
-            }
+        match profile.combinations() {
+            None => !self.is_empty(),
+            Some(combinations) => combinations
+                .iter()
+                .any(|keys| keys.iter().all(|&key| self.get(key).is_some())),
         }
     }
 
     /// AND semantics (SPEC §6.1): every identification attribute present matches `session`.
-    pub fn matches(&self, s: &Session) -> bool {
-        let q = self;
-        text_eq(q.acct_session_id, &s.acct_session_id)
-            && text_eq(q.audit_session_id, &s.audit_session_id)
-            && text_eq(q.cui, &s.cui)
-            && text_eq(q.imsi, &s.imsi)
-            && text_eq(q.nsapi, &s.nsapi)
-            && value_eq(q.framed_ip, s.framed_ip)
-            && value_eq(q.framed_ipv6_prefix, s.framed_ipv6_prefix)
-            && text_eq(q.acct_multi_session_id, &s.acct_multi_session_id)
-            && text_eq(q.user_name, &s.user_name)
-            && text_eq(q.calling_station_id, &s.calling_station_id)
-            && text_eq(q.nas_port_id, &s.nas_port_id)
-            && value_eq(q.framed_interface_id, s.framed_interface_id)
-            && value_eq(q.nas_port, s.nas_port)
-            && text_eq(q.called_station_id, &s.called_station_id)
+    pub fn matches<S: HasKeys + ?Sized>(&self, session: &S) -> bool {
+        Key::ALL.into_iter().all(|key| {
+            self.get(key)
+                .is_none_or(|value| session.has_key(key, value))
+        })
+    }
+}
+
+/// The query identifying a session by every key it has.
+impl<'a> From<&'a Session> for SessionQuery<'a> {
+    fn from(session: &'a Session) -> Self {
+        let mut query = SessionQuery::default();
+        for key in Key::ALL {
+            // The same key's value: of the key's kind, so `set` accepts it.
+            let set = query.set(key, session.get(key));
+            debug_assert!(set.is_ok(), "{set:?}");
+        }
+        query
     }
 }
 
 impl PrimaryKey<'_> {
     /// Whether the key alone finds `session`. For addresses the routing context is part of the
     /// key (SPEC §6.7), so `called_station_id` from the request scopes them.
-    pub fn finds(&self, s: &Session, called_station_id: Option<&[u8]>) -> bool {
-        match *self {
-            PrimaryKey::AcctSessionId(v) => text_eq(Some(v), &s.acct_session_id),
-            PrimaryKey::AuditSessionId(v) => text_eq(Some(v), &s.audit_session_id),
-            PrimaryKey::Cui(v) => text_eq(Some(v), &s.cui),
-            PrimaryKey::Imsi(v) => text_eq(Some(v), &s.imsi),
-            PrimaryKey::FramedIp(ip) => {
-                s.framed_ip == Some(ip) && text_eq(called_station_id, &s.called_station_id)
-            }
-            PrimaryKey::FramedIpv6Prefix(p) => {
-                s.framed_ipv6_prefix == Some(p) && text_eq(called_station_id, &s.called_station_id)
-            }
-            PrimaryKey::AcctMultiSessionId(v) => text_eq(Some(v), &s.acct_multi_session_id),
-            PrimaryKey::UserName(v) => text_eq(Some(v), &s.user_name),
-            PrimaryKey::CallingStationId(v) => text_eq(Some(v), &s.calling_station_id),
-            PrimaryKey::NasPortId(v) => text_eq(Some(v), &s.nas_port_id),
-            PrimaryKey::FramedInterfaceId(v) => s.framed_interface_id == Some(v),
-            PrimaryKey::NasPort(v) => s.nas_port == Some(v),
-            PrimaryKey::CalledStationId(v) => text_eq(Some(v), &s.called_station_id),
-        }
+    pub fn finds<S: HasKeys + ?Sized>(
+        &self,
+        session: &S,
+        called_station_id: Option<&[u8]>,
+    ) -> bool {
+        session.has_key(self.key, self.value)
+            && (!self.key.scoped_by_context()
+                || called_station_id
+                    .is_none_or(|c| session.has_key(Key::CalledStationId, KeyValue::Text(c))))
     }
 }
 
@@ -302,6 +734,166 @@ mod tests {
             called_station_id: Some("corp".into()),
             ..Session::default()
         }
+    }
+
+    /// A session with every field set.
+    fn full() -> Session {
+        Session {
+            acct_session_id: Some("acct".into()),
+            acct_multi_session_id: Some("multi".into()),
+            user_name: Some("bob".into()),
+            cui: Some("cui".into()),
+            framed_ip: Some(Ipv4Addr::new(10, 0, 0, 2)),
+            framed_ipv6_prefix: "2001:db8:1::/48".parse().ok(),
+            framed_interface_id: Some(0x0200_5eff_fe00_5301),
+            called_station_id: Some("ims".into()),
+            calling_station_id: Some("02-00-5E-00-53-01".into()),
+            nas_port: Some(7),
+            nas_port_id: Some("ge-0/0/1".into()),
+            imsi: Some("001010123456789".into()),
+            nsapi: Some("5".into()),
+            audit_session_id: Some("audit".into()),
+            vrf: Some("red".into()),
+            authorization: Authorization {
+                session_timeout: Some(60),
+                ..Authorization::default()
+            },
+        }
+    }
+
+    #[test]
+    fn every_key_is_in_all_once_in_declaration_order() {
+        let mut seen = std::collections::HashSet::new();
+        for (i, key) in Key::ALL.into_iter().enumerate() {
+            assert_eq!(key as usize, i);
+            assert_eq!(key.info().key, key);
+            assert!(seen.insert(key), "{key} twice");
+        }
+        assert_eq!(seen.len(), Key::COUNT);
+        let names: std::collections::HashSet<_> = Key::ALL.map(Key::name).into();
+        assert_eq!(names.len(), Key::COUNT, "names are distinct");
+    }
+
+    #[test]
+    fn index_numbers_are_a_bijection_onto_the_indexed_keys() {
+        let mut numbers: Vec<usize> = Key::ALL.into_iter().filter_map(Key::index).collect();
+        numbers.sort_unstable();
+        assert_eq!(numbers, (0..Key::INDEXED).collect::<Vec<_>>());
+        for key in Key::ALL {
+            assert_eq!(key.index().is_some(), key.role() == Role::Indexed, "{key}");
+            if let Some(n) = key.index() {
+                assert_eq!(Key::ALL[n], key);
+            }
+        }
+        assert_eq!(Key::CalledStationId.index(), None);
+        assert_eq!(Key::Nsapi.index(), None);
+        assert!(!Key::Nsapi.identifies_alone());
+        assert_eq!(
+            Key::ALL
+                .into_iter()
+                .filter(|k| !k.identifies_alone())
+                .count(),
+            1,
+            "only NSAPI needs another key"
+        );
+    }
+
+    // The JSON Lines field names are the struct's, which must be exactly the key table's.
+    #[test]
+    fn session_json_fields_are_the_key_names_plus_vrf_and_authorization() {
+        let serde_json::Value::Object(map) = serde_json::to_value(full()).unwrap() else {
+            panic!("a session is an object");
+        };
+        let mut fields: Vec<&str> = map.keys().map(String::as_str).collect();
+        fields.sort_unstable();
+        let mut want: Vec<&str> = Key::ALL.map(Key::name).to_vec();
+        want.extend(["vrf", "authorization"]);
+        want.sort_unstable();
+        assert_eq!(fields, want);
+    }
+
+    #[test]
+    fn get_and_set_agree_for_every_key() {
+        let s = full();
+        for key in Key::ALL {
+            let value = s.get(key).unwrap_or_else(|| panic!("{key} unset"));
+            assert_eq!(value.kind(), key.kind(), "{key}");
+            let mut one = Session::default();
+            one.set(key, Some(value)).unwrap();
+            assert_eq!(one.get(key), Some(value));
+            let others = Key::ALL.into_iter().filter(|&k| k != key);
+            assert!(others.clone().all(|k| one.get(k).is_none()), "{key}");
+            let mut q = SessionQuery::default();
+            q.set(key, Some(value)).unwrap();
+            assert_eq!(q.get(key), Some(value));
+            assert!(others.clone().all(|k| q.get(k).is_none()), "{key}");
+            // A value of another kind is refused and changes nothing.
+            let wrong = if key.kind() == ValueKind::U32 {
+                KeyValue::U64(1)
+            } else {
+                KeyValue::U32(1)
+            };
+            let err = KeyValueError::WrongKind {
+                key,
+                found: wrong.kind(),
+            };
+            assert_eq!(one.set(key, Some(wrong)), Err(err));
+            assert_eq!(q.set(key, Some(wrong)), Err(err));
+            assert_eq!((one.get(key), q.get(key)), (Some(value), Some(value)));
+            one.set(key, None).unwrap();
+            q.set(key, None).unwrap();
+            assert_eq!((one, q), (Session::default(), SessionQuery::default()));
+        }
+        let mut one = Session::default();
+        assert_eq!(
+            one.set(Key::UserName, Some(KeyValue::Text(b"\xff"))),
+            Err(KeyValueError::NotUtf8 { key: Key::UserName })
+        );
+        assert_eq!(
+            SessionQuery::from(&s).get(Key::NasPort),
+            Some(KeyValue::U32(7))
+        );
+    }
+
+    // Each key alone: the primary key is that key, and it finds and matches the session.
+    #[test]
+    fn every_single_key_finds_its_session() {
+        let s = full();
+        let other = session();
+        assert!(SessionQuery::from(&s).matches(&s));
+        assert!(!SessionQuery::from(&s).matches(&other));
+        for key in Key::ALL {
+            let mut q = SessionQuery::default();
+            q.set(key, s.get(key)).unwrap();
+            assert!(q.matches(&s), "{key}");
+            if !key.identifies_alone() {
+                assert!(q.is_empty(), "{key}");
+                continue;
+            }
+            let pk = q.primary_key().unwrap();
+            assert_eq!(pk.key, key);
+            assert!(pk.finds(&s, q.called_station_id), "{key}");
+            assert!(!pk.finds(&other, q.called_station_id), "{key}");
+            let mut lone = Session::default();
+            lone.set(key, s.get(key)).unwrap();
+            assert!(lone.has_identification(), "{key}");
+        }
+        let mut nsapi_only = Session::default();
+        nsapi_only.set(Key::Nsapi, s.get(Key::Nsapi)).unwrap();
+        assert!(!nsapi_only.has_identification());
+    }
+
+    #[test]
+    fn primary_key_follows_all_order() {
+        let s = full();
+        // Drop the most selective key one at a time: the next one in `Key::ALL` leads.
+        let mut q = SessionQuery::from(&s);
+        for key in Key::ALL.into_iter().filter(|k| k.identifies_alone()) {
+            assert_eq!(q.primary_key().map(|p| p.key), Some(key));
+            q.set(key, None).unwrap();
+        }
+        assert!(q.is_empty(), "NSAPI is left");
+        assert!(q.nsapi.is_some());
     }
 
     // SPEC §6.1 (RFC 5176 §3): every identification attribute present must match (AND).
@@ -329,7 +921,13 @@ mod tests {
             acct_session_id: Some(b"sess-1"),
             ..Default::default()
         };
-        assert_eq!(q.primary_key(), Some(PrimaryKey::AcctSessionId(b"sess-1")));
+        assert_eq!(
+            q.primary_key(),
+            Some(PrimaryKey {
+                key: Key::AcctSessionId,
+                value: KeyValue::Text(b"sess-1")
+            })
+        );
         assert_eq!(SessionQuery::default().primary_key(), None);
     }
 
@@ -337,7 +935,10 @@ mod tests {
     #[test]
     fn spec_6_7_called_station_id_scopes_addresses() {
         let s = session();
-        let key = PrimaryKey::FramedIp(Ipv4Addr::new(10, 0, 0, 1));
+        let key = PrimaryKey {
+            key: Key::FramedIp,
+            value: KeyValue::Ipv4(Ipv4Addr::new(10, 0, 0, 1)),
+        };
         assert!(key.finds(&s, Some(b"corp")));
         assert!(!key.finds(&s, Some(b"internet")));
         assert!(key.finds(&s, None));
@@ -360,7 +961,10 @@ mod tests {
         };
         assert_eq!(
             with_imsi.primary_key(),
-            Some(PrimaryKey::Imsi(b"001010123456789"))
+            Some(PrimaryKey {
+                key: Key::Imsi,
+                value: KeyValue::Text(b"001010123456789")
+            })
         );
         let s = Session {
             imsi: Some("001010123456789".into()),

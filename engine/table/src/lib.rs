@@ -11,15 +11,17 @@
 //! - records: compact byte encodings (`record.rs`) stored inline in a fixed cell per record
 //!   id (or in an overflow arena), read with an optimistic, atomics-only seqlock
 //!   (`arena.rs`); a record id is a `u32`;
-//! - indexes ([`index`]): key hash to record ids. Unique keys: Acct-Session-Id,
-//!   audit-session-id, Chargeable-User-Identity; IMSI (unique with NSAPI), Framed-IP-Address
-//!   and Framed-IPv6-Prefix (unique within VRF + Called-Station-Id) are indexed by value and
+//! - indexes ([`index`]): key hash to record ids, one per indexed `Key`, in the array
+//!   `indexes` numbered by `Key::index` (the key table in `dynauth_proto::session` says
+//!   which keys are indexed and unique). Unique keys: Acct-Session-Id, audit-session-id,
+//!   Chargeable-User-Identity; IMSI (unique with NSAPI), Framed-IP-Address and
+//!   Framed-IPv6-Prefix (unique within VRF + Called-Station-Id) are indexed by value and
 //!   checked on the record. Multi-valued: Acct-Multi-Session-Id, User-Name,
 //!   Calling-Station-Id, NAS-Port-Id, and (extra indexes, free when unused) NAS-Port and
-//!   Framed-Interface-Id. Called-Station-Id alone and NSAPI alone (huge groups in practice:
-//!   one APN, one NSAPI value for millions) fall back to a scan, refused with
-//!   `Refusal::Unavailable` above `TableConfig::max_scan` live sessions; so does a key value
-//!   shared by more than `index::MAX_GROUP` sessions (its group is not indexed);
+//!   Framed-Interface-Id. Called-Station-Id alone (a huge group in practice: one APN for
+//!   millions) falls back to a scan, refused with `Refusal::Unavailable` above
+//!   `TableConfig::max_scan` live sessions; so does a key value shared by more than
+//!   `index::MAX_GROUP` sessions (its group is not indexed);
 //! - a lookup is one probe of the most selective key's index (`SessionQuery::primary_key`),
 //!   every other attribute checked on the record;
 //! - writers (disconnect, CoA, insert, tombstone expiry) take one table writer lock that
@@ -39,7 +41,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use dynauth_proto::change::AuthorizationChange;
-use dynauth_proto::session::{PrimaryKey, Session};
+use dynauth_proto::session::{HasKeys, Key, KeyValue, PrimaryKey, Session, Uniqueness};
 use dynauth_proto::store::{Applied, DataPlane, Lookup, Refusal, SessionStore, TombstonePolicy};
 
 use arena::{Arena, ArenaWriter, RecBuf};
@@ -50,7 +52,7 @@ use record::Keys;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TableConfig {
     pub tombstones: TombstonePolicy,
-    /// The most live sessions a scan (Called-Station-Id or NSAPI as the only key) may visit;
+    /// The most live sessions a scan (Called-Station-Id as the only key) may visit;
     /// above it the request is refused with `Refusal::Unavailable` (NAK 506).
     pub max_scan: usize,
 }
@@ -92,18 +94,8 @@ pub struct TableStats {
 /// The carrier-scale store. `I` picks the index design; [`FlatIndex`] is the default.
 pub struct SessionTable<I: KeyIndex = FlatIndex> {
     arena: Arena,
-    acct: I,
-    audit: I,
-    cui: I,
-    imsi: I,
-    fip: I,
-    v6: I,
-    multi: I,
-    user: I,
-    calling: I,
-    port_id: I,
-    ifid: I,
-    port: I,
+    /// One index per indexed key, by `Key::index` (`Key::ALL[..Key::INDEXED]`).
+    indexes: [I; Key::INDEXED],
     hasher: foldhash::fast::RandomState,
     writer: Mutex<Writer>,
     live: AtomicUsize,
@@ -171,18 +163,7 @@ impl<I: KeyIndex> SessionTable<I> {
     pub fn new(config: TableConfig) -> Self {
         SessionTable {
             arena: Arena::default(),
-            acct: I::default(),
-            audit: I::default(),
-            cui: I::default(),
-            imsi: I::default(),
-            fip: I::default(),
-            v6: I::default(),
-            multi: I::default(),
-            user: I::default(),
-            calling: I::default(),
-            port_id: I::default(),
-            ifid: I::default(),
-            port: I::default(),
+            indexes: core::array::from_fn(|_| I::default()),
             hasher: foldhash::fast::RandomState::default(),
             writer: Mutex::new(Writer::default()),
             live: AtomicUsize::new(0),
@@ -211,33 +192,26 @@ impl<I: KeyIndex> SessionTable<I> {
         self.writer.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn h(&self, v: &[u8]) -> u64 {
-        self.hasher.hash_one(v)
+    /// The hash a key value is indexed under.
+    fn hash(&self, v: KeyValue<'_>) -> u64 {
+        match v {
+            KeyValue::Text(t) => self.hasher.hash_one(t),
+            KeyValue::Ipv4(ip) => self.hasher.hash_one(u32::from(ip)),
+            KeyValue::Ipv6Prefix(p) => self.hasher.hash_one((u128::from(p.addr()), p.len())),
+            KeyValue::U64(v) => self.hasher.hash_one(v),
+            KeyValue::U32(v) => self.hasher.hash_one(v),
+        }
     }
 
-    fn h_ip(&self, ip: core::net::Ipv4Addr) -> u64 {
-        self.hasher.hash_one(u32::from(ip))
-    }
-
-    fn h_v6(&self, p: dynauth_proto::codec::Ipv6Prefix) -> u64 {
-        self.hasher.hash_one((u128::from(p.addr()), p.len()))
+    /// The index of `key`; `None` for the keys looked up by scan.
+    fn index(&self, key: Key) -> Option<&I> {
+        key.index().and_then(|n| self.indexes.get(n))
     }
 
     fn probe_for(&self, key: &PrimaryKey<'_>) -> Probe<'_, I> {
-        match *key {
-            PrimaryKey::AcctSessionId(v) => Probe::Index(&self.acct, self.h(v)),
-            PrimaryKey::AuditSessionId(v) => Probe::Index(&self.audit, self.h(v)),
-            PrimaryKey::Cui(v) => Probe::Index(&self.cui, self.h(v)),
-            PrimaryKey::Imsi(v) => Probe::Index(&self.imsi, self.h(v)),
-            PrimaryKey::FramedIp(ip) => Probe::Index(&self.fip, self.h_ip(ip)),
-            PrimaryKey::FramedIpv6Prefix(p) => Probe::Index(&self.v6, self.h_v6(p)),
-            PrimaryKey::AcctMultiSessionId(v) => Probe::Index(&self.multi, self.h(v)),
-            PrimaryKey::UserName(v) => Probe::Index(&self.user, self.h(v)),
-            PrimaryKey::CallingStationId(v) => Probe::Index(&self.calling, self.h(v)),
-            PrimaryKey::NasPortId(v) => Probe::Index(&self.port_id, self.h(v)),
-            PrimaryKey::FramedInterfaceId(v) => Probe::Index(&self.ifid, self.hasher.hash_one(v)),
-            PrimaryKey::NasPort(v) => Probe::Index(&self.port, self.hasher.hash_one(v)),
-            PrimaryKey::CalledStationId(_) => Probe::Scan,
+        match self.index(key.key) {
+            Some(ix) => Probe::Index(ix, self.hash(key.value)),
+            None => Probe::Scan,
         }
     }
 
@@ -246,55 +220,16 @@ impl<I: KeyIndex> SessionTable<I> {
         self.numbered_entries(k, |_, ix, hash| f(ix, hash));
     }
 
-    /// The index by number (`IX_*`).
-    fn index(&self, n: usize) -> &I {
-        match n {
-            IX_ACCT => &self.acct,
-            IX_AUDIT => &self.audit,
-            IX_CUI => &self.cui,
-            IX_IMSI => &self.imsi,
-            IX_MULTI => &self.multi,
-            IX_USER => &self.user,
-            IX_PORT_ID => &self.port_id,
-            IX_CALLING => &self.calling,
-            IX_FIP => &self.fip,
-            IX_V6 => &self.v6,
-            IX_IFID => &self.ifid,
-            _ => &self.port,
-        }
-    }
-
     /// Every (index number, index, hash) entry of a record.
     fn numbered_entries(&self, k: &Keys<'_>, mut f: impl FnMut(usize, &I, u64)) {
-        let text = [
-            (IX_ACCT, k.acct_session_id),
-            (IX_AUDIT, k.audit_session_id),
-            (IX_CUI, k.cui),
-            (IX_IMSI, k.imsi),
-            (IX_MULTI, k.acct_multi_session_id),
-            (IX_USER, k.user_name),
-            (IX_PORT_ID, k.nas_port_id),
-        ];
-        for (n, v) in text {
-            if let Some(v) = v {
-                f(n, self.index(n), self.h(v));
-            }
-        }
-        if let Some(c) = &k.calling_station_id {
+        for key in Key::ALL {
             let mut buf = [0u8; 17];
-            f(IX_CALLING, &self.calling, self.h(c.as_bytes(&mut buf)));
-        }
-        if let Some(ip) = k.framed_ip {
-            f(IX_FIP, &self.fip, self.h_ip(ip));
-        }
-        if let Some(p) = k.framed_ipv6_prefix {
-            f(IX_V6, &self.v6, self.h_v6(p));
-        }
-        if let Some(v) = k.framed_interface_id {
-            f(IX_IFID, &self.ifid, self.hasher.hash_one(v));
-        }
-        if let Some(v) = k.nas_port {
-            f(IX_PORT, &self.port, self.hasher.hash_one(v));
+            let (Some(n), Some(value)) = (key.index(), k.value(key, &mut buf)) else {
+                continue;
+            };
+            if let Some(ix) = self.indexes.get(n) {
+                f(n, ix, self.hash(value));
+            }
         }
     }
 
@@ -328,11 +263,15 @@ impl<I: KeyIndex> SessionTable<I> {
         let mut w = self.lock();
         let mut other = RecBuf::default();
         let mut worst: Option<(&'static str, u32, u32)> = None;
-        for (n, entries) in bulk.entries.iter_mut().enumerate() {
-            entries.sort_unstable();
-            let Some(name) = unique_key_name(n) else {
+        for key in Key::ALL {
+            let Some(entries) = key.index().and_then(|n| bulk.entries.get_mut(n)) else {
                 continue;
             };
+            entries.sort_unstable();
+            if key.uniqueness() == Uniqueness::Shared {
+                continue;
+            }
+            let name = unique_name(key);
             for run in entries.chunk_by(|a, b| a >> 32 == b >> 32) {
                 for (i, &a) in run.iter().enumerate() {
                     for &b in &run[i + 1..] {
@@ -345,7 +284,7 @@ impl<I: KeyIndex> SessionTable<I> {
                         else {
                             continue;
                         };
-                        if same_unique_key(n, &ka, &kb) {
+                        if same_unique_key(key, &ka, &kb) {
                             worst = Some((name, a, b));
                         }
                     }
@@ -355,9 +294,9 @@ impl<I: KeyIndex> SessionTable<I> {
         if let Some(dup) = worst {
             return Err(dup);
         }
-        for (n, entries) in bulk.entries.iter().enumerate() {
+        for (ix, entries) in self.indexes.iter().zip(&bulk.entries) {
             if !entries.is_empty() {
-                self.index(n).bulk_build(entries);
+                ix.bulk_build(entries);
             }
         }
         Ok(())
@@ -384,18 +323,18 @@ impl<I: KeyIndex> SessionTable<I> {
             let Some(k) = record::decode(buf.bytes()) else {
                 return true;
             };
-            if !k.admitted_by(&lookup.scope) || !k.found_by(&key, lookup.query.called_station_id) {
+            if !k.admitted_by(&lookup.scope) || !key.finds(&k, lookup.query.called_station_id) {
                 return true;
             }
             match k.removed_at {
                 Some(t) => {
-                    if t.saturating_add(window) >= lookup.now_ms && k.matched_by(&lookup.query) {
+                    if t.saturating_add(window) >= lookup.now_ms && lookup.query.matches(&k) {
                         sel.tombstone = true;
                     }
                 }
                 None => {
                     sel.found += 1;
-                    if k.matched_by(&lookup.query) {
+                    if lookup.query.matches(&k) {
                         sel.matched += 1;
                         on_match(id);
                     }
@@ -455,86 +394,49 @@ impl<I: KeyIndex> SessionTable<I> {
 
     pub fn stats(&self) -> TableStats {
         let w = self.lock();
-        let ixs = [
-            &self.acct,
-            &self.audit,
-            &self.cui,
-            &self.imsi,
-            &self.fip,
-            &self.v6,
-            &self.multi,
-            &self.user,
-            &self.calling,
-            &self.port_id,
-            &self.ifid,
-            &self.port,
-        ];
         TableStats {
             live: self.len(),
             tombstones: w.tombstones.len(),
             record_bytes: w.arena.used_words * 8 + w.arena.inline_bytes,
-            index_entries: ixs.iter().map(|i| i.len()).sum(),
+            index_entries: self.indexes.iter().map(KeyIndex::len).sum(),
         }
     }
 
     /// The live session holding a unique key of `k`, if any (writer lock held).
     fn conflict(&self, k: &Keys<'_>, buf: &mut RecBuf) -> Option<(&'static str, u32)> {
-        let mut found = None;
-        let mut check =
-            |name: &'static str, ix: &I, hash: u64, same: &dyn Fn(&Keys<'_>) -> bool| {
-                if found.is_some() {
-                    return;
-                }
-                let mut visit = |id| {
-                    let hit = self.arena.read(id, buf)
-                        && record::decode(buf.bytes())
-                            .is_some_and(|o| o.removed_at.is_none() && same(&o));
-                    if hit {
-                        found = Some((name, id));
-                    }
-                    !hit
-                };
-                if ix.complete(hash) {
-                    ix.probe(hash, visit);
-                } else {
-                    for id in 0..self.id_bound.load(Ordering::Acquire) {
-                        if !visit(id) {
-                            break;
-                        }
-                    }
-                }
+        for key in Key::ALL {
+            if key.uniqueness() == Uniqueness::Shared {
+                continue;
+            }
+            let mut text = [0u8; 17];
+            let (Some(ix), Some(value)) = (self.index(key), k.value(key, &mut text)) else {
+                continue;
             };
-        if let Some(v) = k.acct_session_id {
-            check("acct_session_id", &self.acct, self.h(v), &|o| {
-                o.acct_session_id == Some(v)
-            });
+            let hash = self.hash(value);
+            let mut found = None;
+            let mut visit = |id| {
+                let hit = self.arena.read(id, buf)
+                    && record::decode(buf.bytes())
+                        .is_some_and(|o| o.removed_at.is_none() && same_unique_key(key, k, &o));
+                if hit {
+                    found = Some(id);
+                }
+                !hit
+            };
+            if ix.complete(hash) {
+                ix.probe(hash, visit);
+            } else {
+                for id in 0..self.id_bound.load(Ordering::Acquire) {
+                    if !visit(id) {
+                        break;
+                    }
+                }
+            }
+            if let Some(id) = found {
+                return Some((unique_name(key), id));
+            }
         }
-        if let Some(v) = k.audit_session_id {
-            check("audit_session_id", &self.audit, self.h(v), &|o| {
-                o.audit_session_id == Some(v)
-            });
-        }
-        if let Some(v) = k.cui {
-            check("cui", &self.cui, self.h(v), &|o| o.cui == Some(v));
-        }
-        if let Some(v) = k.imsi {
-            check("imsi+nsapi", &self.imsi, self.h(v), &|o| {
-                o.imsi == Some(v) && o.nsapi == k.nsapi
-            });
-        }
-        let same_context =
-            |o: &Keys<'_>| o.vrf == k.vrf && o.called_station_id == k.called_station_id;
-        if let Some(ip) = k.framed_ip {
-            check("framed_ip", &self.fip, self.h_ip(ip), &|o| {
-                o.framed_ip == Some(ip) && same_context(o)
-            });
-        }
-        if let Some(p) = k.framed_ipv6_prefix {
-            check("framed_ipv6_prefix", &self.v6, self.h_v6(p), &|o| {
-                o.framed_ipv6_prefix == Some(p) && same_context(o)
-            });
-        }
-        found
+        None
     }
 
     /// Adds a session; unique keys (Acct-Session-Id, audit-session-id, CUI, IMSI+NSAPI,
@@ -690,54 +592,35 @@ fn with_buf<T>(mut f: impl FnMut(&mut RecBuf) -> T) -> T {
         .unwrap_or_else(|| f(&mut RecBuf::default()))
 }
 
-const IX_ACCT: usize = 0;
-const IX_AUDIT: usize = 1;
-const IX_CUI: usize = 2;
-const IX_IMSI: usize = 3;
-const IX_MULTI: usize = 4;
-const IX_USER: usize = 5;
-const IX_PORT_ID: usize = 6;
-const IX_CALLING: usize = 7;
-const IX_FIP: usize = 8;
-const IX_V6: usize = 9;
-const IX_IFID: usize = 10;
-const IX_PORT: usize = 11;
-
-/// The unique key an index carries, by index number.
-fn unique_key_name(n: usize) -> Option<&'static str> {
-    match n {
-        IX_ACCT => Some("acct_session_id"),
-        IX_AUDIT => Some("audit_session_id"),
-        IX_CUI => Some("cui"),
-        IX_IMSI => Some("imsi+nsapi"),
-        IX_FIP => Some("framed_ip"),
-        IX_V6 => Some("framed_ipv6_prefix"),
-        _ => None,
+/// The name a duplicate of unique `key` is reported by: its field name, and for the IMSI,
+/// unique together with the NSAPI, "imsi+nsapi".
+fn unique_name(key: Key) -> &'static str {
+    match key.uniqueness() {
+        Uniqueness::WithNsapi => "imsi+nsapi",
+        Uniqueness::Shared | Uniqueness::Unique | Uniqueness::InContext => key.name(),
     }
 }
 
-/// Whether two records collide on index `n`'s unique key (the rules of `conflict`).
-fn same_unique_key(n: usize, a: &Keys<'_>, b: &Keys<'_>) -> bool {
-    let context = a.vrf == b.vrf && a.called_station_id == b.called_station_id;
-    match n {
-        IX_ACCT => a.acct_session_id.is_some() && a.acct_session_id == b.acct_session_id,
-        IX_AUDIT => a.audit_session_id.is_some() && a.audit_session_id == b.audit_session_id,
-        IX_CUI => a.cui.is_some() && a.cui == b.cui,
-        IX_IMSI => a.imsi.is_some() && a.imsi == b.imsi && a.nsapi == b.nsapi,
-        IX_FIP => a.framed_ip.is_some() && a.framed_ip == b.framed_ip && context,
-        IX_V6 => {
-            a.framed_ipv6_prefix.is_some()
-                && a.framed_ipv6_prefix == b.framed_ipv6_prefix
-                && context
+/// Whether two records collide on unique `key` (`Key::uniqueness`): both hold the same value
+/// and, for IMSI, the same NSAPI or none, for addresses, the same routing context.
+fn same_unique_key(key: Key, a: &Keys<'_>, b: &Keys<'_>) -> bool {
+    let mut buf = [0u8; 17];
+    let Some(value) = a.value(key, &mut buf) else {
+        return false;
+    };
+    b.has_key(key, value)
+        && match key.uniqueness() {
+            Uniqueness::Shared => false,
+            Uniqueness::Unique => true,
+            Uniqueness::WithNsapi => a.same(b, Key::Nsapi),
+            Uniqueness::InContext => a.vrf == b.vrf && a.same(b, Key::CalledStationId),
         }
-        _ => false,
-    }
 }
 
 /// Index entries collected by a bulk load, per index.
 #[derive(Debug, Default)]
 pub(crate) struct Bulk {
-    entries: [Vec<u64>; 12],
+    entries: [Vec<u64>; Key::INDEXED],
 }
 
 impl<I: KeyIndex> SessionStore for SessionTable<I> {

@@ -3,13 +3,14 @@
 //!
 //! Owns: the record layout (a 3-byte header, then the present fields in a fixed order,
 //! then the authorization state as JSON and, for tombstones, the removal time), decoding into
-//! borrowed [`Keys`], and the matching rules restated on those keys: they mirror
-//! `SessionQuery::matches`, `PrimaryKey::finds` and `MatchScope::admits` exactly (the
-//! differential test in `engine/table/tests/table_differential.rs` holds them to it).
+//! borrowed [`Keys`], which implement `HasKeys` so that `SessionQuery::matches` and
+//! `PrimaryKey::finds` run on records unchanged (`MatchScope::admits` is restated; the
+//! differential test in `engine/table/tests/table_differential.rs` holds the table to it).
 //! Must not touch: where records live (`arena`) or how they are found (`index`).
 //!
-//! Layout: `presence: u16 LE` (one bit per field, `F_*`), `flags: u8` (`FLAG_*`); text
-//! fields as LEB128 length + octets; Framed-IP 4 octets; Framed-IPv6-Prefix 16 + 1; Framed-
+//! Layout: `presence: u16 LE` (bit `k as u16` for each present `Key`, in `Key` order, then
+//! `F_VRF`), `flags: u8` (`FLAG_*`); the present keys in `Key` order, text (and the VRF) as
+//! LEB128 length + octets; Framed-IP 4 octets; Framed-IPv6-Prefix 16 + 1; Framed-
 //! Interface-Id 8 LE; NAS-Port 4 LE. A Calling-Station-Id of the canonical MAC form
 //! `XX-XX-XX-XX-XX-XX` (upper-case hex) is packed into 6 octets (`FLAG_MAC`). Authorization
 //! (only when not default) is LEB128 length + `serde_json`. A tombstone ends with the removal
@@ -19,44 +20,39 @@
 use core::net::{Ipv4Addr, Ipv6Addr};
 
 use dynauth_proto::codec::Ipv6Prefix;
-use dynauth_proto::session::{Authorization, PrimaryKey, Session, SessionQuery};
+use dynauth_proto::session::{Authorization, HasKeys, Key, KeyValue, Session, ValueKind};
 use dynauth_proto::store::MatchScope;
 
-const F_ACCT: u16 = 1 << 0;
-const F_AUDIT: u16 = 1 << 1;
-const F_CUI: u16 = 1 << 2;
-const F_IMSI: u16 = 1 << 3;
-const F_NSAPI: u16 = 1 << 4;
-const F_FIP: u16 = 1 << 5;
-const F_V6: u16 = 1 << 6;
-const F_MULTI: u16 = 1 << 7;
-const F_USER: u16 = 1 << 8;
-const F_CALLING: u16 = 1 << 9;
-const F_PORTID: u16 = 1 << 10;
-const F_IFID: u16 = 1 << 11;
-const F_PORT: u16 = 1 << 12;
-const F_CALLED: u16 = 1 << 13;
-const F_VRF: u16 = 1 << 14;
+/// The presence bit of `key`; keys in `Key` order, then the VRF.
+const fn bit(key: Key) -> u16 {
+    1 << key as u16
+}
+const KEY_BITS: u16 = (1 << Key::COUNT) - 1;
+const F_VRF: u16 = 1 << Key::COUNT;
+const _: () = assert!(Key::COUNT < 16, "the presence bits fit in a u16");
 
 const FLAG_AUTH: u8 = 1;
 const FLAG_TOMB: u8 = 2;
 const FLAG_MAC: u8 = 4;
 
-/// A Calling-Station-Id as stored: raw octets or a packed MAC.
+/// The one key whose canonical MAC form is packed (`FLAG_MAC`).
+const MAC_KEY: Key = Key::CallingStationId;
+
+/// A key's value as stored: as given, or a Calling-Station-Id packed from its MAC form.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Csid<'a> {
-    Raw(&'a [u8]),
+pub(crate) enum Stored<'a> {
+    Value(KeyValue<'a>),
     Mac([u8; 6]),
 }
 
 const HEX: &[u8; 16] = b"0123456789ABCDEF";
 
-impl Csid<'_> {
-    /// The text form, written into `buf` when packed.
-    pub(crate) fn as_bytes<'b>(&'b self, buf: &'b mut [u8; 17]) -> &'b [u8] {
+impl Stored<'_> {
+    /// The value; a packed MAC is written out into `buf` in its text form.
+    pub(crate) fn value<'b>(&'b self, buf: &'b mut [u8; 17]) -> KeyValue<'b> {
         match self {
-            Csid::Raw(r) => r,
-            Csid::Mac(m) => {
+            Stored::Value(v) => *v,
+            Stored::Mac(m) => {
                 for (i, b) in m.iter().enumerate() {
                     buf[i * 3] = HEX[usize::from(b >> 4)];
                     buf[i * 3 + 1] = HEX[usize::from(b & 15)];
@@ -64,14 +60,19 @@ impl Csid<'_> {
                         buf[i * 3 + 2] = b'-';
                     }
                 }
-                &buf[..]
+                KeyValue::Text(&buf[..])
             }
         }
     }
 
-    fn eq_bytes(&self, wanted: &[u8]) -> bool {
-        let mut buf = [0u8; 17];
-        self.as_bytes(&mut buf) == wanted
+    fn is(&self, wanted: KeyValue<'_>) -> bool {
+        match self {
+            Stored::Value(v) => *v == wanted,
+            Stored::Mac(_) => {
+                let mut buf = [0u8; 17];
+                self.value(&mut buf) == wanted
+            }
+        }
     }
 }
 
@@ -101,20 +102,8 @@ fn pack_mac(text: &[u8]) -> Option<[u8; 6]> {
 /// The identification keys (and routing context) of one record, borrowed from its bytes.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Keys<'a> {
-    pub acct_session_id: Option<&'a [u8]>,
-    pub audit_session_id: Option<&'a [u8]>,
-    pub cui: Option<&'a [u8]>,
-    pub imsi: Option<&'a [u8]>,
-    pub nsapi: Option<&'a [u8]>,
-    pub framed_ip: Option<Ipv4Addr>,
-    pub framed_ipv6_prefix: Option<Ipv6Prefix>,
-    pub acct_multi_session_id: Option<&'a [u8]>,
-    pub user_name: Option<&'a [u8]>,
-    pub calling_station_id: Option<Csid<'a>>,
-    pub nas_port_id: Option<&'a [u8]>,
-    pub framed_interface_id: Option<u64>,
-    pub nas_port: Option<u32>,
-    pub called_station_id: Option<&'a [u8]>,
+    /// By `Key as usize`.
+    keys: [Option<Stored<'a>>; Key::COUNT],
     pub vrf: Option<&'a [u8]>,
     /// Serialized `Authorization`, when not default.
     pub authorization: Option<&'a [u8]>,
@@ -134,12 +123,9 @@ fn put_len(out: &mut Vec<u8>, mut n: usize) {
     }
 }
 
-fn put_text(out: &mut Vec<u8>, presence: &mut u16, bit: u16, v: Option<&[u8]>) {
-    if let Some(v) = v {
-        *presence |= bit;
-        put_len(out, v.len());
-        out.extend_from_slice(v);
-    }
+fn put_text(out: &mut Vec<u8>, v: &[u8]) {
+    put_len(out, v.len());
+    out.extend_from_slice(v);
 }
 
 /// Encodes `s` (a live record) into `out`, which is cleared first.
@@ -151,25 +137,9 @@ pub(crate) fn encode(s: &Session, out: &mut Vec<u8>) {
 
 /// Borrowed keys of a `Session`.
 pub(crate) fn keys_of(s: &Session) -> Keys<'_> {
-    fn b(v: &Option<String>) -> Option<&[u8]> {
-        v.as_deref().map(str::as_bytes)
-    }
     Keys {
-        acct_session_id: b(&s.acct_session_id),
-        audit_session_id: b(&s.audit_session_id),
-        cui: b(&s.cui),
-        imsi: b(&s.imsi),
-        nsapi: b(&s.nsapi),
-        framed_ip: s.framed_ip,
-        framed_ipv6_prefix: s.framed_ipv6_prefix,
-        acct_multi_session_id: b(&s.acct_multi_session_id),
-        user_name: b(&s.user_name),
-        calling_station_id: b(&s.calling_station_id).map(Csid::Raw),
-        nas_port_id: b(&s.nas_port_id),
-        framed_interface_id: s.framed_interface_id,
-        nas_port: s.nas_port,
-        called_station_id: b(&s.called_station_id),
-        vrf: b(&s.vrf),
+        keys: Key::ALL.map(|key| s.get(key).map(Stored::Value)),
+        vrf: s.vrf.as_deref().map(str::as_bytes),
         authorization: None,
         removed_at: None,
     }
@@ -186,50 +156,33 @@ pub(crate) fn encode_parts(
     out.extend_from_slice(&[0, 0, 0]);
     let mut p = 0u16;
     let mut flags = 0u8;
-    put_text(out, &mut p, F_ACCT, k.acct_session_id);
-    put_text(out, &mut p, F_AUDIT, k.audit_session_id);
-    put_text(out, &mut p, F_CUI, k.cui);
-    put_text(out, &mut p, F_IMSI, k.imsi);
-    put_text(out, &mut p, F_NSAPI, k.nsapi);
-    if let Some(ip) = k.framed_ip {
-        p |= F_FIP;
-        out.extend_from_slice(&ip.octets());
-    }
-    if let Some(v6) = k.framed_ipv6_prefix {
-        p |= F_V6;
-        out.extend_from_slice(&v6.addr().octets());
-        out.push(v6.len());
-    }
-    put_text(out, &mut p, F_MULTI, k.acct_multi_session_id);
-    put_text(out, &mut p, F_USER, k.user_name);
-    match k.calling_station_id {
-        None => {}
-        Some(Csid::Mac(m)) => {
-            p |= F_CALLING;
-            flags |= FLAG_MAC;
-            out.extend_from_slice(&m);
-        }
-        Some(Csid::Raw(r)) => {
-            if let Some(m) = pack_mac(r) {
-                p |= F_CALLING;
-                flags |= FLAG_MAC;
-                out.extend_from_slice(&m);
-            } else {
-                put_text(out, &mut p, F_CALLING, Some(r));
+    for key in Key::ALL {
+        let mut buf = [0u8; 17];
+        let Some(value) = k.value(key, &mut buf) else {
+            continue;
+        };
+        p |= bit(key);
+        match value {
+            KeyValue::Text(t) => match (key == MAC_KEY).then(|| pack_mac(t)).flatten() {
+                Some(m) => {
+                    flags |= FLAG_MAC;
+                    out.extend_from_slice(&m);
+                }
+                None => put_text(out, t),
+            },
+            KeyValue::Ipv4(ip) => out.extend_from_slice(&ip.octets()),
+            KeyValue::Ipv6Prefix(v6) => {
+                out.extend_from_slice(&v6.addr().octets());
+                out.push(v6.len());
             }
+            KeyValue::U64(v) => out.extend_from_slice(&v.to_le_bytes()),
+            KeyValue::U32(v) => out.extend_from_slice(&v.to_le_bytes()),
         }
     }
-    put_text(out, &mut p, F_PORTID, k.nas_port_id);
-    if let Some(v) = k.framed_interface_id {
-        p |= F_IFID;
-        out.extend_from_slice(&v.to_le_bytes());
+    if let Some(vrf) = k.vrf {
+        p |= F_VRF;
+        put_text(out, vrf);
     }
-    if let Some(v) = k.nas_port {
-        p |= F_PORT;
-        out.extend_from_slice(&v.to_le_bytes());
-    }
-    put_text(out, &mut p, F_CALLED, k.called_station_id);
-    put_text(out, &mut p, F_VRF, k.vrf);
     if let Some(a) = auth {
         flags |= FLAG_AUTH;
         put_len(out, a.len());
@@ -268,12 +221,22 @@ impl<'a> Cursor<'a> {
         }
         None
     }
-    fn text(&mut self, presence: u16, bit: u16) -> Option<Option<&'a [u8]>> {
-        if presence & bit == 0 {
-            return Some(None);
-        }
+    fn text(&mut self) -> Option<&'a [u8]> {
         let n = self.len()?;
-        self.take(n).map(Some)
+        self.take(n)
+    }
+    fn value(&mut self, kind: ValueKind) -> Option<KeyValue<'a>> {
+        Some(match kind {
+            ValueKind::Text => KeyValue::Text(self.text()?),
+            ValueKind::Ipv4 => KeyValue::Ipv4(Ipv4Addr::from(self.array::<4>()?)),
+            ValueKind::Ipv6Prefix => {
+                let a = Ipv6Addr::from(self.array::<16>()?);
+                let [len] = self.array::<1>()?;
+                KeyValue::Ipv6Prefix(Ipv6Prefix::new(a, len)?)
+            }
+            ValueKind::U64 => KeyValue::U64(u64::from_le_bytes(self.array::<8>()?)),
+            ValueKind::U32 => KeyValue::U32(u32::from_le_bytes(self.array::<4>()?)),
+        })
     }
 }
 
@@ -283,40 +246,21 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<Keys<'_>> {
     let mut c = Cursor(bytes);
     let [p0, p1, flags] = c.array::<3>()?;
     let p = u16::from_le_bytes([p0, p1]);
-    let mut k = Keys {
-        acct_session_id: c.text(p, F_ACCT)?,
-        audit_session_id: c.text(p, F_AUDIT)?,
-        cui: c.text(p, F_CUI)?,
-        imsi: c.text(p, F_IMSI)?,
-        nsapi: c.text(p, F_NSAPI)?,
-        ..Keys::default()
-    };
-    if p & F_FIP != 0 {
-        k.framed_ip = Some(Ipv4Addr::from(c.array::<4>()?));
-    }
-    if p & F_V6 != 0 {
-        let a = Ipv6Addr::from(c.array::<16>()?);
-        let [len] = c.array::<1>()?;
-        k.framed_ipv6_prefix = Some(Ipv6Prefix::new(a, len)?);
-    }
-    k.acct_multi_session_id = c.text(p, F_MULTI)?;
-    k.user_name = c.text(p, F_USER)?;
-    if p & F_CALLING != 0 {
-        k.calling_station_id = Some(if flags & FLAG_MAC != 0 {
-            Csid::Mac(c.array::<6>()?)
+    let mut k = Keys::default();
+    // The present keys only, in `Key` order (the order `encode_parts` wrote them).
+    let mut present = p & KEY_BITS;
+    while present != 0 {
+        let key = Key::ALL[present.trailing_zeros() as usize];
+        present &= present - 1;
+        k.keys[key as usize] = Some(if key == MAC_KEY && flags & FLAG_MAC != 0 {
+            Stored::Mac(c.array::<6>()?)
         } else {
-            Csid::Raw(c.text(p, F_CALLING)??)
+            Stored::Value(c.value(key.kind())?)
         });
     }
-    k.nas_port_id = c.text(p, F_PORTID)?;
-    if p & F_IFID != 0 {
-        k.framed_interface_id = Some(u64::from_le_bytes(c.array::<8>()?));
+    if p & F_VRF != 0 {
+        k.vrf = Some(c.text()?);
     }
-    if p & F_PORT != 0 {
-        k.nas_port = Some(u32::from_le_bytes(c.array::<4>()?));
-    }
-    k.called_station_id = c.text(p, F_CALLED)?;
-    k.vrf = c.text(p, F_VRF)?;
     if flags & FLAG_AUTH != 0 {
         let n = c.len()?;
         k.authorization = Some(c.take(n)?);
@@ -327,21 +271,34 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<Keys<'_>> {
     Some(k)
 }
 
-fn text_eq(wanted: Option<&[u8]>, have: Option<&[u8]>) -> bool {
-    match wanted {
-        None => true,
-        Some(w) => have == Some(w),
+/// The record side of the matching rules: `SessionQuery::matches` and `PrimaryKey::finds`
+/// run on `Keys` as on a `Session`.
+impl HasKeys for Keys<'_> {
+    fn has_key(&self, key: Key, value: KeyValue<'_>) -> bool {
+        self.keys[key as usize].is_some_and(|s| s.is(value))
     }
 }
 
-fn value_eq<T: PartialEq>(wanted: Option<T>, have: Option<T>) -> bool {
-    match wanted {
-        None => true,
-        Some(w) => have == Some(w),
+impl<'a> Keys<'a> {
+    /// The stored value of `key`.
+    pub(crate) fn stored(&self, key: Key) -> Option<Stored<'a>> {
+        self.keys[key as usize]
     }
-}
 
-impl Keys<'_> {
+    /// The value of `key`; a packed MAC is written out into `buf`.
+    pub(crate) fn value<'b>(&'b self, key: Key, buf: &'b mut [u8; 17]) -> Option<KeyValue<'b>> {
+        self.keys[key as usize].as_ref().map(|s| s.value(buf))
+    }
+
+    /// Whether both records hold the same value of `key`, or both none.
+    pub(crate) fn same(&self, other: &Keys<'_>, key: Key) -> bool {
+        let mut buf = [0u8; 17];
+        match self.value(key, &mut buf) {
+            None => other.stored(key).is_none(),
+            Some(v) => other.has_key(key, v),
+        }
+    }
+
     /// `MatchScope::admits`.
     pub(crate) fn admitted_by(&self, scope: &MatchScope<'_>) -> bool {
         match scope.vrf {
@@ -350,83 +307,25 @@ impl Keys<'_> {
         }
     }
 
-    fn calling_eq(&self, wanted: Option<&[u8]>) -> bool {
-        match wanted {
-            None => true,
-            Some(w) => self.calling_station_id.is_some_and(|c| c.eq_bytes(w)),
-        }
-    }
-
-    /// `SessionQuery::matches`.
-    pub(crate) fn matched_by(&self, q: &SessionQuery<'_>) -> bool {
-        text_eq(q.acct_session_id, self.acct_session_id)
-            && text_eq(q.audit_session_id, self.audit_session_id)
-            && text_eq(q.cui, self.cui)
-            && text_eq(q.imsi, self.imsi)
-            && text_eq(q.nsapi, self.nsapi)
-            && value_eq(q.framed_ip, self.framed_ip)
-            && value_eq(q.framed_ipv6_prefix, self.framed_ipv6_prefix)
-            && text_eq(q.acct_multi_session_id, self.acct_multi_session_id)
-            && text_eq(q.user_name, self.user_name)
-            && self.calling_eq(q.calling_station_id)
-            && text_eq(q.nas_port_id, self.nas_port_id)
-            && value_eq(q.framed_interface_id, self.framed_interface_id)
-            && value_eq(q.nas_port, self.nas_port)
-            && text_eq(q.called_station_id, self.called_station_id)
-    }
-
-    /// `PrimaryKey::finds`.
-    pub(crate) fn found_by(&self, key: &PrimaryKey<'_>, called: Option<&[u8]>) -> bool {
-        let t = |w: &[u8], h: Option<&[u8]>| h == Some(w);
-        match *key {
-            PrimaryKey::AcctSessionId(v) => t(v, self.acct_session_id),
-            PrimaryKey::AuditSessionId(v) => t(v, self.audit_session_id),
-            PrimaryKey::Cui(v) => t(v, self.cui),
-            PrimaryKey::Imsi(v) => t(v, self.imsi),
-            PrimaryKey::FramedIp(ip) => {
-                self.framed_ip == Some(ip) && text_eq(called, self.called_station_id)
-            }
-            PrimaryKey::FramedIpv6Prefix(p) => {
-                self.framed_ipv6_prefix == Some(p) && text_eq(called, self.called_station_id)
-            }
-            PrimaryKey::AcctMultiSessionId(v) => t(v, self.acct_multi_session_id),
-            PrimaryKey::UserName(v) => t(v, self.user_name),
-            PrimaryKey::CallingStationId(v) => self.calling_eq(Some(v)),
-            PrimaryKey::NasPortId(v) => t(v, self.nas_port_id),
-            PrimaryKey::FramedInterfaceId(v) => self.framed_interface_id == Some(v),
-            PrimaryKey::NasPort(v) => self.nas_port == Some(v),
-            PrimaryKey::CalledStationId(v) => t(v, self.called_station_id),
-        }
-    }
-
     /// The owned `Session` (write path only: data-plane callbacks take `&Session`).
     pub(crate) fn to_session(self) -> Session {
-        let s = |v: Option<&[u8]>| v.map(|b| String::from_utf8_lossy(b).into_owned());
-        let mut buf = [0u8; 17];
-        Session {
-            acct_session_id: s(self.acct_session_id),
-            acct_multi_session_id: s(self.acct_multi_session_id),
-            user_name: s(self.user_name),
-            cui: s(self.cui),
-            framed_ip: self.framed_ip,
-            framed_ipv6_prefix: self.framed_ipv6_prefix,
-            framed_interface_id: self.framed_interface_id,
-            called_station_id: s(self.called_station_id),
-            calling_station_id: self
-                .calling_station_id
-                .as_ref()
-                .map(|c| String::from_utf8_lossy(c.as_bytes(&mut buf)).into_owned()),
-            nas_port: self.nas_port,
-            nas_port_id: s(self.nas_port_id),
-            imsi: s(self.imsi),
-            nsapi: s(self.nsapi),
-            audit_session_id: s(self.audit_session_id),
-            vrf: s(self.vrf),
+        let mut s = Session {
+            vrf: self.vrf.map(|b| String::from_utf8_lossy(b).into_owned()),
             authorization: self
                 .authorization
                 .and_then(|a| serde_json::from_slice(a).ok())
                 .unwrap_or_default(),
+            ..Session::default()
+        };
+        for key in Key::ALL {
+            let mut buf = [0u8; 17];
+            if let Some(v) = self.value(key, &mut buf) {
+                // Cannot fail for what `encode` wrote: each value has its key's kind and the
+                // text came from a `String`. Bytes that are neither lose the key.
+                let _ = s.set(key, Some(v));
+            }
         }
+        s
     }
 }
 

@@ -278,3 +278,152 @@ fn huge_multi_session_group_is_found_by_scan() {
         Ok(Applied::AlreadyRemoved)
     );
 }
+
+/// A session with every key set; `n` makes every value distinct.
+fn full(n: u8) -> Session {
+    Session {
+        acct_session_id: Some(format!("acct-{n}")),
+        acct_multi_session_id: Some(format!("multi-{n}")),
+        user_name: Some(format!("user-{n}")),
+        cui: Some(format!("cui-{n}")),
+        framed_ip: Some(Ipv4Addr::new(10, 0, 0, n)),
+        framed_ipv6_prefix: format!("2001:db8:{n}::/48").parse().ok(),
+        framed_interface_id: Some(0x0200_5eff_fe00_0000 | u64::from(n)),
+        called_station_id: Some(format!("apn-{n}")),
+        // Canonical MAC form: stored packed.
+        calling_station_id: Some(format!("02-00-5E-00-53-{n:02X}")),
+        nas_port: Some(u32::from(n)),
+        nas_port_id: Some(format!("ge-0/0/{n}")),
+        imsi: Some(format!("00101012345678{n}")),
+        nsapi: Some(format!("{n}")),
+        audit_session_id: Some(format!("audit-{n}")),
+        vrf: None,
+        authorization: Default::default(),
+    }
+}
+
+/// The query holding only `key`, with `s`'s value.
+fn only(s: &Session, key: Key) -> SessionQuery<'_> {
+    let mut q = SessionQuery::default();
+    q.set(key, s.get(key)).unwrap();
+    q
+}
+
+// Each key alone finds exactly its session, in the reference store and in both tables;
+// 3GPP-NSAPI alone identifies nothing.
+#[test]
+fn every_single_key_finds_its_session_in_every_store() {
+    let sessions = [full(1), full(2), full(3)];
+    let memory = dynauth_proto::store::MemoryStore::with_sessions(sessions.clone());
+    let flat = SessionTable::<FlatIndex>::with_sessions(sessions.clone());
+    let papaya = SessionTable::<PapayaIndex>::with_sessions(sessions.clone());
+    assert_eq!(flat.len(), 3);
+    assert_eq!(papaya.len(), 3);
+    let want = &sessions[1];
+    for key in Key::ALL {
+        let l = lookup(only(want, key), 9, 0);
+        let expected = if key.identifies_alone() {
+            Ok(Applied::Sessions(1))
+        } else {
+            Err(Refusal::NotFound)
+        };
+        assert_eq!(memory.reauthorize(&l, &AcceptAll), expected, "{key}");
+        assert_eq!(flat.reauthorize(&l, &AcceptAll), expected, "{key}");
+        assert_eq!(papaya.reauthorize(&l, &AcceptAll), expected, "{key}");
+        if key.identifies_alone() {
+            assert_eq!(flat.matching(&l), vec![want.clone()], "{key}");
+            assert_eq!(papaya.matching(&l), vec![want.clone()], "{key}");
+        }
+        // Any other session's value of this key contradicts (AND semantics).
+        let mut q = SessionQuery::from(want);
+        q.set(key, sessions[2].get(key)).unwrap();
+        let l = lookup(q, 9, 0);
+        assert_eq!(
+            memory.reauthorize(&l, &AcceptAll),
+            flat.reauthorize(&l, &AcceptAll),
+            "{key}"
+        );
+        assert_eq!(flat.matching(&l), vec![], "{key}");
+    }
+}
+
+// The index numbering is a bijection from the indexed keys onto the table's index array:
+// a session with one key has exactly one entry, in that key's index.
+#[test]
+fn each_key_has_its_own_index() {
+    let s = full(7);
+    let mut seen = [false; Key::INDEXED];
+    for key in Key::ALL {
+        let t = SessionTable::<FlatIndex>::default();
+        let mut lone = Session::default();
+        lone.set(key, s.get(key)).unwrap();
+        assert!(t.try_insert(&lone).is_ok(), "{key}");
+        let counts: Vec<usize> = t.indexes.iter().map(KeyIndex::len).collect();
+        match key.index() {
+            Some(n) => {
+                assert!(!seen[n], "{key} shares index {n}");
+                seen[n] = true;
+                let mut want = vec![0; Key::INDEXED];
+                want[n] = 1;
+                assert_eq!(counts, want, "{key}");
+            }
+            None => assert_eq!(counts, vec![0; Key::INDEXED], "{key}"),
+        }
+    }
+    assert!(seen.iter().all(|&s| s), "every index belongs to a key");
+    let t = SessionTable::<FlatIndex>::with_sessions([s]);
+    assert_eq!(t.stats().index_entries, Key::INDEXED);
+}
+
+// Every unique key refuses a second live session with its value (as `Key::uniqueness`
+// says), by name, in `try_insert` and in a bulk load.
+#[test]
+fn every_unique_key_refuses_a_duplicate() {
+    let first = full(1);
+    for key in Key::ALL {
+        let mut lone = Session::default();
+        lone.set(key, first.get(key)).unwrap();
+        // The same value of `key`, in a session told apart by another key.
+        let mut second = lone.clone();
+        let other = if key == Key::AcctSessionId {
+            Key::UserName
+        } else {
+            Key::AcctSessionId
+        };
+        second.set(other, Some(KeyValue::Text(b"other"))).unwrap();
+        let t = SessionTable::<FlatIndex>::with_sessions([lone.clone()]);
+        let result = t.try_insert(&second);
+        let text = [&lone, &second]
+            .map(|s| serde_json::to_string(s).unwrap())
+            .join("\n");
+        let loaded = load::load_jsonl::<FlatIndex>(
+            text.as_bytes(),
+            TableConfig::default(),
+            None,
+            &mut |_| {},
+        );
+        match key.uniqueness() {
+            Uniqueness::Shared => {
+                assert!(result.is_ok(), "{key}");
+                assert!(loaded.is_ok() || !lone.has_identification(), "{key}");
+            }
+            _ => {
+                let name = unique_name(key);
+                assert_eq!(
+                    result,
+                    Err(InsertError::Duplicate {
+                        key: name,
+                        existing: 0
+                    }),
+                    "{key}"
+                );
+                assert!(
+                    matches!(loaded, Err(load::LoadError::Duplicate { key: k, line: 2, first: 1 }) if k == name),
+                    "{key}"
+                );
+            }
+        }
+    }
+    assert_eq!(unique_name(Key::Imsi), "imsi+nsapi");
+    assert_eq!(unique_name(Key::FramedIp), "framed_ip");
+}
