@@ -214,6 +214,8 @@ struct Worker {
     next_sock: usize,
     /// Requests still to allocate on `next_sock` before moving to the next socket.
     run_left: usize,
+    /// Receive rounds so far.
+    rounds: u64,
     /// Deadlines run from the intended send time, so they are not in send order: a heap.
     timeouts: BinaryHeap<Reverse<Timer>>,
     retransmits: VecDeque<Timer>,
@@ -285,6 +287,7 @@ pub fn run(plan: WorkerPlan) -> io::Result<WorkerResult> {
         outstanding: 0,
         next_sock: 0,
         run_left: batch,
+        rounds: 0,
         timeouts: BinaryHeap::new(),
         retransmits: VecDeque::new(),
         polled: None,
@@ -698,8 +701,16 @@ impl Worker {
         let mut total = 0;
         // After a ppoll, only the sockets it found readable have anything queued.
         let polled = self.polled.take();
+        // Without a ppoll, sockets with nothing outstanding are skipped (with many source
+        // ports most have nothing in flight), except every 64th round, so that late and
+        // stray answers queued on them are still read and counted.
+        self.rounds = self.rounds.wrapping_add(1);
+        let every_socket = self.rounds % 64 == 0;
         for s in 0..self.socks.len() {
             if polled.is_some() && !self.poller.readable(s) {
+                continue;
+            }
+            if polled.is_none() && !every_socket && self.socks[s].ids.outstanding() == 0 {
                 continue;
             }
             loop {
