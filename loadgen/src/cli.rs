@@ -96,9 +96,17 @@ pub struct RunArgs {
     /// address of the target's family.
     #[arg(long)]
     pub bind: Option<IpAddr>,
-    /// Shared secret (RFC 2865 §3).
-    #[arg(long, default_value = "testing123", hide_default_value = true)]
-    pub secret: String,
+    /// Shared secret (RFC 2865 §3) on the command line (visible to other local users in the
+    /// process list: prefer --secret-file or --secret-env). Default: "testing123" when no
+    /// secret source is given.
+    #[arg(long, group = "secret_source", value_parser = parse_secret_arg)]
+    pub secret: Option<SecretArg>,
+    /// Read the shared secret from this file (its content, without one trailing newline).
+    #[arg(long, group = "secret_source")]
+    pub secret_file: Option<PathBuf>,
+    /// Read the shared secret from this environment variable.
+    #[arg(long, group = "secret_source")]
+    pub secret_env: Option<String>,
 
     /// Sessions to target, from a JSON Lines file of `dynauth_proto::session::Session`.
     #[arg(long, conflicts_with = "synthetic")]
@@ -175,10 +183,14 @@ pub struct RunArgs {
     /// CPUs to pin worker threads to, round robin ("0", "0,2", "1-3").
     #[arg(long, value_parser = parse_cpus)]
     pub cpus: Option<CpuList>,
-    /// Source sockets in all (256 Identifiers each), spread over the threads. Default: enough
-    /// for the window (closed loop) or 4 per thread (open loop).
-    #[arg(long)]
+    /// Source sockets in all (256 Identifiers each), spread over the threads. Default:
+    /// --source-ports per thread, or more when the window needs more Identifiers.
+    #[arg(long, conflicts_with = "source_ports")]
     pub sockets: Option<usize>,
+    /// Source sockets (ports) per thread, so that a server's SO_REUSEPORT shards (which hash
+    /// the source port) all get traffic; raised when the window needs more Identifiers.
+    #[arg(long, default_value_t = DEFAULT_SOURCE_PORTS)]
+    pub source_ports: usize,
     /// Datagrams per sendmmsg/recvmmsg batch.
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
@@ -266,29 +278,48 @@ fn parse_mix(s: &str) -> Result<Mix, String> {
     Ok(mix)
 }
 
+/// A duration: a bare number in `bare_unit_ns` (the flag's historical unit), or one or more
+/// `NUMBER UNIT` terms (`500ms`, `10s`, `2m`, `1m30s`, `1.5s`; units ns, us, µs, ms, s, m,
+/// min, h).
 fn parse_duration_with(s: &str, bare_unit_ns: f64) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (number, unit) = s.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("`{s}`: not a duration (e.g. 250ms, 10s, 2m)"))?;
-    let unit_ns = match unit.trim() {
-        "" => bare_unit_ns,
-        "ns" => 1.0,
-        "us" | "µs" => 1e3,
-        "ms" => 1e6,
-        "s" => 1e9,
-        "m" | "min" => 60e9,
-        other => return Err(format!("`{other}`: unknown unit (ms, s, m)")),
-    };
-    let ns = value * unit_ns;
-    if !ns.is_finite() || !(0.0..=1e18).contains(&ns) {
-        return Err(format!("`{s}`: out of range"));
+    let text = s.trim();
+    let not_a_duration = || format!("`{text}`: not a duration (e.g. 500ms, 10s, 2m)");
+    if text.is_empty() {
+        return Err(not_a_duration());
     }
-    Ok(Duration::from_nanos(ns as u64))
+    let mut rest = text;
+    let mut ns = 0.0f64;
+    let mut terms = 0;
+    while !rest.is_empty() {
+        let split = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let (number, after) = rest.split_at(split);
+        let value: f64 = number.parse().map_err(|_| not_a_duration())?;
+        let after = after.trim_start();
+        let unit_len = after
+            .find(|c: char| c.is_ascii_digit() || c == '.' || c.is_whitespace())
+            .unwrap_or(after.len());
+        let (unit, next) = after.split_at(unit_len);
+        let unit_ns = match unit {
+            "" if terms == 0 && next.trim().is_empty() => bare_unit_ns,
+            "" => return Err(format!("`{text}`: a number without a unit in a sum")),
+            "ns" => 1.0,
+            "us" | "µs" => 1e3,
+            "ms" => 1e6,
+            "s" => 1e9,
+            "m" | "min" => 60e9,
+            "h" => 3600e9,
+            other => return Err(format!("`{other}`: unknown unit (ms, s, m)")),
+        };
+        ns += value * unit_ns;
+        terms += 1;
+        rest = next.trim_start();
+    }
+    if !ns.is_finite() || !(0.0..=1e18).contains(&ns) {
+        return Err(format!("`{text}`: out of range"));
+    }
+    Ok(Duration::from_nanos(ns.round() as u64))
 }
 
 /// A duration whose bare number means seconds.
@@ -299,6 +330,87 @@ pub fn parse_seconds(s: &str) -> Result<Duration, String> {
 /// A duration whose bare number means milliseconds.
 pub fn parse_millis(s: &str) -> Result<Duration, String> {
     parse_duration_with(s, 1e6)
+}
+
+/// Source ports per worker thread by default: enough to reach every SO_REUSEPORT shard of a
+/// server with a handful of shards (the kernel hashes the 4-tuple).
+pub const DEFAULT_SOURCE_PORTS: usize = 16;
+
+/// The secret used when no secret source is given (FreeRADIUS's example secret).
+pub const DEFAULT_SECRET: &str = "testing123";
+
+/// A secret given on the command line. `Debug` never shows it (secrets never reach a log
+/// line).
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretArg(pub String);
+
+impl std::fmt::Debug for SecretArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SecretArg(<{} octets, redacted>)", self.0.len())
+    }
+}
+
+fn parse_secret_arg(s: &str) -> Result<SecretArg, String> {
+    Ok(SecretArg(s.to_string()))
+}
+
+/// Why the shared secret could not be had. Messages name the source, never the secret.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SecretError {
+    #[error("cannot read the secret file {path}: {reason}")]
+    File { path: PathBuf, reason: String },
+    #[error("the environment variable {0} is not set")]
+    EnvMissing(String),
+    #[error("the environment variable {0} is not valid Unicode")]
+    EnvNotUnicode(String),
+    #[error("the shared secret from {0} is empty (RFC 2865 §3 forbids an empty secret)")]
+    Empty(String),
+}
+
+impl RunArgs {
+    /// The shared secret's octets, from --secret, --secret-file or --secret-env (at most one;
+    /// clap refuses more), else [`DEFAULT_SECRET`].
+    pub fn secret_bytes(&self) -> Result<Vec<u8>, SecretError> {
+        self.secret_bytes_with(|name| std::env::var_os(name))
+    }
+
+    /// [`Self::secret_bytes`] with the environment looked up by `getenv` (for tests).
+    pub fn secret_bytes_with(
+        &self,
+        getenv: impl Fn(&str) -> Option<std::ffi::OsString>,
+    ) -> Result<Vec<u8>, SecretError> {
+        let (bytes, source) = if let Some(s) = &self.secret {
+            (s.0.as_bytes().to_vec(), "--secret".to_string())
+        } else if let Some(path) = &self.secret_file {
+            let mut bytes = std::fs::read(path).map_err(|e| SecretError::File {
+                path: path.clone(),
+                reason: e.kind().to_string(),
+            })?;
+            // One trailing line end, as `echo secret > file` writes.
+            if bytes.last() == Some(&b'\n') {
+                bytes.pop();
+                if bytes.last() == Some(&b'\r') {
+                    bytes.pop();
+                }
+            }
+            (bytes, format!("the file {}", path.display()))
+        } else if let Some(name) = &self.secret_env {
+            let value = getenv(name).ok_or_else(|| SecretError::EnvMissing(name.clone()))?;
+            let value = value
+                .into_string()
+                .map_err(|_| SecretError::EnvNotUnicode(name.clone()))?;
+            (
+                value.into_bytes(),
+                format!("the environment variable {name}"),
+            )
+        } else {
+            (DEFAULT_SECRET.as_bytes().to_vec(), "the default".into())
+        };
+        if bytes.is_empty() {
+            return Err(SecretError::Empty(source));
+        }
+        Ok(bytes)
+    }
 }
 
 /// A list of CPU numbers (a newtype, so that clap takes it as one value).
@@ -326,6 +438,134 @@ mod tests {
         assert!(parse_millis("5 parsecs").is_err());
         assert_eq!(parse_cpus("0,2-3").unwrap(), CpuList(vec![0, 2, 3]));
         assert!(parse_cpus("3-1").is_err());
+    }
+
+    #[test]
+    fn durations_take_units_and_bare_numbers_keep_their_meaning() {
+        let ms = Duration::from_millis;
+        // Bare numbers: seconds for --duration, milliseconds for --timeout.
+        assert_eq!(parse_seconds("10").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_seconds("0.5").unwrap(), ms(500));
+        assert_eq!(parse_millis("1000").unwrap(), ms(1000));
+        assert_eq!(parse_millis("2.5").unwrap(), Duration::from_micros(2500));
+        // Units mean the same whatever the flag's bare unit.
+        for parse in [parse_seconds, parse_millis] {
+            assert_eq!(parse("500ms").unwrap(), ms(500));
+            assert_eq!(parse("10s").unwrap(), Duration::from_secs(10));
+            assert_eq!(parse("2m").unwrap(), Duration::from_secs(120));
+            assert_eq!(parse("2min").unwrap(), Duration::from_secs(120));
+            assert_eq!(parse("1h").unwrap(), Duration::from_secs(3600));
+            assert_eq!(parse("1m30s").unwrap(), Duration::from_secs(90));
+            assert_eq!(parse("1s 250ms").unwrap(), ms(1250));
+            assert_eq!(parse(" 20 ms ").unwrap(), ms(20));
+            assert_eq!(parse("750us").unwrap(), Duration::from_micros(750));
+            assert_eq!(parse("750µs").unwrap(), Duration::from_micros(750));
+            assert_eq!(parse("40ns").unwrap(), Duration::from_nanos(40));
+            assert_eq!(parse("0").unwrap(), Duration::ZERO);
+            for bad in [
+                "",
+                "ms",
+                "-1",
+                "-1s",
+                "1e3",
+                "5 parsecs",
+                "10x",
+                "1s 5",
+                "1..2s",
+                "s10",
+            ] {
+                assert!(parse(bad).is_err(), "{bad:?} was accepted");
+            }
+            assert!(parse("99999999999h").is_err(), "out of range");
+        }
+        // Through clap: every time flag takes units.
+        let r = RunArgs::from_args([
+            "--duration",
+            "1m",
+            "--timeout",
+            "2s",
+            "--retransmit-after",
+            "250ms",
+        ])
+        .unwrap();
+        assert_eq!(r.duration, Some(Duration::from_secs(60)));
+        assert_eq!(r.timeout, ms(2000));
+        assert_eq!(r.retransmit_after, Some(ms(250)));
+        let r = RunArgs::from_args(["--duration", "3", "--timeout", "300"]).unwrap();
+        assert_eq!(r.duration, Some(Duration::from_secs(3)));
+        assert_eq!(r.timeout, ms(300));
+        assert!(RunArgs::from_args(["--timeout", "soon"]).is_err());
+    }
+
+    #[test]
+    fn secret_sources() {
+        let no_env = |_: &str| None;
+        // Default.
+        let r = RunArgs::from_args::<_, &str>([]).unwrap();
+        assert_eq!(
+            r.secret_bytes_with(no_env).unwrap(),
+            DEFAULT_SECRET.as_bytes()
+        );
+        // Command line.
+        let r = RunArgs::from_args(["--secret", "s3cret"]).unwrap();
+        assert_eq!(r.secret_bytes_with(no_env).unwrap(), b"s3cret");
+        assert!(
+            !format!("{r:?}").contains("s3cret"),
+            "Debug shows the secret"
+        );
+        assert!(
+            RunArgs::from_args(["--secret", ""])
+                .unwrap()
+                .secret_bytes()
+                .is_err()
+        );
+        // File: one trailing line end dropped, other octets kept.
+        let dir = std::env::temp_dir().join(format!("loadgen-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("secret");
+        let from_file = |content: &[u8]| {
+            std::fs::write(&path, content).unwrap();
+            RunArgs::from_args(["--secret-file", path.to_str().unwrap()])
+                .unwrap()
+                .secret_bytes_with(no_env)
+        };
+        assert_eq!(from_file(b"file-secret\n").unwrap(), b"file-secret");
+        assert_eq!(from_file(b"file-secret\r\n").unwrap(), b"file-secret");
+        assert_eq!(from_file(b" with spaces \n\n").unwrap(), b" with spaces \n");
+        assert_eq!(from_file(&[0xff, 0x00, 0x01]).unwrap(), [0xff, 0x00, 0x01]);
+        assert!(matches!(from_file(b"\n"), Err(SecretError::Empty(_))));
+        let missing = dir.join("missing");
+        let err = RunArgs::from_args(["--secret-file", missing.to_str().unwrap()])
+            .unwrap()
+            .secret_bytes_with(no_env)
+            .unwrap_err();
+        assert!(matches!(err, SecretError::File { .. }), "{err}");
+        // Environment.
+        let env = |name: &str| (name == "DAC_SECRET").then(|| "env-secret".into());
+        let r = RunArgs::from_args(["--secret-env", "DAC_SECRET"]).unwrap();
+        assert_eq!(r.secret_bytes_with(env).unwrap(), b"env-secret");
+        let r = RunArgs::from_args(["--secret-env", "NOT_SET"]).unwrap();
+        let err = r.secret_bytes_with(env).unwrap_err();
+        assert_eq!(err, SecretError::EnvMissing("NOT_SET".into()));
+        let empty = |_: &str| Some(std::ffi::OsString::new());
+        let r = RunArgs::from_args(["--secret-env", "DAC_SECRET"]).unwrap();
+        assert!(matches!(
+            r.secret_bytes_with(empty),
+            Err(SecretError::Empty(_))
+        ));
+        // Error messages name the source, never the secret.
+        std::fs::write(&path, b"").unwrap();
+        let msg = RunArgs::from_args(["--secret-file", path.to_str().unwrap()])
+            .unwrap()
+            .secret_bytes_with(no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("empty"), "{msg}");
+        // At most one source.
+        assert!(RunArgs::from_args(["--secret", "a", "--secret-env", "B"]).is_err());
+        assert!(RunArgs::from_args(["--secret-file", "/x", "--secret-env", "B"]).is_err());
+        assert!(RunArgs::from_args(["--secret", "a", "--secret-file", "/x"]).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

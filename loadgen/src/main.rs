@@ -56,6 +56,14 @@ fn main() -> anyhow::Result<()> {
             if !report.counts_add_up {
                 anyhow::bail!("the counts do not add up (a loadgen bug): see the report");
             }
+            if report.nothing_answered() {
+                anyhow::bail!(
+                    "nothing was answered ({} requests sent, {} timed out, {} unsent)",
+                    report.requests,
+                    report.timeouts,
+                    report.unsent
+                );
+            }
             Ok(())
         }
     }

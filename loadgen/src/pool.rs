@@ -305,7 +305,7 @@ impl Wrr {
 }
 
 impl Pool {
-    fn empty(secret: &str) -> Result<Pool, PoolError> {
+    fn empty(secret: &[u8]) -> Result<Pool, PoolError> {
         Ok(Pool {
             arena: Vec::new(),
             entries: Vec::new(),
@@ -320,13 +320,13 @@ impl Pool {
         mix: &Mix,
         size: usize,
         options: &Options,
-        secret: &str,
+        secret: impl AsRef<[u8]>,
     ) -> Result<Pool, PoolError> {
         let needs_sessions = mix.disconnect + mix.coa + mix.bad_auth > 0;
         if needs_sessions && sessions.is_empty() {
             return Err(PoolError::NoSessions);
         }
-        let mut pool = Pool::empty(secret)?;
+        let mut pool = Pool::empty(secret.as_ref())?;
         let mut wrr = Wrr::new(mix);
         let mut cursor = 0u64;
         let mut existing = || {
@@ -354,12 +354,12 @@ impl Pool {
         sessions: &Sessions,
         selected: &[u64],
         options: &Options,
-        secret: &str,
+        secret: impl AsRef<[u8]>,
     ) -> Result<Pool, PoolError> {
         if selected.is_empty() {
             return Err(PoolError::EmptyGroup);
         }
-        let mut pool = Pool::empty(secret)?;
+        let mut pool = Pool::empty(secret.as_ref())?;
         for &i in selected {
             pool.push(
                 Kind::Disconnect,

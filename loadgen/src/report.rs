@@ -2,10 +2,16 @@
 //! [`Report`] that prints as text or JSON, and the HdrHistogram percentile-distribution
 //! (`.hgrm`) file that HdrHistogram's plotting tools read.
 //!
-//! Accounting rule: every request sent is resolved exactly once, as an answer (valid,
-//! unexpected code, or bad authenticator), a timeout, or an expected discard (a request with a
-//! deliberately bad authenticator that got no answer). Hence
-//! `requests = answered + timeouts + expected_discards`.
+//! Accounting rule: every request sent is resolved exactly once, as an authenticated answer
+//! (ACK, NAK or unexpected code; echo: an identical echo) within the timeout, a timeout, or an
+//! expected discard (a request with a deliberately bad authenticator that got no answer).
+//! Hence `requests = answered + timeouts + expected_discards`. Datagrams that answer no
+//! outstanding request (late, duplicate, stray, bad authenticators, malformed) are counted
+//! on their own and resolve nothing.
+//!
+//! Latency is reported over every request that expected an answer, sent or not: answered
+//! ones at their latency, timed-out and unsent ones at (at least) the timeout, so the
+//! percentiles cannot hide loss; the share of such samples is printed beside them.
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
@@ -13,7 +19,7 @@ use std::io::Write;
 
 use dynauth_proto::dict::ErrorCause;
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Highest latency or lag recorded (ns): 60 s; higher values are recorded as 60 s.
 pub const HIST_MAX_NS: u64 = 60_000_000_000;
@@ -43,14 +49,23 @@ pub struct Counters {
     pub naks: [[u64; NAK_SLOTS]; 2],
     /// Authenticated answers with a code that does not answer the request.
     pub unexpected_codes: u64,
-    /// Answers whose Response Authenticator is wrong.
+    /// Answers on an outstanding Identifier whose Response Authenticator verifies against
+    /// neither the outstanding request nor an earlier one on that Identifier (a DAS bug, a
+    /// wrong secret, or an answer older than the remembered history). They resolve nothing.
     pub bad_response_authenticators: u64,
-    /// Answers whose Message-Authenticator is wrong.
+    /// Answers to an outstanding request (by their Response Authenticator) whose
+    /// Message-Authenticator is wrong: discarded, the request stays outstanding.
     pub bad_message_authenticators: u64,
     /// Echo mode: answers identical to the request.
     pub echo_ok: u64,
-    /// Echo mode: answers that differ from the request.
+    /// Echo mode: answers on an outstanding Identifier identical to no request sent on it.
     pub echo_mismatches: u64,
+    /// Authenticated answers to a request that had already timed out (its Identifier possibly
+    /// reused since), including answers that arrived after the deadline but before its timer.
+    pub late_answers: u64,
+    /// Authenticated answers to a request that had already been answered (duplicates, e.g.
+    /// to a retransmission).
+    pub duplicate_answers: u64,
     /// Requests with no answer within the timeout (excluding expected discards).
     pub timeouts: u64,
     /// Deliberately bad requests that (rightly) got no answer.
@@ -60,7 +75,8 @@ pub struct Counters {
     /// Valid answers that differ from what the mix predicted (e.g. NAK 503 to a Disconnect of
     /// a session an earlier Disconnect already removed).
     pub expectation_mismatches: u64,
-    /// Datagrams for no outstanding request (late answers after a timeout, duplicates).
+    /// Datagrams on an Identifier with no outstanding request that verify against no
+    /// remembered earlier request either.
     pub stray_answers: u64,
     /// Datagrams that are not RADIUS packets.
     pub malformed_answers: u64,
@@ -90,6 +106,8 @@ impl Counters {
         self.bad_message_authenticators += o.bad_message_authenticators;
         self.echo_ok += o.echo_ok;
         self.echo_mismatches += o.echo_mismatches;
+        self.late_answers += o.late_answers;
+        self.duplicate_answers += o.duplicate_answers;
         self.timeouts += o.timeouts;
         self.expected_discards += o.expected_discards;
         self.answered_discards += o.answered_discards;
@@ -111,15 +129,9 @@ impl Counters {
         self.naks.iter().flatten().sum()
     }
 
-    /// Requests resolved by an answer of any kind.
+    /// Requests resolved by an authenticated answer within the timeout.
     pub fn answered(&self) -> u64 {
-        self.ack_total()
-            + self.nak_total()
-            + self.unexpected_codes
-            + self.bad_response_authenticators
-            + self.bad_message_authenticators
-            + self.echo_ok
-            + self.echo_mismatches
+        self.ack_total() + self.nak_total() + self.unexpected_codes + self.echo_ok
     }
 
     /// Answers that failed verification.
@@ -135,7 +147,7 @@ impl Counters {
 }
 
 /// Percentiles of one histogram, in microseconds.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Percentiles {
     pub count: u64,
     pub min_us: f64,
@@ -145,6 +157,53 @@ pub struct Percentiles {
     pub p99_us: f64,
     pub p999_us: f64,
     pub max_us: f64,
+}
+
+/// Latency over every request that expected an answer, with the share of samples that are
+/// timeouts (or unsent requests) beside the percentiles: a percentile at or above
+/// `timeout_us` is a timeout, not a measured answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Latency {
+    #[serde(flatten)]
+    pub percentiles: Percentiles,
+    /// Samples that are timeouts or unsent requests (recorded at least at the timeout).
+    pub timeouts: u64,
+    /// `timeouts / count` (0 when there is no sample).
+    pub timeout_share: f64,
+    /// The timeout, in microseconds.
+    pub timeout_us: f64,
+}
+
+impl Latency {
+    pub fn of(h: &Histogram<u64>, timeouts: u64, timeout_ns: u64) -> Latency {
+        let percentiles = Percentiles::of(h);
+        Latency {
+            timeout_share: if percentiles.count == 0 {
+                0.0
+            } else {
+                timeouts as f64 / percentiles.count as f64
+            },
+            percentiles,
+            timeouts,
+            timeout_us: timeout_ns as f64 / 1e3,
+        }
+    }
+
+    /// `value_us` as text, marked when it is a timeout rather than a measured answer.
+    fn show(&self, value_us: f64) -> String {
+        if self.timeouts > 0 && value_us >= self.timeout_us {
+            format!("{value_us:.1} (timeout)")
+        } else {
+            format!("{value_us:.1}")
+        }
+    }
+}
+
+impl std::ops::Deref for Latency {
+    type Target = Percentiles;
+    fn deref(&self) -> &Percentiles {
+        &self.percentiles
+    }
 }
 
 impl Percentiles {
@@ -220,6 +279,10 @@ pub struct AnswerCounts {
     pub echo_mismatches: u64,
     pub answered_discards: u64,
     pub expectation_mismatches: u64,
+    /// Answers to requests that had already timed out.
+    pub late: u64,
+    /// Answers to requests that had already been answered.
+    pub duplicates: u64,
     pub stray: u64,
     pub malformed: u64,
 }
@@ -243,7 +306,7 @@ pub struct Report {
     pub requests: u64,
     pub transmissions: u64,
     pub retransmissions: u64,
-    /// Requests resolved by an answer (valid or not).
+    /// Requests resolved by an authenticated answer within the timeout.
     pub answered: u64,
     pub timeouts: u64,
     pub expected_discards: u64,
@@ -257,8 +320,13 @@ pub struct Report {
     /// Timeouts over requests that expected an answer.
     pub loss_ratio: f64,
     pub answers: AnswerCounts,
-    /// Latency of authenticated answers (open loop: from the intended send time).
-    pub latency: Percentiles,
+    /// Latency of every request that expected an answer, from its intended send time:
+    /// answers at their latency, timeouts and unsent requests at (at least) the timeout; with
+    /// the timeouts' share.
+    pub latency: Latency,
+    /// Latency of the answered requests only (for telling server time from loss; not the
+    /// headline figure).
+    pub answered_latency: Percentiles,
     pub schedule_lag: Option<ScheduleLag>,
     pub generator: GeneratorCost,
     /// The run was stopped early by Ctrl-C.
@@ -314,7 +382,7 @@ impl Report {
             a.nak_by_error_cause
         );
         s += &format!(
-            "         unexpected-codes {}  bad-response-auth {}  bad-message-auth {}  echo ok {} mismatch {}  answered-discards {}  expectation-mismatches {}  stray {}  malformed {}\n",
+            "         unexpected-codes {}  bad-response-auth {}  bad-message-auth {}  echo ok {} mismatch {}  answered-discards {}  expectation-mismatches {}  late {}  duplicates {}  stray {}  malformed {}\n",
             a.unexpected_codes,
             a.bad_response_authenticators,
             a.bad_message_authenticators,
@@ -322,12 +390,27 @@ impl Report {
             a.echo_mismatches,
             a.answered_discards,
             a.expectation_mismatches,
+            a.late,
+            a.duplicates,
             a.stray,
             a.malformed
         );
         s += &format!(
-            "latency us: p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}  (mean {:.1}, n {})\n",
-            l.p50_us, l.p90_us, l.p99_us, l.p999_us, l.max_us, l.mean_us, l.count
+            "latency us (all {} requests due, {:.2}% timeouts, timeout {:.0}): p50 {}  p90 {}  p99 {}  p99.9 {}  max {}  (mean {:.1})\n",
+            l.count,
+            l.timeout_share * 100.0,
+            l.timeout_us,
+            l.show(l.p50_us),
+            l.show(l.p90_us),
+            l.show(l.p99_us),
+            l.show(l.p999_us),
+            l.show(l.max_us),
+            l.mean_us
+        );
+        let al = &self.answered_latency;
+        s += &format!(
+            "answered-only latency us: p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}  (n {})\n",
+            al.p50_us, al.p90_us, al.p99_us, al.p999_us, al.max_us, al.count
         );
         if let Some(lag) = &self.schedule_lag {
             s += &format!(
@@ -352,7 +435,19 @@ impl Report {
         if !self.counts_add_up {
             s += "WARNING: requests != answered + timeouts + expected discards\n";
         }
+        if self.nothing_answered() {
+            s += "FAILED: nothing was answered\n";
+        }
         s
+    }
+
+    /// No request was answered although some expected an answer (or none was sent at all):
+    /// the process exits non-zero. A run of deliberately bad requests only, all rightly
+    /// unanswered, is not a failure.
+    pub fn nothing_answered(&self) -> bool {
+        let only_expected_discards =
+            self.requests > 0 && self.unsent == 0 && self.expected_discards == self.requests;
+        self.answered == 0 && !only_expected_discards
     }
 }
 
@@ -383,6 +478,8 @@ pub fn answer_counts(c: &Counters) -> AnswerCounts {
         echo_mismatches: c.echo_mismatches,
         answered_discards: c.answered_discards,
         expectation_mismatches: c.expectation_mismatches,
+        late: c.late_answers,
+        duplicates: c.duplicate_answers,
         stray: c.stray_answers,
         malformed: c.malformed_answers,
     }

@@ -14,8 +14,8 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::cli::{Expect, Profile, RunArgs};
 use crate::pool::{Options, Pool, PoolError, Sessions};
 use crate::report::{
-    Counters, GeneratorCost, Percentiles, Report, ScheduleLag, answer_counts, new_histogram,
-    write_hgrm,
+    Counters, GeneratorCost, Latency, Percentiles, Report, ScheduleLag, answer_counts,
+    new_histogram, write_hgrm,
 };
 use crate::worker::{self, Mode, Progress, WorkerPlan};
 
@@ -24,6 +24,8 @@ use crate::worker::{self, Mode, Progress, WorkerPlan};
 pub enum RunError {
     #[error("{0}")]
     Invalid(String),
+    #[error(transparent)]
+    Secret(#[from] crate::cli::SecretError),
     #[error(transparent)]
     Pool(#[from] PoolError),
     #[error("socket: {0}")]
@@ -95,6 +97,10 @@ pub fn run(args: &RunArgs) -> Result<Report, RunError> {
     if args.timeout.is_zero() {
         return Err(invalid("--timeout must be positive"));
     }
+    if args.source_ports == 0 {
+        return Err(invalid("--source-ports must be at least 1"));
+    }
+    let secret = args.secret_bytes()?;
 
     // Sessions and the prepared requests.
     let sessions = match (&args.sessions, args.synthetic) {
@@ -123,7 +129,7 @@ pub fn run(args: &RunArgs) -> Result<Report, RunError> {
             let size = args
                 .pool
                 .unwrap_or_else(|| sessions.len().clamp(4096, 1 << 20) as usize);
-            Pool::churn(&sessions, &args.mix, size, &options, &args.secret)?
+            Pool::churn(&sessions, &args.mix, size, &options, &secret)?
         }
         Profile::MassDisconnect => {
             if sessions.is_empty() {
@@ -134,9 +140,10 @@ pub fn run(args: &RunArgs) -> Result<Report, RunError> {
                 (None, Some(prefix)) => sessions.group(prefix),
                 (None, None) => (0..sessions.len()).collect(),
             };
-            Pool::mass_disconnect(&sessions, &selected, &options, &args.secret)?
+            Pool::mass_disconnect(&sessions, &selected, &options, &secret)?
         }
     };
+    drop(secret);
     let pool = Arc::new(pool);
 
     // Bounds: mass disconnect sends each session once.
@@ -159,10 +166,10 @@ pub fn run(args: &RunArgs) -> Result<Report, RunError> {
     let sockets = match (args.sockets, window) {
         (Some(s), _) => s,
         (None, Some(w)) => {
-            let per_thread = w.div_ceil(threads).div_ceil(256).max(1);
+            let per_thread = w.div_ceil(threads).div_ceil(256).max(args.source_ports);
             per_thread * threads
         }
-        (None, None) => 4 * threads,
+        (None, None) => args.source_ports * threads,
     };
     if sockets < threads {
         return Err(invalid("--sockets must be at least --threads"));
@@ -273,6 +280,7 @@ pub fn run(args: &RunArgs) -> Result<Report, RunError> {
 
     let mut counters = Counters::default();
     let mut latency = new_histogram();
+    let mut answered_latency = new_histogram();
     let mut lag = new_histogram();
     let (mut cpu_ns, mut wall_ns, mut send_end_ns, mut wall_max) = (0u64, 0u64, 0u64, 0u64);
     for (index, handle) in handles.into_iter().enumerate() {
@@ -282,6 +290,7 @@ pub fn run(args: &RunArgs) -> Result<Report, RunError> {
             .map_err(|source| RunError::Worker { index, source })?;
         counters.add(&result.counters);
         let _ = latency.add(&result.latency);
+        let _ = answered_latency.add(&result.answered_latency);
         let _ = lag.add(&result.lag);
         cpu_ns += result.cpu_ns;
         wall_ns += result.wall_ns;
@@ -342,7 +351,12 @@ pub fn run(args: &RunArgs) -> Result<Report, RunError> {
             counters.timeouts as f64 / expecting as f64
         },
         answers: answer_counts(&counters),
-        latency: Percentiles::of(&latency),
+        latency: Latency::of(
+            &latency,
+            counters.timeouts + counters.unsent,
+            args.timeout.as_nanos() as u64,
+        ),
+        answered_latency: Percentiles::of(&answered_latency),
         schedule_lag: args.rate.map(|_| {
             let p = Percentiles::of(&lag);
             ScheduleLag {

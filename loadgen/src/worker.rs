@@ -13,9 +13,26 @@
 //! Identifiers come from each socket's [`IdAllocator`], so one is never reused while
 //! outstanding. A request occupies its (socket, Identifier) slot, which also keeps the exact
 //! bytes sent (for retransmission and echo comparison) and the Request Authenticator.
+//!
+//! Answer matching: an answer belongs to the request whose Response Authenticator it carries
+//! (RFC 2865 §3, RFC 5176 §3.5: MD5(Code + Identifier + Length + Request Authenticator +
+//! Attributes + Secret)), not merely to whichever request holds its Identifier now. Each
+//! (socket, Identifier) remembers the Request Authenticators of its last [`HISTORY`]
+//! requests, so a late answer (its request timed out and the Identifier was reused) or a
+//! duplicate answer (to a retransmission) is recognised and counted as such, and the current
+//! request stays outstanding. Only an answer that verifies against no request sent on that
+//! Identifier counts as a bad Response Authenticator, and it does not resolve the current
+//! request either (a DAC silently discards it, RFC 2865 §3): that request is then answered
+//! properly or times out.
+//!
+//! Latency: every request that expects an answer leaves one sample, from its intended send
+//! time (open loop; closed loop: when it was built): an answer's arrival, or, for a request
+//! unanswered `timeout` after its intended send time (a timeout) or never sent (unsent), the
+//! time loadgen gave up on it, never less than the timeout.
 #![forbid(unsafe_code)]
 
-use std::collections::VecDeque;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
 use std::io;
 use std::net::UdpSocket;
 use std::os::fd::{AsRawFd, RawFd};
@@ -23,7 +40,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use dynauth_proto::auth::{ResponseCheck, verify_response};
+use dynauth_proto::auth::{
+    ResponseCheck, authenticators_equal, md5_authenticator, verify_response,
+};
 use dynauth_proto::codec::Packet;
 use dynauth_proto::dict::{ErrorCause, attr};
 use hdrhistogram::Histogram;
@@ -31,13 +50,19 @@ use hdrhistogram::Histogram;
 use crate::cli::Expect;
 use crate::ids::IdAllocator;
 use crate::pool::{Expectation, Pool};
-use crate::report::{Counters, NAK_SLOTS, new_histogram};
+use crate::report::{Counters, HIST_MAX_NS, NAK_SLOTS, new_histogram};
 use dynauth_udp::dac::{BatchReceiver, BatchSender, Poller};
 
 /// Most datagrams in one batch.
 pub const MAX_BATCH: usize = 256;
 /// Below this, waiting for the next send time does not sleep.
 const SPIN_NS: u64 = 2_000;
+/// Earlier requests remembered per (socket, Identifier) for recognising late and duplicate
+/// answers.
+pub const HISTORY: usize = 4;
+/// Unsent requests whose latency sample is computed one by one; beyond, the rest are
+/// recorded at the timeout (a lower bound) in one go.
+const UNSENT_EXACT: u64 = 1 << 20;
 
 /// Open or closed loop, for one worker.
 #[derive(Debug, Clone, Copy)]
@@ -60,8 +85,9 @@ pub struct Progress {
     pub answered: AtomicU64,
     pub timeouts: AtomicU64,
     pub bad: AtomicU64,
+    pub late: AtomicU64,
     pub outstanding: AtomicU64,
-    _pad: [u64; 3],
+    _pad: [u64; 2],
 }
 
 /// Everything one worker needs.
@@ -90,12 +116,31 @@ pub struct WorkerPlan {
 #[derive(Debug)]
 pub struct WorkerResult {
     pub counters: Counters,
+    /// Every request that expected an answer: answered, timed out, or unsent.
     pub latency: Histogram<u64>,
+    /// Answered requests only.
+    pub answered_latency: Histogram<u64>,
     pub lag: Histogram<u64>,
     pub cpu_ns: u64,
     pub wall_ns: u64,
     /// When the sending phase ended (ns after start).
     pub send_end_ns: u64,
+}
+
+/// How an earlier request on a (socket, Identifier) ended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Ended {
+    #[default]
+    Nothing,
+    Answered,
+    TimedOut,
+}
+
+/// An earlier request on a (socket, Identifier).
+#[derive(Debug, Clone, Copy, Default)]
+struct Past {
+    auth: [u8; 16],
+    ended: Ended,
 }
 
 /// One outstanding request.
@@ -106,6 +151,8 @@ struct Slot {
     /// Global request number (pool index).
     k: u64,
     intended_ns: u64,
+    /// `intended_ns + timeout`: unanswered by then, the request has timed out.
+    deadline_ns: u64,
     first_ns: u64,
     transmissions: u8,
     auth: [u8; 16],
@@ -121,6 +168,9 @@ struct Sock {
     stride: usize,
     /// Identifiers built (or due for retransmission) and not yet handed to the kernel.
     pending: VecDeque<u8>,
+    /// The last [`HISTORY`] requests of each Identifier, a ring per Identifier.
+    past: Vec<[Past; HISTORY]>,
+    past_next: Vec<u8>,
 }
 
 impl Sock {
@@ -131,7 +181,8 @@ impl Sock {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+/// Ordered by `at_ns` first (the timeout heap's order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 struct Timer {
     at_ns: u64,
     sock: u32,
@@ -161,12 +212,18 @@ struct Worker {
     next_j: u64,
     outstanding: usize,
     next_sock: usize,
-    timeouts: VecDeque<Timer>,
+    /// Requests still to allocate on `next_sock` before moving to the next socket.
+    run_left: usize,
+    /// Receive rounds so far.
+    rounds: u64,
+    /// Deadlines run from the intended send time, so they are not in send order: a heap.
+    timeouts: BinaryHeap<Reverse<Timer>>,
     retransmits: VecDeque<Timer>,
     /// Readiness from the last `ppoll` (`Some(0)`: it timed out), consumed by `receive`.
     polled: Option<usize>,
     counters: Counters,
     latency: Histogram<u64>,
+    answered_latency: Histogram<u64>,
     lag: Histogram<u64>,
     unix_secs: u32,
 }
@@ -201,6 +258,8 @@ pub fn run(plan: WorkerPlan) -> io::Result<WorkerResult> {
             bufs: vec![0; 256 * stride],
             stride,
             pending: VecDeque::with_capacity(256),
+            past: vec![[Past::default(); HISTORY]; 256],
+            past_next: vec![0; 256],
         })
         .collect();
     let mut w = Worker {
@@ -227,11 +286,14 @@ pub fn run(plan: WorkerPlan) -> io::Result<WorkerResult> {
         next_j: 0,
         outstanding: 0,
         next_sock: 0,
-        timeouts: VecDeque::new(),
+        run_left: batch,
+        rounds: 0,
+        timeouts: BinaryHeap::new(),
         retransmits: VecDeque::new(),
         polled: None,
         counters: Counters::default(),
         latency: new_histogram(),
+        answered_latency: new_histogram(),
         lag: new_histogram(),
         unix_secs: unix_now(),
     };
@@ -247,6 +309,7 @@ pub fn run(plan: WorkerPlan) -> io::Result<WorkerResult> {
     Ok(WorkerResult {
         counters: w.counters,
         latency: w.latency,
+        answered_latency: w.answered_latency,
         lag: w.lag,
         cpu_ns,
         wall_ns,
@@ -290,6 +353,8 @@ impl Worker {
             c.bad_authenticators() + c.echo_mismatches,
             Ordering::Relaxed,
         );
+        p.late
+            .store(c.late_answers + c.duplicate_answers, Ordering::Relaxed);
         p.outstanding
             .store(self.outstanding as u64, Ordering::Relaxed);
     }
@@ -355,7 +420,27 @@ impl Worker {
         };
         let due = ((end as f64 - offset_ns) / interval_ns).ceil().max(0.0) as u64;
         let due = self.requests.map_or(due, |n| due.min(n));
-        self.counters.unsent += due.saturating_sub(self.next_j);
+        let unsent = due.saturating_sub(self.next_j);
+        self.counters.unsent += unsent;
+        // Each one never got an answer: a sample of at least the timeout.
+        let exact = unsent.min(UNSENT_EXACT);
+        for j in self.next_j..self.next_j + exact {
+            let waited = now.saturating_sub(self.intended_ns(j));
+            self.latency
+                .saturating_record(waited.max(self.timeout_ns).max(1));
+        }
+        if unsent > exact {
+            let _ = self
+                .latency
+                .record_n(self.timeout_ns.clamp(1, HIST_MAX_NS), unsent - exact);
+        }
+    }
+
+    /// A request that expected an answer and got none in time (or was never sent): its
+    /// latency sample is how long it had waited when loadgen gave up, at least the timeout.
+    fn record_unanswered(&mut self, intended_ns: u64, now: u64) {
+        let waited = now.saturating_sub(intended_ns).max(self.timeout_ns).max(1);
+        self.latency.saturating_record(waited);
     }
 
     /// Builds due requests into free slots; returns how many.
@@ -367,7 +452,19 @@ impl Worker {
                     max_outstanding, ..
                 } => {
                     let t = self.intended_ns(self.next_j);
-                    if t > now || self.outstanding >= max_outstanding {
+                    if t > now {
+                        break;
+                    }
+                    if now >= t.saturating_add(self.timeout_ns) {
+                        // It could not leave before its deadline (the generator fell behind
+                        // by more than the timeout): already a timeout, so not sent at all,
+                        // counted as unsent, with its sample.
+                        self.next_j += 1;
+                        self.counters.unsent += 1;
+                        self.record_unanswered(t, now);
+                        continue;
+                    }
+                    if self.outstanding >= max_outstanding {
                         break;
                     }
                     t
@@ -397,6 +494,7 @@ impl Worker {
                 generation: sock.slots[usize::from(id)].generation.wrapping_add(1),
                 k,
                 intended_ns: intended,
+                deadline_ns: intended.saturating_add(self.timeout_ns),
                 first_ns: 0,
                 transmissions: 0,
                 auth,
@@ -409,12 +507,23 @@ impl Worker {
         built
     }
 
+    /// A free (socket, Identifier). Up to a batch of consecutive requests go to the same
+    /// socket (full `sendmmsg` batches), then the next socket takes over, so that over time
+    /// every source port (and every SO_REUSEPORT shard they hash to) gets its share.
     fn allocate(&mut self) -> Option<(usize, u8)> {
         let n = self.socks.len();
+        if self.run_left == 0 {
+            self.next_sock = (self.next_sock + 1) % n;
+            self.run_left = self.batch;
+        }
         for i in 0..n {
             let s = (self.next_sock + i) % n;
             if let Some(id) = self.socks[s].ids.allocate() {
-                self.next_sock = (s + 1) % n;
+                if i != 0 {
+                    self.next_sock = s;
+                    self.run_left = self.batch;
+                }
+                self.run_left -= 1;
                 return Some((s, id));
             }
         }
@@ -487,10 +596,10 @@ impl Worker {
                 self.lag
                     .saturating_record(now.saturating_sub(slot.intended_ns).max(1));
             }
-            self.timeouts.push_back(Timer {
-                at_ns: now + self.timeout_ns,
+            self.timeouts.push(Reverse(Timer {
+                at_ns: slot.deadline_ns,
                 ..timer
-            });
+            }));
         } else {
             self.counters.retransmissions += 1;
         }
@@ -523,51 +632,64 @@ impl Worker {
                 }
             }
         }
-        while let Some(t) = self.timeouts.front().copied() {
+        while let Some(&Reverse(t)) = self.timeouts.peek() {
             if t.at_ns > now {
                 break;
             }
-            self.timeouts.pop_front();
+            self.timeouts.pop();
             if self.slot_matches(&t) {
-                let k = self.socks[t.sock as usize].slots[usize::from(t.id)].k;
-                if self.pool.template(k).expect == Expectation::Discard
-                    && self.expect == Expect::Radius
-                {
-                    self.counters.expected_discards += 1;
-                } else {
-                    self.counters.timeouts += 1;
-                }
-                self.resolve(t.sock as usize, t.id);
+                self.time_out(t.sock as usize, t.id, now);
             }
         }
     }
 
+    /// Resolves the outstanding request in (`s`, `id`) as unanswered in time: an expected
+    /// discard (a deliberately bad request), else a timeout with its latency sample.
+    fn time_out(&mut self, s: usize, id: u8, now: u64) {
+        let slot = self.socks[s].slots[usize::from(id)];
+        if self.pool.template(slot.k).expect == Expectation::Discard
+            && self.expect == Expect::Radius
+        {
+            self.counters.expected_discards += 1;
+        } else {
+            self.counters.timeouts += 1;
+            self.record_unanswered(slot.intended_ns, now);
+        }
+        self.resolve(s, id, Ended::TimedOut);
+    }
+
     /// The drain is over: whatever is still outstanding timed out.
     fn abandon_all(&mut self) {
+        let now = now_ns(self.start);
         for s in 0..self.socks.len() {
             for id in 0..=255u8 {
                 let slot = self.socks[s].slots[usize::from(id)];
                 if slot.active {
                     if slot.transmissions == 0 {
                         // Built but never handed to the kernel: not a request sent.
+                        // Like every unsent request, a sample of at least the timeout.
                         self.counters.unsent += 1;
-                    } else if self.pool.template(slot.k).expect == Expectation::Discard
-                        && self.expect == Expect::Radius
-                    {
-                        self.counters.expected_discards += 1;
+                        self.record_unanswered(slot.intended_ns, now);
+                        self.resolve(s, id, Ended::TimedOut);
                     } else {
-                        self.counters.timeouts += 1;
+                        self.time_out(s, id, now);
                     }
-                    self.resolve(s, id);
                 }
             }
             self.socks[s].pending.clear();
         }
     }
 
-    fn resolve(&mut self, s: usize, id: u8) {
+    fn resolve(&mut self, s: usize, id: u8, ended: Ended) {
         let sock = &mut self.socks[s];
-        let slot = &mut sock.slots[usize::from(id)];
+        let i = usize::from(id);
+        let slot = &mut sock.slots[i];
+        let n = usize::from(sock.past_next[i]);
+        sock.past[i][n] = Past {
+            auth: slot.auth,
+            ended,
+        };
+        sock.past_next[i] = ((n + 1) % HISTORY) as u8;
         slot.active = false;
         slot.generation = slot.generation.wrapping_add(1);
         sock.ids.release(id);
@@ -579,8 +701,16 @@ impl Worker {
         let mut total = 0;
         // After a ppoll, only the sockets it found readable have anything queued.
         let polled = self.polled.take();
+        // Without a ppoll, sockets with nothing outstanding are skipped (with many source
+        // ports most have nothing in flight), except every 64th round, so that late and
+        // stray answers queued on them are still read and counted.
+        self.rounds = self.rounds.wrapping_add(1);
+        let every_socket = self.rounds % 64 == 0;
         for s in 0..self.socks.len() {
             if polled.is_some() && !self.poller.readable(s) {
+                continue;
+            }
+            if polled.is_none() && !every_socket && self.socks[s].ids.outstanding() == 0 {
                 continue;
             }
             loop {
@@ -607,6 +737,42 @@ impl Worker {
         Ok(total)
     }
 
+    /// Which earlier request on (`s`, `id`) the answer `data` is for, judged by its Response
+    /// Authenticator (RADIUS) or its echoed Request Authenticator (echo).
+    fn past_match(&self, s: usize, id: u8, data: &[u8]) -> Option<Ended> {
+        let sock = &self.socks[s];
+        let received: &[u8; 16] = data.get(4..20)?.try_into().ok()?;
+        sock.past[usize::from(id)]
+            .iter()
+            .filter(|p| p.ended != Ended::Nothing)
+            .find(|p| match self.expect {
+                Expect::Echo => authenticators_equal(&p.auth, received),
+                Expect::Radius => authenticators_equal(
+                    &md5_authenticator(data, &p.auth, self.pool.secret()),
+                    received,
+                ),
+            })
+            .map(|p| p.ended)
+    }
+
+    /// Counts datagram `data_index`, not for the current request of (`s`, `id`), as late (its
+    /// request had timed out) or duplicate (its request was already answered); false when it
+    /// is for no remembered request either (the caller counts it).
+    fn not_current(&mut self, s: usize, id: u8, data_index: usize) -> bool {
+        let data = self.receiver.packet(data_index);
+        match self.past_match(s, id, data) {
+            Some(Ended::TimedOut) => {
+                self.counters.late_answers += 1;
+                true
+            }
+            Some(Ended::Answered) => {
+                self.counters.duplicate_answers += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Judges datagram `i` of the last receive on socket `s`.
     fn answer(&mut self, s: usize, i: usize, now: u64) {
         let data = self.receiver.packet(i);
@@ -615,53 +781,67 @@ impl Worker {
             return;
         };
         let slot = self.socks[s].slots[usize::from(id)];
-        if !slot.active || slot.transmissions == 0 {
-            self.counters.stray_answers += 1;
-            return;
-        }
-        let latency = now.saturating_sub(slot.intended_ns).max(1);
+        let current = slot.active && slot.transmissions > 0;
         if self.expect == Expect::Echo {
-            if data == self.socks[s].packet(id) {
-                self.counters.echo_ok += 1;
-                self.latency.saturating_record(latency);
-            } else {
-                self.counters.echo_mismatches += 1;
+            if current && data == self.socks[s].packet(id) {
+                self.answered(s, id, now);
+            } else if !self.not_current(s, id, i) {
+                if current {
+                    self.counters.echo_mismatches += 1;
+                } else {
+                    self.counters.stray_answers += 1;
+                }
             }
-            self.resolve(s, id);
             return;
         }
         let Ok(packet) = Packet::parse(data) else {
             self.counters.malformed_answers += 1;
             return;
         };
-        let template = *self.pool.template(slot.k);
-        let c = &mut self.counters;
-        if template.expect == Expectation::Discard {
-            c.answered_discards += 1;
+        if !current {
+            if !self.not_current(s, id, i) {
+                self.counters.stray_answers += 1;
+            }
+            return;
         }
         match verify_response(&packet, &slot.auth, self.pool.secret()) {
             ResponseCheck::Valid => {}
             ResponseCheck::BadResponseAuthenticator => {
-                c.bad_response_authenticators += 1;
-                self.resolve(s, id);
+                // Not this request's answer: perhaps an earlier one's on this Identifier.
+                if !self.not_current(s, id, i) {
+                    self.counters.bad_response_authenticators += 1;
+                }
                 return;
             }
             ResponseCheck::BadMessageAuthenticator => {
-                c.bad_message_authenticators += 1;
-                self.resolve(s, id);
+                // This request's answer (the Response Authenticator says so) with a wrong
+                // Message-Authenticator: discarded (RFC 3579 §3.2); the request stays
+                // outstanding and is answered again (retransmission) or times out.
+                self.counters.bad_message_authenticators += 1;
                 return;
             }
         }
-        self.latency.saturating_record(latency);
+        if now >= slot.deadline_ns {
+            // Too late: the request has timed out, whether or not its timer has fired yet.
+            self.counters.late_answers += 1;
+            self.time_out(s, id, now);
+            return;
+        }
+        let template = *self.pool.template(slot.k);
         let kind = template.kind;
         let cause = error_cause(&packet);
-        let matched = if packet.code() == kind.ack_code() {
+        let code = packet.code();
+        let c = &mut self.counters;
+        if template.expect == Expectation::Discard {
+            c.answered_discards += 1;
+        }
+        let matched = if code == kind.ack_code() {
             c.acks[kind.index()] += 1;
             if cause == Some(ErrorCause::ResidualSessionContextRemoved.value()) {
                 c.acks_residual += 1;
             }
             template.expect == Expectation::Ack
-        } else if packet.code() == kind.nak_code() {
+        } else if code == kind.nak_code() {
             let slot_index = cause
                 .and_then(ErrorCause::from_value)
                 .map_or(NAK_SLOTS - 1, ErrorCause::index);
@@ -675,7 +855,25 @@ impl Worker {
         if !matched && template.expect != Expectation::Discard {
             c.expectation_mismatches += 1;
         }
-        self.resolve(s, id);
+        let latency = now.saturating_sub(slot.intended_ns).max(1);
+        self.latency.saturating_record(latency);
+        self.answered_latency.saturating_record(latency);
+        self.resolve(s, id, Ended::Answered);
+    }
+
+    /// Echo mode: the current request of (`s`, `id`) was echoed.
+    fn answered(&mut self, s: usize, id: u8, now: u64) {
+        let slot = self.socks[s].slots[usize::from(id)];
+        if now >= slot.deadline_ns {
+            self.counters.late_answers += 1;
+            self.time_out(s, id, now);
+            return;
+        }
+        self.counters.echo_ok += 1;
+        let latency = now.saturating_sub(slot.intended_ns).max(1);
+        self.latency.saturating_record(latency);
+        self.answered_latency.saturating_record(latency);
+        self.resolve(s, id, Ended::Answered);
     }
 
     /// Sleeps until a socket is readable or the next send time or timer is due.
@@ -705,7 +903,7 @@ impl Worker {
         {
             next = now; // room in the window: only check the sockets, then send more
         }
-        if let Some(t) = self.timeouts.front() {
+        if let Some(Reverse(t)) = self.timeouts.peek() {
             next = next.min(t.at_ns);
         }
         if let Some(t) = self.retransmits.front() {

@@ -4,11 +4,12 @@
 #![forbid(unsafe_code)]
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dynauth_proto::auth::Secret;
 use dynauth_proto::client::{Cidr, Client, ClientTable};
@@ -118,6 +119,107 @@ pub fn engine_target(sessions: u64, mut hook: Hook) -> Target {
         stop,
         thread: Some(thread),
     }
+}
+
+/// What [`delayed_engine_target`] saw, beyond [`Seen`].
+#[derive(Debug, Default)]
+pub struct DelaySeen {
+    /// Answers held back on purpose.
+    pub delayed: AtomicU64,
+    /// Delayed answers sent while a newer request with the same Identifier, received less
+    /// than `outstanding_for` earlier, was still unanswered: the moment a generator matching
+    /// by Identifier alone would pin the late answer on the wrong request.
+    pub landed_on_reused_id: AtomicU64,
+}
+
+/// A DAS like [`engine_target`] whose answers leave after `delay(n)` (n: the request's
+/// number, from 0). A request is considered outstanding at the generator for
+/// `outstanding_for` after it arrived (its timeout), for counting `landed_on_reused_id`.
+pub fn delayed_engine_target(
+    sessions: u64,
+    mut delay: impl FnMut(u64) -> Duration + Send + 'static,
+    outstanding_for: Duration,
+) -> (SocketAddr, Arc<DelaySeen>, Arc<AtomicBool>, JoinHandle<()>) {
+    let store = Arc::new(MemoryStore::with_sessions(synth::sessions(1, sessions)));
+    let client = Client::new(
+        Cidr::host(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        Secret::new(SECRET).unwrap(),
+    );
+    let config = EngineConfig {
+        clients: ClientTable::new([client]).unwrap(),
+        ..EngineConfig::default()
+    };
+    let mut engine = Engine::new(
+        Arc::new(config),
+        Arc::clone(&store) as Arc<dyn dynauth_proto::SessionStore>,
+        Arc::new(AcceptAll),
+    );
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_micros(500)))
+        .unwrap();
+    let addr = socket.local_addr().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(DelaySeen::default());
+    let handle = {
+        let stop = Arc::clone(&stop);
+        let seen = Arc::clone(&seen);
+        std::thread::spawn(move || {
+            let started = std::time::Instant::now();
+            let mut buf = [0u8; 4096];
+            let mut out = [0u8; 4096];
+            let mut n = 0u64;
+            // (due, arrived, Identifier, answer, to): answers waiting to leave.
+            let mut queue: Vec<(Instant, Instant, u8, Vec<u8>, SocketAddr)> = Vec::new();
+            // Identifier -> when its newest request arrived, and whether it is answered.
+            let mut newest: HashMap<u8, (Instant, bool)> = HashMap::new();
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((len, from)) = socket.recv_from(&mut buf) {
+                    let arrived = Instant::now();
+                    let now = Now {
+                        unix_secs: SystemTime::now()
+                            .duration_since(UNIX_EPOCH)
+                            .unwrap()
+                            .as_secs(),
+                        monotonic_ms: started.elapsed().as_millis() as u64 + 1,
+                    };
+                    let answer_len = match engine.handle(&buf[..len], from, addr, now, &mut out) {
+                        Outcome::Answer(a) => Some(a.len),
+                        Outcome::Replay { len } => Some(len),
+                        Outcome::Discard(_) => None,
+                    };
+                    let id = buf[1];
+                    newest.insert(id, (arrived, false));
+                    if let Some(answer_len) = answer_len {
+                        let d = delay(n);
+                        if !d.is_zero() {
+                            seen.delayed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        queue.push((arrived + d, arrived, id, out[..answer_len].to_vec(), from));
+                    }
+                    n += 1;
+                }
+                let now = Instant::now();
+                let mut i = 0;
+                while i < queue.len() {
+                    if queue[i].0 > now {
+                        i += 1;
+                        continue;
+                    }
+                    let (_, arrived, id, answer, to) = queue.swap_remove(i);
+                    if let Some((newest_at, answered)) = newest.get_mut(&id) {
+                        if *newest_at == arrived {
+                            *answered = true;
+                        } else if !*answered && now.duration_since(*newest_at) < outstanding_for {
+                            seen.landed_on_reused_id.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    let _ = socket.send_to(&answer, to);
+                }
+            }
+        })
+    };
+    (addr, seen, stop, handle)
 }
 
 /// A hook that sends every answer unchanged.
