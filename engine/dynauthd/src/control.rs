@@ -81,11 +81,15 @@ fn io_error<'p>(path: &'p Path, what: &'static str) -> impl FnOnce(io::Error) ->
     }
 }
 
+/// Answers `sessions_get`: the live sessions matching a query session (the carrier table's
+/// `matching`, or any store that can list matches).
+pub type SessionReader = Arc<dyn Fn(&Session) -> Vec<Session> + Send + Sync>;
+
 /// State shared by every connection.
 struct Shared {
     feed: Arc<SessionFeed>,
     /// Reads for `sessions_get` (the carrier table, or any store that can list matches).
-    reader: Arc<dyn Fn(&Session) -> Vec<Session> + Send + Sync>,
+    reader: SessionReader,
     /// NAS name to (connection number, agent name).
     owners: Mutex<HashMap<String, (u64, String)>>,
     connections: AtomicUsize,
@@ -113,7 +117,7 @@ impl ControlServer {
     pub fn start(
         config: &ControlConfig,
         feed: Arc<SessionFeed>,
-        reader: Arc<dyn Fn(&Session) -> Vec<Session> + Send + Sync>,
+        reader: SessionReader,
     ) -> Result<ControlServer, ControlError> {
         let listener = bind(config)?;
         listener
