@@ -251,3 +251,76 @@ fn operator_disconnect_is_audited() {
     );
     assert!(!stderr.contains(SECRET), "secrets never reach a log line");
 }
+
+const CTL: &str = env!("CARGO_BIN_EXE_dynauthctl");
+
+fn ctl(path: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(CTL)
+        .arg("--control")
+        .arg(path)
+        .args(args)
+        .output()
+        .expect("run dynauthctl");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn dynauthctl_loads_finds_disconnects_and_reports() {
+    let (d, path) = server("ctl.sock");
+    let file = daemon::sessions_file("ctl.jsonl", 2500);
+    let (ok, out, err) = ctl(
+        &path,
+        &["sessions", "add", file.to_str().unwrap(), "--nas", "bng9"],
+    );
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("2500 session(s) upserted"), "{out}");
+    let (_, count, _) = ctl(&path, &["sessions", "count"]);
+    assert_eq!(count.trim(), "2500");
+    let first: Value = serde_json::from_str(
+        std::fs::read_to_string(&file)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    let id = first["acct_session_id"].as_str().unwrap().to_owned();
+    let (ok, out, err) = ctl(
+        &path,
+        &["sessions", "get", &format!("acct_session_id={id}")],
+    );
+    assert!(ok, "{err}");
+    let got: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(got["nas"], json!("bng9"));
+    // Loading the same file again replaces, never duplicates.
+    let (ok, _, err) = ctl(
+        &path,
+        &["sessions", "add", file.to_str().unwrap(), "--nas", "bng9"],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(ctl(&path, &["sessions", "count"]).1.trim(), "2500");
+    let (ok, out, err) = ctl(&path, &["disconnect", &format!("acct_session_id={id}")]);
+    assert!(ok, "{err}");
+    assert!(out.contains("1 session(s) disconnected"), "{out}");
+    assert_eq!(
+        disconnect(&d, 9, &id),
+        (41, Some(201)),
+        "the tombstone answers a late retry"
+    );
+    let (ok, _, err) = ctl(&path, &["sessions", "remove", "--nas", "bng9", &id]);
+    assert!(!ok && err.contains("no live session"), "{err}");
+    let (ok, out, _) = ctl(&path, &["stats"]);
+    assert!(ok);
+    let stats: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(stats["sessions"], json!(2499));
+    assert_eq!(stats["feed"]["upserts"], json!(5000));
+    let (ok, _, err) = ctl(&path, &["disconnect", "user_name"]);
+    assert!(!ok && err.contains("KEY=VALUE"), "{err}");
+    d.stop();
+    let (ok, _, err) = ctl(&path, &["sessions", "count"]);
+    assert!(!ok && err.contains("is dynauthd running"), "{err}");
+}
