@@ -540,6 +540,24 @@ fn acct_session_id_is_unique_per_nas() {
             existing: id
         })
     );
+    // A bulk load checks the same rule.
+    let lines = |nas2: &str| {
+        format!(
+            "{{\"acct_session_id\":\"a\",\"nas\":\"n1\"}}\n{{\"acct_session_id\":\"a\",\"nas\":\"{nas2}\"}}\n"
+        )
+    };
+    let load = |text: String| {
+        load::load_jsonl::<FlatIndex>(text.as_bytes(), TableConfig::default(), None, &mut |_| {})
+    };
+    assert_eq!(load(lines("n2")).map(|(t, _)| t.len()).ok(), Some(2));
+    assert!(matches!(
+        load(lines("n1")),
+        Err(load::LoadError::Duplicate {
+            key: "acct_session_id",
+            line: 2,
+            first: 1
+        })
+    ));
 }
 
 // Accounting Interim after Stop (the feed's Refresh): no resurrection within the tombstone
