@@ -119,7 +119,7 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
             });
             let control = ControlServer::start(config, Arc::clone(&feed), reader)?;
             tracing::info!(
-                "control socket {} (mode {:o})",
+                "control socket {} (mode {:04o})",
                 control.path().display(),
                 config.mode
             );
