@@ -92,6 +92,46 @@ pub struct Cli {
     /// Serve Prometheus text metrics over HTTP on this address (e.g. 127.0.0.1:9799).
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics: Option<SocketAddr>,
+    /// Listen for the gateway's agents and dynauthctl on this Unix socket (docs/CONTROL.md).
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    /// File mode of the control socket, octal (default 0600: its owner only).
+    #[arg(long, value_name = "OCTAL", value_parser = parse_mode, requires = "control")]
+    pub control_mode: Option<u32>,
+    /// Owner of the control socket: UID, UID:GID or :GID (numeric).
+    #[arg(long, value_name = "UID[:GID]", value_parser = parse_owner, requires = "control")]
+    pub control_owner: Option<(Option<u32>, Option<u32>)>,
+}
+
+/// `--control-mode 0660`.
+fn parse_mode(text: &str) -> Result<u32, String> {
+    let digits = text.strip_prefix("0o").unwrap_or(text);
+    match u32::from_str_radix(digits, 8) {
+        Ok(mode) if mode <= 0o777 => Ok(mode),
+        _ => Err(format!(
+            "{text:?} is not a file mode: use octal digits, e.g. 0600 or 0660"
+        )),
+    }
+}
+
+/// `--control-owner 0:114`.
+fn parse_owner(text: &str) -> Result<(Option<u32>, Option<u32>), String> {
+    let bad = || format!("{text:?} is not UID, UID:GID or :GID (numbers)");
+    let id = |s: &str| -> Result<Option<u32>, String> {
+        if s.is_empty() {
+            Ok(None)
+        } else {
+            s.parse().map(Some).map_err(|_| bad())
+        }
+    };
+    let (uid, gid) = match text.split_once(':') {
+        Some((u, g)) => (id(u)?, id(g)?),
+        None => (id(text)?, None),
+    };
+    if uid.is_none() && gid.is_none() {
+        return Err(bad());
+    }
+    Ok((uid, gid))
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -292,6 +332,8 @@ pub struct Settings {
     pub gso: bool,
     /// Where to serve Prometheus metrics, if anywhere.
     pub metrics: Option<SocketAddr>,
+    /// The control socket, if any.
+    pub control: Option<crate::control::ControlConfig>,
     pub clients: Vec<Client>,
     pub nas: NasIdentity,
     pub dedup: DedupConfig,
@@ -626,6 +668,14 @@ fn combine(loaded: Loaded, cli: &Cli) -> Result<Settings, ConfigError> {
             .unwrap_or(DEFAULT_STATS_INTERVAL_SECS),
         gso: cli.gso || file.gso.unwrap_or(false),
         metrics: cli.metrics.or(file.metrics),
+        control: cli.control.as_ref().map(|path| {
+            let mut c = crate::control::ControlConfig::new(path.clone());
+            if let Some(mode) = cli.control_mode {
+                c.mode = mode;
+            }
+            c.owner = cli.control_owner;
+            c
+        }),
         clients,
         nas,
         dedup,

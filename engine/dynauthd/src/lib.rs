@@ -7,9 +7,14 @@
 //! - [`config`]: command line and TOML file, combined into `Settings`.
 //! - [`runtime`]: shards (one pinned thread each, own SO_REUSEPORT sockets, own `Engine`),
 //!   stats, metrics, shutdown.
+//! - [`feed`]: the one session feed every source writes through.
+//! - [`control`]: the control socket (newline-delimited JSON over a Unix stream socket) for
+//!   the gateway's agents and `dynauthctl`.
 //!
 //! Must not touch: syscalls (they are `dynauth_udp`'s) or protocol rules (`dynauth_proto`'s).
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod control;
+pub mod feed;
 pub mod runtime;

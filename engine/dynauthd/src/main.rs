@@ -6,10 +6,13 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::Parser as _;
-use dynauth_proto::store::{AcceptAll, SessionStore};
+use dynauth_proto::session::{Session, SessionQuery};
+use dynauth_proto::store::{AcceptAll, Lookup, MatchScope, SessionStore};
 use dynauth_proto::synth;
 use dynauth_table::{SessionTable, TableConfig, load};
 use dynauthd::config::{self, Cli, Command, DEMO_SECRET, DEMO_SESSIONS};
+use dynauthd::control::ControlServer;
+use dynauthd::feed::SessionFeed;
 use dynauthd::runtime;
 
 fn main() -> ExitCode {
@@ -93,8 +96,42 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
     }
     let shutdown = dynauth_udp::install_shutdown_signals()
         .context("installing the SIGINT/SIGTERM handlers")?;
+    let table = Arc::clone(&store);
     let store: Arc<dyn SessionStore> = store;
-    let server = runtime::start(&settings, engine_config, store, Arc::new(AcceptAll))?;
+    let server = runtime::start(
+        &settings,
+        engine_config,
+        Arc::clone(&store),
+        Arc::new(AcceptAll),
+    )?;
+    let feed = Arc::new(SessionFeed::new(Arc::clone(&store), server.base));
+    let control = match &settings.control {
+        Some(config) => {
+            let reader = Arc::new(move |query: &Session| {
+                table.matching(&Lookup {
+                    query: SessionQuery::from(query),
+                    scope: MatchScope {
+                        vrf: query.vrf.as_deref(),
+                        max_sessions: u32::MAX,
+                    },
+                    now_ms: 0,
+                })
+            });
+            let control = ControlServer::start(config, Arc::clone(&feed), reader)?;
+            tracing::info!(
+                "control socket {} (mode {:04o})",
+                control.path().display(),
+                config.mode
+            );
+            Some(control)
+        }
+        None => {
+            tracing::info!(
+                "no --control socket: sessions come only from the session file, and Disconnect/CoA change the table only (no data plane is connected)"
+            );
+            None
+        }
+    };
     let addrs = server
         .local_addrs
         .iter()
@@ -107,20 +144,26 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
         server.io.name(),
         settings.clients.len()
     );
-    let mut metrics = String::new();
+    let mut extras = String::new();
+    if let Some(c) = &control {
+        extras = format!(" control={}", c.path().display());
+    }
     if let Some(addr) = settings.metrics {
         let names = settings.clients.iter().map(|c| c.name.clone()).collect();
         let bound = server.serve_metrics(addr, names)?;
         tracing::info!("Prometheus metrics on http://{bound}/metrics");
-        metrics = format!(" metrics={bound}");
+        extras.push_str(&format!(" metrics={bound}"));
     }
     // One machine-readable line on stdout for scripts and tests.
     println!(
-        "dynauthd listening {addrs} io={} shards={}{metrics}",
+        "dynauthd listening {addrs} io={} shards={}{extras}",
         server.io.name(),
         server.shards
     );
     let totals = server.run_until(shutdown);
+    if let Some(c) = control {
+        c.stop();
+    }
     tracing::info!("totals: {}", totals.summary());
     println!("dynauthd totals: {}", totals.summary());
     if totals.failed_shards > 0 {

@@ -307,6 +307,9 @@ fn format_cpu_list(cpus: &[usize]) -> String {
 /// The running server: its shards and where it listens.
 pub struct Server {
     pub local_addrs: Vec<SocketAddr>,
+    /// The instant the shards' monotonic clock counts from (the session feed uses it too,
+    /// so tombstone times agree).
+    pub base: Instant,
     pub io: IoKind,
     pub shards: usize,
     stop: Arc<AtomicBool>,
@@ -455,6 +458,7 @@ pub fn start(
     }
     Ok(Server {
         local_addrs,
+        base,
         io,
         shards,
         stop,

@@ -14,7 +14,9 @@ use dynauth_proto::client::{AnswerSigning, Client, ClientTable};
 use dynauth_proto::codec::{MAX_PACKET_LEN, Packet, PacketWriter};
 use dynauth_proto::dict::{attr, code};
 use dynauth_proto::session::Session;
-use dynauth_proto::store::{AcceptAll, Applied, DataPlane, Lookup, Refusal, SessionStore};
+use dynauth_proto::store::{
+    AcceptAll, Applied, DataPlane, Lookup, Refusal, SessionStore, UpsertError, UpsertMode, Upserted,
+};
 use dynauth_proto::{Engine, EngineConfig, Now, Outcome};
 
 const SECRET: &str = "bench-shared-secret";
@@ -63,6 +65,15 @@ impl SessionStore for OneSession {
     }
     fn insert(&self, _: Session) -> bool {
         true
+    }
+    fn upsert(&self, _: Session, _: UpsertMode, _: u64) -> Result<Upserted, UpsertError> {
+        Ok(Upserted::Replaced)
+    }
+    fn delete(&self, _: Option<&str>, _: &str, _: u64) -> bool {
+        true
+    }
+    fn retain_nas(&self, _: Option<&str>, _: &mut dyn FnMut(&Session) -> bool, _: u64) -> usize {
+        0
     }
     fn len(&self) -> usize {
         1

@@ -14,6 +14,8 @@
 //!   key state precomputed per secret), constant-time comparisons.
 //! - [`client`]: source address to client (longest-prefix match), secrets, policy.
 //! - [`session`], [`change`]: the session model, queries and matching; CoA changes.
+//! - [`feed`]: the session feed's event model (Upsert, Delete, NasReset, resync) and its
+//!   per-NAS ordering.
 //! - [`store`]: the `SessionStore` and `DataPlane` traits and a reference store
 //!   (the carrier-scale one is the `dynauth-table` crate).
 //! - [`synth`]: deterministic synthetic sessions (benchmarks, demo, load generator).
@@ -33,6 +35,7 @@ pub mod counters;
 pub mod dedup;
 pub mod dict;
 pub mod engine;
+pub mod feed;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod rules;

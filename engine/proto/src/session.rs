@@ -63,6 +63,11 @@ pub struct Session {
     /// The routing context (VRF) the session's addresses live in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vrf: Option<String>,
+    /// The NAS the session belongs to (its NAS-Identifier, NAS-IP-Address or
+    /// NAS-IPv6-Address as text), set by the session feed. Acct-Session-Id is unique per NAS,
+    /// because NASes reuse them (RFC 2866 §5.5 asks only for uniqueness on one NAS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nas: Option<String>,
     /// What a CoA-Request may change.
     #[serde(default, skip_serializing_if = "Authorization::is_default")]
     pub authorization: Authorization,
@@ -754,6 +759,7 @@ mod tests {
             nsapi: Some("5".into()),
             audit_session_id: Some("audit".into()),
             vrf: Some("red".into()),
+            nas: Some("bng-1".into()),
             authorization: Authorization {
                 session_timeout: Some(60),
                 ..Authorization::default()
@@ -807,7 +813,7 @@ mod tests {
         let mut fields: Vec<&str> = map.keys().map(String::as_str).collect();
         fields.sort_unstable();
         let mut want: Vec<&str> = Key::ALL.map(Key::name).to_vec();
-        want.extend(["vrf", "authorization"]);
+        want.extend(["vrf", "nas", "authorization"]);
         want.sort_unstable();
         assert_eq!(fields, want);
     }

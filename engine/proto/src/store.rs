@@ -4,7 +4,8 @@
 //! Owns: the meaning of a lookup (start from the most selective key, check the rest on the
 //! record: SPEC §6.4, §6.5), atomic application to every matched session (RFC 5176 §3:
 //! all or none; SPEC §6.6, §8), tombstones for Error-Cause 201 (SPEC §4).
-//! Must not touch: packets and answers (`decide`). The carrier-scale store lives in its own
+//! Must not touch: packets and answers (`verify`, `rules`, `answer`), the feed's ordering
+//! (`feed`). The carrier-scale store lives in its own
 //! module and implements the same trait.
 #![forbid(unsafe_code)]
 
@@ -97,12 +98,68 @@ pub trait SessionStore: Send + Sync {
     /// is already taken.
     fn insert(&self, session: Session) -> bool;
 
+    /// The session feed's insert-or-replace (`feed::FeedEvent::Upsert`): the live session of
+    /// the same NAS with the same Acct-Session-Id (a session without one: the same
+    /// audit-session-id, else the same CUI) is replaced by `session`, atomically for readers
+    /// (a concurrent lookup finds the old or the new record, never neither). With
+    /// `UpsertMode::Refresh` (an Accounting Interim-Update) a session removed within the
+    /// tombstone window is not brought back.
+    fn upsert(
+        &self,
+        session: Session,
+        mode: UpsertMode,
+        now_ms: u64,
+    ) -> Result<Upserted, UpsertError>;
+
+    /// Removes the session of `nas` with this Acct-Session-Id (an Accounting Stop, the
+    /// feed's Delete), leaving a tombstone. Returns whether one was live.
+    fn delete(&self, nas: Option<&str>, acct_session_id: &str, now_ms: u64) -> bool;
+
+    /// Removes every session of `nas` for which `keep` says false, leaving tombstones
+    /// (NAS reset: keep nothing; the end of a resync: keep what was re-sent). Returns how
+    /// many were removed.
+    fn retain_nas(
+        &self,
+        nas: Option<&str>,
+        keep: &mut dyn FnMut(&Session) -> bool,
+        now_ms: u64,
+    ) -> usize;
+
     /// Live sessions.
     fn len(&self) -> usize;
 
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// How an upsert treats a session that was just removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpsertMode {
+    /// A new or re-sent session (Accounting Start, the control socket's upsert): inserted
+    /// whatever the tombstones say.
+    Create,
+    /// A refresh of a session that should exist (Accounting Interim-Update): inserted when
+    /// unknown, but never over a tombstone of the same session (no resurrection after Stop).
+    Refresh,
+}
+
+/// What an upsert did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upserted {
+    Inserted,
+    Replaced,
+    /// `UpsertMode::Refresh` of a session removed within the tombstone window: ignored.
+    StillRemoved,
+}
+
+/// Why an upsert did nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum UpsertError {
+    #[error("the session has no identification attribute")]
+    NoIdentification,
+    #[error("{0} is already taken by another session")]
+    KeyTaken(&'static str),
 }
 
 /// The NAS's data plane, as the decisions see it. Every method has a do-nothing default.
@@ -298,22 +355,141 @@ impl SessionStore for MemoryStore {
 
     fn insert(&self, session: Session) -> bool {
         let mut inner = self.lock();
-        let unique_taken = inner.sessions.iter().any(|s| {
-            let same = |a: &Option<String>, b: &Option<String>| a.is_some() && a == b;
-            same(&s.acct_session_id, &session.acct_session_id)
-                || same(&s.audit_session_id, &session.audit_session_id)
-                || same(&s.cui, &session.cui)
-        });
-        if unique_taken {
+        if inner
+            .sessions
+            .iter()
+            .any(|s| unique_clash(s, &session).is_some())
+        {
             return false;
         }
         inner.sessions.push(session);
         true
     }
 
+    fn upsert(
+        &self,
+        session: Session,
+        mode: UpsertMode,
+        now_ms: u64,
+    ) -> Result<Upserted, UpsertError> {
+        if !session.has_identification() {
+            return Err(UpsertError::NoIdentification);
+        }
+        let mut guard = self.lock();
+        let MemoryInner {
+            sessions,
+            tombstones,
+        } = &mut *guard;
+        let window = self.tombstones.window_ms;
+        let live_tombstone = |t: &u64| t.saturating_add(window) >= now_ms;
+        match sessions.iter().position(|s| same_session(s, &session)) {
+            Some(i) => {
+                let clash = sessions
+                    .iter()
+                    .enumerate()
+                    .find_map(|(j, s)| (j != i).then(|| unique_clash(s, &session)).flatten());
+                if let Some(name) = clash {
+                    return Err(UpsertError::KeyTaken(name));
+                }
+                sessions[i] = session;
+                Ok(Upserted::Replaced)
+            }
+            None => {
+                if mode == UpsertMode::Refresh
+                    && tombstones
+                        .iter()
+                        .any(|(t, s)| live_tombstone(t) && same_session(s, &session))
+                {
+                    return Ok(Upserted::StillRemoved);
+                }
+                if let Some(name) = sessions.iter().find_map(|s| unique_clash(s, &session)) {
+                    return Err(UpsertError::KeyTaken(name));
+                }
+                sessions.push(session);
+                Ok(Upserted::Inserted)
+            }
+        }
+    }
+
+    fn delete(&self, nas: Option<&str>, acct_session_id: &str, now_ms: u64) -> bool {
+        let mut guard = self.lock();
+        let Some(i) = guard.sessions.iter().position(|s| {
+            s.nas.as_deref() == nas && s.acct_session_id.as_deref() == Some(acct_session_id)
+        }) else {
+            return false;
+        };
+        let removed = guard.sessions.swap_remove(i);
+        self.bury(&mut guard, removed, now_ms);
+        true
+    }
+
+    fn retain_nas(
+        &self,
+        nas: Option<&str>,
+        keep: &mut dyn FnMut(&Session) -> bool,
+        now_ms: u64,
+    ) -> usize {
+        let mut guard = self.lock();
+        let mut removed = 0;
+        let mut i = 0;
+        while i < guard.sessions.len() {
+            let s = &guard.sessions[i];
+            if s.nas.as_deref() == nas && !keep(s) {
+                let gone = guard.sessions.swap_remove(i);
+                self.bury(&mut guard, gone, now_ms);
+                removed += 1;
+            } else {
+                i += 1;
+            }
+        }
+        removed
+    }
+
     fn len(&self) -> usize {
         self.lock().sessions.len()
     }
+}
+
+impl MemoryStore {
+    fn bury(&self, inner: &mut MemoryInner, session: Session, now_ms: u64) {
+        if self.tombstones.capacity == 0 {
+            return;
+        }
+        if inner.tombstones.len() >= self.tombstones.capacity {
+            inner.tombstones.pop_front();
+        }
+        inner.tombstones.push_back((now_ms, session));
+    }
+}
+
+/// Whether `a` and `b` are the same session for the feed: the same NAS and the same
+/// Acct-Session-Id; sessions without one, the same audit-session-id, else the same CUI.
+pub fn same_session(a: &Session, b: &Session) -> bool {
+    if a.nas != b.nas {
+        return false;
+    }
+    let same = |x: &Option<String>, y: &Option<String>| x.is_some() && x == y;
+    match (&a.acct_session_id, &b.acct_session_id) {
+        (Some(x), Some(y)) => x == y,
+        (None, None) => same(&a.audit_session_id, &b.audit_session_id) || same(&a.cui, &b.cui),
+        _ => false,
+    }
+}
+
+/// The unique key `existing` already holds that `new` also claims, if any: Acct-Session-Id
+/// (per NAS), audit-session-id, CUI.
+fn unique_clash(existing: &Session, new: &Session) -> Option<&'static str> {
+    let same = |a: &Option<String>, b: &Option<String>| a.is_some() && a == b;
+    if existing.nas == new.nas && same(&existing.acct_session_id, &new.acct_session_id) {
+        return Some("acct_session_id");
+    }
+    if same(&existing.audit_session_id, &new.audit_session_id) {
+        return Some("audit_session_id");
+    }
+    if same(&existing.cui, &new.cui) {
+        return Some("cui");
+    }
+    None
 }
 
 #[cfg(test)]

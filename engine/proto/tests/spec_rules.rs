@@ -1557,6 +1557,20 @@ impl SessionStore for Overloaded {
     fn insert(&self, _: Session) -> bool {
         false
     }
+    fn upsert(
+        &self,
+        _: Session,
+        _: dynauth_proto::store::UpsertMode,
+        _: u64,
+    ) -> Result<dynauth_proto::store::Upserted, dynauth_proto::store::UpsertError> {
+        Err(dynauth_proto::store::UpsertError::NoIdentification)
+    }
+    fn delete(&self, _: Option<&str>, _: &str, _: u64) -> bool {
+        false
+    }
+    fn retain_nas(&self, _: Option<&str>, _: &mut dyn FnMut(&Session) -> bool, _: u64) -> usize {
+        0
+    }
     fn len(&self) -> usize {
         0
     }

@@ -1,0 +1,79 @@
+//! The server's one session feed: every source (control-socket agents, RADIUS accounting)
+//! applies its events through one [`SessionFeed`], so that the per-NAS ordering of
+//! `dynauth_proto::feed::Feed` holds across connections.
+//!
+//! Owns: the feed's lock (writers only: the shards read the store lock-free and never take
+//! it) and the monotonic clock shared with the shards (tombstone times must agree).
+//! Must not touch: wire formats (the control socket and accounting listener parse), sockets.
+#![forbid(unsafe_code)]
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use dynauth_proto::feed::{Feed, FeedError, FeedOutcome, FeedStats, Sequenced};
+use dynauth_proto::store::SessionStore;
+
+/// The feed, the store it writes, and the clock.
+pub struct SessionFeed {
+    feed: Mutex<Feed>,
+    store: Arc<dyn SessionStore>,
+    base: Instant,
+}
+
+impl core::fmt::Debug for SessionFeed {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("SessionFeed")
+            .field("sessions", &self.store.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SessionFeed {
+    /// `base` is the instant the shards measure monotonic milliseconds from
+    /// (`runtime::Server::base`).
+    pub fn new(store: Arc<dyn SessionStore>, base: Instant) -> Self {
+        SessionFeed {
+            feed: Mutex::new(Feed::new()),
+            store,
+            base,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Feed> {
+        // `Feed::apply` leaves the feed consistent between any two statements that can
+        // panic (its maps are updated after the store call), so a poisoned lock is usable.
+        self.feed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Applies one event; returns once the store has committed it.
+    pub fn apply(&self, event: Sequenced) -> Result<FeedOutcome, FeedError> {
+        let now = self.now_ms();
+        self.lock().apply(event, &*self.store, now)
+    }
+
+    /// Applies events in order under one lock acquisition (a bulk load); stops at nothing:
+    /// each event's result is returned.
+    pub fn apply_all(
+        &self,
+        events: impl IntoIterator<Item = Sequenced>,
+    ) -> Vec<Result<FeedOutcome, FeedError>> {
+        let now = self.now_ms();
+        let mut feed = self.lock();
+        events
+            .into_iter()
+            .map(|e| feed.apply(e, &*self.store, now))
+            .collect()
+    }
+
+    pub fn stats(&self) -> FeedStats {
+        self.lock().stats()
+    }
+
+    pub fn store(&self) -> &Arc<dyn SessionStore> {
+        &self.store
+    }
+}
