@@ -42,7 +42,10 @@ use std::sync::{Mutex, MutexGuard};
 
 use dynauth_proto::change::AuthorizationChange;
 use dynauth_proto::session::{HasKeys, Key, KeyValue, PrimaryKey, Session, Uniqueness};
-use dynauth_proto::store::{Applied, DataPlane, Lookup, Refusal, SessionStore, TombstonePolicy};
+use dynauth_proto::store::{
+    Applied, DataPlane, Lookup, Refusal, SessionStore, TombstonePolicy, UpsertError, UpsertMode,
+    Upserted,
+};
 
 use arena::{Arena, ArenaWriter, RecBuf};
 pub use index::{FlatIndex, KeyIndex, PapayaIndex};
@@ -402,36 +405,33 @@ impl<I: KeyIndex> SessionTable<I> {
         }
     }
 
-    /// The live session holding a unique key of `k`, if any (writer lock held).
-    fn conflict(&self, k: &Keys<'_>, buf: &mut RecBuf) -> Option<(&'static str, u32)> {
+    /// The live session other than record `except` holding a unique key of `k`, if any
+    /// (writer lock held).
+    fn conflict(
+        &self,
+        k: &Keys<'_>,
+        except: Option<u32>,
+        buf: &mut RecBuf,
+    ) -> Option<(&'static str, u32)> {
         for key in Key::ALL {
             if key.uniqueness() == Uniqueness::Shared {
                 continue;
             }
             let mut text = [0u8; 17];
-            let (Some(ix), Some(value)) = (self.index(key), k.value(key, &mut text)) else {
+            let Some(value) = k.value(key, &mut text) else {
                 continue;
             };
-            let hash = self.hash(value);
             let mut found = None;
-            let mut visit = |id| {
-                let hit = self.arena.read(id, buf)
+            self.candidates(key, value, |id| {
+                let hit = Some(id) != except
+                    && self.arena.read(id, buf)
                     && record::decode(buf.bytes())
                         .is_some_and(|o| o.removed_at.is_none() && same_unique_key(key, k, &o));
                 if hit {
                     found = Some(id);
                 }
                 !hit
-            };
-            if ix.complete(hash) {
-                ix.probe(hash, visit);
-            } else {
-                for id in 0..self.id_bound.load(Ordering::Acquire) {
-                    if !visit(id) {
-                        break;
-                    }
-                }
-            }
+            });
             if let Some(id) = found {
                 return Some((unique_name(key), id));
             }
@@ -439,20 +439,42 @@ impl<I: KeyIndex> SessionTable<I> {
         None
     }
 
+    /// Calls `f` with every record id that may hold `value` of indexed `key` (one index
+    /// probe; a scan of every id when the key's group is not indexed completely) until `f`
+    /// returns false. Callers check the key on the record.
+    fn candidates(&self, key: Key, value: KeyValue<'_>, mut f: impl FnMut(u32) -> bool) {
+        let hash = self.hash(value);
+        match self.index(key) {
+            Some(ix) if ix.complete(hash) => ix.probe(hash, f),
+            _ => {
+                for id in 0..self.id_bound.load(Ordering::Acquire) {
+                    if !f(id) {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
     /// Adds a session; unique keys (Acct-Session-Id, audit-session-id, CUI, IMSI+NSAPI,
     /// Framed-IP-Address and Framed-IPv6-Prefix within VRF + Called-Station-Id) must be free
     /// among live sessions. Returns the record id.
     pub fn try_insert(&self, session: &Session) -> Result<u32, InsertError> {
         let mut w = self.lock();
+        self.insert_locked(&mut w, session)
+    }
+
+    /// `try_insert` with the writer lock held.
+    fn insert_locked(&self, w: &mut Writer, session: &Session) -> Result<u32, InsertError> {
         let Writer {
             enc, rec, arena, ..
-        } = &mut *w;
+        } = w;
         record::encode(session, enc);
         if enc.len() > arena::MAX_RECORD {
             return Err(InsertError::TooLarge(enc.len()));
         }
         let keys = record::keys_of(session);
-        if let Some((key, existing)) = self.conflict(&keys, rec) {
+        if let Some((key, existing)) = self.conflict(&keys, None, rec) {
             return Err(InsertError::Duplicate { key, existing });
         }
         let id = self.arena.alloc_id(arena).map_err(|_| InsertError::Full)?;
@@ -569,6 +591,108 @@ impl<I: KeyIndex> SessionTable<I> {
         Err(Refusal::NotFound)
     }
 
+    /// Turns live record `id` into a tombstone removed at `now_ms` (same id, same index
+    /// entries, in the tombstone FIFO; the oldest tombstone is evicted at capacity), or
+    /// purges it when no tombstones are kept. Writer lock held; the caller updates
+    /// `oldest_tombstone` (`note_oldest`) when done.
+    fn bury(&self, w: &mut Writer, id: u32, now_ms: u64) {
+        let policy = self.config.tombstones;
+        let Writer {
+            rec, enc, arena, ..
+        } = &mut *w;
+        let mut kept = false;
+        if policy.capacity > 0 {
+            if let Some(k) = self.read_keys(id, rec) {
+                record::encode_parts(&k, k.authorization, Some(now_ms), enc);
+                kept = self.arena.store(arena, id, enc).is_ok();
+            }
+        }
+        if kept {
+            if w.tombstones.len() >= policy.capacity {
+                if let Some((_, old)) = w.tombstones.pop_front() {
+                    self.purge(w, old);
+                }
+            }
+            w.tombstones.push_back((now_ms, id));
+        } else {
+            self.purge(w, id);
+        }
+        self.live.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// The record of the same session as `new` for the feed (`store::same_session`: the same
+    /// NAS and Acct-Session-Id; without one, the same audit-session-id or CUI): the live one,
+    /// if any, and whether a tombstone of it removed within the window at `now_ms` exists.
+    /// Index probes only (writer lock held).
+    fn find_same(&self, new: &Keys<'_>, now_ms: u64, buf: &mut RecBuf) -> (Option<u32>, bool) {
+        let window = self.config.tombstones.window_ms;
+        let mut live = None;
+        let mut tomb = false;
+        let probes: &[Key] = if new.stored(Key::AcctSessionId).is_some() {
+            &[Key::AcctSessionId]
+        } else {
+            &[Key::AuditSessionId, Key::Cui]
+        };
+        for &key in probes {
+            let mut text = [0u8; 17];
+            let Some(value) = new.value(key, &mut text) else {
+                continue;
+            };
+            self.candidates(key, value, |id| {
+                let Some(old) = self.read_keys(id, buf) else {
+                    return true;
+                };
+                if !same_session(&old, new) {
+                    return true;
+                }
+                match old.removed_at {
+                    None => live = live.or(Some(id)),
+                    Some(t) => tomb |= t.saturating_add(window) >= now_ms,
+                }
+                true
+            });
+        }
+        (live, tomb)
+    }
+
+    /// Replaces live record `id` by `session` in place, atomically for lock-free readers
+    /// (see the module documentation): the new version is published in the same record id
+    /// under the seqlock, then index entries are added for key values the old version did
+    /// not have and removed for those the new one no longer has. An entry of a key value
+    /// both versions share is never touched, so a lookup by it finds this record id
+    /// throughout, and reads either version whole: one session, never none, never two.
+    fn replace(&self, w: &mut Writer, id: u32, session: &Session) -> Result<(), UpsertError> {
+        let Writer {
+            rec, enc, arena, ..
+        } = w;
+        record::encode(session, enc);
+        if enc.len() > arena::MAX_RECORD {
+            return Err(UpsertError::KeyTaken(TOO_LARGE));
+        }
+        let mut old = [None; Key::INDEXED];
+        if let Some(k) = self.read_keys(id, rec) {
+            self.numbered_entries(&k, |n, _, hash| old[n] = Some(hash));
+        }
+        let mut new = [None; Key::INDEXED];
+        self.numbered_entries(&record::keys_of(session), |n, _, hash| new[n] = Some(hash));
+        self.arena
+            .store(arena, id, enc)
+            .map_err(|_| UpsertError::KeyTaken(TOO_LARGE))?;
+        // An index entry is (stored hash, id): equal stored hashes are the same entry.
+        let stored = |h: Option<u64>| h.map(index::stored_hash);
+        for (n, ix) in self.indexes.iter().enumerate() {
+            if let Some(hash) = new[n].filter(|_| stored(new[n]) != stored(old[n])) {
+                ix.insert(hash, id);
+            }
+        }
+        for (n, ix) in self.indexes.iter().enumerate() {
+            if let Some(hash) = old[n].filter(|_| stored(new[n]) != stored(old[n])) {
+                ix.remove(hash, id);
+            }
+        }
+        Ok(())
+    }
+
     fn read_keys<'b>(&self, id: u32, buf: &'b mut RecBuf) -> Option<Keys<'b>> {
         if !self.arena.read(id, buf) {
             return None;
@@ -611,10 +735,30 @@ fn same_unique_key(key: Key, a: &Keys<'_>, b: &Keys<'_>) -> bool {
     b.has_key(key, value)
         && match key.uniqueness() {
             Uniqueness::Shared => false,
-            Uniqueness::Unique => true,
+            // Acct-Session-Id is unique per NAS (NASes reuse them, RFC 2866 §5.5); the other
+            // unique keys are unique in the whole table.
+            Uniqueness::Unique => key != Key::AcctSessionId || a.nas == b.nas,
             Uniqueness::WithNsapi => a.same(b, Key::Nsapi),
             Uniqueness::InContext => a.vrf == b.vrf && a.same(b, Key::CalledStationId),
         }
+}
+
+/// What an upsert reports when the session cannot be stored (larger than a record may be,
+/// or the arena is exhausted): `UpsertError` has no variant of its own for it yet.
+const TOO_LARGE: &str = "session size";
+
+/// `store::same_session` on records: the same NAS and the same Acct-Session-Id; sessions
+/// without one, the same audit-session-id, else the same CUI.
+fn same_session(a: &Keys<'_>, b: &Keys<'_>) -> bool {
+    if a.nas != b.nas {
+        return false;
+    }
+    let both = |key: Key| a.stored(key).is_some() && a.same(b, key);
+    match (a.stored(Key::AcctSessionId), b.stored(Key::AcctSessionId)) {
+        (Some(_), Some(_)) => a.same(b, Key::AcctSessionId),
+        (None, None) => both(Key::AuditSessionId) || both(Key::Cui),
+        _ => false,
+    }
 }
 
 /// Index entries collected by a bulk load, per index.
@@ -655,29 +799,8 @@ impl<I: KeyIndex> SessionStore for SessionTable<I> {
             w.ids = ids;
             return Err(Refusal::NotRemovable);
         }
-        let policy = self.config.tombstones;
         for (&id, session) in ids.iter().zip(&sessions) {
-            let Writer {
-                rec, enc, arena, ..
-            } = &mut *w;
-            let mut kept = false;
-            if policy.capacity > 0 {
-                if let Some(k) = self.read_keys(id, rec) {
-                    record::encode_parts(&k, k.authorization, Some(lookup.now_ms), enc);
-                    kept = self.arena.store(arena, id, enc).is_ok();
-                }
-            }
-            if kept {
-                if w.tombstones.len() >= policy.capacity {
-                    if let Some((_, old)) = w.tombstones.pop_front() {
-                        self.purge(w, old);
-                    }
-                }
-                w.tombstones.push_back((lookup.now_ms, id));
-            } else {
-                self.purge(w, id);
-            }
-            self.live.fetch_sub(1, Ordering::Relaxed);
+            self.bury(w, id, lookup.now_ms);
             data_plane.removed(session);
         }
         w.ids = ids;
@@ -755,6 +878,95 @@ impl<I: KeyIndex> SessionStore for SessionTable<I> {
 
     fn insert(&self, session: Session) -> bool {
         self.try_insert(&session).is_ok()
+    }
+
+    fn upsert(
+        &self,
+        session: Session,
+        mode: UpsertMode,
+        now_ms: u64,
+    ) -> Result<Upserted, UpsertError> {
+        if !session.has_identification() {
+            return Err(UpsertError::NoIdentification);
+        }
+        let mut guard = self.lock();
+        let w = &mut *guard;
+        self.expire(w, now_ms);
+        let keys = record::keys_of(&session);
+        let (live, tombstone) = self.find_same(&keys, now_ms, &mut w.rec);
+        if let Some(id) = live {
+            if let Some((name, _)) = self.conflict(&keys, Some(id), &mut w.rec) {
+                return Err(UpsertError::KeyTaken(name));
+            }
+            self.replace(w, id, &session)?;
+            return Ok(Upserted::Replaced);
+        }
+        if mode == UpsertMode::Refresh && tombstone {
+            return Ok(Upserted::StillRemoved);
+        }
+        match self.insert_locked(w, &session) {
+            Ok(_) => Ok(Upserted::Inserted),
+            Err(InsertError::Duplicate { key, .. }) => Err(UpsertError::KeyTaken(key)),
+            Err(InsertError::TooLarge(_) | InsertError::Full) => {
+                Err(UpsertError::KeyTaken(TOO_LARGE))
+            }
+        }
+    }
+
+    fn delete(&self, nas: Option<&str>, acct_session_id: &str, now_ms: u64) -> bool {
+        let mut guard = self.lock();
+        let w = &mut *guard;
+        self.expire(w, now_ms);
+        let wanted = KeyValue::Text(acct_session_id.as_bytes());
+        let nas = nas.map(str::as_bytes);
+        let mut found = None;
+        let rec = &mut w.rec;
+        self.candidates(Key::AcctSessionId, wanted, |id| {
+            let hit = self.read_keys(id, rec).is_some_and(|k| {
+                k.removed_at.is_none() && k.nas == nas && k.has_key(Key::AcctSessionId, wanted)
+            });
+            if hit {
+                found = Some(id);
+            }
+            !hit
+        });
+        let Some(id) = found else {
+            return false;
+        };
+        self.bury(w, id, now_ms);
+        self.note_oldest(w);
+        true
+    }
+
+    fn retain_nas(
+        &self,
+        nas: Option<&str>,
+        keep: &mut dyn FnMut(&Session) -> bool,
+        now_ms: u64,
+    ) -> usize {
+        let mut guard = self.lock();
+        let w = &mut *guard;
+        self.expire(w, now_ms);
+        let nas = nas.map(str::as_bytes);
+        // One pass over the record ids; the session handed to `keep` is one reused value.
+        let mut session = Session::default();
+        let mut removed = 0;
+        for id in 0..self.id_bound.load(Ordering::Acquire) {
+            let Some(k) = self.read_keys(id, &mut w.rec) else {
+                continue;
+            };
+            if k.removed_at.is_some() || k.nas != nas {
+                continue;
+            }
+            k.fill_session(&mut session);
+            if keep(&session) {
+                continue;
+            }
+            self.bury(w, id, now_ms);
+            removed += 1;
+        }
+        self.note_oldest(w);
+        removed
     }
 
     fn len(&self) -> usize {

@@ -9,8 +9,8 @@
 //! Must not touch: where records live (`arena`) or how they are found (`index`).
 //!
 //! Layout: `presence: u16 LE` (bit `k as u16` for each present `Key`, in `Key` order, then
-//! `F_VRF`), `flags: u8` (`FLAG_*`); the present keys in `Key` order, text (and the VRF) as
-//! LEB128 length + octets; Framed-IP 4 octets; Framed-IPv6-Prefix 16 + 1; Framed-
+//! `F_VRF`, then `F_NAS`), `flags: u8` (`FLAG_*`); the present keys in `Key` order, then the
+//! VRF, then the NAS (text, the VRF and the NAS as LEB128 length + octets); Framed-IP 4 octets; Framed-IPv6-Prefix 16 + 1; Framed-
 //! Interface-Id 8 LE; NAS-Port 4 LE. A Calling-Station-Id of the canonical MAC form
 //! `XX-XX-XX-XX-XX-XX` (upper-case hex) is packed into 6 octets (`FLAG_MAC`). Authorization
 //! (only when not default) is LEB128 length + `serde_json`. A tombstone ends with the removal
@@ -23,13 +23,14 @@ use dynauth_proto::codec::Ipv6Prefix;
 use dynauth_proto::session::{Authorization, HasKeys, Key, KeyValue, Session, ValueKind};
 use dynauth_proto::store::MatchScope;
 
-/// The presence bit of `key`; keys in `Key` order, then the VRF.
+/// The presence bit of `key`; keys in `Key` order, then the VRF, then the NAS.
 const fn bit(key: Key) -> u16 {
     1 << key as u16
 }
 const KEY_BITS: u16 = (1 << Key::COUNT) - 1;
 const F_VRF: u16 = 1 << Key::COUNT;
-const _: () = assert!(Key::COUNT < 16, "the presence bits fit in a u16");
+const F_NAS: u16 = 1 << (Key::COUNT + 1);
+const _: () = assert!(Key::COUNT + 1 < 16, "the presence bits fit in a u16");
 
 const FLAG_AUTH: u8 = 1;
 const FLAG_TOMB: u8 = 2;
@@ -105,6 +106,8 @@ pub(crate) struct Keys<'a> {
     /// By `Key as usize`.
     keys: [Option<Stored<'a>>; Key::COUNT],
     pub vrf: Option<&'a [u8]>,
+    /// The NAS the session belongs to (`Session::nas`): Acct-Session-Id is unique per NAS.
+    pub nas: Option<&'a [u8]>,
     /// Serialized `Authorization`, when not default.
     pub authorization: Option<&'a [u8]>,
     /// Removal time of a tombstone.
@@ -140,6 +143,7 @@ pub(crate) fn keys_of(s: &Session) -> Keys<'_> {
     Keys {
         keys: Key::ALL.map(|key| s.get(key).map(Stored::Value)),
         vrf: s.vrf.as_deref().map(str::as_bytes),
+        nas: s.nas.as_deref().map(str::as_bytes),
         authorization: None,
         removed_at: None,
     }
@@ -182,6 +186,10 @@ pub(crate) fn encode_parts(
     if let Some(vrf) = k.vrf {
         p |= F_VRF;
         put_text(out, vrf);
+    }
+    if let Some(nas) = k.nas {
+        p |= F_NAS;
+        put_text(out, nas);
     }
     if let Some(a) = auth {
         flags |= FLAG_AUTH;
@@ -261,6 +269,9 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<Keys<'_>> {
     if p & F_VRF != 0 {
         k.vrf = Some(c.text()?);
     }
+    if p & F_NAS != 0 {
+        k.nas = Some(c.text()?);
+    }
     if flags & FLAG_AUTH != 0 {
         let n = c.len()?;
         k.authorization = Some(c.take(n)?);
@@ -311,6 +322,7 @@ impl<'a> Keys<'a> {
     pub(crate) fn to_session(self) -> Session {
         let mut s = Session {
             vrf: self.vrf.map(|b| String::from_utf8_lossy(b).into_owned()),
+            nas: self.nas.map(|b| String::from_utf8_lossy(b).into_owned()),
             authorization: self
                 .authorization
                 .and_then(|a| serde_json::from_slice(a).ok())
@@ -327,6 +339,58 @@ impl<'a> Keys<'a> {
         }
         s
     }
+
+    /// Overwrites `s` with this record, reusing `s`'s strings (a scan that hands every
+    /// session to a callback allocates only when a value outgrows the previous one, and for a
+    /// non-default authorization).
+    pub(crate) fn fill_session(&self, s: &mut Session) {
+        fn put(slot: &mut Option<String>, value: Option<&[u8]>) {
+            match (value, slot.as_mut()) {
+                (None, _) => *slot = None,
+                (Some(v), Some(old)) => {
+                    old.clear();
+                    old.push_str(&String::from_utf8_lossy(v));
+                }
+                (Some(v), None) => *slot = Some(String::from_utf8_lossy(v).into_owned()),
+            }
+        }
+        for key in Key::ALL {
+            let mut buf = [0u8; 17];
+            let value = self.value(key, &mut buf);
+            match text_field(s, key) {
+                Some(slot) => put(slot, value.and_then(KeyValue::text)),
+                // As in `to_session`: cannot fail for what `encode` wrote.
+                None => {
+                    let _ = s.set(key, value);
+                }
+            }
+        }
+        put(&mut s.vrf, self.vrf);
+        put(&mut s.nas, self.nas);
+        s.authorization = self
+            .authorization
+            .and_then(|a| serde_json::from_slice(a).ok())
+            .unwrap_or_default();
+    }
+}
+
+/// The field of a text `key` (`None` for the keys of other kinds).
+fn text_field(s: &mut Session, key: Key) -> Option<&mut Option<String>> {
+    Some(match key {
+        Key::AcctSessionId => &mut s.acct_session_id,
+        Key::AuditSessionId => &mut s.audit_session_id,
+        Key::Cui => &mut s.cui,
+        Key::Imsi => &mut s.imsi,
+        Key::AcctMultiSessionId => &mut s.acct_multi_session_id,
+        Key::UserName => &mut s.user_name,
+        Key::CallingStationId => &mut s.calling_station_id,
+        Key::NasPortId => &mut s.nas_port_id,
+        Key::CalledStationId => &mut s.called_station_id,
+        Key::Nsapi => &mut s.nsapi,
+        Key::FramedIp | Key::FramedIpv6Prefix | Key::FramedInterfaceId | Key::NasPort => {
+            return None;
+        }
+    })
 }
 
 #[cfg(test)]
@@ -350,6 +414,7 @@ mod tests {
             nsapi: Some("5".into()),
             audit_session_id: Some("audit".into()),
             vrf: Some("red".into()),
+            nas: Some("bng-1".into()),
             authorization: Authorization {
                 session_timeout: Some(5),
                 filter_ids: vec!["f".into()],
@@ -369,6 +434,22 @@ mod tests {
         ] {
             encode(&s, &mut buf);
             assert_eq!(decode(&buf).unwrap().to_session(), s);
+        }
+    }
+
+    #[test]
+    fn fill_session_overwrites_every_field() {
+        let mut buf = Vec::new();
+        let mut reused = full();
+        for s in [
+            Session::default(),
+            full(),
+            dynauth_proto::synth::session(3, 99),
+            full(),
+        ] {
+            encode(&s, &mut buf);
+            decode(&buf).unwrap().fill_session(&mut reused);
+            assert_eq!(reused, s);
         }
     }
 

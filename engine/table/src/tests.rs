@@ -298,6 +298,7 @@ fn full(n: u8) -> Session {
         nsapi: Some(format!("{n}")),
         audit_session_id: Some(format!("audit-{n}")),
         vrf: None,
+        nas: Some(format!("nas-{n}")),
         authorization: Default::default(),
     }
 }

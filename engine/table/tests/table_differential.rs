@@ -2,6 +2,10 @@
 //! both `SessionTable` designs must give identical answers, identical data-plane events and
 //! identical final contents (SPEC §4, §6, §7, §8; RFC 5176 §3).
 //!
+//! The session feed's writes (upsert in both modes, delete by NAS + Acct-Session-Id, NAS
+//! resets and resync ends via `retain_nas`) are mixed into the same scenarios; sessions carry
+//! a NAS drawn from a small pool, so that one Acct-Session-Id lives on several NASes.
+//!
 //! The table also enforces uniqueness of IMSI+NSAPI and of Framed-IP-Address /
 //! Framed-IPv6-Prefix within VRF + Called-Station-Id, which `MemoryStore` does not; the model
 //! below skips such inserts for the reference and asserts that the table refuses them.
@@ -15,6 +19,7 @@ use dynauth_proto::dict::attr;
 use dynauth_proto::session::{Session, SessionQuery};
 use dynauth_proto::store::{
     Applied, DataPlane, Lookup, MatchScope, MemoryStore, Refusal, SessionStore, TombstonePolicy,
+    UpsertError, UpsertMode, Upserted, same_session,
 };
 use dynauth_table::{FlatIndex, KeyIndex, PapayaIndex, SessionTable, TableConfig};
 use proptest::prelude::*;
@@ -23,6 +28,16 @@ const POLICY: TombstonePolicy = TombstonePolicy {
     window_ms: 500,
     capacity: 3,
 };
+
+/// For scenarios with NAS resets: never evicts a tombstone within 60 operations. Which
+/// tombstones survive an eviction during one multi-session removal depends on the order the
+/// store removes them in, which `MemoryStore` does not define (its vector order).
+const ROOMY: TombstonePolicy = TombstonePolicy {
+    window_ms: 500,
+    capacity: 64,
+};
+
+const NASES: &[&str] = &["n1", "n2"];
 
 fn text(pool: &'static [&'static str]) -> impl Strategy<Value = Option<String>> {
     proptest::option::weighted(0.5, proptest::sample::select(pool).prop_map(String::from))
@@ -49,11 +64,12 @@ fn session() -> impl Strategy<Value = Session> {
         text(&["5", "6"]),
         text(&["x0", "x1"]),
         text(&["red", "blue"]),
+        proptest::option::weighted(0.8, proptest::sample::select(NASES).prop_map(String::from)),
     );
     (keys, more).prop_map(
         |(
             (acct, multi, user, cui, ip, v6, ifid),
-            (called, calling, port, port_id, imsi, nsapi, audit, vrf),
+            (called, calling, port, port_id, imsi, nsapi, audit, vrf, nas),
         )| Session {
             acct_session_id: acct,
             acct_multi_session_id: multi,
@@ -70,9 +86,28 @@ fn session() -> impl Strategy<Value = Session> {
             nsapi,
             audit_session_id: audit,
             vrf,
+            nas,
             ..Session::default()
         },
     )
+}
+
+/// What `retain_nas` keeps.
+#[derive(Debug, Clone, Copy)]
+enum Keep {
+    /// A NAS reset.
+    Nothing,
+    /// A resync end that saw only the sessions of this User-Name again.
+    User(&'static str),
+}
+
+impl Keep {
+    fn keeps(self, s: &Session) -> bool {
+        match self {
+            Keep::Nothing => false,
+            Keep::User(u) => s.user_name.as_deref() == Some(u),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -81,6 +116,9 @@ enum Op {
     Disconnect(Session, Option<&'static str>, u32, bool),
     Change(Session, Option<&'static str>, u32, u32),
     Reauthorize(Session, Option<&'static str>, u32),
+    Upsert(Session, UpsertMode),
+    Delete(Option<&'static str>, &'static str),
+    RetainNas(Option<&'static str>, Keep),
 }
 
 /// A query: one to three identification attributes drawn from the same pools.
@@ -121,6 +159,49 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(q, v, m, t)| Op::Change(q, v, m, t)),
         1 => (sparse(), scope_vrf(), 1u32..4).prop_map(|(q, v, m)| Op::Reauthorize(q, v, m)),
     ]
+}
+
+fn nas() -> impl Strategy<Value = Option<&'static str>> {
+    proptest::option::weighted(0.8, proptest::sample::select(NASES))
+}
+
+fn mode() -> impl Strategy<Value = UpsertMode> {
+    prop_oneof![Just(UpsertMode::Create), Just(UpsertMode::Refresh)]
+}
+
+/// The feed's writes, without NAS resets (safe under `POLICY`'s tombstone evictions).
+fn feed_op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (session(), mode()).prop_map(|(s, m)| Op::Upsert(s, m)),
+        2 => (nas(), proptest::sample::select(&["a0", "a1", "a2", "a3", "a4", "a5"][..]))
+            .prop_map(|(n, a)| Op::Delete(n, a)),
+    ]
+}
+
+fn retain_op() -> impl Strategy<Value = Op> {
+    let keep = prop_oneof![
+        Just(Keep::Nothing),
+        proptest::sample::select(&["u0", "u1", "u2"][..]).prop_map(Keep::User),
+    ];
+    (nas(), keep).prop_map(|(n, k)| Op::RetainNas(n, k))
+}
+
+fn any_op() -> impl Strategy<Value = Op> {
+    prop_oneof![5 => op(), 4 => feed_op()]
+}
+
+fn any_op_with_resets() -> impl Strategy<Value = Op> {
+    prop_oneof![5 => op(), 4 => feed_op(), 1 => retain_op()]
+}
+
+/// Upsert answers compared up to the name of a taken key: when the new session clashes with
+/// several sessions, `MemoryStore` names the key of the first in its vector order, the table
+/// the first key (in `Key` order) that any session holds.
+fn upsert_kind(r: Result<Upserted, UpsertError>) -> Result<Upserted, UpsertError> {
+    r.map_err(|e| match e {
+        UpsertError::KeyTaken(_) => UpsertError::KeyTaken("_"),
+        other => other,
+    })
 }
 
 fn query(s: &Session) -> SessionQuery<'_> {
@@ -212,9 +293,13 @@ fn sorted(mut v: Vec<Session>) -> Vec<String> {
 }
 
 fn run<I: KeyIndex>(ops: &[Op]) -> Result<(), TestCaseError> {
-    let reference = MemoryStore::new(POLICY);
+    run_with::<I>(ops, POLICY)
+}
+
+fn run_with<I: KeyIndex>(ops: &[Op], policy: TombstonePolicy) -> Result<(), TestCaseError> {
+    let reference = MemoryStore::new(policy);
     let table = SessionTable::<I>::new(TableConfig {
-        tombstones: POLICY,
+        tombstones: policy,
         ..TableConfig::default()
     });
     let mut now = 1_000u64;
@@ -306,6 +391,68 @@ fn run<I: KeyIndex>(ops: &[Op]) -> Result<(), TestCaseError> {
                 );
                 prop_assert_eq!(a.take(), b.take(), "step {}", step);
             }
+            Op::Upsert(s, mode) => {
+                let got = table.upsert(s.clone(), *mode, now);
+                let live = reference.snapshot();
+                let others: Vec<Session> = live
+                    .iter()
+                    .filter(|o| !same_session(o, s))
+                    .cloned()
+                    .collect();
+                if table_only_conflict(&others, s) {
+                    // Refused by the table alone, unless it is a Refresh over a tombstone
+                    // (that answer comes before any uniqueness check, in both stores).
+                    if let Err(e) = got {
+                        prop_assert!(
+                            matches!(e, UpsertError::KeyTaken(_)),
+                            "step {}: {:?}",
+                            step,
+                            e
+                        );
+                        prop_assert_eq!(reference.len(), table.len());
+                        continue;
+                    }
+                    prop_assert_eq!(got, Ok(Upserted::StillRemoved), "step {}: {:?}", step, op);
+                }
+                let want = reference.upsert(s.clone(), *mode, now);
+                prop_assert_eq!(
+                    upsert_kind(want),
+                    upsert_kind(got),
+                    "step {}: {:?}",
+                    step,
+                    op
+                );
+            }
+            Op::Delete(nas, acct) => {
+                prop_assert_eq!(
+                    reference.delete(*nas, acct, now),
+                    table.delete(*nas, acct, now),
+                    "step {}: {:?}",
+                    step,
+                    op
+                );
+            }
+            Op::RetainNas(nas, keep) => {
+                let (mut seen_a, mut seen_b) = (Vec::new(), Vec::new());
+                let a = reference.retain_nas(
+                    *nas,
+                    &mut |s| {
+                        seen_a.push(s.clone());
+                        keep.keeps(s)
+                    },
+                    now,
+                );
+                let b = table.retain_nas(
+                    *nas,
+                    &mut |s| {
+                        seen_b.push(s.clone());
+                        keep.keeps(s)
+                    },
+                    now,
+                );
+                prop_assert_eq!(a, b, "step {}: {:?}", step, op);
+                prop_assert_eq!(sorted(seen_a), sorted(seen_b), "step {}", step);
+            }
         }
         prop_assert_eq!(reference.len(), table.len());
     }
@@ -325,6 +472,28 @@ proptest! {
     #[test]
     fn spec_6_papaya_table_answers_exactly_as_memory_store(ops in proptest::collection::vec(op(), 1..60)) {
         run::<PapayaIndex>(&ops)?;
+    }
+
+    // The session feed: upserts (Create and Refresh), deletes per NAS, mixed with requests.
+    #[test]
+    fn feed_table_answers_exactly_as_memory_store(ops in proptest::collection::vec(any_op(), 1..60)) {
+        run::<FlatIndex>(&ops)?;
+    }
+
+    #[test]
+    fn feed_papaya_table_answers_exactly_as_memory_store(ops in proptest::collection::vec(any_op(), 1..60)) {
+        run::<PapayaIndex>(&ops)?;
+    }
+
+    // And NAS resets / resync ends (`retain_nas`), with room for every tombstone.
+    #[test]
+    fn feed_with_nas_resets_table_answers_exactly_as_memory_store(ops in proptest::collection::vec(any_op_with_resets(), 1..60)) {
+        run_with::<FlatIndex>(&ops, ROOMY)?;
+    }
+
+    #[test]
+    fn feed_with_nas_resets_papaya_table_answers_exactly_as_memory_store(ops in proptest::collection::vec(any_op_with_resets(), 1..60)) {
+        run_with::<PapayaIndex>(&ops, ROOMY)?;
     }
 }
 
@@ -388,7 +557,12 @@ fn spec_4_and_6_fixed_scenario_matches_reference() {
 impl Op {
     fn session(self) -> Session {
         match self {
-            Op::Insert(s) | Op::Disconnect(s, ..) | Op::Change(s, ..) | Op::Reauthorize(s, ..) => s,
+            Op::Insert(s)
+            | Op::Disconnect(s, ..)
+            | Op::Change(s, ..)
+            | Op::Reauthorize(s, ..)
+            | Op::Upsert(s, _) => s,
+            Op::Delete(..) | Op::RetainNas(..) => Session::default(),
         }
     }
 }
