@@ -680,7 +680,7 @@ fn session(packet: &Packet<'_>, scan: &Scan<'_>) -> Result<Session, Refused> {
 
 /// The Accounting-Response (RFC 2866 §3): code 5, the request's Identifier, the
 /// Message-Authenticator first when the request had one, every Proxy-State in order
-/// (RFC 2865 §5.33), then the Message-Authenticator and the Response Authenticator
+/// (RFC 2865 §5.33); signed with the Message-Authenticator, then the Response Authenticator
 /// (MD5(Code + Identifier + Length + Request Authenticator + Attributes + Secret)).
 fn write_answer(request: &Request<'_>, buf: &mut [u8]) -> Option<usize> {
     let packet = &request.packet;
@@ -706,9 +706,22 @@ fn write_answer(request: &Request<'_>, buf: &mut [u8]) -> Option<usize> {
     }
     let out = w.finish();
     let len = out.len();
-    auth::sign_response(out, ma, request.secret);
+    // The Message-Authenticator first, over the packet with 16 zero octets in the
+    // Authenticator field, as for the Accounting-Request: RFC 3579 §3.2 defines only the
+    // Access-* answers, and this is what FreeRADIUS (radclient, the `replicate` module, the
+    // detail-file reader) computes and checks for an Accounting-Response. Then the Response
+    // Authenticator over the finished packet.
+    if let Some(offset) = ma {
+        let value = auth::message_authenticator(out, &ZERO, offset, request.secret);
+        out.get_mut(offset..offset + AUTHENTICATOR_LEN)?
+            .copy_from_slice(&value);
+    }
+    let response = auth::md5_authenticator(out, packet.authenticator(), request.secret);
+    out.get_mut(4..HEADER_LEN)?.copy_from_slice(&response);
     Some(len)
 }
+
+const ZERO: auth::Authenticator = [0; AUTHENTICATOR_LEN];
 
 #[cfg(test)]
 mod tests {
@@ -882,14 +895,13 @@ mod tests {
             a.attributes().next().unwrap().unwrap().ty,
             attr::MESSAGE_AUTHENTICATOR
         );
-        assert_eq!(
-            verify_response(
-                &a,
-                Packet::parse(&p).unwrap().authenticator(),
-                &Secret::new(SECRET).unwrap()
-            ),
-            ResponseCheck::Valid
-        );
+        let secret = Secret::new(SECRET).unwrap();
+        let expected = auth::md5_authenticator(&answer, &p[4..20].try_into().unwrap(), &secret);
+        assert_eq!(a.authenticator(), &expected, "Response Authenticator");
+        // The Message-Authenticator is computed with 16 zero octets in the Authenticator
+        // field, as FreeRADIUS checks it on an Accounting-Response.
+        let ma = auth::message_authenticator(&answer, &[0; 16], 22, &secret);
+        assert_eq!(&answer[22..38], &ma);
         // A wrong Message-Authenticator value, re-signed so that only it is wrong.
         let mut bad = p.clone();
         bad[22] ^= 0xff;
