@@ -11,5 +11,6 @@
 //! Must not touch: syscalls (they are `dynauth_udp`'s) or protocol rules (`dynauth_proto`'s).
 #![forbid(unsafe_code)]
 
+pub mod accounting;
 pub mod config;
 pub mod runtime;
