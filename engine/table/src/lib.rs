@@ -3,7 +3,8 @@
 //!
 //! Owns: indexes for every identification key (SPEC §6), lock-free lookups, all-or-none
 //! application of a request to every matched session (RFC 5176 §3), tombstones for late
-//! Disconnect retries (SPEC §4), bulk loading from JSON Lines ([`load`]).
+//! Disconnect retries (SPEC §4), the session feed's writes (`upsert`, `delete`, `retain_nas`:
+//! `dynauth_proto::feed`), bulk loading from JSON Lines ([`load`]).
 //! Must not touch: packets and decisions (`decide`), the reference semantics (`store`:
 //! this table reproduces `MemoryStore`'s answers exactly, see the differential test).
 //!
@@ -13,8 +14,9 @@
 //!   (`arena.rs`); a record id is a `u32`;
 //! - indexes ([`index`]): key hash to record ids, one per indexed `Key`, in the array
 //!   `indexes` numbered by `Key::index` (the key table in `dynauth_proto::session` says
-//!   which keys are indexed and unique). Unique keys: Acct-Session-Id, audit-session-id,
-//!   Chargeable-User-Identity; IMSI (unique with NSAPI), Framed-IP-Address and
+//!   which keys are indexed and unique). Unique keys: Acct-Session-Id (per NAS,
+//!   `Session::nas`: NASes reuse them; the index is keyed on the id alone and the NAS is
+//!   checked on the record), audit-session-id, Chargeable-User-Identity; IMSI (unique with NSAPI), Framed-IP-Address and
 //!   Framed-IPv6-Prefix (unique within VRF + Called-Station-Id) are indexed by value and
 //!   checked on the record. Multi-valued: Acct-Multi-Session-Id, User-Name,
 //!   Calling-Station-Id, NAS-Port-Id, and (extra indexes, free when unused) NAS-Port and
@@ -24,10 +26,31 @@
 //!   `index::MAX_GROUP` sessions (its group is not indexed);
 //! - a lookup is one probe of the most selective key's index (`SessionQuery::primary_key`),
 //!   every other attribute checked on the record;
-//! - writers (disconnect, CoA, insert, tombstone expiry) take one table writer lock that
-//!   lookups never take. A request is decided and applied under it, so it applies to all its
-//!   sessions or none, also against a concurrent request on overlapping sessions. A request
-//!   whose key finds no live session is answered without the lock.
+//! - writers (disconnect, CoA, insert, the feed's upsert / delete / retain_nas, tombstone
+//!   expiry) take one table writer lock that lookups never take. A request is decided and
+//!   applied under it, so it applies to all its sessions or none, also against a concurrent
+//!   request on overlapping sessions. A request whose key finds no live session is answered
+//!   without the lock.
+//!
+//! Upsert (the feed's insert-or-replace) is atomic for lock-free readers. The live record of
+//! the same session (`store::same_session`, found by one probe of the Acct-Session-Id index,
+//! or of the audit-session-id and CUI indexes for sessions without one) is replaced in place:
+//! 1. the new version is stored into the same record id with `Arena::store`, the seqlock
+//!    publish (one header store; a reader copies the old version or the new one, whole);
+//! 2. then index entries are inserted for the key values the new version has and the old one
+//!    had not;
+//! 3. then the entries of values the old version had and the new one has not are removed.
+//!
+//! An entry `(hash, id)` of a value both versions hold is never touched, so a lookup by any
+//! key the two share probes the same entry throughout and reads one of the two versions: it
+//! finds the session exactly once — never none (as delete-then-insert would allow), never
+//! twice (as insert-then-delete would). A lookup by a key only the new version holds may miss
+//! the session until step 2 (it did not have that key yet); one by a key only the old version
+//! held may still reach the record until step 3 and then reads the new version, which no
+//! longer matches. The record id never changes, so neither does any id a lookup collected.
+//! Delete is one probe of the Acct-Session-Id index (the NAS checked on the record);
+//! `retain_nas` is one pass over the record ids, handing `keep` one reused `Session`. Both
+//! turn records into tombstones exactly as `disconnect` does (`bury`).
 #![forbid(unsafe_code)]
 
 mod arena;

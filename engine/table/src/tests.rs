@@ -3,7 +3,7 @@ use core::net::Ipv4Addr;
 
 use super::*;
 use dynauth_proto::session::SessionQuery;
-use dynauth_proto::store::{AcceptAll, MatchScope};
+use dynauth_proto::store::{AcceptAll, MatchScope, MemoryStore};
 
 fn s(id: &str, user: &str) -> Session {
     Session {
@@ -427,4 +427,308 @@ fn every_unique_key_refuses_a_duplicate() {
     }
     assert_eq!(unique_name(Key::Imsi), "imsi+nsapi");
     assert_eq!(unique_name(Key::FramedIp), "framed_ip");
+}
+
+/// A session of NAS `nas` (the session feed sets it).
+fn on(nas: Option<&str>, id: &str, user: &str) -> Session {
+    Session {
+        nas: nas.map(String::from),
+        ..s(id, user)
+    }
+}
+
+/// The reference store and both tables, with the same tombstone policy.
+fn feed_stores(tombstones: TombstonePolicy) -> Vec<(&'static str, Box<dyn SessionStore>)> {
+    let config = TableConfig {
+        tombstones,
+        ..TableConfig::default()
+    };
+    vec![
+        ("memory", Box::new(MemoryStore::new(tombstones))),
+        ("flat", Box::new(SessionTable::<FlatIndex>::new(config))),
+        ("papaya", Box::new(SessionTable::<PapayaIndex>::new(config))),
+    ]
+}
+
+fn count(store: &dyn SessionStore, q: SessionQuery<'_>) -> Result<Applied, Refusal> {
+    store.reauthorize(&lookup(q, 10_000, 0), &AcceptAll)
+}
+
+// RFC 2866 §5.5: Acct-Session-Id is unique on one NAS only.
+#[test]
+fn acct_session_id_is_unique_per_nas() {
+    for (name, store) in feed_stores(TombstonePolicy::default()) {
+        let store = store.as_ref();
+        assert!(store.insert(on(Some("n1"), "a", "alice")), "{name}");
+        assert!(store.insert(on(Some("n2"), "a", "bob")), "{name}");
+        // No NAS is one NAS of its own.
+        assert!(store.insert(on(None, "a", "carol")), "{name}");
+        assert!(
+            !store.insert(on(Some("n1"), "a", "dave")),
+            "{name}: same NAS"
+        );
+        assert!(!store.insert(on(None, "a", "dave")), "{name}: no NAS twice");
+        assert_eq!(count(store, acct("a")), Ok(Applied::Sessions(3)), "{name}");
+        // The same NAS's session is replaced by an upsert.
+        assert_eq!(
+            store.upsert(on(Some("n1"), "a", "dave"), UpsertMode::Create, 0),
+            Ok(Upserted::Replaced),
+            "{name}"
+        );
+        assert_eq!(store.len(), 3, "{name}");
+        assert_eq!(
+            count(store, user("alice")),
+            Err(Refusal::NotFound),
+            "{name}"
+        );
+        assert_eq!(
+            count(store, user("dave")),
+            Ok(Applied::Sessions(1)),
+            "{name}"
+        );
+        assert_eq!(
+            count(store, user("bob")),
+            Ok(Applied::Sessions(1)),
+            "{name}"
+        );
+        // Delete is per NAS too.
+        assert!(!store.delete(Some("n3"), "a", 0), "{name}");
+        assert!(store.delete(Some("n2"), "a", 0), "{name}");
+        assert!(!store.delete(Some("n2"), "a", 0), "{name}: already gone");
+        assert_eq!(count(store, acct("a")), Ok(Applied::Sessions(2)), "{name}");
+        // The delete left a tombstone (a late Disconnect gets ACK + 201).
+        assert_eq!(
+            store.disconnect(&lookup(user("bob"), 9, 1), &AcceptAll),
+            Ok(Applied::AlreadyRemoved),
+            "{name}"
+        );
+        // Other unique keys stay unique across NASes.
+        let mut cui = on(Some("n1"), "c1", "x");
+        cui.cui = Some("chargeable".into());
+        assert!(store.insert(cui.clone()), "{name}");
+        cui.nas = Some("n2".into());
+        cui.acct_session_id = Some("c2".into());
+        assert_eq!(
+            store.upsert(cui, UpsertMode::Create, 0),
+            Err(UpsertError::KeyTaken("cui")),
+            "{name}"
+        );
+        assert_eq!(
+            store.upsert(Session::default(), UpsertMode::Create, 0),
+            Err(UpsertError::NoIdentification),
+            "{name}"
+        );
+    }
+    // The table names the record that holds the key: still the one replaced in place.
+    let t = SessionTable::<FlatIndex>::default();
+    let id = t.try_insert(&on(Some("n1"), "a", "alice")).unwrap();
+    t.try_insert(&on(Some("n2"), "a", "bob")).unwrap();
+    for v in 0..5 {
+        let next = Session {
+            framed_ip: Some(Ipv4Addr::new(10, 0, 0, v)),
+            ..on(Some("n1"), "a", &format!("v{v}"))
+        };
+        assert_eq!(
+            t.upsert(next, UpsertMode::Refresh, 0),
+            Ok(Upserted::Replaced)
+        );
+    }
+    assert_eq!(
+        t.try_insert(&on(Some("n1"), "a", "eve")),
+        Err(InsertError::Duplicate {
+            key: "acct_session_id",
+            existing: id
+        })
+    );
+    // A bulk load checks the same rule.
+    let lines = |nas2: &str| {
+        format!(
+            "{{\"acct_session_id\":\"a\",\"nas\":\"n1\"}}\n{{\"acct_session_id\":\"a\",\"nas\":\"{nas2}\"}}\n"
+        )
+    };
+    let load = |text: String| {
+        load::load_jsonl::<FlatIndex>(text.as_bytes(), TableConfig::default(), None, &mut |_| {})
+    };
+    assert_eq!(load(lines("n2")).map(|(t, _)| t.len()).ok(), Some(2));
+    assert!(matches!(
+        load(lines("n1")),
+        Err(load::LoadError::Duplicate {
+            key: "acct_session_id",
+            line: 2,
+            first: 1
+        })
+    ));
+}
+
+// Accounting Interim after Stop (the feed's Refresh): no resurrection within the tombstone
+// window; a session again after it, or with Create, or without tombstones.
+#[test]
+fn refresh_after_delete_within_and_after_the_tombstone_window() {
+    let policy = TombstonePolicy {
+        window_ms: 500,
+        capacity: 16,
+    };
+    for (name, store) in feed_stores(policy) {
+        let store = store.as_ref();
+        let n1 = |u: &str| on(Some("n1"), "a", u);
+        let refresh = |u: &str, now| store.upsert(n1(u), UpsertMode::Refresh, now);
+        assert_eq!(refresh("u", 0), Ok(Upserted::Inserted), "{name}: unknown");
+        assert_eq!(refresh("u", 50), Ok(Upserted::Replaced), "{name}: live");
+        assert!(store.delete(Some("n1"), "a", 100), "{name}");
+        assert_eq!(refresh("u", 200), Ok(Upserted::StillRemoved), "{name}");
+        assert_eq!(
+            refresh("u", 600),
+            Ok(Upserted::StillRemoved),
+            "{name}: last ms"
+        );
+        assert_eq!(store.len(), 0, "{name}");
+        // The tombstone is of NAS n1's session only.
+        assert_eq!(
+            store.upsert(on(Some("n2"), "a", "u"), UpsertMode::Refresh, 300),
+            Ok(Upserted::Inserted),
+            "{name}"
+        );
+        assert_eq!(refresh("u", 601), Ok(Upserted::Inserted), "{name}: expired");
+        assert_eq!(store.len(), 2, "{name}");
+        // A Start (Create) is a session whatever the tombstones say.
+        assert!(store.delete(Some("n1"), "a", 700), "{name}");
+        assert_eq!(
+            store.upsert(n1("u"), UpsertMode::Create, 710),
+            Ok(Upserted::Inserted),
+            "{name}"
+        );
+        // NAS resets leave tombstones too.
+        assert_eq!(store.retain_nas(Some("n1"), &mut |_| false, 720), 1);
+        assert_eq!(refresh("u", 730), Ok(Upserted::StillRemoved), "{name}");
+        // Sessions without an Acct-Session-Id are the same session by audit-session-id.
+        let audit = Session {
+            audit_session_id: Some("x".into()),
+            nas: Some("n1".into()),
+            ..Session::default()
+        };
+        assert_eq!(
+            store.upsert(audit.clone(), UpsertMode::Create, 740),
+            Ok(Upserted::Inserted),
+            "{name}"
+        );
+        assert_eq!(store.retain_nas(Some("n1"), &mut |_| false, 750), 1);
+        assert_eq!(
+            store.upsert(audit, UpsertMode::Refresh, 760),
+            Ok(Upserted::StillRemoved),
+            "{name}"
+        );
+    }
+    for (name, store) in feed_stores(TombstonePolicy {
+        window_ms: 500,
+        capacity: 0,
+    }) {
+        let store = store.as_ref();
+        assert!(store.insert(on(Some("n1"), "a", "u")), "{name}");
+        assert!(store.delete(Some("n1"), "a", 100), "{name}");
+        assert_eq!(
+            store.upsert(on(Some("n1"), "a", "u"), UpsertMode::Refresh, 200),
+            Ok(Upserted::Inserted),
+            "{name}: no tombstones kept"
+        );
+    }
+}
+
+// A NAS reset (keep nothing) and a resync end (keep what was re-sent): only that NAS's
+// sessions, each offered to `keep` once, each removed one leaving a tombstone.
+#[test]
+fn retain_nas_removes_only_that_nas() {
+    for (name, store) in feed_stores(TombstonePolicy {
+        window_ms: 500,
+        capacity: 10_000,
+    }) {
+        let store = store.as_ref();
+        for i in 0..1000 {
+            let id = format!("s{i}");
+            let u = if i % 2 == 0 { "even" } else { "odd" };
+            assert!(store.insert(on(Some("n1"), &id, u)), "{name}");
+            assert!(store.insert(on(Some("n2"), &id, u)), "{name}");
+            if i < 10 {
+                assert!(store.insert(on(None, &id, u)), "{name}");
+            }
+        }
+        let mut offered = 0;
+        let removed = store.retain_nas(
+            Some("n1"),
+            &mut |s| {
+                offered += 1;
+                assert_eq!(s.nas.as_deref(), Some("n1"));
+                s.user_name.as_deref() == Some("even")
+            },
+            0,
+        );
+        assert_eq!((removed, offered), (500, 1000), "{name}");
+        assert_eq!(store.len(), 1510, "{name}");
+        assert_eq!(count(store, acct("s1")), Ok(Applied::Sessions(2)), "{name}");
+        assert_eq!(count(store, acct("s2")), Ok(Applied::Sessions(3)), "{name}");
+        assert_eq!(
+            count(store, user("odd")),
+            Ok(Applied::Sessions(505)),
+            "{name}"
+        );
+        assert_eq!(store.retain_nas(None, &mut |_| false, 0), 10, "{name}");
+        assert_eq!(store.retain_nas(Some("n2"), &mut |_| false, 0), 1000);
+        assert_eq!(store.retain_nas(Some("n2"), &mut |_| false, 0), 0);
+        assert_eq!(store.len(), 500, "{name}");
+        assert_eq!(
+            store.disconnect(&lookup(acct("s999"), 9, 10), &AcceptAll),
+            Ok(Applied::AlreadyRemoved),
+            "{name}"
+        );
+    }
+}
+
+// An upsert moves the index entries of the keys that changed and keeps the others: the
+// table ends with exactly the entries a fresh table of the final sessions has.
+#[test]
+fn upsert_moves_changed_keys_and_keeps_the_rest() {
+    fn check<I: KeyIndex>() {
+        let t = SessionTable::<I>::default();
+        let mut a = full(1);
+        assert!(t.insert(a.clone()));
+        assert!(t.insert(full(2)));
+        a.user_name = Some("renamed".into());
+        a.framed_ip = Some(Ipv4Addr::new(10, 9, 9, 9));
+        a.calling_station_id = None;
+        a.nas_port = None;
+        a.authorization.filter_ids = (0..40).map(|k| format!("filter-{k}")).collect();
+        assert_eq!(
+            t.upsert(a.clone(), UpsertMode::Create, 0),
+            Ok(Upserted::Replaced)
+        );
+        let old = full(1);
+        for key in [
+            Key::UserName,
+            Key::FramedIp,
+            Key::CallingStationId,
+            Key::NasPort,
+        ] {
+            assert_eq!(
+                t.peek(&lookup(only(&old, key), 9, 0)),
+                Err(Refusal::NotFound),
+                "{key}"
+            );
+        }
+        for key in Key::ALL {
+            if key.identifies_alone() && a.get(key).is_some() {
+                assert_eq!(t.matching(&lookup(only(&a, key), 9, 0)), vec![a.clone()]);
+            }
+        }
+        let fresh = SessionTable::<I>::with_sessions([a.clone(), full(2)]);
+        assert_eq!(t.stats().index_entries, fresh.stats().index_entries);
+        // A key another live session holds is refused, and nothing changes.
+        let mut clash = a.clone();
+        clash.audit_session_id = full(2).audit_session_id;
+        assert_eq!(
+            t.upsert(clash, UpsertMode::Create, 0),
+            Err(UpsertError::KeyTaken("audit_session_id"))
+        );
+        assert_eq!(t.matching(&lookup(only(&a, Key::Cui), 9, 0)), vec![a]);
+    }
+    check::<FlatIndex>();
+    check::<PapayaIndex>();
 }

@@ -12,7 +12,7 @@ use dynauth_proto::codec::Packet;
 use dynauth_proto::dict::attr;
 use dynauth_proto::session::{Session, SessionQuery};
 use dynauth_proto::store::{
-    AcceptAll, Applied, DataPlane, Lookup, MatchScope, Refusal, SessionStore,
+    AcceptAll, Applied, DataPlane, Lookup, MatchScope, Refusal, SessionStore, UpsertMode, Upserted,
 };
 use dynauth_table::{FlatIndex, KeyIndex, PapayaIndex, SessionTable};
 
@@ -435,4 +435,161 @@ fn readers_never_see_a_torn_record() {
     for s in table.snapshot() {
         assert_eq!(s.authorization.session_timeout, Some(20_000));
     }
+}
+
+const FEED_NASES: [&str; 2] = ["bng-1", "bng-2"];
+const FEED_SESSIONS: usize = 24;
+const FEED_ROUNDS: u32 = 300;
+
+/// Version `v` of feed session `i` of NAS `n`: the Acct-Session-Id "acct-{i}" on both NASes
+/// (unique per NAS) and the User-Name stay; NAS-Port and Session-Timeout both carry `v`;
+/// Framed-IP-Address alternates between two values, Calling-Station-Id comes and goes, and
+/// the Filter-Ids grow and shrink so that versions move between inline cell and overflow.
+fn feed_session(n: usize, i: usize, v: u32) -> Session {
+    let mut s = Session {
+        acct_session_id: Some(format!("acct-{i}")),
+        user_name: Some(format!("u-{n}-{i}")),
+        framed_ip: Some(core::net::Ipv4Addr::new(
+            10,
+            n as u8,
+            i as u8,
+            1 + (v % 2) as u8,
+        )),
+        calling_station_id: (v % 3 != 0).then(|| format!("02-00-00-00-{n:02X}-{i:02X}")),
+        nas_port: Some(v),
+        nas: Some(FEED_NASES[n].into()),
+        ..Session::default()
+    };
+    s.authorization.session_timeout = Some(v);
+    s.authorization.filter_ids = (0..v % 4).map(|k| format!("filter-{k}-{v}")).collect();
+    s
+}
+
+/// Session feed, RFC 5176 §3: an upsert replaces a session atomically for lock-free readers.
+/// One writer re-upserts every session over and over (changing other fields and some keys);
+/// readers looking a session up by its Acct-Session-Id (shared by both NASes), by
+/// Acct-Session-Id + User-Name, or by User-Name alone always find exactly the sessions that
+/// exist — never none (a delete-then-insert), never one more (an insert-then-delete) — and
+/// read one whole version. A lookup by the alternating Framed-IP-Address finds at most one.
+fn upserts_are_atomic_for_readers<I: KeyIndex + 'static>() {
+    let table = Arc::new(SessionTable::<I>::default());
+    for n in 0..FEED_NASES.len() {
+        for i in 0..FEED_SESSIONS {
+            assert!(table.insert(feed_session(n, i, 0)));
+        }
+    }
+    let total = FEED_NASES.len() * FEED_SESSIONS;
+    let stop = Arc::new(AtomicBool::new(false));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let readers: Vec<_> = (0..2)
+        .map(|t| {
+            let (table, stop) = (table.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut reads = 0u64;
+                let mut k = t * 7;
+                while !stop.load(Ordering::Relaxed) && reads < 5_000_000 {
+                    assert!(std::time::Instant::now() < deadline, "test ran too long");
+                    let (n, i) = (k % FEED_NASES.len(), (k / 2) % FEED_SESSIONS);
+                    k += 1;
+                    let acct = format!("acct-{i}");
+                    let user = format!("u-{n}-{i}");
+                    let by_acct = SessionQuery {
+                        acct_session_id: Some(acct.as_bytes()),
+                        ..Default::default()
+                    };
+                    assert_eq!(
+                        table.peek(&lookup(by_acct, 1)),
+                        Ok(Applied::Sessions(2)),
+                        "{acct} on both NASes"
+                    );
+                    let by_both = SessionQuery {
+                        user_name: Some(user.as_bytes()),
+                        ..by_acct
+                    };
+                    let got = table.matching(&lookup(by_both, 1));
+                    assert_eq!(got.len(), 1, "{acct} + {user}: {got:?}");
+                    let s = &got[0];
+                    let v = s.nas_port.unwrap();
+                    assert_eq!(s, &feed_session(n, i, v), "one whole version");
+                    let by_user = SessionQuery {
+                        user_name: Some(user.as_bytes()),
+                        ..Default::default()
+                    };
+                    assert_eq!(
+                        table.peek(&lookup(by_user, 1)),
+                        Ok(Applied::Sessions(1)),
+                        "{user}"
+                    );
+                    let ip = SessionQuery {
+                        framed_ip: Some(core::net::Ipv4Addr::new(10, n as u8, i as u8, 1)),
+                        ..Default::default()
+                    };
+                    let answer = table.peek(&lookup(ip, 1));
+                    assert!(
+                        matches!(answer, Ok(Applied::Sessions(1)) | Err(Refusal::NotFound)),
+                        "{user} by address: {answer:?}"
+                    );
+                    reads += 1;
+                }
+                reads
+            })
+        })
+        .collect();
+    let writer = {
+        let (table, stop) = (table.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let _stop_on_exit = StopOnDrop(stop);
+            for v in 1..=FEED_ROUNDS {
+                for i in 0..FEED_SESSIONS {
+                    for n in 0..FEED_NASES.len() {
+                        let mode = if v % 2 == 0 {
+                            UpsertMode::Create
+                        } else {
+                            UpsertMode::Refresh
+                        };
+                        assert_eq!(
+                            table.upsert(feed_session(n, i, v), mode, u64::from(v)),
+                            Ok(Upserted::Replaced)
+                        );
+                    }
+                }
+            }
+        })
+    };
+    writer.join().unwrap();
+    for r in readers {
+        assert!(r.join().unwrap() > 0, "the readers ran");
+    }
+    assert_eq!(table.len(), total);
+    let mut want: Vec<Session> = (0..FEED_NASES.len())
+        .flat_map(|n| (0..FEED_SESSIONS).map(move |i| feed_session(n, i, FEED_ROUNDS)))
+        .collect();
+    let mut got = table.snapshot();
+    let order = |s: &Session| (s.nas.clone(), s.user_name.clone());
+    want.sort_by_key(order);
+    got.sort_by_key(order);
+    assert_eq!(got, want);
+    // Index entries did not pile up: one per key value held.
+    let index_entries = table.stats().index_entries;
+    let fresh = SessionTable::<I>::with_sessions(want);
+    assert_eq!(index_entries, fresh.stats().index_entries);
+}
+
+/// Stops the readers also when the writer panics.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn feed_upsert_is_atomic_for_readers_flat() {
+    upserts_are_atomic_for_readers::<FlatIndex>();
+}
+
+#[test]
+fn feed_upsert_is_atomic_for_readers_papaya() {
+    upserts_are_atomic_for_readers::<PapayaIndex>();
 }
