@@ -78,7 +78,8 @@ impl StatsHandle {
 #[derive(Debug)]
 pub struct Listener {
     addr: SocketAddr,
-    stop: Arc<AtomicBool>,
+    /// This listener's own stop flag (the shared one passed to [`spawn`] is only read).
+    halt: Arc<AtomicBool>,
     stats: StatsHandle,
     thread: Option<JoinHandle<()>>,
 }
@@ -99,15 +100,15 @@ impl Listener {
         self.stats.clone()
     }
 
-    /// Sets the stop flag (shared with whoever passed it to [`spawn`]) and waits for the
-    /// thread to end; returns the final counters.
+    /// Stops this listener (the shared stop flag passed to [`spawn`] is left alone) and
+    /// waits for the thread to end; returns the final counters.
     pub fn stop(mut self) -> AccountingStats {
-        self.stop.store(true, Ordering::SeqCst);
+        self.halt.store(true, Ordering::SeqCst);
         self.join_thread();
         self.stats.get()
     }
 
-    /// Waits for the thread to end (after the stop flag was set elsewhere).
+    /// Waits for the thread to end (once the shared stop flag was set elsewhere).
     pub fn join(mut self) -> AccountingStats {
         self.join_thread();
         self.stats.get()
@@ -124,14 +125,15 @@ impl Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
+        self.halt.store(true, Ordering::SeqCst);
         self.join_thread();
     }
 }
 
 /// Binds `addr` and starts the listener thread with the default duplicate-cache size.
 /// Accounting-Requests are accepted from the clients of `clients` (their secrets verify
-/// them), events go to `feed`, and the thread ends once `stop` is set.
+/// them), events go to `feed`, and the thread ends within [`POLL`] once `stop` is set (or
+/// [`Listener::stop`] is called, or the `Listener` is dropped).
 pub fn spawn(
     addr: SocketAddr,
     clients: Arc<ClientTable>,
@@ -153,19 +155,21 @@ pub fn spawn_with(
     socket.set_read_timeout(Some(POLL))?;
     let local = socket.local_addr()?;
     let stats = StatsHandle::default();
+    let halt = Arc::new(AtomicBool::new(false));
     let thread = {
-        let (stop, stats) = (Arc::clone(&stop), stats.clone());
+        let (halt, stats) = (Arc::clone(&halt), stats.clone());
         std::thread::Builder::new()
             .name("dynauth-acct".into())
             .spawn(move || {
                 let accounting = Accounting::new(duplicates);
-                serve(&socket, &clients, &*feed, &stop, accounting, &stats);
+                let stopped = || stop.load(Ordering::Relaxed) || halt.load(Ordering::Relaxed);
+                serve(&socket, &clients, &*feed, &stopped, accounting, &stats);
             })?
     };
     tracing::info!("accounting listener on {local}");
     Ok(Listener {
         addr: local,
-        stop,
+        halt,
         stats,
         thread: Some(thread),
     })
@@ -175,14 +179,14 @@ fn serve(
     socket: &UdpSocket,
     clients: &ClientTable,
     feed: &(dyn Fn(Sequenced) -> Result<FeedOutcome, FeedError> + Send + Sync),
-    stop: &AtomicBool,
+    stopped: &dyn Fn() -> bool,
     mut accounting: Accounting,
     stats: &StatsHandle,
 ) {
     let epoch = Instant::now();
     let mut datagram = vec![0u8; MAX_PACKET_LEN];
     let mut answer = vec![0u8; MAX_PACKET_LEN];
-    while !stop.load(Ordering::Relaxed) {
+    while !stopped() {
         let (len, peer) = match socket.recv_from(&mut datagram) {
             Ok(got) => got,
             Err(e)

@@ -342,3 +342,23 @@ fn retransmission_is_answered_from_the_cache_and_applied_once() {
     let stats = listener.stop();
     assert_eq!((stats.received, stats.duplicates, stats.applied), (2, 1, 1));
 }
+
+#[test]
+fn the_shared_stop_flag_ends_the_listener() {
+    let clients = Arc::new(ClientTable::default());
+    let store = Arc::new(MemoryStore::new(TombstonePolicy::default()));
+    let feed = Arc::new(Mutex::new(Feed::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let listener = accounting::spawn(
+        "127.0.0.1:0".parse().unwrap(),
+        clients,
+        accounting::feed_fn(feed, store, Instant::now()),
+        Arc::clone(&stop),
+    )
+    .unwrap();
+    let begun = Instant::now();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let stats = listener.join();
+    assert!(begun.elapsed() < Duration::from_secs(2));
+    assert_eq!(stats.received, 0);
+}
