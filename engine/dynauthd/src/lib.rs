@@ -14,6 +14,7 @@
 //! Must not touch: syscalls (they are `dynauth_udp`'s) or protocol rules (`dynauth_proto`'s).
 #![forbid(unsafe_code)]
 
+pub mod accounting;
 pub mod config;
 pub mod control;
 pub mod feed;

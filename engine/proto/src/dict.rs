@@ -9,6 +9,8 @@
 pub mod code {
     pub const ACCESS_REQUEST: u8 = 1;
     pub const ACCOUNTING_REQUEST: u8 = 4;
+    /// RFC 2866 §3: the answer to an Accounting-Request.
+    pub const ACCOUNTING_RESPONSE: u8 = 5;
     pub const STATUS_SERVER: u8 = 12;
     pub const DISCONNECT_REQUEST: u8 = 40;
     pub const DISCONNECT_ACK: u8 = 41;
@@ -36,6 +38,8 @@ pub mod attr {
     pub const CALLING_STATION_ID: u8 = 31;
     pub const NAS_IDENTIFIER: u8 = 32;
     pub const PROXY_STATE: u8 = 33;
+    /// RFC 2866 §5.1.
+    pub const ACCT_STATUS_TYPE: u8 = 40;
     pub const ACCT_SESSION_ID: u8 = 44;
     pub const ACCT_MULTI_SESSION_ID: u8 = 50;
     pub const EVENT_TIMESTAMP: u8 = 55;
@@ -58,6 +62,15 @@ pub mod vendor {
     pub const THREE_GPP: u32 = 10415;
     pub const THREE_GPP_IMSI: u8 = 1;
     pub const THREE_GPP_NSAPI: u8 = 10;
+}
+
+/// Acct-Status-Type values (RFC 2866 §5.1, RFC 2867 for the tunnel ones).
+pub mod acct_status {
+    pub const START: u32 = 1;
+    pub const STOP: u32 = 2;
+    pub const INTERIM_UPDATE: u32 = 3;
+    pub const ACCOUNTING_ON: u32 = 7;
+    pub const ACCOUNTING_OFF: u32 = 8;
 }
 
 /// Service-Type values (RFC 2865 §5.6, RFC 5176 §3.2).
@@ -175,6 +188,7 @@ pub const fn code_name(c: u8) -> &'static str {
     match c {
         code::ACCESS_REQUEST => "Access-Request",
         code::ACCOUNTING_REQUEST => "Accounting-Request",
+        code::ACCOUNTING_RESPONSE => "Accounting-Response",
         code::STATUS_SERVER => "Status-Server",
         code::DISCONNECT_REQUEST => "Disconnect-Request",
         code::DISCONNECT_ACK => "Disconnect-ACK",

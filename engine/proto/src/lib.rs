@@ -16,6 +16,8 @@
 //! - [`session`], [`change`]: the session model, queries and matching; CoA changes.
 //! - [`feed`]: the session feed's event model (Upsert, Delete, NasReset, resync) and its
 //!   per-NAS ordering.
+//! - [`accounting`]: RADIUS Accounting (RFC 2866) as a session feed: an Accounting-Request
+//!   verified and turned into a feed event, its Accounting-Response, its duplicate cache.
 //! - [`store`]: the `SessionStore` and `DataPlane` traits and a reference store
 //!   (the carrier-scale one is the `dynauth-table` crate).
 //! - [`synth`]: deterministic synthetic sessions (benchmarks, demo, load generator).
@@ -26,6 +28,7 @@
 //!   answer's layout and signatures), tied together by [`engine`] ([`Engine`]).
 #![forbid(unsafe_code)]
 
+pub mod accounting;
 pub mod answer;
 pub mod auth;
 pub mod change;
