@@ -92,6 +92,10 @@ pub struct Cli {
     /// Serve Prometheus text metrics over HTTP on this address (e.g. 127.0.0.1:9799).
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics: Option<SocketAddr>,
+    /// Learn sessions from RADIUS Accounting-Requests (RFC 2866) on this address; repeatable
+    /// (the standard port is 1813). See docs/ACCOUNTING.md.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub accounting_listen: Vec<SocketAddr>,
     /// Listen for the gateway's agents and dynauthctl on this Unix socket (docs/CONTROL.md).
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
@@ -334,6 +338,8 @@ pub struct Settings {
     pub metrics: Option<SocketAddr>,
     /// The control socket, if any.
     pub control: Option<crate::control::ControlConfig>,
+    /// Where to receive RADIUS Accounting (the zero-integration session feed).
+    pub accounting_listen: Vec<SocketAddr>,
     pub clients: Vec<Client>,
     pub nas: NasIdentity,
     pub dedup: DedupConfig,
@@ -668,6 +674,7 @@ fn combine(loaded: Loaded, cli: &Cli) -> Result<Settings, ConfigError> {
             .unwrap_or(DEFAULT_STATS_INTERVAL_SECS),
         gso: cli.gso || file.gso.unwrap_or(false),
         metrics: cli.metrics.or(file.metrics),
+        accounting_listen: cli.accounting_listen.clone(),
         control: cli.control.as_ref().map(|path| {
             let mut c = crate::control::ControlConfig::new(path.clone());
             if let Some(mode) = cli.control_mode {

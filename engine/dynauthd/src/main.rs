@@ -3,6 +3,7 @@
 
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use anyhow::Context as _;
 use clap::Parser as _;
@@ -97,6 +98,7 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
     let shutdown = dynauth_udp::install_shutdown_signals()
         .context("installing the SIGINT/SIGTERM handlers")?;
     let table = Arc::clone(&store);
+    let clients = Arc::new(engine_config.clients.clone());
     let store: Arc<dyn SessionStore> = store;
     let server = runtime::start(
         &settings,
@@ -125,13 +127,27 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
             );
             Some(control)
         }
-        None => {
-            tracing::info!(
-                "no --control socket: sessions come only from the session file, and Disconnect/CoA change the table only (no data plane is connected)"
-            );
-            None
-        }
+        None => None,
     };
+    let accounting_stop = Arc::new(AtomicBool::new(false));
+    let mut accounting = Vec::new();
+    for &addr in &settings.accounting_listen {
+        let feed = Arc::clone(&feed);
+        let listener = dynauthd::accounting::spawn(
+            addr,
+            Arc::clone(&clients),
+            Arc::new(move |event| feed.apply(event)),
+            Arc::clone(&accounting_stop),
+        )
+        .with_context(|| format!("--accounting-listen {addr}"))?;
+        tracing::info!("RADIUS Accounting on {}", listener.local_addr());
+        accounting.push(listener);
+    }
+    if control.is_none() && accounting.is_empty() {
+        tracing::info!(
+            "no --control socket and no --accounting-listen: sessions come only from the session file, and Disconnect/CoA change the table only (no data plane is connected)"
+        );
+    }
     let addrs = server
         .local_addrs
         .iter()
@@ -148,6 +164,9 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
     if let Some(c) = &control {
         extras = format!(" control={}", c.path().display());
     }
+    for a in &accounting {
+        extras.push_str(&format!(" accounting={}", a.local_addr()));
+    }
     if let Some(addr) = settings.metrics {
         let names = settings.clients.iter().map(|c| c.name.clone()).collect();
         let bound = server.serve_metrics(addr, names)?;
@@ -163,6 +182,10 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
     let totals = server.run_until(shutdown);
     if let Some(c) = control {
         c.stop();
+    }
+    accounting_stop.store(true, std::sync::atomic::Ordering::Release);
+    for a in accounting {
+        a.join();
     }
     tracing::info!("totals: {}", totals.summary());
     println!("dynauthd totals: {}", totals.summary());

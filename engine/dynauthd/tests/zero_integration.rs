@@ -1,0 +1,117 @@
+//! Zero-integration mode end to end: the real dynauthd learns sessions from FreeRADIUS
+//! `radclient ... acct` (RFC 2866) on `--accounting-listen`, and Disconnect-Requests by the
+//! learnt keys get the answers RFC 5176 §3 requires: ACK while the session lives, ACK with
+//! Error-Cause 201 for a retry after Stop (tombstone), NAK 503 for a NAS that rebooted.
+
+mod daemon;
+
+use std::io::Write;
+use std::net::{SocketAddr, UdpSocket};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use daemon::{check_answer, exchange, request, start_ok};
+use dynauth_proto::auth::Secret;
+
+const SECRET: &str = "zero-integration-secret";
+
+fn acct(server: SocketAddr, attrs: &str) {
+    let bin = daemon::radclient()
+        .expect("radclient not found: apt-get install freeradius-utils (.ci/run installs it)");
+    let mut child = Command::new(bin)
+        .args(["-x", "-r", "1", "-t", "2"])
+        .arg(server.to_string())
+        .arg("acct")
+        .arg(SECRET)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn radclient");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(attrs.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("Received Accounting-Response"),
+        "no Accounting-Response for:\n{attrs}\nradclient said:\n{text}"
+    );
+}
+
+fn disconnect(to: SocketAddr, id: u8, attrs: &[(u8, &[u8])]) -> (u8, Option<u32>) {
+    let secret = Secret::new(SECRET).unwrap();
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let req = request(40, id, attrs, false, &secret);
+    let (answer, _) = exchange(&sock, to, &req, Duration::from_secs(5)).expect("an answer");
+    let (code, cause, _) = check_answer(&answer, &req, &secret);
+    (code, cause)
+}
+
+#[test]
+fn sessions_learnt_from_accounting_are_disconnected_by_their_keys() {
+    let client = format!("127.0.0.1/32={SECRET}");
+    let d = start_ok(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--accounting-listen",
+        "127.0.0.1:0",
+        "--client",
+        &client,
+        "--io",
+        "mmsg",
+        "--shards",
+        "1",
+    ]);
+    let accounting: SocketAddr = d
+        .banner
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("accounting=")?.parse().ok())
+        .unwrap_or_else(|| panic!("banner names the accounting address: {}", d.banner));
+    let das = d.addr();
+    let start = |id: &str, user: &str, ip: &str| {
+        format!(
+            "Acct-Status-Type = Start\nNAS-Identifier = \"bng1\"\nAcct-Session-Id = \"{id}\"\nUser-Name = \"{user}\"\nFramed-IP-Address = {ip}\n"
+        )
+    };
+    acct(accounting, &start("A-1", "alice", "100.64.0.1"));
+    acct(accounting, &start("A-2", "bob", "100.64.0.2"));
+    acct(accounting, &start("A-3", "carol", "100.64.0.3"));
+    // By the learnt User-Name: the session exists, Disconnect-ACK.
+    assert_eq!(disconnect(das, 1, &[(1, b"alice")]), (41, None));
+    // By Framed-IP-Address after an Interim-Update.
+    acct(
+        accounting,
+        "Acct-Status-Type = Interim-Update\nNAS-Identifier = \"bng1\"\nAcct-Session-Id = \"A-2\"\nUser-Name = \"bob\"\nFramed-IP-Address = 100.64.0.2\n",
+    );
+    // The NAS ended A-2 itself (Stop): a Disconnect retry finds its tombstone (201).
+    acct(
+        accounting,
+        "Acct-Status-Type = Stop\nNAS-Identifier = \"bng1\"\nAcct-Session-Id = \"A-2\"\n",
+    );
+    assert_eq!(
+        disconnect(das, 2, &[(8, &[100, 64, 0, 2])]),
+        (41, Some(201))
+    );
+    // An Interim after Stop does not bring it back.
+    acct(
+        accounting,
+        "Acct-Status-Type = Interim-Update\nNAS-Identifier = \"bng1\"\nAcct-Session-Id = \"A-2\"\nUser-Name = \"bob\"\n",
+    );
+    assert_eq!(disconnect(das, 3, &[(1, b"bob")]), (41, Some(201)));
+    // The NAS rebooted (Accounting-On): carol is gone; by a key no tombstone knows, 503.
+    acct(
+        accounting,
+        "Acct-Status-Type = Accounting-On\nNAS-Identifier = \"bng1\"\n",
+    );
+    assert_eq!(disconnect(das, 4, &[(1, b"carol")]), (41, Some(201)));
+    assert_eq!(disconnect(das, 5, &[(1, b"dave")]), (42, Some(503)));
+    d.stop();
+}
