@@ -5,9 +5,9 @@
 //! resurrect the session; Accounting-On wipes that NAS only; a retransmission is answered
 //! byte for byte and applied once; a wrong secret gets no answer.
 
-use std::io::Write;
+mod daemon;
+
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
-use std::process::{Command, Stdio};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -51,43 +51,9 @@ fn setup() -> Setup {
     }
 }
 
-fn radclient_bin() -> std::path::PathBuf {
-    std::env::var_os("PATH")
-        .and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|p| p.join("radclient"))
-                .find(|p| p.is_file())
-        })
-        .expect(
-            "radclient not found: apt-get install freeradius-utils (.ci/run installs it); \
-             this interop test does not skip",
-        )
-}
-
 /// Runs radclient once (one try, bounded) and returns its output.
 fn radclient(server: SocketAddr, secret: &str, attrs: &str) -> String {
-    let mut child = Command::new(radclient_bin())
-        .args(["-x", "-r", "1", "-t", "2"])
-        .arg(server.to_string())
-        .arg("acct")
-        .arg(secret)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn radclient");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(attrs.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+    daemon::run_radclient(server, "acct", secret, attrs)
 }
 
 fn acct(server: SocketAddr, attrs: &str) {

@@ -13,29 +13,7 @@ use daemon::*;
 
 /// Runs radclient once (one try, bounded) and returns its output.
 fn radclient(server: SocketAddr, kind: &str, secret: &str, attrs: &str) -> String {
-    let bin = daemon::radclient().expect("radclient");
-    let mut child = Command::new(bin)
-        .args(["-x", "-r", "1", "-t", "2"])
-        .arg(server.to_string())
-        .arg(kind)
-        .arg(secret)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn radclient");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(attrs.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+    daemon::run_radclient(server, kind, secret, attrs)
 }
 
 fn have_radclient() -> bool {

@@ -5,9 +5,7 @@
 
 mod daemon;
 
-use std::io::Write;
 use std::net::{SocketAddr, UdpSocket};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use daemon::{check_answer, exchange, request, start_ok};
@@ -16,30 +14,7 @@ use dynauth_proto::auth::Secret;
 const SECRET: &str = "zero-integration-secret";
 
 fn acct(server: SocketAddr, attrs: &str) {
-    let bin = daemon::radclient()
-        .expect("radclient not found: apt-get install freeradius-utils (.ci/run installs it)");
-    let mut child = Command::new(bin)
-        .args(["-x", "-r", "1", "-t", "2"])
-        .arg(server.to_string())
-        .arg("acct")
-        .arg(SECRET)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn radclient");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(attrs.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = daemon::run_radclient(server, "acct", SECRET, attrs);
     assert!(
         text.contains("Received Accounting-Response"),
         "no Accounting-Response for:\n{attrs}\nradclient said:\n{text}"

@@ -1,6 +1,7 @@
 //! Shared helpers for the tests that run the real `dynauthd` binary on loopback.
 #![allow(dead_code)]
 
+use std::io::Write as _;
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;
@@ -217,4 +218,34 @@ pub fn radclient() -> Option<PathBuf> {
             .map(|p| p.join("radclient"))
             .find(|p| p.is_file())
     })
+}
+
+/// Runs FreeRADIUS's radclient once (one try, 2 s timeout) with `attrs` on stdin and returns
+/// everything it printed. `kind` is `disconnect`, `coa` or `acct`. Panics with the install
+/// hint when radclient is missing (callers that may skip check [`radclient`] first).
+pub fn run_radclient(server: SocketAddr, kind: &str, secret: &str, attrs: &str) -> String {
+    let bin = radclient()
+        .expect("radclient not found: apt-get install freeradius-utils (.ci/run installs it)");
+    let mut child = Command::new(bin)
+        .args(["-x", "-r", "1", "-t", "2"])
+        .arg(server.to_string())
+        .arg(kind)
+        .arg(secret)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn radclient");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(attrs.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
