@@ -2,6 +2,10 @@
 
 mod common;
 
+/// The store the shared test support runs the engine over (see `common`).
+#[allow(dead_code)]
+type StoreUnderTest = dynauth_proto::store::MemoryStore;
+
 use common::*;
 use dynauth_proto::Outcome;
 use dynauth_proto::client::ClientPolicy;

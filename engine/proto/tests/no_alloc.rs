@@ -5,6 +5,10 @@
 
 mod common;
 
+/// The store the shared test support runs the engine over (see `common`).
+#[allow(dead_code)]
+type StoreUnderTest = dynauth_proto::store::MemoryStore;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 

@@ -7,6 +7,10 @@
 
 mod common;
 
+/// The store the shared test support runs the engine over (see `common`).
+#[allow(dead_code)]
+type StoreUnderTest = dynauth_proto::store::MemoryStore;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;

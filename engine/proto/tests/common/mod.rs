@@ -1,5 +1,9 @@
-//! Test support: building signed requests, running them through an `Engine` over a
-//! `MemoryStore`, and reading answers (every answer's authenticators are checked here).
+//! Test support: building signed requests, running them through an `Engine` over the store
+//! under test, and reading answers (every answer's authenticators are checked here).
+//!
+//! The store under test is the including crate root's `StoreUnderTest`: `MemoryStore` in this
+//! crate's tests, the carrier `SessionTable` when `engine/table/tests/conformance.rs` runs the
+//! same conformance suite (`spec_rules.rs`) against the store dynauthd serves from.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
@@ -11,8 +15,27 @@ use dynauth_proto::client::{Client, ClientPolicy, ClientTable, NasIdentity};
 use dynauth_proto::codec::{MAX_PACKET_LEN, Packet, PacketWriter};
 use dynauth_proto::dict::{ErrorCause, attr};
 use dynauth_proto::session::Session;
-use dynauth_proto::store::{DataPlane, MemoryStore};
+use dynauth_proto::store::{DataPlane, MemoryStore, SessionStore};
 use dynauth_proto::{Engine, EngineConfig, Now, Outcome};
+
+/// A store the conformance suite can run against.
+pub trait TestStore: SessionStore + 'static {
+    fn from_sessions(sessions: Vec<Session>) -> Self;
+    /// Every live session.
+    fn sessions(&self) -> Vec<Session>;
+}
+
+impl TestStore for MemoryStore {
+    fn from_sessions(sessions: Vec<Session>) -> Self {
+        MemoryStore::with_sessions(sessions)
+    }
+    fn sessions(&self) -> Vec<Session> {
+        self.snapshot()
+    }
+}
+
+/// The store under test (see the module doc).
+pub type Store = crate::StoreUnderTest;
 
 pub const SECRET: &str = "testing123";
 pub const NOW: Now = Now {
@@ -116,7 +139,7 @@ impl DataPlane for RecordingDataPlane {
 
 pub struct Fixture {
     pub engine: Engine,
-    pub store: Arc<MemoryStore>,
+    pub store: Arc<Store>,
     pub data_plane: Arc<RecordingDataPlane>,
     pub out: Vec<u8>,
 }
@@ -185,7 +208,7 @@ impl Fixture {
             nas,
             dedup: Default::default(),
         };
-        let store = Arc::new(MemoryStore::with_sessions(sessions));
+        let store = Arc::new(<Store as TestStore>::from_sessions(sessions));
         let data_plane = Arc::new(RecordingDataPlane::default());
         let engine = Engine::new(Arc::new(config), store.clone(), data_plane.clone());
         Fixture {
