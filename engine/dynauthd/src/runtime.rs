@@ -519,6 +519,21 @@ pub fn prometheus_text(totals: &Totals, client_names: &[&str]) -> String {
             io.gso_messages,
         ),
         (
+            "dynauth_truncated_datagrams_total",
+            "Datagrams longer than 4096 octets (MSG_TRUNC; the excess is padding, RFC 2865 section 3)",
+            io.truncated,
+        ),
+        (
+            "dynauth_control_truncated_total",
+            "Datagrams dropped because their control messages were cut (MSG_CTRUNC)",
+            io.control_truncated,
+        ),
+        (
+            "dynauth_unparsable_sources_total",
+            "Datagrams dropped because their source address could not be read",
+            io.unparsable,
+        ),
+        (
             "dynauth_dedup_evicted_early_total",
             "Cached answers dropped before their window ended",
             d.evicted_early,

@@ -504,3 +504,54 @@ fn several_listen_addresses_each_answer() {
         daemon.stop();
     }
 }
+
+/// A datagram longer than 4096 octets (MSG_TRUNC on receive): RFC 2865 §3 makes the octets
+/// past the Length field padding, so the request inside is answered, and the truncation is
+/// counted (`dynauth_truncated_datagrams_total`).
+fn oversized_datagram_is_answered_and_counted(io: &str) {
+    use std::io::{Read, Write};
+    let Some(daemon) = start_backend(io, "1", &["--metrics", "127.0.0.1:0"], "oversized") else {
+        return;
+    };
+    let metrics: SocketAddr = daemon
+        .banner
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("metrics="))
+        .expect("metrics address in the banner")
+        .parse()
+        .unwrap();
+    let secret = Secret::new(SECRET).unwrap();
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let asid = synth::acct_session_id(9, 2);
+    let mut req = request(40, 7, &[(44, asid.as_bytes())], true, &secret);
+    let signed = req.clone();
+    req.resize(5000, 0);
+    let (answer, _) = exchange(&sock, daemon.addr(), &req, WAIT).expect("answered");
+    assert_eq!(
+        check_answer(&answer, &signed, &secret).0,
+        41,
+        "Disconnect-ACK"
+    );
+    std::thread::sleep(Duration::from_millis(600));
+    let mut http = std::net::TcpStream::connect(metrics).unwrap();
+    http.set_read_timeout(Some(WAIT)).unwrap();
+    http.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut body = String::new();
+    http.read_to_string(&mut body).unwrap();
+    assert!(
+        body.contains("dynauth_truncated_datagrams_total 1"),
+        "{body}"
+    );
+    assert!(body.contains("dynauth_control_truncated_total 0"), "{body}");
+    daemon.stop();
+}
+
+#[test]
+fn mmsg_oversized_datagram_is_answered_and_counted() {
+    oversized_datagram_is_answered_and_counted("mmsg");
+}
+
+#[test]
+fn uring_oversized_datagram_is_answered_and_counted() {
+    oversized_datagram_is_answered_and_counted("uring");
+}

@@ -119,6 +119,13 @@ pub struct IoStats {
     pub recv_errors: u64,
     /// Datagrams whose source address could not be read.
     pub unparsable: u64,
+    /// Datagrams longer than the receive buffer (MSG_TRUNC). RADIUS packets are at most 4096
+    /// octets and octets past the Length field are padding (RFC 2865 §3), so the packet itself
+    /// arrived whole: these are counted and decided as usual.
+    pub truncated: u64,
+    /// Datagrams whose control messages were cut (MSG_CTRUNC): the local address the answer
+    /// must leave from may be lost, so they are dropped and counted.
+    pub control_truncated: u64,
     /// io_uring: the provided-buffer ring ran dry (the kernel then drops datagrams).
     pub out_of_buffers: u64,
     /// Batches (wake-ups that found at least one datagram).
@@ -135,6 +142,8 @@ impl IoStats {
         self.send_errors += o.send_errors;
         self.recv_errors += o.recv_errors;
         self.unparsable += o.unparsable;
+        self.truncated += o.truncated;
+        self.control_truncated += o.control_truncated;
         self.out_of_buffers += o.out_of_buffers;
         self.batches += o.batches;
         self.gso_messages += o.gso_messages;

@@ -204,6 +204,14 @@ impl MmsgBackend {
             let ctrllen = hdr.msg_hdr.msg_controllen.min(CONTROL_LEN);
             let info = parse_control(&self.rx_ctrl[i].0[..ctrllen]);
             self.drops.update(s, info.drops, &mut self.stats);
+            let flags = hdr.msg_hdr.msg_flags;
+            if flags & libc::MSG_CTRUNC != 0 {
+                self.stats.control_truncated += 1;
+                continue;
+            }
+            if flags & libc::MSG_TRUNC != 0 {
+                self.stats.truncated += 1;
+            }
             let Some(source) = parse_sockaddr(&self.rx_names[i].0[..namelen]) else {
                 self.stats.unparsable += 1;
                 continue;

@@ -402,6 +402,17 @@ impl UringBackend {
                     if let Some(info) = info {
                         self.drops.update(index, info.drops, &mut self.stats);
                     }
+                    if msg
+                        .as_ref()
+                        .is_some_and(RecvMsgOut::is_control_data_truncated)
+                    {
+                        self.stats.control_truncated += 1;
+                        self.give_buffer(bid);
+                        continue;
+                    }
+                    if msg.as_ref().is_some_and(RecvMsgOut::is_payload_truncated) {
+                        self.stats.truncated += 1;
+                    }
                     let source = msg.as_ref().and_then(|m| parse_sockaddr(m.name_data()));
                     let (Some(msg), Some(info), Some(source)) = (msg.as_ref(), info, source) else {
                         self.stats.unparsable += 1;
