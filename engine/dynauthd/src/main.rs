@@ -95,6 +95,11 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
             "demo mode: the shared secret is the public `{DEMO_SECRET}`; {DEMO_SESSIONS} synthetic sessions demo-1 ... demo-{DEMO_SESSIONS}"
         );
     }
+    if settings.nas.identifiers.is_empty() {
+        tracing::info!(
+            "no --nas-identifier configured: a request carrying NAS-Identifier gets NAK 403 (NAS-IP-Address / NAS-IPv6-Address default to the address a request arrived on)"
+        );
+    }
     let shutdown = dynauth_udp::install_shutdown_signals()
         .context("installing the SIGINT/SIGTERM handlers")?;
     let table = Arc::clone(&store);

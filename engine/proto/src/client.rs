@@ -329,6 +329,10 @@ pub struct NasIdentity {
 }
 
 impl NasIdentity {
+    /// Whether `id` is one of this NAS's NAS-Identifiers. Unlike the addresses, an identifier
+    /// has no natural default (the address a request arrived on stands in for NAS-IP-Address),
+    /// so with none configured every NAS-Identifier is a mismatch (NAK 403; SPEC §5,
+    /// docs/CONFORMANCE.md rule 5.4) and dynauthd says so in its start-up log.
     pub fn identifier_matches(&self, id: &[u8]) -> bool {
         self.identifiers.iter().any(|own| own.as_bytes() == id)
     }
@@ -419,5 +423,17 @@ mod tests {
         };
         assert!(nas.ipv4_matches("198.51.100.1".parse().unwrap(), arrived));
         assert!(!nas.ipv4_matches("192.0.2.7".parse().unwrap(), arrived));
+    }
+
+    #[test]
+    fn spec_5_4_no_configured_identifier_matches_no_nas_identifier() {
+        let nas = NasIdentity::default();
+        assert!(!nas.identifier_matches(b"bng-1"));
+        let nas = NasIdentity {
+            identifiers: vec!["bng-1".into()],
+            ..Default::default()
+        };
+        assert!(nas.identifier_matches(b"bng-1"));
+        assert!(!nas.identifier_matches(b"bng-2"));
     }
 }
