@@ -1,17 +1,24 @@
-//! Support for the cargo-fuzz target (`engine/proto/fuzz`) and its corpus replay test: one function
-//! that runs arbitrary bytes through every decoder and the whole decision path. Not part of
-//! the public API.
+//! Support for the cargo-fuzz target (`engine/proto/fuzz`) and its corpus replay test: arbitrary
+//! bytes through every decoder and the whole decision path, one datagram at a time
+//! ([`decode_and_decide`]) or as a sequence with the clock moving ([`decide_sequence`]). Not
+//! part of the public API.
 //!
 //! Owns: the fixed engine the fuzzer drives (one client at 127.0.0.1 with secret
-//! `fuzz-secret`, a few sessions, every policy switch that widens the reachable code).
+//! `fuzz-secret`, a few sessions, every policy switch that widens the reachable code) and the
+//! oracle, which checks meaning, not only shape: no answer to a request that fails
+//! authentication; every answer parses, carries the request's Identifier, has the matching
+//! ACK/NAK code, verifies with the secret (Response Authenticator and Message-Authenticator),
+//! and echoes every State and every Proxy-State in order; a replayed answer is byte for byte
+//! the first answer to that request, and never replayed once its window has passed.
 #![forbid(unsafe_code)]
 
 use std::cell::RefCell;
 use std::sync::Arc;
 
-use crate::auth::Secret;
+use crate::auth::{self, ResponseCheck, Secret};
 use crate::client::{Client, ClientTable, NasIdentity};
 use crate::codec::{MAX_PACKET_LEN, Packet};
+use crate::dict::attr;
 use crate::engine::{Engine, EngineConfig, Now, Outcome};
 use crate::store::{AcceptAll, MemoryStore};
 
@@ -71,23 +78,141 @@ pub fn decode_and_decide(data: &[u8]) {
     decide_once(copy);
 }
 
+/// The time of the first datagram of every run.
+const START: Now = Now {
+    unix_secs: 1_795_263_234,
+    monotonic_ms: 1_000,
+};
+
+/// The answer window of the fuzzing client (its Event-Timestamp window, the default).
+const WINDOW_MS: u64 = 300_000;
+
 fn decide_once(data: &[u8]) {
     ENGINE.with(|engine| {
         let mut out = [0u8; MAX_PACKET_LEN];
-        let now = Now {
-            unix_secs: 1_795_263_234,
-            monotonic_ms: 1_000,
-        };
         let outcome = engine.borrow_mut().handle(
             data,
+            "127.0.0.1:40000".parse().expect("valid address"),
+            "127.0.0.1:3799".parse().expect("valid address"),
+            START,
+            &mut out,
+        );
+        check_outcome(data, outcome, &out);
+    });
+}
+
+/// The bytes an outcome sends, after the oracle checked them against the request.
+fn check_outcome<'o>(request: &[u8], outcome: Outcome, out: &'o [u8]) -> Option<&'o [u8]> {
+    let len = match outcome {
+        Outcome::Discard(_) => return None,
+        Outcome::Answer(a) => a.len,
+        Outcome::Replay { len } => len,
+    };
+    let bytes = out.get(..len).unwrap_or_default();
+    let answer = Packet::parse(bytes).expect("every answer is a well-formed packet");
+    let request = Packet::parse(request).expect("only a well-formed request is answered");
+    let secret = Secret::new(FUZZ_SECRET).expect("non-empty");
+    assert!(
+        auth::request_authenticator_is_valid(&request, &secret),
+        "no answer to a request that fails authentication"
+    );
+    assert_eq!(answer.identifier(), request.identifier(), "same Identifier");
+    assert!(
+        answer.code() == request.code() + 1 || answer.code() == request.code() + 2,
+        "ACK or NAK of the request's kind"
+    );
+    assert_eq!(
+        auth::verify_response(&answer, request.authenticator(), &secret),
+        ResponseCheck::Valid,
+        "the answer verifies with the client's secret"
+    );
+    let echoed = |p: &Packet<'_>, ty: u8| -> Vec<Vec<u8>> {
+        p.attributes()
+            .map_while(Result::ok)
+            .filter(|a| a.ty == ty)
+            .map(|a| a.value.to_vec())
+            .collect()
+    };
+    for ty in [attr::STATE, attr::PROXY_STATE] {
+        assert_eq!(
+            echoed(&answer, ty),
+            echoed(&request, ty),
+            "every State and Proxy-State echoed in order"
+        );
+    }
+    Some(bytes)
+}
+
+/// Runs a sequence of datagrams through one fresh engine: each is a 2-octet big-endian
+/// length, a 2-octet clock step in seconds, then that many octets (signed with
+/// [`FUZZ_SECRET`] when they parse, so that sequences reach the decisions and the duplicate
+/// cache). Besides the per-answer oracle, a replay must be the first answer's bytes and may
+/// come only within the answer window. Returns what happened, for tests that must know the
+/// sequence reached the cache.
+pub fn decide_sequence(data: &[u8]) -> SequenceStats {
+    let mut stats = SequenceStats::default();
+    let mut engine = engine();
+    let secret = Secret::new(FUZZ_SECRET).expect("non-empty");
+    let mut now = START;
+    let mut first_answers: Vec<(Vec<u8>, Vec<u8>, u64)> = Vec::new();
+    let mut rest = data;
+    while let [l0, l1, s0, s1, tail @ ..] = rest {
+        let len = usize::from(u16::from_be_bytes([*l0, *l1])).min(tail.len());
+        let step = u64::from(u16::from_be_bytes([*s0, *s1]));
+        let (datagram, after) = tail.split_at(len);
+        rest = after;
+        now.unix_secs += step;
+        now.monotonic_ms += step * 1000;
+        let mut request = datagram.to_vec();
+        if let Ok(p) = Packet::parse(datagram) {
+            let ma = p
+                .attributes()
+                .map_while(Result::ok)
+                .find(|a| a.ty == attr::MESSAGE_AUTHENTICATOR && a.value.len() == 16)
+                .map(|a| a.value_offset());
+            let plen = p.length();
+            request.truncate(plen);
+            auth::sign_request(&mut request, ma, &secret);
+        }
+        let mut out = [0u8; MAX_PACKET_LEN];
+        let outcome = engine.handle(
+            &request,
             "127.0.0.1:40000".parse().expect("valid address"),
             "127.0.0.1:3799".parse().expect("valid address"),
             now,
             &mut out,
         );
-        if let Outcome::Answer(a) = outcome {
-            let answer = Packet::parse(out.get(..a.len).unwrap_or_default());
-            assert!(answer.is_ok(), "every answer is a well-formed packet");
+        let replay = matches!(outcome, Outcome::Replay { .. });
+        let Some(bytes) = check_outcome(&request, outcome, &out) else {
+            continue;
+        };
+        stats.answers += 1;
+        stats.replays += usize::from(replay);
+        let key = request.get(..20).unwrap_or_default();
+        let earlier = first_answers
+            .iter()
+            .rev()
+            .find(|(k, _, at)| k.as_slice() == key && at + WINDOW_MS >= now.monotonic_ms);
+        if replay {
+            let (_, first, _) =
+                earlier.expect("a replay answers a request answered within its window");
+            assert_eq!(
+                bytes,
+                first.as_slice(),
+                "a replay is the first answer, byte for byte"
+            );
+        } else if first_answers.len() < 256 {
+            first_answers.push((key.to_vec(), bytes.to_vec(), now.monotonic_ms));
         }
-    });
+    }
+    stats
+}
+
+/// What one [`decide_sequence`] run did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SequenceStats {
+    /// Datagrams answered (fresh or replayed).
+    pub answers: usize,
+    /// Of those, answers replayed from the duplicate cache.
+    pub replays: usize,
 }

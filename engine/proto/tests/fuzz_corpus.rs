@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use dynauth_proto::fuzzing::decode_and_decide;
+use dynauth_proto::fuzzing::{decide_sequence, decode_and_decide};
 
 #[test]
 fn fuzz_corpus_replays_without_panic() {
@@ -25,4 +25,37 @@ fn fuzz_corpus_replays_without_panic() {
         "corpus too small: {replayed} files in {}",
         dir.display()
     );
+}
+
+/// The corpus as sequences: each file sent, then retransmitted at once (a replay from the
+/// cache), then again after the 300 s answer window (decided afresh), so the oracle in
+/// `decide_sequence` checks replay bytes and expiry; the clock moves between files.
+#[test]
+fn fuzz_corpus_replays_as_sequences() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/decode_decide");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .expect("the corpus folder exists")
+        .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+        .collect();
+    files.sort();
+    let (mut answers, mut replays) = (0, 0);
+    for window in files.windows(3) {
+        let mut sequence = Vec::new();
+        for data in window {
+            let len = u16::try_from(data.len().min(4096)).unwrap();
+            for step in [1u16, 0, 301] {
+                sequence.extend_from_slice(&len.to_be_bytes());
+                sequence.extend_from_slice(&step.to_be_bytes());
+                sequence.extend_from_slice(&data[..usize::from(len)]);
+            }
+        }
+        let stats = decide_sequence(&sequence);
+        answers += stats.answers;
+        replays += stats.replays;
+    }
+    assert!(
+        answers > 100,
+        "the sequences reach the decisions: {answers} answers"
+    );
+    assert!(replays > 30, "and the duplicate cache: {replays} replays");
 }
