@@ -127,6 +127,9 @@ fn zeroed(n: usize) -> Box<[AtomicU64]> {
 pub(crate) struct Arena {
     words: Box<[OnceLock<Box<[AtomicU64]>>]>,
     cells: Box<[OnceLock<Box<[AtomicU64]>>]>,
+    /// Overflow words the bump pointer may hand out (all of them, but for tests that need
+    /// an arena that fills up).
+    word_limit: u64,
 }
 
 impl Default for Arena {
@@ -134,8 +137,19 @@ impl Default for Arena {
         Arena {
             words: chunks(WORD_CHUNKS),
             cells: chunks(CELL_CHUNKS),
+            word_limit: (WORD_CHUNKS * WORD_CHUNK) as u64,
         }
     }
+}
+
+/// Storage set aside for the next version of one record by [`Arena::reserve`]: nothing is
+/// published yet, so it can still be given back ([`Arena::unreserve`]) or published
+/// ([`Arena::publish`], which cannot fail).
+#[derive(Debug)]
+pub(crate) struct Reserved<'a> {
+    words: usize,
+    /// The overflow block (offset, words), or `None`: the version goes inline.
+    block: Option<(u64, &'a [AtomicU64])>,
 }
 
 impl core::fmt::Debug for Arena {
@@ -146,6 +160,13 @@ impl core::fmt::Debug for Arena {
 
 fn header_words(h: u64) -> usize {
     ((h >> LEN_SHIFT) & LEN_MASK) as usize
+}
+
+/// A header word: overflow `offset` (0 for inline), length in words, generation, inline flag.
+fn encode_header(offset: u64, words: usize, generation: u64, inline: bool) -> u64 {
+    debug_assert!(offset <= 0xffff_ffff && words as u64 <= LEN_MASK && generation <= GEN_MASK);
+    let flag = if inline { INLINE_FLAG } else { 0 };
+    flag | (generation & GEN_MASK) << GEN_SHIFT | (words as u64 & LEN_MASK) << LEN_SHIFT | offset
 }
 
 fn next_generation(h: u64) -> u64 {
@@ -226,45 +247,107 @@ impl Arena {
         w.free_ids.push(id);
     }
 
+    /// An arena whose overflow holds at most `words` words (tests: a full arena).
+    #[cfg(test)]
+    pub(crate) fn with_word_limit(words: u64) -> Self {
+        Arena {
+            word_limit: words,
+            ..Arena::default()
+        }
+    }
+
     /// Stores `bytes` as the record of `id`, replacing any previous version. Readers see the
     /// old version or the new one, never a mixture, and never wait.
     pub(crate) fn store(&self, w: &mut ArenaWriter, id: u32, bytes: &[u8]) -> Result<(), NoSpace> {
-        let words = bytes.len().div_ceil(8).max(1);
+        let r = self.reserve(w, id, bytes.len())?;
+        self.publish(w, id, r, bytes);
+        Ok(())
+    }
+
+    /// Sets aside the storage of a new version of `id`, `len` octets long, without
+    /// publishing anything: fails (changing nothing) when the record is too large or the
+    /// arena is full. Until the reservation is published or given back, no other version
+    /// of `id` may be stored or reserved (its inline payload is counted as free or not
+    /// by the current header).
+    pub(crate) fn reserve(
+        &self,
+        w: &mut ArenaWriter,
+        id: u32,
+        len: usize,
+    ) -> Result<Reserved<'_>, NoSpace> {
+        let words = len.div_ceil(8).max(1);
         if words as u64 > LEN_MASK {
             return Err(NoSpace);
         }
         let cell = self.cell(id).ok_or(NoSpace)?;
         let old = cell[0].load(Ordering::Relaxed);
-        let generation = next_generation(old);
         // The inline payload may be rewritten only while no reader can trust it: the cell
         // is empty or points to an overflow block. Any reader still copying an older inline
         // version holds an older header, which already differs.
         let inline_free = old & INLINE_FLAG == 0 || header_words(old) == 0;
-        let header = if words <= INLINE_WORDS && inline_free {
-            fence(Ordering::Release);
-            write_words(&cell[1..=words], bytes);
-            w.inline_bytes += (words * 8) as u64;
-            INLINE_FLAG | (words as u64) << LEN_SHIFT | generation << GEN_SHIFT
-        } else {
-            let offset = self.alloc_block(w, words)?;
-            // Any reader still copying a block freed earlier must see its header changed:
-            // header stores happened before this fence (seqlock writer side).
-            fence(Ordering::Release);
-            let block = self.block(offset, words).ok_or(NoSpace)?;
-            write_words(block, bytes);
-            w.used_words += words as u64;
-            offset | (words as u64) << LEN_SHIFT | generation << GEN_SHIFT
+        if words <= INLINE_WORDS && inline_free {
+            return Ok(Reserved { words, block: None });
+        }
+        let offset = self.alloc_block(w, words)?;
+        match self.block(offset, words) {
+            Some(block) => Ok(Reserved {
+                words,
+                block: Some((offset, block)),
+            }),
+            None => {
+                free_block(w, offset, words);
+                Err(NoSpace)
+            }
+        }
+    }
+
+    /// Gives back an unpublished reservation. No reader was ever shown its block.
+    pub(crate) fn unreserve(&self, w: &mut ArenaWriter, r: Reserved<'_>) {
+        if let Some((offset, _)) = r.block {
+            free_block(w, offset, r.words);
+        }
+    }
+
+    /// Publishes `bytes` (as long as reserved) as the new version of `id` into storage
+    /// reserved for it; cannot fail.
+    pub(crate) fn publish(&self, w: &mut ArenaWriter, id: u32, r: Reserved<'_>, bytes: &[u8]) {
+        debug_assert_eq!(bytes.len().div_ceil(8).max(1), r.words);
+        let Some(cell) = self.cell(id) else {
+            // `reserve` found the cell; cells are never dropped.
+            self.unreserve(w, r);
+            return;
+        };
+        let old = cell[0].load(Ordering::Relaxed);
+        let generation = next_generation(old);
+        let header = match r.block {
+            None => {
+                debug_assert!(old & INLINE_FLAG == 0 || header_words(old) == 0);
+                fence(Ordering::Release);
+                write_words(&cell[1..=r.words], bytes);
+                w.inline_bytes += (r.words * 8) as u64;
+                encode_header(0, r.words, generation, true)
+            }
+            Some((offset, block)) => {
+                // Any reader still copying a block freed earlier must see its header
+                // changed: header stores happened before this fence (seqlock writer side).
+                fence(Ordering::Release);
+                write_words(block, bytes);
+                w.used_words += r.words as u64;
+                encode_header(offset, r.words, generation, false)
+            }
         };
         cell[0].store(header, Ordering::Release);
         self.release(w, old);
-        Ok(())
     }
 
     /// Empties `id`'s cell and frees its storage; the id itself is freed by `free_id`.
     pub(crate) fn clear(&self, w: &mut ArenaWriter, id: u32) {
         if let Some(cell) = self.cell(id) {
             let old = cell[0].load(Ordering::Relaxed);
-            cell[0].store(next_generation(old) << GEN_SHIFT, Ordering::Release);
+            cell[0].store(
+                encode_header(0, 0, next_generation(old), false),
+                Ordering::Release,
+            );
             self.release(w, old);
         }
     }
@@ -279,10 +362,7 @@ impl Arena {
             w.inline_bytes -= (words * 8) as u64;
             return;
         }
-        if w.free.len() <= words {
-            w.free.resize_with(words + 1, Vec::new);
-        }
-        w.free[words].push(old as u32);
+        free_block(w, old & 0xffff_ffff, words);
         w.used_words -= words as u64;
     }
 
@@ -294,6 +374,9 @@ impl Arena {
         if (off as usize & (WORD_CHUNK - 1)) + words > WORD_CHUNK {
             off = (off | (WORD_CHUNK as u64 - 1)) + 1;
         }
+        if off + words as u64 > self.word_limit {
+            return Err(NoSpace);
+        }
         let chunk = self
             .words
             .get(off as usize >> WORD_CHUNK_BITS)
@@ -302,6 +385,14 @@ impl Arena {
         w.bump = off + words as u64;
         Ok(off)
     }
+}
+
+/// Puts an overflow block on the free list of its length.
+fn free_block(w: &mut ArenaWriter, offset: u64, words: usize) {
+    if w.free.len() <= words {
+        w.free.resize_with(words + 1, Vec::new);
+    }
+    w.free[words].push(offset as u32);
 }
 
 fn write_words(dest: &[AtomicU64], bytes: &[u8]) {

@@ -187,8 +187,12 @@ enum Probe<'t, I> {
 
 impl<I: KeyIndex> SessionTable<I> {
     pub fn new(config: TableConfig) -> Self {
+        Self::with_arena(config, Arena::default())
+    }
+
+    fn with_arena(config: TableConfig, arena: Arena) -> Self {
         SessionTable {
-            arena: Arena::default(),
+            arena,
             indexes: core::array::from_fn(|_| I::default()),
             hasher: foldhash::fast::RandomState::default(),
             writer: Mutex::new(Writer::default()),
@@ -862,12 +866,25 @@ impl<I: KeyIndex> SessionStore for SessionTable<I> {
             }
             staged.push((id, bytes, session));
         }
-        // Phase two: publish. `store` only fails when the arena is exhausted (2^32 words).
+        // Phase two: storage for every new version is reserved before any is published; when
+        // one cannot be had (the arena is exhausted) every reservation is given back and no
+        // record has changed (all or none, RFC 5176 §3).
+        let mut reserved = Vec::with_capacity(staged.len());
         for (id, bytes, _) in &staged {
-            if self.arena.store(&mut w.arena, *id, bytes).is_err() {
-                w.ids = ids;
-                return Err(Refusal::Unavailable);
+            match self.arena.reserve(&mut w.arena, *id, bytes.len()) {
+                Ok(r) => reserved.push(r),
+                Err(_) => {
+                    for r in reserved {
+                        self.arena.unreserve(&mut w.arena, r);
+                    }
+                    w.ids = ids;
+                    return Err(Refusal::Unavailable);
+                }
             }
+        }
+        // Phase three: publish; cannot fail.
+        for ((id, bytes, _), r) in staged.iter().zip(reserved) {
+            self.arena.publish(&mut w.arena, *id, r, bytes);
         }
         for (_, _, session) in &staged {
             data_plane.changed(session, change);
