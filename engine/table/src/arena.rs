@@ -12,6 +12,22 @@
 //! and re-check the header: an unchanged header proves the copy is whole (the writer changes
 //! a header, issues a release fence, and only then reuses the payload or a freed block).
 //! Readers never wait: there is no "write in progress" state to spin on.
+//!
+//! The header word, every bit used:
+//!
+//! | bits   | field                                                   |
+//! |--------|---------------------------------------------------------|
+//! | 0..32  | overflow offset in words (0 for an inline record)      |
+//! | 32..42 | length in words (0: no record); hence `MAX_RECORD`      |
+//! | 42..63 | generation, 21 bits, +1 (wrapping) on every store/clear |
+//! | 63     | inline flag                                             |
+//!
+//! Wrap bound: a reader's check is fooled only if, between its two header loads, the cell
+//! was stored or cleared a multiple of 2^21 (2,097,152) times and the last store has the same
+//! offset, length and inline flag as the header it first loaded. Even at 10,000 changes per
+//! second of one record (far beyond any CoA rate for one session) that needs a reader
+//! preempted mid-copy for 3.5 minutes (35 minutes at 1,000 per second). Readers restart
+//! their copy from a fresh header after every failed check, so only one preemption counts.
 //! Must not touch: record contents (`record`), indexes, or the writer lock (the caller holds
 //! the table's writer lock for every `&mut ArenaWriter` call).
 #![forbid(unsafe_code)]
@@ -36,11 +52,18 @@ const MAX_IDS: usize = 1 << MAX_IDS_BITS;
 const GEOMETRIC_CHUNKS: usize = (MAX_IDS_BITS - FIRST_IDS_BITS) as usize + 1;
 const CELL_CHUNKS: usize = GEOMETRIC_CHUNKS - 1 + (1 << (32 - MAX_IDS_BITS));
 
+// The header word (see the module documentation): offset in bits 0..32, length in words in
+// bits 32..42, generation in bits 42..63, inline flag in bit 63. Every bit is used.
+const OFFSET_MASK: u64 = 0xffff_ffff;
 const LEN_SHIFT: u32 = 32;
-const LEN_MASK: u64 = 0x3ff;
-const GEN_SHIFT: u32 = 42;
-const GEN_MASK: u64 = (1 << 20) - 1;
+const LEN_BITS: u32 = 10;
+const LEN_MASK: u64 = (1 << LEN_BITS) - 1;
+const GEN_SHIFT: u32 = LEN_SHIFT + LEN_BITS;
+/// Generation bits: all that the offset, the length and the inline flag leave.
+const GEN_BITS: u32 = 63 - GEN_SHIFT;
+const GEN_MASK: u64 = (1 << GEN_BITS) - 1;
 const INLINE_FLAG: u64 = 1 << 63;
+const _: () = assert!(GEN_BITS == 21 && GEN_SHIFT + GEN_BITS == 63);
 
 /// (chunk, index within it) of a record id.
 fn cell_pos(id: u32) -> (usize, usize) {
@@ -162,15 +185,23 @@ fn header_words(h: u64) -> usize {
     ((h >> LEN_SHIFT) & LEN_MASK) as usize
 }
 
+fn header_generation(h: u64) -> u64 {
+    (h >> GEN_SHIFT) & GEN_MASK
+}
+
+fn header_offset(h: u64) -> u64 {
+    h & OFFSET_MASK
+}
+
 /// A header word: overflow `offset` (0 for inline), length in words, generation, inline flag.
 fn encode_header(offset: u64, words: usize, generation: u64, inline: bool) -> u64 {
-    debug_assert!(offset <= 0xffff_ffff && words as u64 <= LEN_MASK && generation <= GEN_MASK);
+    debug_assert!(offset <= OFFSET_MASK && words as u64 <= LEN_MASK && generation <= GEN_MASK);
     let flag = if inline { INLINE_FLAG } else { 0 };
     flag | (generation & GEN_MASK) << GEN_SHIFT | (words as u64 & LEN_MASK) << LEN_SHIFT | offset
 }
 
 fn next_generation(h: u64) -> u64 {
-    (((h >> GEN_SHIFT) & GEN_MASK) + 1) & GEN_MASK
+    (header_generation(h) + 1) & GEN_MASK
 }
 
 impl Arena {
@@ -201,7 +232,7 @@ impl Arena {
             let source = if h1 & INLINE_FLAG != 0 {
                 cell.get(1..1 + words)
             } else {
-                self.block(h1 & 0xffff_ffff, words)
+                self.block(header_offset(h1), words)
             };
             let Some(source) = source else {
                 return false;
@@ -362,7 +393,7 @@ impl Arena {
             w.inline_bytes -= (words * 8) as u64;
             return;
         }
-        free_block(w, old & 0xffff_ffff, words);
+        free_block(w, header_offset(old), words);
         w.used_words -= words as u64;
     }
 
@@ -423,6 +454,86 @@ mod tests {
             next += chunk_ids(chunk);
         }
         assert_eq!(next, 1 << 32);
+    }
+
+    #[test]
+    fn header_uses_every_bit_and_round_trips_the_widest_values() {
+        let widest = encode_header(OFFSET_MASK, LEN_MASK as usize, GEN_MASK, true);
+        assert_eq!(widest, u64::MAX, "a header bit is unused");
+        assert_eq!(GEN_MASK, (1 << 21) - 1);
+        assert_eq!(header_offset(widest), OFFSET_MASK);
+        assert_eq!(header_words(widest), LEN_MASK as usize);
+        assert_eq!(header_generation(widest), GEN_MASK);
+        assert_ne!(widest & INLINE_FLAG, 0);
+        // Each field decodes alone, none leaks into another.
+        let h = encode_header(0, 0, GEN_MASK, false);
+        assert_eq!(
+            (
+                header_offset(h),
+                header_words(h),
+                header_generation(h),
+                h & INLINE_FLAG
+            ),
+            (0, 0, GEN_MASK, 0)
+        );
+        let h = encode_header(0x1234_5678, 5, 1 << 20, false);
+        assert_eq!(
+            (
+                header_offset(h),
+                header_words(h),
+                header_generation(h),
+                h & INLINE_FLAG
+            ),
+            (0x1234_5678, 5, 1 << 20, 0)
+        );
+        // 2^20 changes no longer bring a header back to its value.
+        assert_ne!(
+            encode_header(8, 3, 1 << 20, true),
+            encode_header(8, 3, 0, true)
+        );
+    }
+
+    #[test]
+    fn generation_wraps_after_2_pow_21_changes_only() {
+        assert_eq!(next_generation(encode_header(0, 1, 0, true)), 1);
+        assert_eq!(
+            next_generation(encode_header(0, 1, (1 << 20) - 1, true)),
+            1 << 20
+        );
+        assert_eq!(
+            next_generation(encode_header(7, 1, GEN_MASK - 1, false)),
+            GEN_MASK
+        );
+        assert_eq!(next_generation(encode_header(7, 1, GEN_MASK, false)), 0);
+        assert_eq!(next_generation(u64::MAX), 0);
+        // Through a real cell: a store or clear at the last generation wraps to 0 and
+        // leaves the other fields whole.
+        let arena = Arena::default();
+        let mut w = ArenaWriter::default();
+        let id = arena.alloc_id(&mut w).unwrap();
+        arena.store(&mut w, id, b"first").unwrap();
+        let cell = arena.cell(id).unwrap();
+        let h = cell[0].load(Ordering::Relaxed);
+        cell[0].store(
+            encode_header(
+                header_offset(h),
+                header_words(h),
+                GEN_MASK,
+                h & INLINE_FLAG != 0,
+            ),
+            Ordering::Relaxed,
+        );
+        arena.store(&mut w, id, b"second version").unwrap();
+        let h = cell[0].load(Ordering::Relaxed);
+        assert_eq!((header_generation(h), header_words(h)), (0, 2));
+        assert_eq!(h & INLINE_FLAG, 0);
+        let mut buf = RecBuf::default();
+        assert!(arena.read(id, &mut buf));
+        assert_eq!(&buf.bytes()[..14], b"second version");
+        cell[0].store(h | GEN_MASK << GEN_SHIFT, Ordering::Relaxed);
+        arena.clear(&mut w, id);
+        assert_eq!(cell[0].load(Ordering::Relaxed), 0);
+        assert!(!arena.read(id, &mut buf));
     }
 
     #[test]
