@@ -812,3 +812,70 @@ fn coa_that_cannot_store_every_session_changes_none() {
     check::<FlatIndex>();
     check::<PapayaIndex>();
 }
+
+/// A data plane whose teardown panics (a bug in the NAS glue).
+struct PanicOnRemove;
+
+impl DataPlane for PanicOnRemove {
+    fn removed(&self, _: &Session) {
+        panic!("data plane bug");
+    }
+}
+
+// A writer that panics while holding the writer lock may have left the table half updated
+// (here: a Disconnect of two sessions buried the first and stopped). The table is poisoned:
+// every later write is refused (NAK 506 or the feed's errors) and counted, lookups go on.
+#[test]
+fn panicked_writer_poisons_the_table_for_writers_only() {
+    fn check<I: KeyIndex>() {
+        let t = SessionTable::<I>::with_sessions([s("a", "u"), s("b", "u"), s("c", "v")]);
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            t.disconnect(&lookup(user("u"), 9, 0), &PanicOnRemove)
+        }));
+        assert!(panicked.is_err());
+        // Writers are refused and change nothing.
+        let live = t.len();
+        let before = t.snapshot();
+        assert_eq!(
+            t.disconnect(&lookup(acct("c"), 9, 0), &AcceptAll),
+            Err(Refusal::Unavailable)
+        );
+        let bytes = filter_coa("f");
+        let change = filter_change(&bytes);
+        assert_eq!(
+            t.change(&lookup(acct("c"), 9, 0), &change, &AcceptAll),
+            Err(Refusal::Unavailable)
+        );
+        assert_eq!(
+            t.reauthorize(&lookup(acct("c"), 9, 0), &AcceptAll),
+            Err(Refusal::Unavailable)
+        );
+        assert_eq!(
+            t.remove(&lookup(acct("c"), 9, 0)),
+            Err(Refusal::Unavailable)
+        );
+        assert!(!t.insert(s("d", "w")));
+        assert!(!t.delete(None, "c", 0));
+        assert_eq!(t.retain_nas(None, &mut |_| false, 0), 0);
+        assert_eq!(t.len(), live);
+        assert_eq!(t.snapshot(), before);
+        assert!(t.is_poisoned());
+        assert_eq!(t.try_insert(&s("d", "w")), Err(InsertError::Unavailable));
+        assert_eq!(
+            t.upsert(s("c", "v2"), UpsertMode::Create, 0),
+            Err(UpsertError::KeyTaken(POISONED))
+        );
+        assert_eq!(t.poison_refusals(), 9);
+        // Lookups never take the lock: they still answer, also the lock-free NAKs.
+        assert_eq!(t.peek(&lookup(acct("c"), 9, 0)), Ok(Applied::Sessions(1)));
+        assert_eq!(t.matching(&lookup(acct("c"), 9, 0)), vec![s("c", "v")]);
+        assert_eq!(
+            t.disconnect(&lookup(acct("zz"), 9, 0), &AcceptAll),
+            Err(Refusal::NotFound)
+        );
+        assert_eq!(t.poison_refusals(), 9);
+        assert_eq!(t.stats().live, live);
+    }
+    check::<FlatIndex>();
+    check::<PapayaIndex>();
+}
