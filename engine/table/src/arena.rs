@@ -12,6 +12,22 @@
 //! and re-check the header: an unchanged header proves the copy is whole (the writer changes
 //! a header, issues a release fence, and only then reuses the payload or a freed block).
 //! Readers never wait: there is no "write in progress" state to spin on.
+//!
+//! The header word, every bit used:
+//!
+//! | bits   | field                                                   |
+//! |--------|---------------------------------------------------------|
+//! | 0..32  | overflow offset in words (0 for an inline record)      |
+//! | 32..42 | length in words (0: no record); hence `MAX_RECORD`      |
+//! | 42..63 | generation, 21 bits, +1 (wrapping) on every store/clear |
+//! | 63     | inline flag                                             |
+//!
+//! Wrap bound: a reader's check is fooled only if, between its two header loads, the cell
+//! was stored or cleared a multiple of 2^21 (2,097,152) times and the last store has the same
+//! offset, length and inline flag as the header it first loaded. Even at 10,000 changes per
+//! second of one record (far beyond any CoA rate for one session) that needs a reader
+//! preempted mid-copy for 3.5 minutes (35 minutes at 1,000 per second). Readers restart
+//! their copy from a fresh header after every failed check, so only one preemption counts.
 //! Must not touch: record contents (`record`), indexes, or the writer lock (the caller holds
 //! the table's writer lock for every `&mut ArenaWriter` call).
 #![forbid(unsafe_code)]
@@ -36,11 +52,18 @@ const MAX_IDS: usize = 1 << MAX_IDS_BITS;
 const GEOMETRIC_CHUNKS: usize = (MAX_IDS_BITS - FIRST_IDS_BITS) as usize + 1;
 const CELL_CHUNKS: usize = GEOMETRIC_CHUNKS - 1 + (1 << (32 - MAX_IDS_BITS));
 
+// The header word (see the module documentation): offset in bits 0..32, length in words in
+// bits 32..42, generation in bits 42..63, inline flag in bit 63. Every bit is used.
+const OFFSET_MASK: u64 = 0xffff_ffff;
 const LEN_SHIFT: u32 = 32;
-const LEN_MASK: u64 = 0x3ff;
-const GEN_SHIFT: u32 = 42;
-const GEN_MASK: u64 = (1 << 20) - 1;
+const LEN_BITS: u32 = 10;
+const LEN_MASK: u64 = (1 << LEN_BITS) - 1;
+const GEN_SHIFT: u32 = LEN_SHIFT + LEN_BITS;
+/// Generation bits: all that the offset, the length and the inline flag leave.
+const GEN_BITS: u32 = 63 - GEN_SHIFT;
+const GEN_MASK: u64 = (1 << GEN_BITS) - 1;
 const INLINE_FLAG: u64 = 1 << 63;
+const _: () = assert!(GEN_BITS == 21 && GEN_SHIFT + GEN_BITS == 63);
 
 /// (chunk, index within it) of a record id.
 fn cell_pos(id: u32) -> (usize, usize) {
@@ -127,6 +150,9 @@ fn zeroed(n: usize) -> Box<[AtomicU64]> {
 pub(crate) struct Arena {
     words: Box<[OnceLock<Box<[AtomicU64]>>]>,
     cells: Box<[OnceLock<Box<[AtomicU64]>>]>,
+    /// Overflow words the bump pointer may hand out (all of them, but for tests that need
+    /// an arena that fills up).
+    word_limit: u64,
 }
 
 impl Default for Arena {
@@ -134,8 +160,19 @@ impl Default for Arena {
         Arena {
             words: chunks(WORD_CHUNKS),
             cells: chunks(CELL_CHUNKS),
+            word_limit: (WORD_CHUNKS * WORD_CHUNK) as u64,
         }
     }
+}
+
+/// Storage set aside for the next version of one record by [`Arena::reserve`]: nothing is
+/// published yet, so it can still be given back ([`Arena::unreserve`]) or published
+/// ([`Arena::publish`], which cannot fail).
+#[derive(Debug)]
+pub(crate) struct Reserved<'a> {
+    words: usize,
+    /// The overflow block (offset, words), or `None`: the version goes inline.
+    block: Option<(u64, &'a [AtomicU64])>,
 }
 
 impl core::fmt::Debug for Arena {
@@ -148,8 +185,23 @@ fn header_words(h: u64) -> usize {
     ((h >> LEN_SHIFT) & LEN_MASK) as usize
 }
 
+fn header_generation(h: u64) -> u64 {
+    (h >> GEN_SHIFT) & GEN_MASK
+}
+
+fn header_offset(h: u64) -> u64 {
+    h & OFFSET_MASK
+}
+
+/// A header word: overflow `offset` (0 for inline), length in words, generation, inline flag.
+fn encode_header(offset: u64, words: usize, generation: u64, inline: bool) -> u64 {
+    debug_assert!(offset <= OFFSET_MASK && words as u64 <= LEN_MASK && generation <= GEN_MASK);
+    let flag = if inline { INLINE_FLAG } else { 0 };
+    flag | (generation & GEN_MASK) << GEN_SHIFT | (words as u64 & LEN_MASK) << LEN_SHIFT | offset
+}
+
 fn next_generation(h: u64) -> u64 {
-    (((h >> GEN_SHIFT) & GEN_MASK) + 1) & GEN_MASK
+    (header_generation(h) + 1) & GEN_MASK
 }
 
 impl Arena {
@@ -180,7 +232,7 @@ impl Arena {
             let source = if h1 & INLINE_FLAG != 0 {
                 cell.get(1..1 + words)
             } else {
-                self.block(h1 & 0xffff_ffff, words)
+                self.block(header_offset(h1), words)
             };
             let Some(source) = source else {
                 return false;
@@ -226,45 +278,107 @@ impl Arena {
         w.free_ids.push(id);
     }
 
+    /// An arena whose overflow holds at most `words` words (tests: a full arena).
+    #[cfg(test)]
+    pub(crate) fn with_word_limit(words: u64) -> Self {
+        Arena {
+            word_limit: words,
+            ..Arena::default()
+        }
+    }
+
     /// Stores `bytes` as the record of `id`, replacing any previous version. Readers see the
     /// old version or the new one, never a mixture, and never wait.
     pub(crate) fn store(&self, w: &mut ArenaWriter, id: u32, bytes: &[u8]) -> Result<(), NoSpace> {
-        let words = bytes.len().div_ceil(8).max(1);
+        let r = self.reserve(w, id, bytes.len())?;
+        self.publish(w, id, r, bytes);
+        Ok(())
+    }
+
+    /// Sets aside the storage of a new version of `id`, `len` octets long, without
+    /// publishing anything: fails (changing nothing) when the record is too large or the
+    /// arena is full. Until the reservation is published or given back, no other version
+    /// of `id` may be stored or reserved (its inline payload is counted as free or not
+    /// by the current header).
+    pub(crate) fn reserve(
+        &self,
+        w: &mut ArenaWriter,
+        id: u32,
+        len: usize,
+    ) -> Result<Reserved<'_>, NoSpace> {
+        let words = len.div_ceil(8).max(1);
         if words as u64 > LEN_MASK {
             return Err(NoSpace);
         }
         let cell = self.cell(id).ok_or(NoSpace)?;
         let old = cell[0].load(Ordering::Relaxed);
-        let generation = next_generation(old);
         // The inline payload may be rewritten only while no reader can trust it: the cell
         // is empty or points to an overflow block. Any reader still copying an older inline
         // version holds an older header, which already differs.
         let inline_free = old & INLINE_FLAG == 0 || header_words(old) == 0;
-        let header = if words <= INLINE_WORDS && inline_free {
-            fence(Ordering::Release);
-            write_words(&cell[1..=words], bytes);
-            w.inline_bytes += (words * 8) as u64;
-            INLINE_FLAG | (words as u64) << LEN_SHIFT | generation << GEN_SHIFT
-        } else {
-            let offset = self.alloc_block(w, words)?;
-            // Any reader still copying a block freed earlier must see its header changed:
-            // header stores happened before this fence (seqlock writer side).
-            fence(Ordering::Release);
-            let block = self.block(offset, words).ok_or(NoSpace)?;
-            write_words(block, bytes);
-            w.used_words += words as u64;
-            offset | (words as u64) << LEN_SHIFT | generation << GEN_SHIFT
+        if words <= INLINE_WORDS && inline_free {
+            return Ok(Reserved { words, block: None });
+        }
+        let offset = self.alloc_block(w, words)?;
+        match self.block(offset, words) {
+            Some(block) => Ok(Reserved {
+                words,
+                block: Some((offset, block)),
+            }),
+            None => {
+                free_block(w, offset, words);
+                Err(NoSpace)
+            }
+        }
+    }
+
+    /// Gives back an unpublished reservation. No reader was ever shown its block.
+    pub(crate) fn unreserve(&self, w: &mut ArenaWriter, r: Reserved<'_>) {
+        if let Some((offset, _)) = r.block {
+            free_block(w, offset, r.words);
+        }
+    }
+
+    /// Publishes `bytes` (as long as reserved) as the new version of `id` into storage
+    /// reserved for it; cannot fail.
+    pub(crate) fn publish(&self, w: &mut ArenaWriter, id: u32, r: Reserved<'_>, bytes: &[u8]) {
+        debug_assert_eq!(bytes.len().div_ceil(8).max(1), r.words);
+        let Some(cell) = self.cell(id) else {
+            // `reserve` found the cell; cells are never dropped.
+            self.unreserve(w, r);
+            return;
+        };
+        let old = cell[0].load(Ordering::Relaxed);
+        let generation = next_generation(old);
+        let header = match r.block {
+            None => {
+                debug_assert!(old & INLINE_FLAG == 0 || header_words(old) == 0);
+                fence(Ordering::Release);
+                write_words(&cell[1..=r.words], bytes);
+                w.inline_bytes += (r.words * 8) as u64;
+                encode_header(0, r.words, generation, true)
+            }
+            Some((offset, block)) => {
+                // Any reader still copying a block freed earlier must see its header
+                // changed: header stores happened before this fence (seqlock writer side).
+                fence(Ordering::Release);
+                write_words(block, bytes);
+                w.used_words += r.words as u64;
+                encode_header(offset, r.words, generation, false)
+            }
         };
         cell[0].store(header, Ordering::Release);
         self.release(w, old);
-        Ok(())
     }
 
     /// Empties `id`'s cell and frees its storage; the id itself is freed by `free_id`.
     pub(crate) fn clear(&self, w: &mut ArenaWriter, id: u32) {
         if let Some(cell) = self.cell(id) {
             let old = cell[0].load(Ordering::Relaxed);
-            cell[0].store(next_generation(old) << GEN_SHIFT, Ordering::Release);
+            cell[0].store(
+                encode_header(0, 0, next_generation(old), false),
+                Ordering::Release,
+            );
             self.release(w, old);
         }
     }
@@ -279,10 +393,7 @@ impl Arena {
             w.inline_bytes -= (words * 8) as u64;
             return;
         }
-        if w.free.len() <= words {
-            w.free.resize_with(words + 1, Vec::new);
-        }
-        w.free[words].push(old as u32);
+        free_block(w, header_offset(old), words);
         w.used_words -= words as u64;
     }
 
@@ -294,6 +405,9 @@ impl Arena {
         if (off as usize & (WORD_CHUNK - 1)) + words > WORD_CHUNK {
             off = (off | (WORD_CHUNK as u64 - 1)) + 1;
         }
+        if off + words as u64 > self.word_limit {
+            return Err(NoSpace);
+        }
         let chunk = self
             .words
             .get(off as usize >> WORD_CHUNK_BITS)
@@ -302,6 +416,14 @@ impl Arena {
         w.bump = off + words as u64;
         Ok(off)
     }
+}
+
+/// Puts an overflow block on the free list of its length.
+fn free_block(w: &mut ArenaWriter, offset: u64, words: usize) {
+    if w.free.len() <= words {
+        w.free.resize_with(words + 1, Vec::new);
+    }
+    w.free[words].push(offset as u32);
 }
 
 fn write_words(dest: &[AtomicU64], bytes: &[u8]) {
@@ -332,6 +454,86 @@ mod tests {
             next += chunk_ids(chunk);
         }
         assert_eq!(next, 1 << 32);
+    }
+
+    #[test]
+    fn header_uses_every_bit_and_round_trips_the_widest_values() {
+        let widest = encode_header(OFFSET_MASK, LEN_MASK as usize, GEN_MASK, true);
+        assert_eq!(widest, u64::MAX, "a header bit is unused");
+        assert_eq!(GEN_MASK, (1 << 21) - 1);
+        assert_eq!(header_offset(widest), OFFSET_MASK);
+        assert_eq!(header_words(widest), LEN_MASK as usize);
+        assert_eq!(header_generation(widest), GEN_MASK);
+        assert_ne!(widest & INLINE_FLAG, 0);
+        // Each field decodes alone, none leaks into another.
+        let h = encode_header(0, 0, GEN_MASK, false);
+        assert_eq!(
+            (
+                header_offset(h),
+                header_words(h),
+                header_generation(h),
+                h & INLINE_FLAG
+            ),
+            (0, 0, GEN_MASK, 0)
+        );
+        let h = encode_header(0x1234_5678, 5, 1 << 20, false);
+        assert_eq!(
+            (
+                header_offset(h),
+                header_words(h),
+                header_generation(h),
+                h & INLINE_FLAG
+            ),
+            (0x1234_5678, 5, 1 << 20, 0)
+        );
+        // 2^20 changes no longer bring a header back to its value.
+        assert_ne!(
+            encode_header(8, 3, 1 << 20, true),
+            encode_header(8, 3, 0, true)
+        );
+    }
+
+    #[test]
+    fn generation_wraps_after_2_pow_21_changes_only() {
+        assert_eq!(next_generation(encode_header(0, 1, 0, true)), 1);
+        assert_eq!(
+            next_generation(encode_header(0, 1, (1 << 20) - 1, true)),
+            1 << 20
+        );
+        assert_eq!(
+            next_generation(encode_header(7, 1, GEN_MASK - 1, false)),
+            GEN_MASK
+        );
+        assert_eq!(next_generation(encode_header(7, 1, GEN_MASK, false)), 0);
+        assert_eq!(next_generation(u64::MAX), 0);
+        // Through a real cell: a store or clear at the last generation wraps to 0 and
+        // leaves the other fields whole.
+        let arena = Arena::default();
+        let mut w = ArenaWriter::default();
+        let id = arena.alloc_id(&mut w).unwrap();
+        arena.store(&mut w, id, b"first").unwrap();
+        let cell = arena.cell(id).unwrap();
+        let h = cell[0].load(Ordering::Relaxed);
+        cell[0].store(
+            encode_header(
+                header_offset(h),
+                header_words(h),
+                GEN_MASK,
+                h & INLINE_FLAG != 0,
+            ),
+            Ordering::Relaxed,
+        );
+        arena.store(&mut w, id, b"second version").unwrap();
+        let h = cell[0].load(Ordering::Relaxed);
+        assert_eq!((header_generation(h), header_words(h)), (0, 2));
+        assert_eq!(h & INLINE_FLAG, 0);
+        let mut buf = RecBuf::default();
+        assert!(arena.read(id, &mut buf));
+        assert_eq!(&buf.bytes()[..14], b"second version");
+        cell[0].store(h | GEN_MASK << GEN_SHIFT, Ordering::Relaxed);
+        arena.clear(&mut w, id);
+        assert_eq!(cell[0].load(Ordering::Relaxed), 0);
+        assert!(!arena.read(id, &mut buf));
     }
 
     #[test]

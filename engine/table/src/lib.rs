@@ -30,7 +30,9 @@
 //!   expiry) take one table writer lock that lookups never take. A request is decided and
 //!   applied under it, so it applies to all its sessions or none, also against a concurrent
 //!   request on overlapping sessions. A request whose key finds no live session is answered
-//!   without the lock.
+//!   without the lock. A writer that panics holding the lock (a data-plane callback, say)
+//!   poisons the table for writers: every later write is refused (NAK 506 / the feed's
+//!   errors), counted and logged once; lookups go on (`SessionTable::is_poisoned`).
 //!
 //! Upsert (the feed's insert-or-replace) is atomic for lock-free readers. The live record of
 //! the same session (`store::same_session`, found by one probe of the Acct-Session-Id index,
@@ -60,8 +62,8 @@ mod record;
 
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError, TryLockError};
 
 use dynauth_proto::change::AuthorizationChange;
 use dynauth_proto::session::{HasKeys, Key, KeyValue, PrimaryKey, Session, Uniqueness};
@@ -104,6 +106,10 @@ pub enum InsertError {
     /// The table cannot hold more records.
     #[error("session table full")]
     Full,
+    /// The table is poisoned: a writer panicked while holding the writer lock
+    /// ([`SessionTable::is_poisoned`]), so no write is accepted any more.
+    #[error("session table poisoned by a panicked writer")]
+    Unavailable,
 }
 
 /// Sizes, for reports and memory accounting.
@@ -129,6 +135,11 @@ pub struct SessionTable<I: KeyIndex = FlatIndex> {
     /// Removal time of the oldest tombstone (`u64::MAX`: none), so that lock-free answers
     /// know when expiry is due without touching the writer lock.
     oldest_tombstone: AtomicU64,
+    /// Set (and logged) on the first write refused because a writer panicked while holding
+    /// the writer lock.
+    poison_logged: AtomicBool,
+    /// Writes refused because the table is poisoned.
+    poison_refusals: AtomicU64,
     config: TableConfig,
 }
 
@@ -187,14 +198,20 @@ enum Probe<'t, I> {
 
 impl<I: KeyIndex> SessionTable<I> {
     pub fn new(config: TableConfig) -> Self {
+        Self::with_arena(config, Arena::default())
+    }
+
+    fn with_arena(config: TableConfig, arena: Arena) -> Self {
         SessionTable {
-            arena: Arena::default(),
+            arena,
             indexes: core::array::from_fn(|_| I::default()),
             hasher: foldhash::fast::RandomState::default(),
             writer: Mutex::new(Writer::default()),
             live: AtomicUsize::new(0),
             id_bound: AtomicU32::new(0),
             oldest_tombstone: AtomicU64::new(u64::MAX),
+            poison_logged: AtomicBool::new(false),
+            poison_refusals: AtomicU64::new(0),
             config,
         }
     }
@@ -212,10 +229,42 @@ impl<I: KeyIndex> SessionTable<I> {
         self.config
     }
 
-    fn lock(&self) -> MutexGuard<'_, Writer> {
-        // The writer state is only changed by code that cannot panic between its updates
-        // (data-plane callbacks run after each record's update is complete).
-        self.writer.lock().unwrap_or_else(|p| p.into_inner())
+    /// The writer lock, or `Poisoned` when a writer panicked while holding it (a data-plane
+    /// callback, a bug, an allocation failure). Such a writer may have stopped between two
+    /// updates that belong together (some of a Disconnect's sessions buried and the rest
+    /// not, index entries added for a replaced record but the old ones not removed, the
+    /// tombstone FIFO or the free lists half updated), so carrying on could answer wrongly
+    /// or damage the table further. The table is then poisoned for writers, for good:
+    /// every later write is refused (`Refusal::Unavailable`, NAK 506, or the feed methods'
+    /// errors), counted (`poison_refusals`) and logged once. Lookups never take this lock,
+    /// so they keep answering from what was published.
+    fn lock(&self) -> Result<MutexGuard<'_, Writer>, Poisoned> {
+        self.writer.lock().map_err(|_| self.refuse_poisoned())
+    }
+
+    /// Counts a write refused because the table is poisoned; logs the first.
+    #[cold]
+    fn refuse_poisoned(&self) -> Poisoned {
+        self.poison_refusals.fetch_add(1, Ordering::Relaxed);
+        if !self.poison_logged.swap(true, Ordering::Relaxed) {
+            eprintln!(
+                "dynauth-table: a writer panicked while holding the session table's writer \
+                 lock; the table is poisoned: every write is refused from now on (NAK 506), \
+                 lookups go on"
+            );
+        }
+        Poisoned
+    }
+
+    /// Whether a writer panicked while holding the writer lock: every write is refused
+    /// since (see `lock`); lookups still answer.
+    pub fn is_poisoned(&self) -> bool {
+        self.writer.is_poisoned()
+    }
+
+    /// How many writes were refused because the table is poisoned.
+    pub fn poison_refusals(&self) -> u64 {
+        self.poison_refusals.load(Ordering::Relaxed)
     }
 
     /// The hash a key value is indexed under.
@@ -262,7 +311,7 @@ impl<I: KeyIndex> SessionTable<I> {
     /// Bulk load, step one (fresh table, nobody else holds it): stores the record and
     /// collects its index entries in `bulk` instead of inserting them.
     pub(crate) fn bulk_push(&self, session: &Session, bulk: &mut Bulk) -> Result<u32, InsertError> {
-        let mut w = self.lock();
+        let mut w = self.lock().map_err(|_| InsertError::Unavailable)?;
         let Writer { enc, arena, .. } = &mut *w;
         record::encode(session, enc);
         if enc.len() > arena::MAX_RECORD {
@@ -286,7 +335,9 @@ impl<I: KeyIndex> SessionTable<I> {
     /// whose later record id is smallest is reported as `(key, first id, later id)`), then
     /// builds every index in one sequential pass.
     pub(crate) fn bulk_finish(&self, bulk: &mut Bulk) -> Result<(), (&'static str, u32, u32)> {
-        let mut w = self.lock();
+        // Only `load` calls this, on the table it created and holds alone: a panic of one of
+        // its writes unwinds out of `load` and drops the table, so it is never poisoned here.
+        let mut w = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
         let mut other = RecBuf::default();
         let mut worst: Option<(&'static str, u32, u32)> = None;
         for key in Key::ALL {
@@ -419,7 +470,8 @@ impl<I: KeyIndex> SessionTable<I> {
     }
 
     pub fn stats(&self) -> TableStats {
-        let w = self.lock();
+        // Read only (counters), so a poisoned lock is no reason to refuse.
+        let w = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
         TableStats {
             live: self.len(),
             tombstones: w.tombstones.len(),
@@ -483,7 +535,7 @@ impl<I: KeyIndex> SessionTable<I> {
     /// Framed-IP-Address and Framed-IPv6-Prefix within VRF + Called-Station-Id) must be free
     /// among live sessions. Returns the record id.
     pub fn try_insert(&self, session: &Session) -> Result<u32, InsertError> {
-        let mut w = self.lock();
+        let mut w = self.lock().map_err(|_| InsertError::Unavailable)?;
         self.insert_locked(&mut w, session)
     }
 
@@ -517,7 +569,7 @@ impl<I: KeyIndex> SessionTable<I> {
     /// session `lookup` matches, all or none, without a data-plane hand-off and without a
     /// tombstone (a later Disconnect gets NAK 503, not ACK 201). Returns how many.
     pub fn remove(&self, lookup: &Lookup<'_>) -> Result<u32, Refusal> {
-        let mut guard = self.lock();
+        let mut guard = self.lock().map_err(|_| Refusal::Unavailable)?;
         let w = &mut *guard;
         let count = self
             .select_locked(w, lookup)?
@@ -555,8 +607,10 @@ impl<I: KeyIndex> SessionTable<I> {
         if oldest.saturating_add(self.config.tombstones.window_ms) >= now_ms {
             return;
         }
-        if let Ok(mut w) = self.writer.try_lock() {
-            self.expire(&mut w, now_ms);
+        match self.writer.try_lock() {
+            Ok(mut w) => self.expire(&mut w, now_ms),
+            // Poisoned: expiry is a write like any other, left undone.
+            Err(TryLockError::Poisoned(_) | TryLockError::WouldBlock) => {}
         }
     }
 
@@ -599,7 +653,7 @@ impl<I: KeyIndex> SessionTable<I> {
     /// asking a store): as `MemoryStore`, NotFound, or AlreadyRemoved when any tombstone in
     /// scope is within its window (an empty query matches every session).
     fn disconnect_without_key(&self, lookup: &Lookup<'_>) -> Result<Applied, Refusal> {
-        let mut guard = self.lock();
+        let mut guard = self.lock().map_err(|_| Refusal::Unavailable)?;
         let w = &mut *guard;
         self.expire(w, lookup.now_ms);
         let ids: Vec<u32> = w.tombstones.iter().map(|&(_, id)| id).collect();
@@ -770,6 +824,13 @@ fn same_unique_key(key: Key, a: &Keys<'_>, b: &Keys<'_>) -> bool {
 /// or the arena is exhausted): `UpsertError` has no variant of its own for it yet.
 const TOO_LARGE: &str = "session size";
 
+/// What an upsert reports when the table is poisoned (`SessionTable::is_poisoned`).
+const POISONED: &str = "session table (poisoned by a panicked writer)";
+
+/// The writer lock is poisoned: a writer panicked while holding it.
+#[derive(Debug, Clone, Copy)]
+struct Poisoned;
+
 /// `store::same_session` on records: the same NAS and the same Acct-Session-Id; sessions
 /// without one, the same audit-session-id, else the same CUI.
 fn same_session(a: &Keys<'_>, b: &Keys<'_>) -> bool {
@@ -803,7 +864,7 @@ impl<I: KeyIndex> SessionStore for SessionTable<I> {
             self.expire_if_idle(lookup.now_ms);
             return answer;
         }
-        let mut guard = self.lock();
+        let mut guard = self.lock().map_err(|_| Refusal::Unavailable)?;
         let w = &mut *guard;
         self.expire(w, lookup.now_ms);
         let sel = self.select_locked(w, lookup)?;
@@ -840,7 +901,7 @@ impl<I: KeyIndex> SessionStore for SessionTable<I> {
         if let Some(answer) = self.no_live_session(lookup, false) {
             return answer;
         }
-        let mut guard = self.lock();
+        let mut guard = self.lock().map_err(|_| Refusal::Unavailable)?;
         let w = &mut *guard;
         let count = self
             .select_locked(w, lookup)?
@@ -862,12 +923,25 @@ impl<I: KeyIndex> SessionStore for SessionTable<I> {
             }
             staged.push((id, bytes, session));
         }
-        // Phase two: publish. `store` only fails when the arena is exhausted (2^32 words).
+        // Phase two: storage for every new version is reserved before any is published; when
+        // one cannot be had (the arena is exhausted) every reservation is given back and no
+        // record has changed (all or none, RFC 5176 §3).
+        let mut reserved = Vec::with_capacity(staged.len());
         for (id, bytes, _) in &staged {
-            if self.arena.store(&mut w.arena, *id, bytes).is_err() {
-                w.ids = ids;
-                return Err(Refusal::Unavailable);
+            match self.arena.reserve(&mut w.arena, *id, bytes.len()) {
+                Ok(r) => reserved.push(r),
+                Err(_) => {
+                    for r in reserved {
+                        self.arena.unreserve(&mut w.arena, r);
+                    }
+                    w.ids = ids;
+                    return Err(Refusal::Unavailable);
+                }
             }
+        }
+        // Phase three: publish; cannot fail.
+        for ((id, bytes, _), r) in staged.iter().zip(reserved) {
+            self.arena.publish(&mut w.arena, *id, r, bytes);
         }
         for (_, _, session) in &staged {
             data_plane.changed(session, change);
@@ -884,7 +958,7 @@ impl<I: KeyIndex> SessionStore for SessionTable<I> {
         if let Some(answer) = self.no_live_session(lookup, false) {
             return answer;
         }
-        let mut guard = self.lock();
+        let mut guard = self.lock().map_err(|_| Refusal::Unavailable)?;
         let w = &mut *guard;
         let count = self
             .select_locked(w, lookup)?
@@ -912,7 +986,7 @@ impl<I: KeyIndex> SessionStore for SessionTable<I> {
         if !session.has_identification() {
             return Err(UpsertError::NoIdentification);
         }
-        let mut guard = self.lock();
+        let mut guard = self.lock().map_err(|_| UpsertError::KeyTaken(POISONED))?;
         let w = &mut *guard;
         self.expire(w, now_ms);
         let keys = record::keys_of(&session);
@@ -933,11 +1007,14 @@ impl<I: KeyIndex> SessionStore for SessionTable<I> {
             Err(InsertError::TooLarge(_) | InsertError::Full) => {
                 Err(UpsertError::KeyTaken(TOO_LARGE))
             }
+            Err(InsertError::Unavailable) => Err(UpsertError::KeyTaken(POISONED)),
         }
     }
 
     fn delete(&self, nas: Option<&str>, acct_session_id: &str, now_ms: u64) -> bool {
-        let mut guard = self.lock();
+        let Ok(mut guard) = self.lock() else {
+            return false;
+        };
         let w = &mut *guard;
         self.expire(w, now_ms);
         let wanted = KeyValue::Text(acct_session_id.as_bytes());
@@ -967,7 +1044,9 @@ impl<I: KeyIndex> SessionStore for SessionTable<I> {
         keep: &mut dyn FnMut(&Session) -> bool,
         now_ms: u64,
     ) -> usize {
-        let mut guard = self.lock();
+        let Ok(mut guard) = self.lock() else {
+            return 0;
+        };
         let w = &mut *guard;
         self.expire(w, now_ms);
         let nas = nas.map(str::as_bytes);

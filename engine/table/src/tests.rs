@@ -732,3 +732,150 @@ fn upsert_moves_changed_keys_and_keeps_the_rest() {
     check::<FlatIndex>();
     check::<PapayaIndex>();
 }
+
+fn filter_coa(value: &str) -> Vec<u8> {
+    let mut bytes = vec![43, 1, 0, 0];
+    bytes.extend_from_slice(&[0; 16]);
+    bytes.extend_from_slice(&[
+        dynauth_proto::dict::attr::FILTER_ID,
+        (value.len() + 2) as u8,
+    ]);
+    bytes.extend_from_slice(value.as_bytes());
+    let len = bytes.len() as u16;
+    bytes[2..4].copy_from_slice(&len.to_be_bytes());
+    bytes
+}
+
+fn filter_change(bytes: &[u8]) -> AuthorizationChange<'_> {
+    let mut change = AuthorizationChange::new(dynauth_proto::codec::Packet::parse(bytes).unwrap());
+    change.replaces_filter_ids = true;
+    change
+}
+
+/// Overflow words a record of `s` takes.
+fn record_words(s: &Session) -> u64 {
+    let mut enc = Vec::new();
+    record::encode(s, &mut enc);
+    enc.len().div_ceil(8) as u64
+}
+
+// RFC 5176 §3: a CoA applies to every matched session or to none. Here the arena has room
+// for the new versions of all matched sessions but one, in whatever order they are
+// published: the CoA is refused with NAK 506 and no record has changed.
+#[test]
+fn coa_that_cannot_store_every_session_changes_none() {
+    fn check<I: KeyIndex>() {
+        let mut big = s("c", "u");
+        big.authorization.classes = vec![vec![7; 200]];
+        let sessions = [s("a", "u"), s("b", "u"), big];
+        let bytes = filter_coa("new-filter");
+        let change = filter_change(&bytes);
+        let changed: Vec<Session> = sessions
+            .iter()
+            .map(|s| {
+                let mut s = s.clone();
+                change.apply_to(&mut s.authorization);
+                s
+            })
+            .collect();
+        // The two small sessions live inline, so their new versions go to overflow blocks;
+        // the big one lives in overflow from the start.
+        let before = record_words(&sessions[2]);
+        let needed: u64 = changed.iter().map(record_words).sum();
+        let arena = Arena::with_word_limit(before + needed - 1);
+        let t = SessionTable::<I>::with_arena(TableConfig::default(), arena);
+        for s in &sessions {
+            assert!(t.insert(s.clone()));
+        }
+        let stats = t.stats();
+        assert_eq!(stats.live, 3);
+        assert_eq!(
+            t.change(&lookup(user("u"), 9, 0), &change, &AcceptAll),
+            Err(Refusal::Unavailable)
+        );
+        assert_eq!(
+            t.snapshot(),
+            sessions.to_vec(),
+            "a refused CoA changed records"
+        );
+        assert_eq!(t.stats(), stats);
+        // The reservations were given back: a CoA of one session still fits.
+        assert_eq!(
+            t.change(&lookup(acct("a"), 9, 0), &change, &AcceptAll),
+            Ok(Applied::Sessions(1))
+        );
+        assert_eq!(
+            t.matching(&lookup(acct("a"), 9, 0)),
+            vec![changed[0].clone()]
+        );
+    }
+    check::<FlatIndex>();
+    check::<PapayaIndex>();
+}
+
+/// A data plane whose teardown panics (a bug in the NAS glue).
+struct PanicOnRemove;
+
+impl DataPlane for PanicOnRemove {
+    fn removed(&self, _: &Session) {
+        panic!("data plane bug");
+    }
+}
+
+// A writer that panics while holding the writer lock may have left the table half updated
+// (here: a Disconnect of two sessions buried the first and stopped). The table is poisoned:
+// every later write is refused (NAK 506 or the feed's errors) and counted, lookups go on.
+#[test]
+fn panicked_writer_poisons_the_table_for_writers_only() {
+    fn check<I: KeyIndex>() {
+        let t = SessionTable::<I>::with_sessions([s("a", "u"), s("b", "u"), s("c", "v")]);
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            t.disconnect(&lookup(user("u"), 9, 0), &PanicOnRemove)
+        }));
+        assert!(panicked.is_err());
+        // Writers are refused and change nothing.
+        let live = t.len();
+        let before = t.snapshot();
+        assert_eq!(
+            t.disconnect(&lookup(acct("c"), 9, 0), &AcceptAll),
+            Err(Refusal::Unavailable)
+        );
+        let bytes = filter_coa("f");
+        let change = filter_change(&bytes);
+        assert_eq!(
+            t.change(&lookup(acct("c"), 9, 0), &change, &AcceptAll),
+            Err(Refusal::Unavailable)
+        );
+        assert_eq!(
+            t.reauthorize(&lookup(acct("c"), 9, 0), &AcceptAll),
+            Err(Refusal::Unavailable)
+        );
+        assert_eq!(
+            t.remove(&lookup(acct("c"), 9, 0)),
+            Err(Refusal::Unavailable)
+        );
+        assert!(!t.insert(s("d", "w")));
+        assert!(!t.delete(None, "c", 0));
+        assert_eq!(t.retain_nas(None, &mut |_| false, 0), 0);
+        assert_eq!(t.len(), live);
+        assert_eq!(t.snapshot(), before);
+        assert!(t.is_poisoned());
+        assert_eq!(t.try_insert(&s("d", "w")), Err(InsertError::Unavailable));
+        assert_eq!(
+            t.upsert(s("c", "v2"), UpsertMode::Create, 0),
+            Err(UpsertError::KeyTaken(POISONED))
+        );
+        assert_eq!(t.poison_refusals(), 9);
+        // Lookups never take the lock: they still answer, also the lock-free NAKs.
+        assert_eq!(t.peek(&lookup(acct("c"), 9, 0)), Ok(Applied::Sessions(1)));
+        assert_eq!(t.matching(&lookup(acct("c"), 9, 0)), vec![s("c", "v")]);
+        assert_eq!(
+            t.disconnect(&lookup(acct("zz"), 9, 0), &AcceptAll),
+            Err(Refusal::NotFound)
+        );
+        assert_eq!(t.poison_refusals(), 9);
+        assert_eq!(t.stats().live, live);
+    }
+    check::<FlatIndex>();
+    check::<PapayaIndex>();
+}
