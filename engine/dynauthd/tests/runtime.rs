@@ -416,17 +416,10 @@ fn mmsg_gso_burst_arrives_as_separate_valid_answers() {
 /// `--metrics ADDR`: Prometheus text with the engine's and the runtime's counters.
 #[test]
 fn metrics_endpoint_serves_prometheus_text() {
-    use std::io::{Read, Write};
     let Some(daemon) = start_backend("mmsg", "2", &["--metrics", "127.0.0.1:0"], "metrics") else {
         return;
     };
-    let metrics: SocketAddr = daemon
-        .banner
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("metrics="))
-        .expect("metrics address in the banner")
-        .parse()
-        .unwrap();
+    let metrics = metrics_addr(&daemon);
     let secret = Secret::new(SECRET).unwrap();
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
     let asid = synth::acct_session_id(9, 1);
@@ -434,11 +427,7 @@ fn metrics_endpoint_serves_prometheus_text() {
     exchange(&sock, daemon.addr(), &req, WAIT).expect("answered");
     // Shards publish their counters every 250 ms.
     std::thread::sleep(Duration::from_millis(600));
-    let mut http = std::net::TcpStream::connect(metrics).unwrap();
-    http.set_read_timeout(Some(WAIT)).unwrap();
-    http.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-    let mut body = String::new();
-    http.read_to_string(&mut body).unwrap();
+    let body = scrape(metrics);
     assert!(body.starts_with("HTTP/1.0 200 OK"), "{body}");
     assert!(
         body.contains("dynauth_acks_total{client=\"127.0.0.0/24\",kind=\"disconnect\"} 1"),
@@ -509,17 +498,10 @@ fn several_listen_addresses_each_answer() {
 /// past the Length field padding, so the request inside is answered, and the truncation is
 /// counted (`dynauth_truncated_datagrams_total`).
 fn oversized_datagram_is_answered_and_counted(io: &str) {
-    use std::io::{Read, Write};
     let Some(daemon) = start_backend(io, "1", &["--metrics", "127.0.0.1:0"], "oversized") else {
         return;
     };
-    let metrics: SocketAddr = daemon
-        .banner
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("metrics="))
-        .expect("metrics address in the banner")
-        .parse()
-        .unwrap();
+    let metrics = metrics_addr(&daemon);
     let secret = Secret::new(SECRET).unwrap();
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
     let asid = synth::acct_session_id(9, 2);
@@ -533,11 +515,7 @@ fn oversized_datagram_is_answered_and_counted(io: &str) {
         "Disconnect-ACK"
     );
     std::thread::sleep(Duration::from_millis(600));
-    let mut http = std::net::TcpStream::connect(metrics).unwrap();
-    http.set_read_timeout(Some(WAIT)).unwrap();
-    http.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-    let mut body = String::new();
-    http.read_to_string(&mut body).unwrap();
+    let body = scrape(metrics);
     assert!(
         body.contains("dynauth_truncated_datagrams_total 1"),
         "{body}"
@@ -554,4 +532,26 @@ fn mmsg_oversized_datagram_is_answered_and_counted() {
 #[test]
 fn uring_oversized_datagram_is_answered_and_counted() {
     oversized_datagram_is_answered_and_counted("uring");
+}
+
+/// The `--metrics` address from the banner.
+fn metrics_addr(daemon: &Daemon) -> SocketAddr {
+    daemon
+        .banner
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("metrics="))
+        .expect("metrics address in the banner")
+        .parse()
+        .unwrap()
+}
+
+/// One HTTP/1.0 GET of /metrics; the whole response.
+fn scrape(metrics: SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut http = std::net::TcpStream::connect(metrics).unwrap();
+    http.set_read_timeout(Some(WAIT)).unwrap();
+    http.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut body = String::new();
+    http.read_to_string(&mut body).unwrap();
+    body
 }
