@@ -160,6 +160,12 @@ pub enum UpsertError {
     NoIdentification,
     #[error("{0} is already taken by another session")]
     KeyTaken(&'static str),
+    /// The session's record is larger than the store can hold, or the store is full.
+    #[error("the session does not fit in the store (too large, or the store is full)")]
+    TooLarge,
+    /// The store refuses writes (a writer panicked; see the session table's docs).
+    #[error("the session store refuses writes now")]
+    Unavailable,
 }
 
 /// The NAS's data plane, as the decisions see it. Every method has a do-nothing default.

@@ -744,7 +744,7 @@ impl<I: KeyIndex> SessionTable<I> {
         } = w;
         record::encode(session, enc);
         if enc.len() > arena::MAX_RECORD {
-            return Err(UpsertError::KeyTaken(TOO_LARGE));
+            return Err(UpsertError::TooLarge);
         }
         let mut old = [None; Key::INDEXED];
         if let Some(k) = self.read_keys(id, rec) {
@@ -754,7 +754,7 @@ impl<I: KeyIndex> SessionTable<I> {
         self.numbered_entries(&record::keys_of(session), |n, _, hash| new[n] = Some(hash));
         self.arena
             .store(arena, id, enc)
-            .map_err(|_| UpsertError::KeyTaken(TOO_LARGE))?;
+            .map_err(|_| UpsertError::TooLarge)?;
         // An index entry is (stored hash, id): equal stored hashes are the same entry.
         let stored = |h: Option<u64>| h.map(index::stored_hash);
         for (n, ix) in self.indexes.iter().enumerate() {
@@ -819,13 +819,6 @@ fn same_unique_key(key: Key, a: &Keys<'_>, b: &Keys<'_>) -> bool {
             Uniqueness::InContext => a.vrf == b.vrf && a.same(b, Key::CalledStationId),
         }
 }
-
-/// What an upsert reports when the session cannot be stored (larger than a record may be,
-/// or the arena is exhausted): `UpsertError` has no variant of its own for it yet.
-const TOO_LARGE: &str = "session size";
-
-/// What an upsert reports when the table is poisoned (`SessionTable::is_poisoned`).
-const POISONED: &str = "session table (poisoned by a panicked writer)";
 
 /// The writer lock is poisoned: a writer panicked while holding it.
 #[derive(Debug, Clone, Copy)]
@@ -986,7 +979,7 @@ impl<I: KeyIndex> SessionStore for SessionTable<I> {
         if !session.has_identification() {
             return Err(UpsertError::NoIdentification);
         }
-        let mut guard = self.lock().map_err(|_| UpsertError::KeyTaken(POISONED))?;
+        let mut guard = self.lock().map_err(|_| UpsertError::Unavailable)?;
         let w = &mut *guard;
         self.expire(w, now_ms);
         let keys = record::keys_of(&session);
@@ -1004,10 +997,8 @@ impl<I: KeyIndex> SessionStore for SessionTable<I> {
         match self.insert_locked(w, &session) {
             Ok(_) => Ok(Upserted::Inserted),
             Err(InsertError::Duplicate { key, .. }) => Err(UpsertError::KeyTaken(key)),
-            Err(InsertError::TooLarge(_) | InsertError::Full) => {
-                Err(UpsertError::KeyTaken(TOO_LARGE))
-            }
-            Err(InsertError::Unavailable) => Err(UpsertError::KeyTaken(POISONED)),
+            Err(InsertError::TooLarge(_) | InsertError::Full) => Err(UpsertError::TooLarge),
+            Err(InsertError::Unavailable) => Err(UpsertError::Unavailable),
         }
     }
 
