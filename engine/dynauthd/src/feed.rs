@@ -73,6 +73,52 @@ impl SessionFeed {
         self.lock().stats()
     }
 
+    /// The feed's counters and the live session count, as Prometheus text appended to `out`.
+    pub fn write_prometheus(&self, out: &mut String) {
+        use core::fmt::Write as _;
+        let s = self.stats();
+        let rows: [(&str, &str, u64); 7] = [
+            (
+                "dynauth_feed_upserts_total",
+                "Session feed upserts applied",
+                s.upserts,
+            ),
+            (
+                "dynauth_feed_deletes_total",
+                "Session feed deletes applied",
+                s.deletes,
+            ),
+            (
+                "dynauth_feed_nas_resets_total",
+                "NAS resets applied",
+                s.nas_resets,
+            ),
+            ("dynauth_feed_resyncs_total", "Resyncs completed", s.syncs),
+            (
+                "dynauth_feed_swept_total",
+                "Sessions removed by NAS resets and resyncs",
+                s.swept,
+            ),
+            (
+                "dynauth_feed_stale_total",
+                "Events ignored for an old sequence number",
+                s.stale,
+            ),
+            ("dynauth_feed_refused_total", "Events refused", s.refused),
+        ];
+        for (name, help, value) in rows {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP dynauth_sessions Live sessions in the store\n# TYPE dynauth_sessions gauge\ndynauth_sessions {}",
+            self.store.len()
+        );
+    }
+
     pub fn store(&self) -> &Arc<dyn SessionStore> {
         &self.store
     }

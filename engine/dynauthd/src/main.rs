@@ -174,7 +174,21 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
     }
     if let Some(addr) = settings.metrics {
         let names = settings.clients.iter().map(|c| c.name.clone()).collect();
-        let bound = server.serve_metrics(addr, names)?;
+        let feed_metrics = Arc::clone(&feed);
+        let mut extra: Vec<runtime::MetricsSource> = vec![Arc::new(move |out: &mut String| {
+            feed_metrics.write_prometheus(out)
+        })];
+        if !accounting.is_empty() {
+            let handles: Vec<_> = accounting.iter().map(|a| a.stats_handle()).collect();
+            extra.push(Arc::new(move |out: &mut String| {
+                let mut total = dynauth_proto::accounting::AccountingStats::default();
+                for h in &handles {
+                    total.add(&h.get());
+                }
+                total.write_prometheus(out);
+            }));
+        }
+        let bound = server.serve_metrics(addr, names, extra)?;
         tracing::info!("Prometheus metrics on http://{bound}/metrics");
         extras.push_str(&format!(" metrics={bound}"));
     }

@@ -304,6 +304,9 @@ fn format_cpu_list(cpus: &[usize]) -> String {
     out
 }
 
+/// More Prometheus text appended to every scrape (the session feed, accounting listeners).
+pub type MetricsSource = Arc<dyn Fn(&mut String) + Send + Sync>;
+
 /// The running server: its shards and where it listens.
 pub struct Server {
     pub local_addrs: Vec<SocketAddr>,
@@ -627,6 +630,7 @@ impl Server {
         &self,
         addr: SocketAddr,
         client_names: Vec<String>,
+        extra: Vec<MetricsSource>,
     ) -> Result<SocketAddr, StartError> {
         let listener = std::net::TcpListener::bind(addr).map_err(|e| bind_error(addr, e))?;
         let local = listener.local_addr().map_err(|e| bind_error(addr, e))?;
@@ -642,7 +646,10 @@ impl Server {
                 while !stop.load(Ordering::Relaxed) {
                     match listener.accept() {
                         Ok((stream, _)) => {
-                            let body = prometheus_text(&totals_of(&reports), &names);
+                            let mut body = prometheus_text(&totals_of(&reports), &names);
+                            for source in &extra {
+                                source(&mut body);
+                            }
                             let _ = answer_http(stream, &body);
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {

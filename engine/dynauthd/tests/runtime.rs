@@ -427,7 +427,7 @@ fn metrics_endpoint_serves_prometheus_text() {
     exchange(&sock, daemon.addr(), &req, WAIT).expect("answered");
     // Shards publish their counters every 250 ms.
     std::thread::sleep(Duration::from_millis(600));
-    let body = scrape(metrics);
+    let body = daemon::scrape(metrics);
     assert!(body.starts_with("HTTP/1.0 200 OK"), "{body}");
     assert!(
         body.contains("dynauth_acks_total{client=\"127.0.0.0/24\",kind=\"disconnect\"} 1"),
@@ -515,7 +515,7 @@ fn oversized_datagram_is_answered_and_counted(io: &str) {
         "Disconnect-ACK"
     );
     std::thread::sleep(Duration::from_millis(600));
-    let body = scrape(metrics);
+    let body = daemon::scrape(metrics);
     assert!(
         body.contains("dynauth_truncated_datagrams_total 1"),
         "{body}"
@@ -543,15 +543,4 @@ fn metrics_addr(daemon: &Daemon) -> SocketAddr {
         .expect("metrics address in the banner")
         .parse()
         .unwrap()
-}
-
-/// One HTTP/1.0 GET of /metrics; the whole response.
-fn scrape(metrics: SocketAddr) -> String {
-    use std::io::{Read, Write};
-    let mut http = std::net::TcpStream::connect(metrics).unwrap();
-    http.set_read_timeout(Some(WAIT)).unwrap();
-    http.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-    let mut body = String::new();
-    http.read_to_string(&mut body).unwrap();
-    body
 }

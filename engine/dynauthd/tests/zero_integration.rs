@@ -44,6 +44,8 @@ fn sessions_learnt_from_accounting_are_disconnected_by_their_keys() {
         "mmsg",
         "--shards",
         "1",
+        "--metrics",
+        "127.0.0.1:0",
     ]);
     let accounting: SocketAddr = d
         .banner
@@ -88,5 +90,21 @@ fn sessions_learnt_from_accounting_are_disconnected_by_their_keys() {
     );
     assert_eq!(disconnect(das, 4, &[(1, b"carol")]), (41, Some(201)));
     assert_eq!(disconnect(das, 5, &[(1, b"dave")]), (42, Some(503)));
+    // The feed and the accounting listener are in /metrics.
+    let metrics: SocketAddr = d
+        .banner
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("metrics=")?.parse().ok())
+        .expect("metrics address in the banner");
+    let body = daemon::scrape(metrics);
+    for line in [
+        "dynauth_accounting_applied_total 7",
+        "dynauth_feed_upserts_total 5",
+        "dynauth_feed_deletes_total 1",
+        "dynauth_feed_nas_resets_total 1",
+        "dynauth_sessions 0",
+    ] {
+        assert!(body.contains(line), "{line} in\n{body}");
+    }
     d.stop();
 }

@@ -161,6 +161,22 @@ pub struct AccountingStats {
 }
 
 impl AccountingStats {
+    /// Adds another listener's counters (one exposition for every listener).
+    pub fn add(&mut self, o: &AccountingStats) {
+        self.received += o.received;
+        self.starts += o.starts;
+        self.interims += o.interims;
+        self.stops += o.stops;
+        self.nas_resets += o.nas_resets;
+        self.ignored += o.ignored;
+        self.applied += o.applied;
+        self.answered += o.answered;
+        self.duplicates += o.duplicates;
+        for (total, n) in self.refused.iter_mut().zip(o.refused) {
+            *total += n;
+        }
+    }
+
     pub fn refused_total(&self) -> u64 {
         self.refused.iter().sum()
     }

@@ -249,3 +249,13 @@ pub fn run_radclient(server: SocketAddr, kind: &str, secret: &str, attrs: &str) 
         String::from_utf8_lossy(&out.stderr)
     )
 }
+
+/// One HTTP/1.0 GET of `/metrics` from `--metrics ADDR`; the whole response.
+pub fn scrape(metrics: SocketAddr) -> String {
+    let mut http = std::net::TcpStream::connect(metrics).unwrap();
+    http.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    http.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut body = String::new();
+    http.read_to_string(&mut body).unwrap();
+    body
+}
