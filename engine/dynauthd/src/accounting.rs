@@ -21,35 +21,26 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use dynauth_proto::SessionStore;
 use dynauth_proto::accounting::{
     Accepted, Accounting, AccountingStats, DEFAULT_DEDUP, Received, Refused,
 };
 use dynauth_proto::client::ClientTable;
 use dynauth_proto::codec::MAX_PACKET_LEN;
 use dynauth_proto::dedup::DedupConfig;
-use dynauth_proto::feed::{Feed, FeedError, FeedOutcome, Sequenced};
+use dynauth_proto::feed::{FeedError, FeedOutcome, Sequenced};
 
-/// How the listener applies an event: in the server, the one [`Feed`] (shared with the
-/// control socket) in front of the session store.
+use crate::feed::SessionFeed;
+
+/// How the listener applies an event: in the server, the one [`SessionFeed`] (shared with
+/// the control socket) in front of the session store ([`through`]).
 pub type FeedFn = Arc<dyn Fn(Sequenced) -> Result<FeedOutcome, FeedError> + Send + Sync>;
 
 /// How often the thread looks at the stop flag while no datagram arrives.
 pub const POLL: Duration = Duration::from_millis(100);
 
-/// A feed function over `feed` and `store`, with monotonic time measured from `epoch`:
-/// `feed.lock().apply(event, store, now_ms)`.
-pub fn feed_fn<S>(feed: Arc<Mutex<Feed>>, store: Arc<S>, epoch: Instant) -> FeedFn
-where
-    S: SessionStore + Send + Sync + 'static,
-{
-    Arc::new(move |event| {
-        let now_ms = u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-        // `Feed::apply` leaves the feed consistent at every return; a panic elsewhere
-        // while the lock was held does not make it unusable.
-        let mut feed = feed.lock().unwrap_or_else(PoisonError::into_inner);
-        feed.apply(event, &*store, now_ms)
-    })
+/// The feed function of the server's one [`SessionFeed`] (shared with the control socket).
+pub fn through(feed: Arc<SessionFeed>) -> FeedFn {
+    Arc::new(move |event| feed.apply(event))
 }
 
 /// Counters of a running listener, readable from any thread (metrics).

@@ -137,11 +137,10 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
     let accounting_stop = Arc::new(AtomicBool::new(false));
     let mut accounting = Vec::new();
     for &addr in &settings.accounting_listen {
-        let feed = Arc::clone(&feed);
         let listener = dynauthd::accounting::spawn(
             addr,
             Arc::clone(&clients),
-            Arc::new(move |event| feed.apply(event)),
+            dynauthd::accounting::through(Arc::clone(&feed)),
             Arc::clone(&accounting_stop),
         )
         .with_context(|| format!("--accounting-listen {addr}"))?;

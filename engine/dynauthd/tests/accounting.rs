@@ -8,8 +8,8 @@
 mod daemon;
 
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dynauth_proto::SessionStore;
@@ -18,25 +18,25 @@ use dynauth_proto::auth::{self, ResponseCheck, Secret};
 use dynauth_proto::client::{Client, ClientTable};
 use dynauth_proto::codec::{Packet, PacketWriter};
 use dynauth_proto::dict::{acct_status, attr, code};
-use dynauth_proto::feed::Feed;
 use dynauth_proto::session::Session;
 use dynauth_proto::store::{MemoryStore, TombstonePolicy};
 use dynauthd::accounting::{self, Listener};
+use dynauthd::feed::SessionFeed;
 
 const SECRET: &str = "acct-test-secret";
 
 struct Setup {
     listener: Listener,
     store: Arc<MemoryStore>,
-    feed: Arc<Mutex<Feed>>,
+    feed: Arc<SessionFeed>,
 }
 
 fn setup() -> Setup {
     let client = Client::new("127.0.0.0/8".parse().unwrap(), Secret::new(SECRET).unwrap());
     let clients = Arc::new(ClientTable::new([client]).unwrap());
     let store = Arc::new(MemoryStore::new(TombstonePolicy::default()));
-    let feed = Arc::new(Mutex::new(Feed::new()));
-    let apply = accounting::feed_fn(Arc::clone(&feed), Arc::clone(&store), Instant::now());
+    let feed = Arc::new(SessionFeed::new(store.clone(), Instant::now()));
+    let apply = accounting::through(Arc::clone(&feed));
     let listener = accounting::spawn(
         "127.0.0.1:0".parse().unwrap(),
         clients,
@@ -239,7 +239,7 @@ fn radclient_start_interim_stop_accounting_on() {
         "{stats:?}"
     );
     assert_eq!(stats.refused[Refused::BadRequestAuthenticator.index()], 1);
-    let feed = feed.lock().unwrap().stats();
+    let feed = feed.stats();
     assert_eq!((feed.upserts, feed.deletes, feed.nas_resets), (6, 1, 1));
 }
 
@@ -304,7 +304,7 @@ fn retransmission_is_answered_from_the_cache_and_applied_once() {
     );
 
     assert_eq!(sessions(&store), pairs(&[("bng-c", "retx-1")]));
-    assert_eq!(feed.lock().unwrap().stats().upserts, 1, "applied once");
+    assert_eq!(feed.stats().upserts, 1, "applied once");
     let stats = listener.stop();
     assert_eq!((stats.received, stats.duplicates, stats.applied), (2, 1, 1));
 }
@@ -313,12 +313,12 @@ fn retransmission_is_answered_from_the_cache_and_applied_once() {
 fn the_shared_stop_flag_ends_the_listener() {
     let clients = Arc::new(ClientTable::default());
     let store = Arc::new(MemoryStore::new(TombstonePolicy::default()));
-    let feed = Arc::new(Mutex::new(Feed::new()));
+    let feed = Arc::new(SessionFeed::new(store, Instant::now()));
     let stop = Arc::new(AtomicBool::new(false));
     let listener = accounting::spawn(
         "127.0.0.1:0".parse().unwrap(),
         clients,
-        accounting::feed_fn(feed, store, Instant::now()),
+        accounting::through(feed),
         Arc::clone(&stop),
     )
     .unwrap();
