@@ -6,14 +6,12 @@
 mod daemon;
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::UdpSocket;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use daemon::{check_answer, exchange, request, start_ok, temp_path};
-use dynauth_proto::auth::Secret;
+use daemon::{start_ok, temp_path};
 use serde_json::{Value, json};
 
 const SECRET: &str = "control-test-secret";
@@ -79,12 +77,7 @@ fn server(name: &str) -> (daemon::Daemon, PathBuf) {
 
 /// Disconnect-Request by Acct-Session-Id: (code, Error-Cause).
 fn disconnect(d: &daemon::Daemon, id: u8, acct_session_id: &str) -> (u8, Option<u32>) {
-    let secret = Secret::new(SECRET).unwrap();
-    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let req = request(40, id, &[(44, acct_session_id.as_bytes())], false, &secret);
-    let (answer, _) = exchange(&sock, d.addr(), &req, Duration::from_secs(5)).expect("answer");
-    let (code, cause, _) = check_answer(&answer, &req, &secret);
-    (code, cause)
+    daemon::disconnect(d.addr(), SECRET, id, &[(44, acct_session_id.as_bytes())])
 }
 
 #[test]

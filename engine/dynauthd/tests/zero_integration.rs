@@ -5,11 +5,9 @@
 
 mod daemon;
 
-use std::net::{SocketAddr, UdpSocket};
-use std::time::Duration;
+use std::net::SocketAddr;
 
-use daemon::{check_answer, exchange, request, start_ok};
-use dynauth_proto::auth::Secret;
+use daemon::start_ok;
 
 const SECRET: &str = "zero-integration-secret";
 
@@ -22,12 +20,7 @@ fn acct(server: SocketAddr, attrs: &str) {
 }
 
 fn disconnect(to: SocketAddr, id: u8, attrs: &[(u8, &[u8])]) -> (u8, Option<u32>) {
-    let secret = Secret::new(SECRET).unwrap();
-    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let req = request(40, id, attrs, false, &secret);
-    let (answer, _) = exchange(&sock, to, &req, Duration::from_secs(5)).expect("an answer");
-    let (code, cause, _) = check_answer(&answer, &req, &secret);
-    (code, cause)
+    daemon::disconnect(to, SECRET, id, attrs)
 }
 
 #[test]

@@ -56,9 +56,9 @@ impl Drop for Target {
     }
 }
 
-/// A DAS on 127.0.0.1 with the first `sessions` synthetic sessions of seed 1, answering the
-/// client 127.0.0.1 with [`SECRET`]; `hook` sees every answer before it leaves.
-pub fn engine_target(sessions: u64, mut hook: Hook) -> Target {
+/// An engine (and its store) with the first `sessions` synthetic sessions of seed 1, answering the client
+/// 127.0.0.1 with [`SECRET`].
+fn das_engine(sessions: u64) -> (Engine, Arc<MemoryStore>) {
     let store = Arc::new(MemoryStore::with_sessions(synth::sessions(1, sessions)));
     let client = Client::new(
         Cidr::host(IpAddr::V4(Ipv4Addr::LOCALHOST)),
@@ -68,11 +68,18 @@ pub fn engine_target(sessions: u64, mut hook: Hook) -> Target {
         clients: ClientTable::new([client]).unwrap(),
         ..EngineConfig::default()
     };
-    let mut engine = Engine::new(
+    let engine = Engine::new(
         Arc::new(config),
         Arc::clone(&store) as Arc<dyn dynauth_proto::SessionStore>,
         Arc::new(AcceptAll),
     );
+    (engine, store)
+}
+
+/// A DAS on 127.0.0.1 with the first `sessions` synthetic sessions of seed 1, answering the
+/// client 127.0.0.1 with [`SECRET`]; `hook` sees every answer before it leaves.
+pub fn engine_target(sessions: u64, mut hook: Hook) -> Target {
+    let (mut engine, store) = das_engine(sessions);
     let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
     socket
         .set_read_timeout(Some(Duration::from_millis(20)))
@@ -140,20 +147,7 @@ pub fn delayed_engine_target(
     mut delay: impl FnMut(u64) -> Duration + Send + 'static,
     outstanding_for: Duration,
 ) -> (SocketAddr, Arc<DelaySeen>, Arc<AtomicBool>, JoinHandle<()>) {
-    let store = Arc::new(MemoryStore::with_sessions(synth::sessions(1, sessions)));
-    let client = Client::new(
-        Cidr::host(IpAddr::V4(Ipv4Addr::LOCALHOST)),
-        Secret::new(SECRET).unwrap(),
-    );
-    let config = EngineConfig {
-        clients: ClientTable::new([client]).unwrap(),
-        ..EngineConfig::default()
-    };
-    let mut engine = Engine::new(
-        Arc::new(config),
-        Arc::clone(&store) as Arc<dyn dynauth_proto::SessionStore>,
-        Arc::new(AcceptAll),
-    );
+    let (mut engine, _store) = das_engine(sessions);
     let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
     socket
         .set_read_timeout(Some(Duration::from_micros(500)))

@@ -259,3 +259,19 @@ pub fn scrape(metrics: SocketAddr) -> String {
     http.read_to_string(&mut body).unwrap();
     body
 }
+
+/// A Disconnect-Request (no Message-Authenticator) with `attrs` to `to`, signed with `secret`;
+/// the checked answer's (code, Error-Cause).
+pub fn disconnect(
+    to: SocketAddr,
+    secret: &str,
+    id: u8,
+    attrs: &[(u8, &[u8])],
+) -> (u8, Option<u32>) {
+    let secret = Secret::new(secret).unwrap();
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let req = request(40, id, attrs, false, &secret);
+    let (answer, _) = exchange(&sock, to, &req, Duration::from_secs(5)).expect("an answer");
+    let (code, cause, _) = check_answer(&answer, &req, &secret);
+    (code, cause)
+}
