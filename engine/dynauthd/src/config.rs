@@ -105,6 +105,50 @@ pub struct Cli {
     /// Owner of the control socket: UID, UID:GID or :GID (numeric).
     #[arg(long, value_name = "UID[:GID]", value_parser = parse_owner, requires = "control")]
     pub control_owner: Option<(Option<u32>, Option<u32>)>,
+    /// Who tears sessions down: `agent` (the agents on the control socket; a Disconnect or
+    /// CoA is answered only after the owning agent commits) or `table` (the session table
+    /// alone; demo, tests). Default: `agent` with --control, else `table`.
+    #[arg(long, value_name = "agent|table", value_parser = parse_data_plane)]
+    pub data_plane: Option<DataPlaneMode>,
+    /// How long an agent has to commit an action before the request gets NAK 506 (e.g.
+    /// 3s, 500ms).
+    #[arg(long, value_name = "DURATION", value_parser = parse_millis)]
+    pub action_deadline: Option<u64>,
+}
+
+/// Who carries out Disconnects and CoAs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataPlaneMode {
+    /// Agents on the control socket; ACK only after they commit (RFC 5176 §2.1).
+    Agent,
+    /// The session table is the data plane.
+    Table,
+}
+
+fn parse_data_plane(s: &str) -> Result<DataPlaneMode, String> {
+    match s {
+        "agent" => Ok(DataPlaneMode::Agent),
+        "table" => Ok(DataPlaneMode::Table),
+        other => Err(format!("{other:?}: expected agent or table")),
+    }
+}
+
+/// `3s`, `500ms`, or a number of milliseconds.
+fn parse_millis(s: &str) -> Result<u64, String> {
+    let (number, scale) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1000)
+    } else {
+        (s, 1)
+    };
+    number
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .filter(|&ms| ms > 0)
+        .ok_or_else(|| format!("{s:?}: expected a positive duration such as 3s or 500ms"))
 }
 
 /// `--control-mode 0660`.
@@ -343,6 +387,10 @@ pub struct Settings {
     pub clients: Vec<Client>,
     pub nas: NasIdentity,
     pub dedup: DedupConfig,
+    /// Who carries out Disconnects and CoAs.
+    pub data_plane: DataPlaneMode,
+    /// Milliseconds an agent has to commit an action.
+    pub action_deadline_ms: u64,
 }
 
 impl Settings {
@@ -354,6 +402,7 @@ impl Settings {
             clients,
             nas: self.nas.clone(),
             dedup: self.dedup,
+            action_deadline_ms: self.action_deadline_ms,
         })
     }
 }
@@ -686,6 +735,19 @@ fn combine(loaded: Loaded, cli: &Cli) -> Result<Settings, ConfigError> {
         clients,
         nas,
         dedup,
+        data_plane: match (cli.data_plane, &cli.control) {
+            (Some(DataPlaneMode::Agent), None) => {
+                return Err(ConfigError::Other(
+                    "--data-plane agent needs --control PATH: the agents that commit actions connect there".into(),
+                ));
+            }
+            (Some(mode), _) => mode,
+            (None, Some(_)) => DataPlaneMode::Agent,
+            (None, None) => DataPlaneMode::Table,
+        },
+        action_deadline_ms: cli
+            .action_deadline
+            .unwrap_or(dynauth_proto::engine::DEFAULT_ACTION_DEADLINE_MS),
     })
 }
 

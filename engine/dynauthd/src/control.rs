@@ -12,7 +12,6 @@
 //! by memory here; a line is at most [`MAX_LINE`] octets.
 #![forbid(unsafe_code)]
 
-use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -24,9 +23,10 @@ use std::time::Duration;
 
 use dynauth_proto::feed::{FeedEvent, FeedOutcome, Sequenced};
 use dynauth_proto::session::{Session, SessionQuery};
-use dynauth_proto::store::{AcceptAll, Applied, Lookup, MatchScope, UpsertMode, Upserted};
+use dynauth_proto::store::{Applied, Lookup, MatchScope, UpsertMode, Upserted};
 use serde_json::{Map, Value, json};
 
+use crate::actions::{AgentLink, Agents, Owner, Submitter};
 use crate::feed::SessionFeed;
 
 /// The protocol version this server speaks.
@@ -90,8 +90,10 @@ struct Shared {
     feed: Arc<SessionFeed>,
     /// Reads for `sessions_get` (the carrier table, or any store that can list matches).
     reader: SessionReader,
-    /// NAS name to (connection number, agent name).
-    owners: Mutex<HashMap<String, (u64, String)>>,
+    /// The agents and the NASes each owns.
+    agents: Arc<Agents>,
+    /// Where agents' action results go (agent mode); `None` in table-only mode.
+    actions: Option<Submitter>,
     connections: AtomicUsize,
     stop: AtomicBool,
 }
@@ -113,11 +115,14 @@ impl core::fmt::Debug for ControlServer {
 
 impl ControlServer {
     /// Creates the socket and starts accepting. `reader` answers `sessions_get` with the
-    /// live sessions matching a query session.
+    /// live sessions matching a query session. With `actions` (agent mode), agents that say
+    /// `"actions": true` in their hello receive actions for the NASes they own.
     pub fn start(
         config: &ControlConfig,
         feed: Arc<SessionFeed>,
         reader: SessionReader,
+        agents: Arc<Agents>,
+        actions: Option<Submitter>,
     ) -> Result<ControlServer, ControlError> {
         let listener = bind(config)?;
         listener
@@ -126,7 +131,8 @@ impl ControlServer {
         let shared = Arc::new(Shared {
             feed,
             reader,
-            owners: Mutex::new(HashMap::new()),
+            agents,
+            actions,
             connections: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
         });
@@ -255,10 +261,13 @@ fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
 }
 
 impl Shared {
-    /// A connection ended: its NASes are free again.
+    /// A connection ended: its NASes are free again, and its actions without results are
+    /// answered NAK 506 now.
     fn release(&self, connection: u64) {
-        let mut owners = self.owners.lock().unwrap_or_else(|p| p.into_inner());
-        owners.retain(|_, (c, _)| *c != connection);
+        self.agents.release(connection);
+        if let Some(actions) = &self.actions {
+            actions.agent_gone(connection);
+        }
     }
 }
 
@@ -268,7 +277,38 @@ struct Connection<'s> {
     agent: Option<String>,
     /// Whether this connection claimed NASes with `hello` (then it may feed only those).
     claimed: bool,
+    /// Whether it takes actions (`"actions": true` in its hello).
+    takes_actions: bool,
     shared: &'s Shared,
+    writer: SharedWriter,
+}
+
+/// The connection's write half, shared by its replies and the dispatcher's action lines.
+#[derive(Clone)]
+struct SharedWriter(Arc<Mutex<io::BufWriter<UnixStream>>>);
+
+impl Write for SharedWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).write(buf)
+    }
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .write_all(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).flush()
+    }
+}
+
+impl SharedWriter {
+    /// One whole line under one lock.
+    fn line(&self, text: &str) -> io::Result<()> {
+        let mut w = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        writeln!(w, "{text}")?;
+        w.flush()
+    }
 }
 
 fn serve_connection(stream: UnixStream, id: u64, shared: &Shared) {
@@ -277,13 +317,17 @@ fn serve_connection(stream: UnixStream, id: u64, shared: &Shared) {
     let Ok(write_half) = stream.try_clone() else {
         return;
     };
-    let mut writer = io::BufWriter::new(write_half);
+    // An agent that stops reading must not stall the dispatcher for long.
+    let _ = write_half.set_write_timeout(Some(Duration::from_secs(1)));
+    let writer = SharedWriter(Arc::new(Mutex::new(io::BufWriter::new(write_half))));
     let mut reader = BufReader::new(stream);
     let mut conn = Connection {
         id,
         agent: None,
         claimed: false,
+        takes_actions: false,
         shared,
+        writer: writer.clone(),
     };
     let mut line = Vec::new();
     let mut number = 0u64;
@@ -303,10 +347,7 @@ fn serve_connection(stream: UnixStream, id: u64, shared: &Shared) {
                 }
                 let reply = conn.handle(&text, number);
                 line.clear();
-                if writeln!(writer, "{reply}")
-                    .and_then(|()| writer.flush())
-                    .is_err()
-                {
+                if writer.line(&reply).is_err() {
                     return;
                 }
             }
@@ -320,10 +361,7 @@ fn serve_connection(stream: UnixStream, id: u64, shared: &Shared) {
                     None,
                     &format!("a line is at most {MAX_LINE} octets; this one was skipped"),
                 );
-                if writeln!(writer, "{reply}")
-                    .and_then(|()| writer.flush())
-                    .is_err()
-                {
+                if writer.line(&reply).is_err() {
                     return;
                 }
             }
@@ -569,6 +607,7 @@ impl Connection<'_> {
                 Ok(json!({"sessions": found, "truncated": truncated}))
             }
             "disconnect" => self.disconnect(m),
+            "action_result" => self.action_result(m),
             "stats" => {
                 let s = self.shared.feed.stats();
                 Ok(json!({
@@ -585,7 +624,8 @@ impl Connection<'_> {
                 Some("op"),
                 format!(
                     "unknown operation {other:?}; known: hello, upsert, delete, nas_reset, \
-                     sync_begin, sync_end, batch, sessions_count, sessions_get, disconnect, stats"
+                     sync_begin, sync_end, batch, sessions_count, sessions_get, disconnect, \
+                     action_result, stats"
                 ),
             )),
         }
@@ -609,34 +649,52 @@ impl Connection<'_> {
                 .collect::<Result<_, _>>()?,
             Some(_) => return Err(refused("bad_field", Some("nas"), "must be a list of names")),
         };
-        let mut owners = self.shared.owners.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((nas, (_, other))) = nases
-            .iter()
-            .find_map(|n| owners.get(n).filter(|(c, _)| *c != self.id).map(|o| (n, o)))
-        {
+        let takes_actions = match m.get("actions") {
+            None | Some(Value::Bool(false)) => false,
+            Some(Value::Bool(true)) => true,
+            Some(_) => {
+                return Err(refused(
+                    "bad_field",
+                    Some("actions"),
+                    "must be true or false",
+                ));
+            }
+        };
+        if takes_actions && self.shared.actions.is_none() {
+            return Err(refused(
+                "no_actions",
+                Some("actions"),
+                "this server runs with --data-plane table: the session table carries out Disconnects and CoAs",
+            ));
+        }
+        if let Err((nas, other)) = self.shared.agents.claim(self.id, &agent, &nases) {
             return Err(refused(
                 "nas_owned",
                 Some("nas"),
                 format!("NAS {nas:?} is owned by agent {other:?} on another connection"),
             ));
         }
-        for n in &nases {
-            owners.insert(n.clone(), (self.id, agent.clone()));
+        if takes_actions {
+            self.shared.agents.attach(
+                self.id,
+                Arc::new(AgentLink::new(agent.clone(), Box::new(self.writer.clone()))),
+            );
+            self.takes_actions = true;
         }
-        drop(owners);
         self.claimed |= !nases.is_empty();
         tracing::info!(
             "control: agent {agent:?} connected, owning {} NAS(es)",
             nases.len()
         );
         self.agent = Some(agent);
-        Ok(json!({"server": "dynauthd", "version": VERSION, "owns": nases}))
+        Ok(json!({
+            "server": "dynauthd", "version": VERSION, "owns": nases, "actions": takes_actions,
+        }))
     }
 
     /// May this connection feed events for `nas`?
     fn check_owner(&self, nas: &str, field: &str) -> Result<(), Refused> {
-        let owners = self.shared.owners.lock().unwrap_or_else(|p| p.into_inner());
-        match owners.get(nas) {
+        match self.shared.agents.owner(nas).as_ref() {
             Some((c, _)) if *c == self.id => Ok(()),
             Some((_, agent)) => Err(refused(
                 "nas_owned",
@@ -735,6 +793,34 @@ impl Connection<'_> {
         Ok(json!({"applied": applied, "errors": errors}))
     }
 
+    /// An agent's results for an action it received: `{"op": "action_result", "action": N,
+    /// "results": [{"index": 0, "result": "committed"}, ...]}`.
+    fn action_result(&self, m: &Map<String, Value>) -> Result<Value, Refused> {
+        let (Some(actions), true) = (&self.shared.actions, self.takes_actions) else {
+            return Err(refused(
+                "no_actions",
+                Some("op"),
+                "this connection takes no actions (say \"actions\": true in hello)",
+            ));
+        };
+        let action = m
+            .get("action")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| refused("bad_field", Some("action"), "the action's number"))?;
+        let results = crate::actions::parse_results(m.get("results")).map_err(|field| {
+            refused(
+                "bad_field",
+                Some(&field),
+                "results: [{\"index\": N, \"result\": \"committed\" | \"not_found\" | \"failed\", \"error_cause\": 4xx/5xx}]",
+            )
+        })?;
+        let n = results.len();
+        actions
+            .results_from(Owner::Agent(self.id))
+            .report(action, results);
+        Ok(json!({"accepted": n}))
+    }
+
     /// An operator-initiated Disconnect of every session the query matches (all or none),
     /// audited.
     fn disconnect(&self, m: &Map<String, Value>) -> Result<Value, Refused> {
@@ -763,7 +849,7 @@ impl Connection<'_> {
             now_ms: self.shared.feed.now_ms(),
         };
         let agent = self.agent.as_deref().unwrap_or("operator");
-        let result = self.shared.feed.store().disconnect(&lookup, &AcceptAll);
+        let result = self.shared.feed.store().disconnect(&lookup);
         tracing::info!(
             target: "dynauthd::audit",
             "operator disconnect by {agent:?} on control connection {}: query {} -> {:?}",

@@ -8,6 +8,8 @@
 //! - [`runtime`]: shards (one pinned thread each, own SO_REUSEPORT sockets, own `Engine`),
 //!   stats, metrics, shutdown.
 //! - [`feed`]: the one session feed every source writes through.
+//! - [`actions`]: the action dispatcher: requests that selected sessions go to the agent
+//!   that owns them (or an in-process data plane) and are answered after it commits.
 //! - [`control`]: the control socket (newline-delimited JSON over a Unix stream socket) for
 //!   the gateway's agents and `dynauthctl`.
 //!
@@ -15,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 pub mod accounting;
+pub mod actions;
 pub mod config;
 pub mod control;
 pub mod feed;

@@ -8,10 +8,11 @@ use std::sync::atomic::AtomicBool;
 use anyhow::Context as _;
 use clap::Parser as _;
 use dynauth_proto::session::{Session, SessionQuery};
-use dynauth_proto::store::{AcceptAll, Lookup, MatchScope, SessionStore};
+use dynauth_proto::store::{Lookup, MatchScope, SessionStore};
 use dynauth_proto::synth;
 use dynauth_table::{SessionTable, TableConfig, load};
-use dynauthd::config::{self, Cli, Command, DEMO_SECRET, DEMO_SESSIONS};
+use dynauthd::actions;
+use dynauthd::config::{self, Cli, Command, DEMO_SECRET, DEMO_SESSIONS, DataPlaneMode};
 use dynauthd::control::ControlServer;
 use dynauthd::feed::SessionFeed;
 use dynauthd::runtime;
@@ -105,12 +106,48 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
     let table = Arc::clone(&store);
     let clients = Arc::new(engine_config.clients.clone());
     let store: Arc<dyn SessionStore> = store;
-    let server = runtime::start(
+    let agents = Arc::new(actions::Agents::default());
+    let action_stats = Arc::new(actions::ActionStats::default());
+    let queue = (settings.data_plane == DataPlaneMode::Agent)
+        .then(|| actions::channel(actions::QUEUE_CAPACITY));
+    let sink = queue
+        .as_ref()
+        .map(|(s, _)| Arc::new(s.clone()) as Arc<dyn dynauth_proto::action::ActionSink>);
+    let mut server = runtime::start(
         &settings,
-        engine_config,
+        Arc::clone(&engine_config),
         Arc::clone(&store),
-        Arc::new(AcceptAll),
+        sink,
     )?;
+    let mut dispatcher = None;
+    let mut submitter = None;
+    if let Some((s, inbox)) = queue {
+        let delivery = server
+            .take_delivery()
+            .context("the runtime kept no delivery for settled answers")?;
+        let setup = actions::DispatcherSetup {
+            config: Arc::clone(&engine_config),
+            store: Arc::clone(&store),
+            agents: Arc::clone(&agents),
+            in_process: None,
+            delivery,
+            base: server.base,
+            stats: Arc::clone(&action_stats),
+            submitter: s.clone(),
+        };
+        dispatcher = Some(
+            actions::Dispatcher::start(setup, inbox).context("starting the action dispatcher")?,
+        );
+        submitter = Some(s);
+        tracing::info!(
+            "data plane: the agents on the control socket; a Disconnect or CoA is answered only after the owning agent commits (deadline {} ms, then NAK 506)",
+            settings.action_deadline_ms
+        );
+    } else {
+        tracing::info!(
+            "data plane: the session table only (--data-plane table): a Disconnect-ACK removes the session from the table and tears nothing down"
+        );
+    }
     let feed = Arc::new(SessionFeed::new(Arc::clone(&store), server.base));
     let control = match &settings.control {
         Some(config) => {
@@ -124,7 +161,13 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
                     now_ms: 0,
                 })
             });
-            let control = ControlServer::start(config, Arc::clone(&feed), reader)?;
+            let control = ControlServer::start(
+                config,
+                Arc::clone(&feed),
+                reader,
+                Arc::clone(&agents),
+                submitter.clone(),
+            )?;
             tracing::info!(
                 "control socket {} (mode {:04o})",
                 control.path().display(),
@@ -149,7 +192,7 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
     }
     if control.is_none() && accounting.is_empty() {
         tracing::info!(
-            "no --control socket and no --accounting-listen: sessions come only from the session file, and Disconnect/CoA change the table only (no data plane is connected)"
+            "no --control socket and no --accounting-listen: sessions come only from the session file"
         );
     }
     let addrs = server
@@ -177,6 +220,12 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
         let mut extra: Vec<runtime::MetricsSource> = vec![Arc::new(move |out: &mut String| {
             feed_metrics.write_prometheus(out)
         })];
+        if dispatcher.is_some() {
+            let stats = Arc::clone(&action_stats);
+            extra.push(Arc::new(move |out: &mut String| {
+                stats.write_prometheus(out)
+            }));
+        }
         if !accounting.is_empty() {
             let handles: Vec<_> = accounting.iter().map(|a| a.stats_handle()).collect();
             extra.push(Arc::new(move |out: &mut String| {
@@ -200,6 +249,10 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
     let totals = server.run_until(shutdown);
     if let Some(c) = control {
         c.stop();
+    }
+    drop(submitter);
+    if let Some(d) = dispatcher {
+        d.stop();
     }
     accounting_stop.store(true, std::sync::atomic::Ordering::Release);
     for a in accounting {

@@ -16,11 +16,14 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::actions::{Delivery, SettledAnswer};
 use crate::config::{IoChoice, Settings, Shards};
+use crossbeam::channel::Receiver;
+use dynauth_proto::action::ActionSink;
 use dynauth_proto::counters::{Counters, Discard, LatencyHistogram, RequestKind};
 use dynauth_proto::dedup::DedupStats;
 use dynauth_proto::dict::ErrorCause;
-use dynauth_proto::store::{DataPlane, SessionStore};
+use dynauth_proto::store::SessionStore;
 use dynauth_proto::{Engine, EngineConfig, Now, Outcome};
 use dynauth_udp::{Backend, Batch, BufferSizes, Handler, IoStats, Listener};
 
@@ -199,9 +202,26 @@ struct ShardHandler {
     now: Now,
     base: Instant,
     decision_latency: LatencyHistogram,
+    /// Answers to this shard's pending requests, settled by the action dispatcher.
+    settled: Option<Receiver<SettledAnswer>>,
 }
 
-fn now(base: Instant) -> Now {
+impl ShardHandler {
+    /// Records every answer the dispatcher settled since the last call (duplicate cache,
+    /// counters); before any datagram is decided, so a retransmission of a settled request
+    /// is answered from the cache.
+    fn take_settled(&mut self) {
+        if let Some(rx) = &self.settled {
+            while let Ok(s) = rx.try_recv() {
+                self.engine
+                    .settle(&s.settled, &s.bytes, self.now.monotonic_ms);
+            }
+        }
+    }
+}
+
+/// The shards' clock: wall-clock seconds and monotonic milliseconds since `base`.
+pub fn clock(base: Instant) -> Now {
     Now {
         unix_secs: SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -214,7 +234,8 @@ fn now(base: Instant) -> Now {
 impl Handler for ShardHandler {
     fn batch(&mut self, batch: &mut Batch<'_, '_>) {
         // One clock read per batch for the decisions.
-        self.now = now(self.base);
+        self.now = clock(self.base);
+        self.take_settled();
         for (d, answer) in batch.iter_mut() {
             let started = Instant::now();
             let outcome =
@@ -223,7 +244,7 @@ impl Handler for ShardHandler {
             self.decision_latency
                 .record(u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX));
             match outcome {
-                Outcome::Discard(_) => {}
+                Outcome::Discard(_) | Outcome::Pending => {}
                 Outcome::Answer(a) => answer.send(a.len),
                 Outcome::Replay { len } => answer.send(len),
             }
@@ -319,14 +340,19 @@ pub struct Server {
     threads: Vec<thread::JoinHandle<()>>,
     reports: Vec<Arc<Mutex<ShardReport>>>,
     stats_interval: Duration,
+    /// With actions: where settled answers go (each shard's queue, the sockets' handles).
+    delivery: Option<Delivery>,
 }
 
 /// Binds every socket and starts every shard. Returns once all shards are receiving.
+/// With `actions`, every request that selects sessions is handed to it and answered when
+/// it settles (the dispatcher takes the server's [`Server::delivery`]); without, the table is
+/// the data plane.
 pub fn start(
     settings: &Settings,
     config: Arc<EngineConfig>,
     store: Arc<dyn SessionStore>,
-    data_plane: Arc<dyn DataPlane>,
+    actions: Option<Arc<dyn ActionSink>>,
 ) -> Result<Server, StartError> {
     let io = choose_backend(settings.io)?;
     if settings.gso && io == IoKind::Uring {
@@ -377,6 +403,18 @@ pub fn start(
         local_addrs.push(bound);
     }
     let base = Instant::now();
+    let mut delivery = None;
+    if actions.is_some() {
+        let first = listeners.first().map(Vec::as_slice).unwrap_or_default();
+        let sender = dynauth_udp::AnswerSender::new(first).map_err(|e| StartError::Shard {
+            shard: 0,
+            message: format!("duplicating a socket for settled answers: {e}"),
+        })?;
+        delivery = Some(Delivery {
+            shards: Vec::with_capacity(shards),
+            sender,
+        });
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::with_capacity(shards);
     let mut reports = Vec::with_capacity(shards);
@@ -389,11 +427,14 @@ pub fn start(
         reports.push(Arc::clone(&report));
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
         readiness.push(ready_rx);
-        let engine = Engine::new(
-            Arc::clone(&config),
-            Arc::clone(&store),
-            Arc::clone(&data_plane),
-        );
+        let mut engine = Engine::new(Arc::clone(&config), Arc::clone(&store));
+        let mut settled = None;
+        if let (Some(sink), Some(d)) = (&actions, delivery.as_mut()) {
+            engine = engine.with_actions(index, Arc::clone(sink));
+            let (tx, rx) = crossbeam::channel::unbounded();
+            d.shards.push(tx);
+            settled = Some(rx);
+        }
         let shard_stop = Arc::clone(&stop);
         let batch = settings.batch;
         let gso = settings.gso;
@@ -430,7 +471,7 @@ pub fn start(
                         return;
                     }
                 };
-                run_shard(index, backend, engine, base, &shard_stop, &report);
+                run_shard(index, backend, engine, settled, base, &shard_stop, &report);
             });
         match spawned {
             Ok(t) => threads.push(t),
@@ -468,6 +509,7 @@ pub fn start(
         threads,
         reports,
         stats_interval: Duration::from_secs(settings.stats_interval_secs),
+        delivery,
     })
 }
 
@@ -578,15 +620,17 @@ fn run_shard(
     index: usize,
     mut backend: Backend,
     engine: Engine,
+    settled: Option<Receiver<SettledAnswer>>,
     base: Instant,
     stop: &AtomicBool,
     report: &Mutex<ShardReport>,
 ) {
     let mut handler = ShardHandler {
         engine,
-        now: now(base),
+        now: clock(base),
         base,
         decision_latency: LatencyHistogram::default(),
+        settled,
     };
     let publish = |handler: &ShardHandler, backend: &Backend| {
         let mut r = report.lock().unwrap_or_else(|p| p.into_inner());
@@ -605,6 +649,7 @@ fn run_shard(
             }
             thread::sleep(Duration::from_millis(10));
         }
+        handler.take_settled();
         if last_publish.elapsed() >= Duration::from_millis(250) {
             publish(&handler, &backend);
             last_publish = Instant::now();
@@ -620,6 +665,11 @@ fn run_shard(
 }
 
 impl Server {
+    /// Where the action dispatcher delivers settled answers (once; `None` without actions).
+    pub fn take_delivery(&mut self) -> Option<Delivery> {
+        self.delivery.take()
+    }
+
     fn totals(&self) -> Totals {
         totals_of(&self.reports)
     }

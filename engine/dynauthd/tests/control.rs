@@ -66,6 +66,10 @@ fn server(name: &str) -> (daemon::Daemon, PathBuf) {
         "1",
         "--control",
         path.to_str().unwrap(),
+        // These tests are about the feed: the table carries out Disconnects (the agent
+        // path, ACK after commit, is tests/actions.rs).
+        "--data-plane",
+        "table",
     ]);
     assert!(
         d.banner.contains(&format!("control={}", path.display())),

@@ -15,7 +15,7 @@ use dynauth_proto::codec::{MAX_PACKET_LEN, Packet, PacketWriter};
 use dynauth_proto::dict::{attr, code};
 use dynauth_proto::session::Session;
 use dynauth_proto::store::{
-    AcceptAll, Applied, DataPlane, Lookup, Refusal, SessionStore, UpsertError, UpsertMode, Upserted,
+    Applied, Lookup, Refusal, SessionStore, UpsertError, UpsertMode, Upserted,
 };
 use dynauth_proto::{Engine, EngineConfig, Now, Outcome};
 
@@ -49,19 +49,25 @@ fn disconnect_request(id: u8, variant: u32, with_ma: bool) -> Vec<u8> {
 struct OneSession;
 
 impl SessionStore for OneSession {
-    fn disconnect(&self, _: &Lookup<'_>, _: &dyn DataPlane) -> Result<Applied, Refusal> {
+    fn disconnect(&self, _: &Lookup<'_>) -> Result<Applied, Refusal> {
         Ok(Applied::Sessions(1))
     }
-    fn change(
+    fn change(&self, _: &Lookup<'_>, _: &AuthorizationChange<'_>) -> Result<Applied, Refusal> {
+        Ok(Applied::Sessions(1))
+    }
+    fn select(&self, _: &Lookup<'_>, _: bool, _: &mut Vec<Session>) -> Result<Applied, Refusal> {
+        Ok(Applied::Sessions(1))
+    }
+    fn remove_sessions(&self, _: &[Session], _: bool, _: u64) -> Result<u32, Refusal> {
+        Ok(1)
+    }
+    fn change_sessions(
         &self,
-        _: &Lookup<'_>,
+        _: &[Session],
         _: &AuthorizationChange<'_>,
-        _: &dyn DataPlane,
-    ) -> Result<Applied, Refusal> {
-        Ok(Applied::Sessions(1))
-    }
-    fn reauthorize(&self, _: &Lookup<'_>, _: &dyn DataPlane) -> Result<Applied, Refusal> {
-        Ok(Applied::Sessions(1))
+        _: u64,
+    ) -> Result<u32, Refusal> {
+        Ok(1)
     }
     fn insert(&self, _: Session) -> bool {
         true
@@ -90,7 +96,7 @@ fn engine(signing: AnswerSigning) -> Engine {
         clients: ClientTable::new([client]).unwrap(),
         ..EngineConfig::default()
     };
-    Engine::new(Arc::new(config), Arc::new(OneSession), Arc::new(AcceptAll))
+    Engine::new(Arc::new(config), Arc::new(OneSession))
 }
 
 fn benches(c: &mut Criterion) {

@@ -13,13 +13,14 @@
 use core::net::SocketAddr;
 use std::sync::Arc;
 
+use crate::action::{ActionSink, PendingRequest, Settled};
 use crate::answer;
 use crate::client::{ClientTable, NasIdentity};
 use crate::counters::{Counters, Discard, RequestKind};
 use crate::dedup::{DedupConfig, DuplicateCache, Seen};
 use crate::dict::ErrorCause;
-use crate::rules;
-use crate::store::{DataPlane, SessionStore};
+use crate::rules::{self, Operation, Verdict};
+use crate::store::{Applied, SessionStore};
 use crate::verify::{self, Arrival, Authenticated};
 
 /// The time, passed in by the caller (the engine reads no clock).
@@ -32,12 +33,29 @@ pub struct Now {
 }
 
 /// Everything the decisions need that is fixed while the server runs.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct EngineConfig {
     pub clients: ClientTable,
     pub nas: NasIdentity,
     pub dedup: DedupConfig,
+    /// How long the data plane has to commit an action before the request gets NAK 506
+    /// (RFC 5176 §3.5 Resources Unavailable); only with an [`ActionSink`].
+    pub action_deadline_ms: u64,
 }
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            clients: ClientTable::default(),
+            nas: NasIdentity::default(),
+            dedup: DedupConfig::default(),
+            action_deadline_ms: DEFAULT_ACTION_DEADLINE_MS,
+        }
+    }
+}
+
+/// The default time the data plane has to commit an action (3 s, a DAC's usual first retry).
+pub const DEFAULT_ACTION_DEADLINE_MS: u64 = 3_000;
 
 /// What to do with one datagram.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +66,9 @@ pub enum Outcome {
     Answer(Answer),
     /// Send `out[..len]`: the cached answer to an earlier copy of this request.
     Replay { len: usize },
+    /// Send nothing now: the request went to the data plane (an [`ActionSink`]); its answer
+    /// is sent when the action settles, and [`Engine::settle`] caches and counts it.
+    Pending,
 }
 
 /// A fresh answer's summary (the bytes are in the caller's buffer).
@@ -60,12 +81,13 @@ pub struct Answer {
     pub sessions: u32,
 }
 
-/// One engine per shard: the shared configuration, store and data plane, and this shard's
-/// duplicate cache and counters.
+/// One engine per shard: the shared configuration and store, where actions go (when the
+/// data plane is not the table itself), and this shard's duplicate cache and counters.
 pub struct Engine {
     config: Arc<EngineConfig>,
     store: Arc<dyn SessionStore>,
-    data_plane: Arc<dyn DataPlane>,
+    actions: Option<Arc<dyn ActionSink>>,
+    shard: usize,
     dedup: DuplicateCache,
     counters: Counters,
 }
@@ -80,17 +102,47 @@ impl core::fmt::Debug for Engine {
 }
 
 impl Engine {
-    pub fn new(
-        config: Arc<EngineConfig>,
-        store: Arc<dyn SessionStore>,
-        data_plane: Arc<dyn DataPlane>,
-    ) -> Self {
+    /// An engine whose data plane is the table (table-only mode: a Disconnect removes the
+    /// session from the table and nothing else).
+    pub fn new(config: Arc<EngineConfig>, store: Arc<dyn SessionStore>) -> Self {
         Engine {
             dedup: DuplicateCache::new(config.dedup),
             counters: Counters::new(config.clients.len()),
             config,
             store,
-            data_plane,
+            actions: None,
+            shard: 0,
+        }
+    }
+
+    /// Sends every request that selects sessions to `sink` as shard number `shard`, and
+    /// answers it only once the data plane's results settle it (RFC 5176 §2.1).
+    pub fn with_actions(mut self, shard: usize, sink: Arc<dyn ActionSink>) -> Self {
+        self.shard = shard;
+        self.actions = Some(sink);
+        self
+    }
+
+    /// Records the answer to one of this shard's pending requests: cached for its
+    /// retransmissions (`answer` is the bytes sent) and counted.
+    pub fn settle(&mut self, settled: &Settled, answer: &[u8], now_ms: u64) {
+        self.dedup
+            .complete_key(settled.key, answer, now_ms, settled.answer_expires_ms);
+        if let Some(c) = self
+            .counters
+            .per_client
+            .get_mut(settled.client_id.0 as usize)
+        {
+            count_answer(
+                c,
+                settled.kind,
+                &Verdict {
+                    ack: settled.ack,
+                    error_cause: settled.error_cause,
+                    echo_authorize_only: settled.authorize_only,
+                    sessions: settled.sessions,
+                },
+            );
         }
     }
 
@@ -127,7 +179,8 @@ impl Engine {
         let Engine {
             config,
             store,
-            data_plane,
+            actions,
+            shard: shard_index,
             dedup,
             counters,
         } = self;
@@ -136,9 +189,10 @@ impl Engine {
             return Outcome::Discard(Discard::UnknownClient);
         };
         let shard = Shard {
-            nas: &config.nas,
+            config,
             store: &**store,
-            data_plane: &**data_plane,
+            actions: actions.as_deref(),
+            shard: *shard_index,
             dedup,
             counters,
         };
@@ -164,16 +218,17 @@ impl Engine {
 /// What one call of `Engine::handle` works with: the shared parts by reference, this shard's
 /// duplicate cache and counters mutably.
 struct Shard<'a> {
-    nas: &'a NasIdentity,
+    config: &'a EngineConfig,
     store: &'a dyn SessionStore,
-    data_plane: &'a dyn DataPlane,
+    actions: Option<&'a dyn ActionSink>,
+    shard: usize,
     dedup: &'a mut DuplicateCache,
     counters: &'a mut Counters,
 }
 
 impl Shard<'_> {
     fn handle(
-        self,
+        mut self,
         arrival: Arrival<'_>,
         destination: SocketAddr,
         now: Now,
@@ -198,17 +253,42 @@ impl Shard<'_> {
                 return Ok(Outcome::Replay { len });
             }
         }
-        // `handle` decides synchronously, so no other copy can arrive while this one is being
-        // decided: the in-flight mark (`DuplicateCache::begin`) is for callers that hand a
-        // request to an asynchronous data plane and answer later.
-        let verdict = rules::decide(
+        let verdict = match rules::prepare(
             &request,
-            self.nas,
-            self.store,
-            self.data_plane,
+            &self.config.nas,
             destination.ip(),
             now.monotonic_ms,
-        );
+        ) {
+            Err(verdict) => verdict,
+            Ok(prepared) => match self.actions {
+                // Table-only: the table is the data plane.
+                None => rules::decide_prepared(&prepared, self.store),
+                Some(sink) => {
+                    let mut sessions = Vec::new();
+                    let selected = self.store.select(
+                        &prepared.lookup,
+                        prepared.operation == Operation::Disconnect,
+                        &mut sessions,
+                    );
+                    match selected {
+                        Ok(Applied::Sessions(_)) => {
+                            match self.hand_off(
+                                sink,
+                                &request,
+                                prepared.operation,
+                                sessions,
+                                destination,
+                                now,
+                            ) {
+                                Ok(()) => return Ok(Outcome::Pending),
+                                Err(verdict) => verdict,
+                            }
+                        }
+                        other => rules::verdict(prepared.operation, other),
+                    }
+                }
+            },
+        };
         let len = answer::encode(out, &request, &verdict).map_err(|_| Discard::AnswerTooLarge)?;
         if let Some(bytes) = out.get(..len) {
             self.dedup.complete(
@@ -219,19 +299,7 @@ impl Shard<'_> {
             );
         }
         if let Some(c) = self.counters.per_client.get_mut(ci) {
-            let k = kind as usize;
-            if verdict.ack {
-                c.acks[k] += 1;
-            } else if let Some(cause) = verdict.error_cause {
-                c.naks[k][cause.index()] += 1;
-            }
-            match kind {
-                RequestKind::Disconnect => c.sessions_removed += u64::from(verdict.sessions),
-                RequestKind::Coa => c.sessions_changed += u64::from(verdict.sessions),
-            }
-            if verdict.echo_authorize_only {
-                c.authorize_only_requests += 1;
-            }
+            count_answer(c, kind, &verdict);
         }
         Ok(Outcome::Answer(Answer {
             len,
@@ -239,6 +307,66 @@ impl Shard<'_> {
             error_cause: verdict.error_cause,
             sessions: verdict.sessions,
         }))
+    }
+
+    /// Marks the request in flight (its retransmissions are absorbed, never a second action)
+    /// and hands it to the data plane. `Err` is the answer to send at once: NAK 506 when no
+    /// more requests can be in flight or the sink's queue is full (back-pressure, never
+    /// unbounded memory).
+    fn hand_off(
+        &mut self,
+        sink: &dyn ActionSink,
+        request: &Authenticated<'_>,
+        operation: Operation,
+        sessions: Vec<crate::session::Session>,
+        destination: SocketAddr,
+        now: Now,
+    ) -> Result<(), Verdict> {
+        let unavailable = Verdict::nak(ErrorCause::ResourcesUnavailable);
+        let deadline_ms = now
+            .monotonic_ms
+            .saturating_add(self.config.action_deadline_ms);
+        // The in-flight mark outlives the deadline: the settled answer replaces it.
+        if !self.dedup.begin(
+            request,
+            deadline_ms.saturating_add(self.config.action_deadline_ms),
+        ) {
+            return Err(unavailable);
+        }
+        let pending = PendingRequest::new(
+            self.shard,
+            request,
+            operation,
+            sessions,
+            destination,
+            now,
+            deadline_ms,
+            answer_expiry(request, now),
+        );
+        match sink.submit(pending) {
+            Ok(()) => Ok(()),
+            Err(_) => {
+                self.dedup.abandon(request);
+                Err(unavailable)
+            }
+        }
+    }
+}
+
+/// Counts one answer in its client's counters.
+fn count_answer(c: &mut crate::counters::ClientCounters, kind: RequestKind, verdict: &Verdict) {
+    let k = kind as usize;
+    if verdict.ack {
+        c.acks[k] += 1;
+    } else if let Some(cause) = verdict.error_cause {
+        c.naks[k][cause.index()] += 1;
+    }
+    match kind {
+        RequestKind::Disconnect => c.sessions_removed += u64::from(verdict.sessions),
+        RequestKind::Coa => c.sessions_changed += u64::from(verdict.sessions),
+    }
+    if verdict.echo_authorize_only {
+        c.authorize_only_requests += 1;
     }
 }
 

@@ -20,7 +20,7 @@ use crate::client::{Client, ClientTable, NasIdentity};
 use crate::codec::{MAX_PACKET_LEN, Packet};
 use crate::dict::attr;
 use crate::engine::{Engine, EngineConfig, Now, Outcome};
-use crate::store::{AcceptAll, MemoryStore};
+use crate::store::MemoryStore;
 
 /// The secret of the fuzzing client (corpus files signed with it reach the decisions).
 pub const FUZZ_SECRET: &str = "fuzz-secret";
@@ -45,9 +45,10 @@ fn engine() -> Engine {
             arena_bytes: 16 << 10,
             max_in_flight: 8,
         },
+        ..EngineConfig::default()
     };
     let store = MemoryStore::with_sessions(crate::synth::demo_sessions(1, 4));
-    Engine::new(Arc::new(config), Arc::new(store), Arc::new(AcceptAll))
+    Engine::new(Arc::new(config), Arc::new(store))
 }
 
 /// Runs `data` through the decoders and the engine twice: as it is, and re-signed with
@@ -104,7 +105,7 @@ fn decide_once(data: &[u8]) {
 /// The bytes an outcome sends, after the oracle checked them against the request.
 fn check_outcome<'o>(request: &[u8], outcome: Outcome, out: &'o [u8]) -> Option<&'o [u8]> {
     let len = match outcome {
-        Outcome::Discard(_) => return None,
+        Outcome::Discard(_) | Outcome::Pending => return None,
         Outcome::Answer(a) => a.len,
         Outcome::Replay { len } => len,
     };

@@ -18,17 +18,19 @@
 //!   per-NAS ordering.
 //! - [`accounting`]: RADIUS Accounting (RFC 2866) as a session feed: an Accounting-Request
 //!   verified and turned into a feed event, its Accounting-Response, its duplicate cache.
-//! - [`store`]: the `SessionStore` and `DataPlane` traits and a reference store
+//! - [`store`]: the `SessionStore` trait and a reference store
 //!   (the carrier-scale one is the `dynauth-table` crate).
 //! - [`synth`]: deterministic synthetic sessions (benchmarks, demo, load generator).
 //! - [`counters`]: RFC 4673 counters, Prometheus text.
 //! - The pipeline, one stage per module: [`verify`] (the only way to an
 //!   [`verify::Authenticated`] request), [`dedup`] (the bounded duplicate cache, which accepts
 //!   only authenticated requests), [`rules`] (request rules and the verdict), [`answer`] (the
-//!   answer's layout and signatures), tied together by [`engine`] ([`Engine`]).
+//!   answer's layout and signatures), tied together by [`engine`] ([`Engine`]); [`action`]:
+//!   a request that must reach the data plane, answered only after it commits.
 #![forbid(unsafe_code)]
 
 pub mod accounting;
+pub mod action;
 pub mod answer;
 pub mod auth;
 pub mod change;
@@ -48,5 +50,5 @@ pub mod synth;
 pub mod verify;
 
 pub use engine::{Answer, Engine, EngineConfig, Now, Outcome};
-pub use store::{DataPlane, SessionStore};
+pub use store::SessionStore;
 pub use verify::Authenticated;

@@ -4,7 +4,8 @@
 //! ([`RequestReader`]: which attributes a Disconnect-Request or CoA-Request may carry, how
 //! often, with what values; the first error of the most fundamental class wins), the NAS
 //! identification check, the key-profile check, the store call, and the one Error-Cause of
-//! each NAK ([`decide`] returns a [`Verdict`]).
+//! each NAK ([`prepare`] checks the rules, [`verdict`] turns what the store or the data plane
+//! did into a [`Verdict`]).
 //! Must not touch: authenticators and the duplicate cache (`verify`, `dedup`), the answer's
 //! bytes (`answer`), sockets and clocks (time is passed in), allocation on the Disconnect path.
 #![forbid(unsafe_code)]
@@ -17,7 +18,7 @@ use crate::codec::{self, Attribute, Ipv6Prefix, MalformedValue, Packet};
 use crate::counters::RequestKind;
 use crate::dict::{ErrorCause, attr, service_type, vendor};
 use crate::session::SessionQuery;
-use crate::store::{Applied, DataPlane, Lookup, MatchScope, Refusal, SessionStore};
+use crate::store::{Applied, Lookup, MatchScope, Refusal, SessionStore};
 use crate::verify::Authenticated;
 
 /// The verdict on an authenticated request, before encoding.
@@ -32,7 +33,7 @@ pub(crate) struct Verdict {
 }
 
 impl Verdict {
-    fn nak(cause: ErrorCause) -> Self {
+    pub(crate) fn nak(cause: ErrorCause) -> Self {
         Verdict {
             ack: false,
             error_cause: Some(cause),
@@ -42,39 +43,59 @@ impl Verdict {
     }
 }
 
-/// The decision on an authenticated request that arrived on `arrived_on` (SPEC §5 to §8).
-pub(crate) fn decide(
-    request: &Authenticated<'_>,
+/// What a request that passed every rule asks the store (or the data plane) to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Operation {
+    /// A Disconnect-Request (SPEC §7).
+    Disconnect,
+    /// A CoA-Request with authorization changes (SPEC §8).
+    Change,
+    /// A CoA-Request with Service-Type = Authorize Only (RFC 5176 §3.2).
+    Reauthorize,
+}
+
+/// A request that passed every rule: the lookup that selects its sessions and its change.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Prepared<'a> {
+    pub(crate) operation: Operation,
+    pub(crate) lookup: Lookup<'a>,
+    pub(crate) change: AuthorizationChange<'a>,
+}
+
+/// The table-only verdict on a request that passed every rule.
+pub(crate) fn decide_prepared(prepared: &Prepared<'_>, store: &dyn SessionStore) -> Verdict {
+    verdict(prepared.operation, apply(prepared, store))
+}
+
+/// Every rule short of the store (SPEC §5 to §8): the request's attributes, Service-Type, NAS
+/// identification and key profile. `Err` is the NAK.
+pub(crate) fn prepare<'a>(
+    request: &Authenticated<'a>,
     nas: &NasIdentity,
-    store: &dyn SessionStore,
-    data_plane: &dyn DataPlane,
     arrived_on: IpAddr,
     now_ms: u64,
-) -> Verdict {
-    let attributes = match request.attributes() {
-        Ok(a) => a,
-        Err(cause) => return Verdict::nak(cause),
-    };
+) -> Result<Prepared<'a>, Verdict> {
+    let attributes = request.attributes().map_err(Verdict::nak)?;
     let policy = &request.client().policy;
     if let Some(st) = attributes.service_type {
         // SPEC §8: only Authorize Only is a service a CoA may request, and only when enabled.
         if st != service_type::AUTHORIZE_ONLY || !policy.authorize_only {
-            return Verdict::nak(ErrorCause::UnsupportedService);
+            return Err(Verdict::nak(ErrorCause::UnsupportedService));
         }
         // RFC 5176 §3.2: an Authorize Only request carries no authorization changes.
         if !attributes.change.is_empty() {
-            return Verdict::nak(ErrorCause::UnsupportedAttribute);
+            return Err(Verdict::nak(ErrorCause::UnsupportedAttribute));
         }
     }
     match attributes.nas.check(nas, arrived_on) {
-        NasCheck::Mismatch => return Verdict::nak(ErrorCause::NasIdentificationMismatch),
+        NasCheck::Mismatch => return Err(Verdict::nak(ErrorCause::NasIdentificationMismatch)),
         NasCheck::Absent if policy.require_nas_identification => {
-            return Verdict::nak(ErrorCause::MissingAttribute);
+            return Err(Verdict::nak(ErrorCause::MissingAttribute));
         }
         _ => {}
     }
     if !attributes.query.satisfies(policy.key_profile) {
-        return Verdict::nak(ErrorCause::MissingAttribute);
+        return Err(Verdict::nak(ErrorCause::MissingAttribute));
     }
     let lookup = Lookup {
         query: attributes.query,
@@ -84,19 +105,37 @@ pub(crate) fn decide(
         },
         now_ms,
     };
-    let result = match (request.kind(), attributes.service_type) {
-        (RequestKind::Disconnect, _) => store.disconnect(&lookup, data_plane),
-        (RequestKind::Coa, Some(_)) => store.reauthorize(&lookup, data_plane),
-        (RequestKind::Coa, None) => store.change(&lookup, &attributes.change, data_plane),
+    let operation = match (request.kind(), attributes.service_type) {
+        (RequestKind::Disconnect, _) => Operation::Disconnect,
+        (RequestKind::Coa, Some(_)) => Operation::Reauthorize,
+        (RequestKind::Coa, None) => Operation::Change,
     };
-    match (result, attributes.service_type) {
-        (Ok(Applied::Sessions(n)), Some(_)) => Verdict {
+    Ok(Prepared {
+        operation,
+        lookup,
+        change: attributes.change,
+    })
+}
+
+/// The table-only store call.
+fn apply(prepared: &Prepared<'_>, store: &dyn SessionStore) -> Result<Applied, Refusal> {
+    match prepared.operation {
+        Operation::Disconnect => store.disconnect(&prepared.lookup),
+        Operation::Reauthorize => store.reauthorize(&prepared.lookup),
+        Operation::Change => store.change(&prepared.lookup, &prepared.change),
+    }
+}
+
+/// The verdict on what the store (or the data plane) did.
+pub(crate) fn verdict(operation: Operation, result: Result<Applied, Refusal>) -> Verdict {
+    match (result, operation) {
+        (Ok(Applied::Sessions(n)), Operation::Reauthorize) => Verdict {
             ack: false,
             error_cause: Some(ErrorCause::RequestInitiated),
             echo_authorize_only: true,
             sessions: n,
         },
-        (Ok(Applied::Sessions(n)), None) => Verdict {
+        (Ok(Applied::Sessions(n)), _) => Verdict {
             ack: true,
             error_cause: None,
             echo_authorize_only: false,

@@ -1,5 +1,5 @@
-//! The contract between the decisions and wherever sessions live: the `SessionStore` trait,
-//! the `DataPlane` hand-off, and `MemoryStore`, a small, obviously correct store for tests.
+//! The contract between the decisions and wherever sessions live: the `SessionStore` trait
+//! and `MemoryStore`, a small, obviously correct store for tests.
 //!
 //! Owns: the meaning of a lookup (start from the most selective key, check the rest on the
 //! record: SPEC §6.4, §6.5), atomic application to every matched session (RFC 5176 §3:
@@ -70,29 +70,58 @@ pub enum Refusal {
 
 /// The store behind the decisions. Implementations must apply each call to every matched
 /// session or to none, also when two calls touch overlapping sessions at the same moment.
+/// No call hands anything to a data plane: the table is the table. A request that must reach
+/// a data plane first selects (`select`), the data plane acts (`action`), and only what it
+/// committed is applied (`remove_sessions`, `change_sessions`), so no data-plane code ever
+/// runs under a store's lock.
 pub trait SessionStore: Send + Sync {
-    /// Removes every session the lookup matches (SPEC §7), after the data plane agreed to
-    /// remove all of them; hands each removal to the data plane before returning.
-    fn disconnect(
-        &self,
-        lookup: &Lookup<'_>,
-        data_plane: &dyn DataPlane,
-    ) -> Result<Applied, Refusal>;
+    /// Removes every session the lookup matches (SPEC §7), leaving tombstones (table-only
+    /// mode: the table is the data plane).
+    fn disconnect(&self, lookup: &Lookup<'_>) -> Result<Applied, Refusal>;
 
-    /// Applies `change` to every session the lookup matches (SPEC §8).
+    /// Applies `change` to every session the lookup matches (SPEC §8, table-only mode).
     fn change(
         &self,
         lookup: &Lookup<'_>,
         change: &AuthorizationChange<'_>,
-        data_plane: &dyn DataPlane,
     ) -> Result<Applied, Refusal>;
 
-    /// Asks the data plane to re-authorize every matched session (Authorize Only, SPEC §8).
-    fn reauthorize(
+    /// The sessions an Authorize Only request would ask to re-authorize (SPEC §8); the
+    /// table does not change.
+    fn reauthorize(&self, lookup: &Lookup<'_>) -> Result<Applied, Refusal> {
+        let mut none = Vec::new();
+        self.select(lookup, false, &mut none)
+    }
+
+    /// What `disconnect` (`tombstones`: a removed session within its window answers
+    /// `AlreadyRemoved`) or `change` would act on, without changing anything: with
+    /// `Ok(Applied::Sessions(n))`, copies of the `n` matched sessions are appended to `out`.
+    fn select(
         &self,
         lookup: &Lookup<'_>,
-        data_plane: &dyn DataPlane,
+        tombstones: bool,
+        out: &mut Vec<Session>,
     ) -> Result<Applied, Refusal>;
+
+    /// Removes the live session that is `store::same_session` as each of `sessions` (the
+    /// data plane tore them down), atomically for readers, with a tombstone each when
+    /// `tombstone` (a Disconnect) or without (a session the data plane did not know).
+    /// Returns how many were still live.
+    fn remove_sessions(
+        &self,
+        sessions: &[Session],
+        tombstone: bool,
+        now_ms: u64,
+    ) -> Result<u32, Refusal>;
+
+    /// Applies `change` to the live session that is `store::same_session` as each of
+    /// `sessions` (the data plane committed it), all or none. Returns how many were live.
+    fn change_sessions(
+        &self,
+        sessions: &[Session],
+        change: &AuthorizationChange<'_>,
+        now_ms: u64,
+    ) -> Result<u32, Refusal>;
 
     /// Adds a session (the control plane's add; bulk loads). Returns false when a unique key
     /// is already taken.
@@ -167,27 +196,6 @@ pub enum UpsertError {
     #[error("the session store refuses writes now")]
     Unavailable,
 }
-
-/// The NAS's data plane, as the decisions see it. Every method has a do-nothing default.
-pub trait DataPlane: Send + Sync {
-    /// Phase one of a Disconnect: may this session be removed? A refusal of any matched
-    /// session gives NAK 504 and changes nothing (SPEC §7).
-    fn may_remove(&self, _session: &Session) -> bool {
-        true
-    }
-    /// Phase two: the session was removed from the table; tear it down.
-    fn removed(&self, _session: &Session) {}
-    /// The session's authorization changed (and any `subscriber:command` must run).
-    fn changed(&self, _session: &Session, _change: &AuthorizationChange<'_>) {}
-    /// Authorize Only: start a re-authorization of this session (RFC 5176 §3.2).
-    fn reauthorize(&self, _session: &Session) {}
-}
-
-/// A data plane that accepts everything and does nothing (tests, demo).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct AcceptAll;
-
-impl DataPlane for AcceptAll {}
 
 /// How long and how many tombstones a store keeps (SPEC §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -280,20 +288,9 @@ fn is_match(s: &Session, lookup: &Lookup<'_>) -> bool {
 }
 
 impl SessionStore for MemoryStore {
-    fn disconnect(
-        &self,
-        lookup: &Lookup<'_>,
-        data_plane: &dyn DataPlane,
-    ) -> Result<Applied, Refusal> {
+    fn disconnect(&self, lookup: &Lookup<'_>) -> Result<Applied, Refusal> {
         let mut inner = self.lock();
-        let window = self.tombstones.window_ms;
-        while inner
-            .tombstones
-            .front()
-            .is_some_and(|(t, _)| t.saturating_add(window) < lookup.now_ms)
-        {
-            inner.tombstones.pop_front();
-        }
+        self.expire(&mut inner, lookup.now_ms);
         let count = match select(&inner.sessions, lookup) {
             Ok(count) => count,
             Err(Refusal::NotFound) if inner.tombstones.iter().any(|(_, s)| is_match(s, lookup)) => {
@@ -301,29 +298,11 @@ impl SessionStore for MemoryStore {
             }
             Err(refusal) => return Err(refusal),
         };
-        let sessions = &inner.sessions;
-        if !sessions
-            .iter()
-            .filter(|s| is_match(s, lookup))
-            .all(|s| data_plane.may_remove(s))
-        {
-            return Err(Refusal::NotRemovable);
-        }
-        let MemoryInner {
-            sessions,
-            tombstones,
-        } = &mut *inner;
         let mut index = 0;
-        while index < sessions.len() {
-            if is_match(&sessions[index], lookup) {
-                let removed = sessions.swap_remove(index);
-                data_plane.removed(&removed);
-                if tombstones.len() >= self.tombstones.capacity {
-                    tombstones.pop_front();
-                }
-                if self.tombstones.capacity > 0 {
-                    tombstones.push_back((lookup.now_ms, removed));
-                }
+        while index < inner.sessions.len() {
+            if is_match(&inner.sessions[index], lookup) {
+                let removed = inner.sessions.swap_remove(index);
+                self.bury(&mut inner, removed, lookup.now_ms);
             } else {
                 index += 1;
             }
@@ -335,28 +314,80 @@ impl SessionStore for MemoryStore {
         &self,
         lookup: &Lookup<'_>,
         change: &AuthorizationChange<'_>,
-        data_plane: &dyn DataPlane,
     ) -> Result<Applied, Refusal> {
         let mut inner = self.lock();
         let count = select(&inner.sessions, lookup)?;
         for s in inner.sessions.iter_mut().filter(|s| is_match(s, lookup)) {
             change.apply_to(&mut s.authorization);
-            data_plane.changed(s, change);
         }
         Ok(Applied::Sessions(count))
     }
 
-    fn reauthorize(
+    fn select(
         &self,
         lookup: &Lookup<'_>,
-        data_plane: &dyn DataPlane,
+        tombstones: bool,
+        out: &mut Vec<Session>,
     ) -> Result<Applied, Refusal> {
-        let inner = self.lock();
-        let count = select(&inner.sessions, lookup)?;
-        for s in inner.sessions.iter().filter(|s| is_match(s, lookup)) {
-            data_plane.reauthorize(s);
-        }
+        let mut inner = self.lock();
+        self.expire(&mut inner, lookup.now_ms);
+        let count = match select(&inner.sessions, lookup) {
+            Ok(count) => count,
+            Err(Refusal::NotFound)
+                if tombstones && inner.tombstones.iter().any(|(_, s)| is_match(s, lookup)) =>
+            {
+                return Ok(Applied::AlreadyRemoved);
+            }
+            Err(refusal) => return Err(refusal),
+        };
+        out.extend(
+            inner
+                .sessions
+                .iter()
+                .filter(|s| is_match(s, lookup))
+                .cloned(),
+        );
         Ok(Applied::Sessions(count))
+    }
+
+    fn remove_sessions(
+        &self,
+        sessions: &[Session],
+        tombstone: bool,
+        now_ms: u64,
+    ) -> Result<u32, Refusal> {
+        let mut inner = self.lock();
+        self.expire(&mut inner, now_ms);
+        let mut removed = 0;
+        for wanted in sessions {
+            if let Some(i) = inner.sessions.iter().position(|s| same_session(s, wanted)) {
+                let gone = inner.sessions.swap_remove(i);
+                if tombstone {
+                    self.bury(&mut inner, gone, now_ms);
+                }
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    fn change_sessions(
+        &self,
+        sessions: &[Session],
+        change: &AuthorizationChange<'_>,
+        _now_ms: u64,
+    ) -> Result<u32, Refusal> {
+        let mut inner = self.lock();
+        let mut changed = 0;
+        for s in inner
+            .sessions
+            .iter_mut()
+            .filter(|s| sessions.iter().any(|w| same_session(s, w)))
+        {
+            change.apply_to(&mut s.authorization);
+            changed += 1;
+        }
+        Ok(changed)
     }
 
     fn insert(&self, session: Session) -> bool {
@@ -457,6 +488,18 @@ impl SessionStore for MemoryStore {
 }
 
 impl MemoryStore {
+    /// Drops tombstones older than the window.
+    fn expire(&self, inner: &mut MemoryInner, now_ms: u64) {
+        let window = self.tombstones.window_ms;
+        while inner
+            .tombstones
+            .front()
+            .is_some_and(|(t, _)| t.saturating_add(window) < now_ms)
+        {
+            inner.tombstones.pop_front();
+        }
+    }
+
     fn bury(&self, inner: &mut MemoryInner, session: Session, now_ms: u64) {
         if self.tombstones.capacity == 0 {
             return;
@@ -532,14 +575,11 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            store.disconnect(&lookup(q, 1), &AcceptAll),
+            store.disconnect(&lookup(q, 1)),
             Err(Refusal::TooManySessions)
         );
         assert_eq!(store.len(), 3);
-        assert_eq!(
-            store.disconnect(&lookup(q, 10), &AcceptAll),
-            Ok(Applied::Sessions(2))
-        );
+        assert_eq!(store.disconnect(&lookup(q, 10)), Ok(Applied::Sessions(2)));
         assert_eq!(store.len(), 1);
     }
 
@@ -552,40 +592,49 @@ mod tests {
             user_name: Some(b"other"),
             ..Default::default()
         };
-        assert_eq!(
-            store.disconnect(&lookup(q, 10), &AcceptAll),
-            Err(Refusal::Contradicted)
-        );
+        assert_eq!(store.disconnect(&lookup(q, 10)), Err(Refusal::Contradicted));
         let q = SessionQuery {
             acct_session_id: Some(b"zzz"),
             ..Default::default()
         };
-        assert_eq!(
-            store.disconnect(&lookup(q, 10), &AcceptAll),
-            Err(Refusal::NotFound)
-        );
+        assert_eq!(store.disconnect(&lookup(q, 10)), Err(Refusal::NotFound));
     }
 
-    struct Refuse;
-    impl DataPlane for Refuse {
-        fn may_remove(&self, s: &Session) -> bool {
-            s.acct_session_id.as_deref() != Some("b")
-        }
-    }
-
-    // SPEC §7: a refused removal gives 504 and changes nothing, even for the other matches.
+    // RFC 5176 §2.1 (ACK after commit): selecting changes nothing; only the sessions the
+    // data plane committed are removed, each leaving a tombstone (SPEC §4), and a session
+    // the data plane did not know leaves none.
     #[test]
-    fn spec_7_refused_removal_changes_nothing() {
-        let store = MemoryStore::with_sessions([s("a", "u"), s("b", "u")]);
+    fn rfc5176_s2_1_select_then_remove_exactly_what_committed() {
+        let store = MemoryStore::with_sessions([s("a", "u"), s("b", "u"), s("c", "v")]);
         let q = SessionQuery {
             user_name: Some(b"u"),
             ..Default::default()
         };
+        let mut selected = Vec::new();
         assert_eq!(
-            store.disconnect(&lookup(q, 10), &Refuse),
-            Err(Refusal::NotRemovable)
+            store.select(&lookup(q, 10), true, &mut selected),
+            Ok(Applied::Sessions(2))
         );
-        assert_eq!(store.len(), 2);
+        assert_eq!(selected.len(), 2);
+        assert_eq!(store.len(), 3, "select changes nothing");
+        let (a, b) = (&selected[0..1], &selected[1..2]);
+        assert_eq!(store.remove_sessions(a, true, 0), Ok(1));
+        assert_eq!(store.remove_sessions(b, false, 0), Ok(1));
+        assert_eq!(store.remove_sessions(a, true, 0), Ok(0), "already gone");
+        assert_eq!(store.len(), 1);
+        let by_id = |id: &'static [u8]| SessionQuery {
+            acct_session_id: Some(id),
+            ..Default::default()
+        };
+        let tombstoned = a[0].acct_session_id.clone().unwrap();
+        let forgotten = b[0].acct_session_id.clone().unwrap();
+        let q_t = by_id(if tombstoned == "a" { b"a" } else { b"b" });
+        let q_f = by_id(if forgotten == "a" { b"a" } else { b"b" });
+        assert_eq!(
+            store.disconnect(&lookup(q_t, 10)),
+            Ok(Applied::AlreadyRemoved)
+        );
+        assert_eq!(store.disconnect(&lookup(q_f, 10)), Err(Refusal::NotFound));
     }
 
     // SPEC §4: a tombstone answers a late retry within the window, and expires.
@@ -600,19 +649,16 @@ mod tests {
             acct_session_id: Some(b"a"),
             ..Default::default()
         };
+        assert_eq!(store.disconnect(&lookup(q, 10)), Ok(Applied::Sessions(1)));
         assert_eq!(
-            store.disconnect(&lookup(q, 10), &AcceptAll),
-            Ok(Applied::Sessions(1))
-        );
-        assert_eq!(
-            store.disconnect(&lookup(q, 10), &AcceptAll),
+            store.disconnect(&lookup(q, 10)),
             Ok(Applied::AlreadyRemoved)
         );
         let late = Lookup {
             now_ms: 1_000 + 501,
             ..lookup(q, 10)
         };
-        assert_eq!(store.disconnect(&late, &AcceptAll), Err(Refusal::NotFound));
+        assert_eq!(store.disconnect(&late), Err(Refusal::NotFound));
     }
 
     #[test]
@@ -627,9 +673,9 @@ mod tests {
         };
         let mut l = lookup(q, 10);
         l.scope.vrf = Some("blue");
-        assert_eq!(store.disconnect(&l, &AcceptAll), Err(Refusal::NotFound));
+        assert_eq!(store.disconnect(&l), Err(Refusal::NotFound));
         l.scope.vrf = Some("red");
-        assert_eq!(store.disconnect(&l, &AcceptAll), Ok(Applied::Sessions(1)));
+        assert_eq!(store.disconnect(&l), Ok(Applied::Sessions(1)));
     }
 
     #[test]

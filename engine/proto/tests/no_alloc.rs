@@ -60,15 +60,11 @@ fn count<T>(f: impl FnOnce() -> T) -> (T, usize) {
 fn disconnect_request_path_allocates_nothing() {
     let sessions: Vec<_> = (0..8).map(|i| session(&format!("sess-{i}"))).collect();
     let mut f = Fixture::new(ClientPolicy::default(), vec![]);
-    // The fixture's recording data plane allocates to record events; the NAS's real hand-off
-    // is out of scope here, so use the do-nothing one.
+    // Table-only mode (the table is the data plane): the hand-off of an action to an agent
+    // copies the request and is out of scope here.
     let config = std::sync::Arc::new(f.engine.config().clone());
     let store = std::sync::Arc::new(dynauth_proto::store::MemoryStore::with_sessions(sessions));
-    f.engine = dynauth_proto::Engine::new(
-        config,
-        store,
-        std::sync::Arc::new(dynauth_proto::store::AcceptAll),
-    );
+    f.engine = dynauth_proto::Engine::new(config, store);
     // Warm-up: the first removal grows the tombstone list once.
     let warm = request(
         code::DISCONNECT_REQUEST,

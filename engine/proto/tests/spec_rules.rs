@@ -1539,7 +1539,6 @@ impl SessionStore for Overloaded {
     fn disconnect(
         &self,
         _: &dynauth_proto::store::Lookup<'_>,
-        _: &dyn dynauth_proto::store::DataPlane,
     ) -> Result<dynauth_proto::store::Applied, dynauth_proto::store::Refusal> {
         Err(dynauth_proto::store::Refusal::Unavailable)
     }
@@ -1547,15 +1546,31 @@ impl SessionStore for Overloaded {
         &self,
         _: &dynauth_proto::store::Lookup<'_>,
         _: &dynauth_proto::change::AuthorizationChange<'_>,
-        _: &dyn dynauth_proto::store::DataPlane,
     ) -> Result<dynauth_proto::store::Applied, dynauth_proto::store::Refusal> {
         Err(dynauth_proto::store::Refusal::Unavailable)
     }
-    fn reauthorize(
+    fn select(
         &self,
         _: &dynauth_proto::store::Lookup<'_>,
-        _: &dyn dynauth_proto::store::DataPlane,
+        _: bool,
+        _: &mut Vec<Session>,
     ) -> Result<dynauth_proto::store::Applied, dynauth_proto::store::Refusal> {
+        Err(dynauth_proto::store::Refusal::Unavailable)
+    }
+    fn remove_sessions(
+        &self,
+        _: &[Session],
+        _: bool,
+        _: u64,
+    ) -> Result<u32, dynauth_proto::store::Refusal> {
+        Err(dynauth_proto::store::Refusal::Unavailable)
+    }
+    fn change_sessions(
+        &self,
+        _: &[Session],
+        _: &dynauth_proto::change::AuthorizationChange<'_>,
+        _: u64,
+    ) -> Result<u32, dynauth_proto::store::Refusal> {
         Err(dynauth_proto::store::Refusal::Unavailable)
     }
     fn insert(&self, _: Session) -> bool {
@@ -1584,11 +1599,7 @@ impl SessionStore for Overloaded {
 fn spec_9_overload_gives_506_once_the_request_is_parsed_rfc5176_s3_5() {
     let mut f = default_fixture();
     let config = std::sync::Arc::new(f.engine.config().clone());
-    f.engine = dynauth_proto::Engine::new(
-        config,
-        std::sync::Arc::new(Overloaded),
-        std::sync::Arc::new(dynauth_proto::store::AcceptAll),
-    );
+    f.engine = dynauth_proto::Engine::new(config, std::sync::Arc::new(Overloaded));
     for (code, answer) in [(DM, code::DISCONNECT_NAK), (COA, code::COA_NAK)] {
         let p = request(
             code,

@@ -20,7 +20,7 @@ use dynauth_proto::client::{AnswerSigning, Client, ClientPolicy, ClientTable, Na
 use dynauth_proto::codec::{MAX_PACKET_LEN, Packet};
 use dynauth_proto::dict::{ErrorCause, attr, code, vendor};
 use dynauth_proto::session::Session;
-use dynauth_proto::store::{AcceptAll, MemoryStore};
+use dynauth_proto::store::MemoryStore;
 use dynauth_proto::{Engine, EngineConfig, Now, Outcome};
 
 struct Vector {
@@ -194,12 +194,11 @@ fn engine_for(secret: Secret, sessions: Vec<Session>) -> Engine {
             ipv4: vec!["192.0.2.1".parse().unwrap()],
             ipv6: vec![],
         },
-        dedup: Default::default(),
+        ..EngineConfig::default()
     };
     Engine::new(
         Arc::new(config),
         Arc::new(MemoryStore::with_sessions(sessions)),
-        Arc::new(AcceptAll),
     )
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use dynauth_proto::session::SessionQuery;
-use dynauth_proto::store::{AcceptAll, Lookup, MatchScope, SessionStore};
+use dynauth_proto::store::{Lookup, MatchScope, SessionStore};
 use dynauth_proto::synth;
 use dynauth_table::{FlatIndex, KeyIndex, PapayaIndex, SessionTable};
 
@@ -75,7 +75,7 @@ fn design<I: KeyIndex>(c: &mut Criterion) {
                 acct_session_id: Some(id.as_bytes()),
                 ..Default::default()
             };
-            black_box(table.disconnect(&lookup(q), &AcceptAll)).ok();
+            black_box(table.disconnect(&lookup(q))).ok();
             black_box(table.insert(synth::session(SEED, next)));
             oldest += 1;
             next += 1;

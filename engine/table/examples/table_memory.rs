@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use dynauth_proto::session::SessionQuery;
-use dynauth_proto::store::{AcceptAll, Applied, Lookup, MatchScope, SessionStore};
+use dynauth_proto::store::{Applied, Lookup, MatchScope, SessionStore};
 use dynauth_proto::synth;
 use dynauth_table::load::{load_jsonl_file, progress_bar, write_synthetic_jsonl};
 use dynauth_table::{FlatIndex, KeyIndex, PapayaIndex, SessionTable, TableConfig};
@@ -152,7 +152,7 @@ fn measure_table<I: KeyIndex + 'static>(n: u64) {
             while !stop.load(Ordering::Relaxed) {
                 for _ in 0..100 {
                     let id = id_bytes(k);
-                    let r = table.disconnect(&lookup(&id), &AcceptAll);
+                    let r = table.disconnect(&lookup(&id));
                     debug_assert_eq!(r, Ok(Applied::Sessions(1)));
                     let r = table.insert(synth::session(SEED, n + k));
                     debug_assert!(r);

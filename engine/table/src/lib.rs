@@ -68,8 +68,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError, TryLockError};
 use dynauth_proto::change::AuthorizationChange;
 use dynauth_proto::session::{HasKeys, Key, KeyValue, PrimaryKey, Session, Uniqueness};
 use dynauth_proto::store::{
-    Applied, DataPlane, Lookup, Refusal, SessionStore, TombstonePolicy, UpsertError, UpsertMode,
-    Upserted,
+    Applied, Lookup, Refusal, SessionStore, TombstonePolicy, UpsertError, UpsertMode, Upserted,
 };
 
 use arena::{Arena, ArenaWriter, RecBuf};
@@ -382,7 +381,7 @@ impl<I: KeyIndex> SessionTable<I> {
     /// Visits the candidate records of `lookup`'s primary key and counts as `MemoryStore`'s
     /// selection does; `on_match` sees each live match. Lock-free and allocation-free (for
     /// records up to 512 octets).
-    fn select(
+    fn visit_matches(
         &self,
         lookup: &Lookup<'_>,
         buf: &mut RecBuf,
@@ -436,7 +435,7 @@ impl<I: KeyIndex> SessionTable<I> {
     /// What a Disconnect-Request with this lookup would be answered, without changing
     /// anything: lock-free, allocation-free. Several sessions are not read atomically.
     pub fn peek(&self, lookup: &Lookup<'_>) -> Result<Applied, Refusal> {
-        let sel = with_buf(|buf| self.select(lookup, buf, |_| {}))?;
+        let sel = with_buf(|buf| self.visit_matches(lookup, buf, |_| {}))?;
         if sel.found == 0 && sel.tombstone {
             return Ok(Applied::AlreadyRemoved);
         }
@@ -448,7 +447,7 @@ impl<I: KeyIndex> SessionTable<I> {
     pub fn matching(&self, lookup: &Lookup<'_>) -> Vec<Session> {
         let mut ids = Vec::new();
         let mut buf = RecBuf::default();
-        let _ = self.select(lookup, &mut buf, |id| ids.push(id));
+        let _ = self.visit_matches(lookup, &mut buf, |id| ids.push(id));
         ids.into_iter().filter_map(|id| self.session(id)).collect()
     }
 
@@ -629,7 +628,7 @@ impl<I: KeyIndex> SessionTable<I> {
     fn select_locked(&self, w: &mut Writer, lookup: &Lookup<'_>) -> Result<Selection, Refusal> {
         w.ids.clear();
         let Writer { rec, ids, .. } = w;
-        self.select(lookup, rec, |id| ids.push(id))
+        self.visit_matches(lookup, rec, |id| ids.push(id))
     }
 
     /// The lock-free first look: `Some(answer)` when no live session is found.
@@ -638,7 +637,7 @@ impl<I: KeyIndex> SessionTable<I> {
         lookup: &Lookup<'_>,
         tombstones: bool,
     ) -> Option<Result<Applied, Refusal>> {
-        match with_buf(|buf| self.select(lookup, buf, |_| {})) {
+        match with_buf(|buf| self.visit_matches(lookup, buf, |_| {})) {
             Err(r) => Some(Err(r)),
             Ok(sel) if sel.found == 0 => Some(if tombstones && sel.tombstone {
                 Ok(Applied::AlreadyRemoved)
@@ -844,12 +843,69 @@ pub(crate) struct Bulk {
     entries: [Vec<u64>; Key::INDEXED],
 }
 
-impl<I: KeyIndex> SessionStore for SessionTable<I> {
-    fn disconnect(
+impl<I: KeyIndex> SessionTable<I> {
+    /// Applies `change` to live records `ids`, all or none (writer lock held).
+    fn change_ids(
         &self,
-        lookup: &Lookup<'_>,
-        data_plane: &dyn DataPlane,
-    ) -> Result<Applied, Refusal> {
+        w: &mut Writer,
+        ids: &[u32],
+        change: &AuthorizationChange<'_>,
+    ) -> Result<(), Refusal> {
+        // Phase one: every new record is built and checked before any is published.
+        let mut staged = Vec::with_capacity(ids.len());
+        for &id in ids {
+            let Some(k) = self.read_keys(id, &mut w.rec) else {
+                continue;
+            };
+            let mut session = k.to_session();
+            change.apply_to(&mut session.authorization);
+            let mut bytes = Vec::new();
+            record::encode(&session, &mut bytes);
+            if bytes.len() > arena::MAX_RECORD {
+                return Err(Refusal::Unavailable);
+            }
+            staged.push((id, bytes));
+        }
+        // Phase two: storage for every new version is reserved before any is published; when
+        // one cannot be had (the arena is exhausted) every reservation is given back and no
+        // record has changed (all or none, RFC 5176 §3).
+        let mut reserved = Vec::with_capacity(staged.len());
+        for (id, bytes) in &staged {
+            match self.arena.reserve(&mut w.arena, *id, bytes.len()) {
+                Ok(r) => reserved.push(r),
+                Err(_) => {
+                    for r in reserved {
+                        self.arena.unreserve(&mut w.arena, r);
+                    }
+                    return Err(Refusal::Unavailable);
+                }
+            }
+        }
+        // Phase three: publish; cannot fail.
+        for ((id, bytes), r) in staged.iter().zip(reserved) {
+            self.arena.publish(&mut w.arena, *id, r, bytes);
+        }
+        Ok(())
+    }
+
+    /// The live record ids of the sessions that are `same_session` as each of `sessions`
+    /// (writer lock held).
+    fn live_ids_of(&self, w: &mut Writer, sessions: &[Session], now_ms: u64) -> Vec<u32> {
+        let mut ids = Vec::with_capacity(sessions.len());
+        for session in sessions {
+            let keys = record::keys_of(session);
+            if let (Some(id), _) = self.find_same(&keys, now_ms, &mut w.rec)
+                && !ids.contains(&id)
+            {
+                ids.push(id);
+            }
+        }
+        ids
+    }
+}
+
+impl<I: KeyIndex> SessionStore for SessionTable<I> {
+    fn disconnect(&self, lookup: &Lookup<'_>) -> Result<Applied, Refusal> {
         if lookup.query.is_empty() {
             return self.disconnect_without_key(lookup);
         }
@@ -866,19 +922,8 @@ impl<I: KeyIndex> SessionStore for SessionTable<I> {
         }
         let count = sel.verdict(lookup.scope.max_sessions)?;
         let ids = core::mem::take(&mut w.ids);
-        let mut sessions = Vec::with_capacity(ids.len());
         for &id in &ids {
-            if let Some(k) = self.read_keys(id, &mut w.rec) {
-                sessions.push(k.to_session());
-            }
-        }
-        if !sessions.iter().all(|s| data_plane.may_remove(s)) {
-            w.ids = ids;
-            return Err(Refusal::NotRemovable);
-        }
-        for (&id, session) in ids.iter().zip(&sessions) {
             self.bury(w, id, lookup.now_ms);
-            data_plane.removed(session);
         }
         w.ids = ids;
         self.note_oldest(w);
@@ -889,7 +934,6 @@ impl<I: KeyIndex> SessionStore for SessionTable<I> {
         &self,
         lookup: &Lookup<'_>,
         change: &AuthorizationChange<'_>,
-        data_plane: &dyn DataPlane,
     ) -> Result<Applied, Refusal> {
         if let Some(answer) = self.no_live_session(lookup, false) {
             return answer;
@@ -900,70 +944,78 @@ impl<I: KeyIndex> SessionStore for SessionTable<I> {
             .select_locked(w, lookup)?
             .verdict(lookup.scope.max_sessions)?;
         let ids = core::mem::take(&mut w.ids);
-        // Phase one: every new record is built and checked before any is published.
-        let mut staged = Vec::with_capacity(ids.len());
-        for &id in &ids {
-            let Some(k) = self.read_keys(id, &mut w.rec) else {
-                continue;
-            };
-            let mut session = k.to_session();
-            change.apply_to(&mut session.authorization);
-            let mut bytes = Vec::new();
-            record::encode(&session, &mut bytes);
-            if bytes.len() > arena::MAX_RECORD {
-                w.ids = ids;
-                return Err(Refusal::Unavailable);
-            }
-            staged.push((id, bytes, session));
-        }
-        // Phase two: storage for every new version is reserved before any is published; when
-        // one cannot be had (the arena is exhausted) every reservation is given back and no
-        // record has changed (all or none, RFC 5176 §3).
-        let mut reserved = Vec::with_capacity(staged.len());
-        for (id, bytes, _) in &staged {
-            match self.arena.reserve(&mut w.arena, *id, bytes.len()) {
-                Ok(r) => reserved.push(r),
-                Err(_) => {
-                    for r in reserved {
-                        self.arena.unreserve(&mut w.arena, r);
-                    }
-                    w.ids = ids;
-                    return Err(Refusal::Unavailable);
-                }
-            }
-        }
-        // Phase three: publish; cannot fail.
-        for ((id, bytes, _), r) in staged.iter().zip(reserved) {
-            self.arena.publish(&mut w.arena, *id, r, bytes);
-        }
-        for (_, _, session) in &staged {
-            data_plane.changed(session, change);
-        }
+        let changed = self.change_ids(w, &ids, change);
         w.ids = ids;
+        changed.map(|()| Applied::Sessions(count))
+    }
+
+    fn reauthorize(&self, lookup: &Lookup<'_>) -> Result<Applied, Refusal> {
+        if let Some(answer) = self.no_live_session(lookup, false) {
+            return answer;
+        }
+        with_buf(|buf| self.visit_matches(lookup, buf, |_| {}))?
+            .verdict(lookup.scope.max_sessions)
+            .map(Applied::Sessions)
+    }
+
+    fn select(
+        &self,
+        lookup: &Lookup<'_>,
+        tombstones: bool,
+        out: &mut Vec<Session>,
+    ) -> Result<Applied, Refusal> {
+        if lookup.query.is_empty() {
+            return if tombstones {
+                self.disconnect_without_key(lookup)
+            } else {
+                Err(Refusal::NotFound)
+            };
+        }
+        let mut ids = Vec::new();
+        let sel = with_buf(|buf| self.visit_matches(lookup, buf, |id| ids.push(id)))?;
+        if tombstones && sel.found == 0 && sel.tombstone {
+            return Ok(Applied::AlreadyRemoved);
+        }
+        let count = sel.verdict(lookup.scope.max_sessions)?;
+        // Lock-free: a session replaced or removed between the probe and this read is
+        // skipped; the commit finds sessions by identity again under the writer lock.
+        out.extend(ids.into_iter().filter_map(|id| self.session(id)));
         Ok(Applied::Sessions(count))
     }
 
-    fn reauthorize(
+    fn remove_sessions(
         &self,
-        lookup: &Lookup<'_>,
-        data_plane: &dyn DataPlane,
-    ) -> Result<Applied, Refusal> {
-        if let Some(answer) = self.no_live_session(lookup, false) {
-            return answer;
-        }
+        sessions: &[Session],
+        tombstone: bool,
+        now_ms: u64,
+    ) -> Result<u32, Refusal> {
         let mut guard = self.lock().map_err(|_| Refusal::Unavailable)?;
         let w = &mut *guard;
-        let count = self
-            .select_locked(w, lookup)?
-            .verdict(lookup.scope.max_sessions)?;
-        let ids = core::mem::take(&mut w.ids);
+        self.expire(w, now_ms);
+        let ids = self.live_ids_of(w, sessions, now_ms);
         for &id in &ids {
-            if let Some(k) = self.read_keys(id, &mut w.rec) {
-                data_plane.reauthorize(&k.to_session());
+            if tombstone {
+                self.bury(w, id, now_ms);
+            } else {
+                self.purge(w, id);
+                self.live.fetch_sub(1, Ordering::Relaxed);
             }
         }
-        w.ids = ids;
-        Ok(Applied::Sessions(count))
+        self.note_oldest(w);
+        Ok(ids.len() as u32)
+    }
+
+    fn change_sessions(
+        &self,
+        sessions: &[Session],
+        change: &AuthorizationChange<'_>,
+        now_ms: u64,
+    ) -> Result<u32, Refusal> {
+        let mut guard = self.lock().map_err(|_| Refusal::Unavailable)?;
+        let w = &mut *guard;
+        let ids = self.live_ids_of(w, sessions, now_ms);
+        self.change_ids(w, &ids, change)?;
+        Ok(ids.len() as u32)
     }
 
     fn insert(&self, session: Session) -> bool {

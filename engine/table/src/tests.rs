@@ -3,7 +3,7 @@ use core::net::Ipv4Addr;
 
 use super::*;
 use dynauth_proto::session::SessionQuery;
-use dynauth_proto::store::{AcceptAll, MatchScope, MemoryStore};
+use dynauth_proto::store::{MatchScope, MemoryStore};
 
 fn s(id: &str, user: &str) -> Session {
     Session {
@@ -43,7 +43,7 @@ fn basics<I: KeyIndex>() {
     assert_eq!(t.len(), 3);
     assert!(!t.insert(s("a", "w")), "acct_session_id is unique");
     assert_eq!(
-        t.disconnect(&lookup(user("u"), 1, 0), &AcceptAll),
+        t.disconnect(&lookup(user("u"), 1, 0)),
         Err(Refusal::TooManySessions)
     );
     let q = SessionQuery {
@@ -51,32 +51,29 @@ fn basics<I: KeyIndex>() {
         user_name: Some(b"v"),
         ..Default::default()
     };
+    assert_eq!(t.disconnect(&lookup(q, 9, 0)), Err(Refusal::Contradicted));
     assert_eq!(
-        t.disconnect(&lookup(q, 9, 0), &AcceptAll),
-        Err(Refusal::Contradicted)
-    );
-    assert_eq!(
-        t.disconnect(&lookup(acct("zz"), 9, 0), &AcceptAll),
+        t.disconnect(&lookup(acct("zz"), 9, 0)),
         Err(Refusal::NotFound)
     );
     assert_eq!(t.len(), 3);
     assert_eq!(
-        t.disconnect(&lookup(user("u"), 9, 0), &AcceptAll),
+        t.disconnect(&lookup(user("u"), 9, 0)),
         Ok(Applied::Sessions(2))
     );
     assert_eq!(t.len(), 1);
     // SPEC §4: the late retry within the window.
     assert_eq!(
-        t.disconnect(&lookup(user("u"), 9, 10), &AcceptAll),
+        t.disconnect(&lookup(user("u"), 9, 10)),
         Ok(Applied::AlreadyRemoved)
     );
     assert_eq!(
-        t.disconnect(&lookup(acct("a"), 9, 10), &AcceptAll),
+        t.disconnect(&lookup(acct("a"), 9, 10)),
         Ok(Applied::AlreadyRemoved)
     );
     // A CoA never answers from tombstones.
     assert_eq!(
-        t.reauthorize(&lookup(acct("a"), 9, 10), &AcceptAll),
+        t.reauthorize(&lookup(acct("a"), 9, 10)),
         Err(Refusal::NotFound)
     );
     // The key is free again for a new session.
@@ -111,13 +108,13 @@ fn spec_4_tombstones_expire_and_are_bounded() {
     for i in 0..5 {
         let id = format!("s{i}");
         assert_eq!(
-            t.disconnect(&lookup(acct(&id), 9, 1000), &AcceptAll),
+            t.disconnect(&lookup(acct(&id), 9, 1000)),
             Ok(Applied::Sessions(1))
         );
     }
     assert_eq!(t.stats().tombstones, 2);
     // Only the two newest are remembered.
-    let late = |id: &str, now| t.disconnect(&lookup(acct(id), 9, now), &AcceptAll);
+    let late = |id: &str, now| t.disconnect(&lookup(acct(id), 9, now));
     assert_eq!(late("s0", 1100), Err(Refusal::NotFound));
     assert_eq!(late("s4", 1100), Ok(Applied::AlreadyRemoved));
     assert_eq!(late("s3", 1500), Ok(Applied::AlreadyRemoved));
@@ -128,23 +125,62 @@ fn spec_4_tombstones_expire_and_are_bounded() {
     assert_eq!(t.stats().record_bytes, 0);
 }
 
-struct RefuseB;
-impl DataPlane for RefuseB {
-    fn may_remove(&self, s: &Session) -> bool {
-        s.acct_session_id.as_deref() != Some("b")
-    }
-}
-
-// SPEC §7: a refused removal changes nothing, not even the other matches.
+// RFC 5176 §2.1 (ACK after commit): `select` changes nothing (lock-free); the commit
+// removes exactly the sessions the data plane tore down, each with a tombstone (SPEC §4),
+// and a session the data plane did not know without one; a CoA commit changes only those.
 #[test]
-fn spec_7_refused_removal_changes_nothing() {
-    let t = SessionTable::<FlatIndex>::with_sessions([s("a", "u"), s("b", "u")]);
-    assert_eq!(
-        t.disconnect(&lookup(user("u"), 9, 0), &RefuseB),
-        Err(Refusal::NotRemovable)
-    );
-    assert_eq!(t.len(), 2);
-    assert_eq!(t.stats().tombstones, 0);
+fn rfc5176_s2_1_select_changes_nothing_commit_applies_what_committed() {
+    fn check<I: KeyIndex>() {
+        let t = SessionTable::<I>::with_sessions([s("a", "u"), s("b", "u"), s("c", "v")]);
+        let mut selected = Vec::new();
+        assert_eq!(
+            t.select(&lookup(user("u"), 9, 0), true, &mut selected),
+            Ok(Applied::Sessions(2))
+        );
+        assert_eq!(t.len(), 3);
+        assert_eq!(t.stats().tombstones, 0);
+        selected.sort_by(|x, y| x.acct_session_id.cmp(&y.acct_session_id));
+        let bytes = filter_coa("gold");
+        let change = filter_change(&bytes);
+        assert_eq!(t.change_sessions(&selected[1..], &change, 0), Ok(1));
+        assert_eq!(
+            t.matching(&lookup(acct("b"), 9, 0))[0]
+                .authorization
+                .filter_ids,
+            vec!["gold".to_string()]
+        );
+        assert!(
+            t.matching(&lookup(acct("a"), 9, 0))[0]
+                .authorization
+                .filter_ids
+                .is_empty()
+        );
+        assert_eq!(t.remove_sessions(&selected[..1], true, 5), Ok(1));
+        assert_eq!(t.remove_sessions(&selected[1..], false, 5), Ok(1));
+        assert_eq!(t.remove_sessions(&selected, true, 5), Ok(0), "already gone");
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.stats().tombstones, 1);
+        assert_eq!(
+            t.disconnect(&lookup(acct("a"), 9, 6)),
+            Ok(Applied::AlreadyRemoved)
+        );
+        assert_eq!(
+            t.disconnect(&lookup(acct("b"), 9, 6)),
+            Err(Refusal::NotFound)
+        );
+        let mut none = Vec::new();
+        assert_eq!(
+            t.select(&lookup(acct("a"), 9, 6), true, &mut none),
+            Ok(Applied::AlreadyRemoved)
+        );
+        assert_eq!(
+            t.select(&lookup(acct("a"), 9, 6), false, &mut none),
+            Err(Refusal::NotFound)
+        );
+        assert!(none.is_empty());
+    }
+    check::<FlatIndex>();
+    check::<PapayaIndex>();
 }
 
 // SPEC §6.7: the same address in two routing contexts.
@@ -240,7 +276,7 @@ fn control_plane_remove_leaves_no_tombstone() {
     assert_eq!(t.len(), 1);
     assert_eq!(t.stats().tombstones, 0);
     assert_eq!(
-        t.disconnect(&lookup(acct("a"), 9, 1), &AcceptAll),
+        t.disconnect(&lookup(acct("a"), 9, 1)),
         Err(Refusal::NotFound)
     );
     assert!(t.insert(s("a", "u")));
@@ -261,7 +297,7 @@ fn huge_multi_session_group_is_found_by_scan() {
         Ok(Applied::Sessions(n as u32))
     );
     assert_eq!(
-        t.disconnect(&lookup(user("guest"), 10, 0), &AcceptAll),
+        t.disconnect(&lookup(user("guest"), 10, 0)),
         Err(Refusal::TooManySessions)
     );
     assert_eq!(
@@ -269,12 +305,12 @@ fn huge_multi_session_group_is_found_by_scan() {
         Ok(Applied::Sessions(1))
     );
     assert_eq!(
-        t.disconnect(&lookup(user("guest"), n as u32, 0), &AcceptAll),
+        t.disconnect(&lookup(user("guest"), n as u32, 0)),
         Ok(Applied::Sessions(n as u32))
     );
     assert_eq!(t.len(), 1);
     assert_eq!(
-        t.disconnect(&lookup(user("guest"), n as u32, 1), &AcceptAll),
+        t.disconnect(&lookup(user("guest"), n as u32, 1)),
         Ok(Applied::AlreadyRemoved)
     );
 }
@@ -328,9 +364,9 @@ fn every_single_key_finds_its_session_in_every_store() {
         } else {
             Err(Refusal::NotFound)
         };
-        assert_eq!(memory.reauthorize(&l, &AcceptAll), expected, "{key}");
-        assert_eq!(flat.reauthorize(&l, &AcceptAll), expected, "{key}");
-        assert_eq!(papaya.reauthorize(&l, &AcceptAll), expected, "{key}");
+        assert_eq!(memory.reauthorize(&l), expected, "{key}");
+        assert_eq!(flat.reauthorize(&l), expected, "{key}");
+        assert_eq!(papaya.reauthorize(&l), expected, "{key}");
         if key.identifies_alone() {
             assert_eq!(flat.matching(&l), vec![want.clone()], "{key}");
             assert_eq!(papaya.matching(&l), vec![want.clone()], "{key}");
@@ -339,11 +375,7 @@ fn every_single_key_finds_its_session_in_every_store() {
         let mut q = SessionQuery::from(want);
         q.set(key, sessions[2].get(key)).unwrap();
         let l = lookup(q, 9, 0);
-        assert_eq!(
-            memory.reauthorize(&l, &AcceptAll),
-            flat.reauthorize(&l, &AcceptAll),
-            "{key}"
-        );
+        assert_eq!(memory.reauthorize(&l), flat.reauthorize(&l), "{key}");
         assert_eq!(flat.matching(&l), vec![], "{key}");
     }
 }
@@ -451,7 +483,7 @@ fn feed_stores(tombstones: TombstonePolicy) -> Vec<(&'static str, Box<dyn Sessio
 }
 
 fn count(store: &dyn SessionStore, q: SessionQuery<'_>) -> Result<Applied, Refusal> {
-    store.reauthorize(&lookup(q, 10_000, 0), &AcceptAll)
+    store.reauthorize(&lookup(q, 10_000, 0))
 }
 
 // RFC 2866 §5.5: Acct-Session-Id is unique on one NAS only.
@@ -498,7 +530,7 @@ fn acct_session_id_is_unique_per_nas() {
         assert_eq!(count(store, acct("a")), Ok(Applied::Sessions(2)), "{name}");
         // The delete left a tombstone (a late Disconnect gets ACK + 201).
         assert_eq!(
-            store.disconnect(&lookup(user("bob"), 9, 1), &AcceptAll),
+            store.disconnect(&lookup(user("bob"), 9, 1)),
             Ok(Applied::AlreadyRemoved),
             "{name}"
         );
@@ -675,7 +707,7 @@ fn retain_nas_removes_only_that_nas() {
         assert_eq!(store.retain_nas(Some("n2"), &mut |_| false, 0), 0);
         assert_eq!(store.len(), 500, "{name}");
         assert_eq!(
-            store.disconnect(&lookup(acct("s999"), 9, 10), &AcceptAll),
+            store.disconnect(&lookup(acct("s999"), 9, 10)),
             Ok(Applied::AlreadyRemoved),
             "{name}"
         );
@@ -790,7 +822,7 @@ fn coa_that_cannot_store_every_session_changes_none() {
         let stats = t.stats();
         assert_eq!(stats.live, 3);
         assert_eq!(
-            t.change(&lookup(user("u"), 9, 0), &change, &AcceptAll),
+            t.change(&lookup(user("u"), 9, 0), &change),
             Err(Refusal::Unavailable)
         );
         assert_eq!(
@@ -801,7 +833,7 @@ fn coa_that_cannot_store_every_session_changes_none() {
         assert_eq!(t.stats(), stats);
         // The reservations were given back: a CoA of one session still fits.
         assert_eq!(
-            t.change(&lookup(acct("a"), 9, 0), &change, &AcceptAll),
+            t.change(&lookup(acct("a"), 9, 0), &change),
             Ok(Applied::Sessions(1))
         );
         assert_eq!(
@@ -813,42 +845,35 @@ fn coa_that_cannot_store_every_session_changes_none() {
     check::<PapayaIndex>();
 }
 
-/// A data plane whose teardown panics (a bug in the NAS glue).
-struct PanicOnRemove;
-
-impl DataPlane for PanicOnRemove {
-    fn removed(&self, _: &Session) {
-        panic!("data plane bug");
-    }
-}
-
 // A writer that panics while holding the writer lock may have left the table half updated
-// (here: a Disconnect of two sessions buried the first and stopped). The table is poisoned:
+// (a bug in the table's own write path). The table is poisoned:
 // every later write is refused (NAK 506 or the feed's errors) and counted, lookups go on.
 #[test]
 fn panicked_writer_poisons_the_table_for_writers_only() {
     fn check<I: KeyIndex>() {
         let t = SessionTable::<I>::with_sessions([s("a", "u"), s("b", "u"), s("c", "v")]);
         let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            t.disconnect(&lookup(user("u"), 9, 0), &PanicOnRemove)
+            let _writer = t.writer.lock();
+            panic!("a bug while writing");
         }));
         assert!(panicked.is_err());
         // Writers are refused and change nothing.
         let live = t.len();
         let before = t.snapshot();
         assert_eq!(
-            t.disconnect(&lookup(acct("c"), 9, 0), &AcceptAll),
+            t.disconnect(&lookup(acct("c"), 9, 0)),
             Err(Refusal::Unavailable)
         );
         let bytes = filter_coa("f");
         let change = filter_change(&bytes);
         assert_eq!(
-            t.change(&lookup(acct("c"), 9, 0), &change, &AcceptAll),
+            t.change(&lookup(acct("c"), 9, 0), &change),
             Err(Refusal::Unavailable)
         );
+        // Authorize Only changes nothing in the table: a read, still answered.
         assert_eq!(
-            t.reauthorize(&lookup(acct("c"), 9, 0), &AcceptAll),
-            Err(Refusal::Unavailable)
+            t.reauthorize(&lookup(acct("c"), 9, 0)),
+            Ok(Applied::Sessions(1))
         );
         assert_eq!(
             t.remove(&lookup(acct("c"), 9, 0)),
@@ -865,15 +890,15 @@ fn panicked_writer_poisons_the_table_for_writers_only() {
             t.upsert(s("c", "v2"), UpsertMode::Create, 0),
             Err(UpsertError::Unavailable)
         );
-        assert_eq!(t.poison_refusals(), 9);
+        assert_eq!(t.poison_refusals(), 8);
         // Lookups never take the lock: they still answer, also the lock-free NAKs.
         assert_eq!(t.peek(&lookup(acct("c"), 9, 0)), Ok(Applied::Sessions(1)));
         assert_eq!(t.matching(&lookup(acct("c"), 9, 0)), vec![s("c", "v")]);
         assert_eq!(
-            t.disconnect(&lookup(acct("zz"), 9, 0), &AcceptAll),
+            t.disconnect(&lookup(acct("zz"), 9, 0)),
             Err(Refusal::NotFound)
         );
-        assert_eq!(t.poison_refusals(), 9);
+        assert_eq!(t.poison_refusals(), 8);
         assert_eq!(t.stats().live, live);
     }
     check::<FlatIndex>();

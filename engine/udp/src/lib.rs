@@ -19,6 +19,7 @@
 //!   `IoStats`, and `Backend` (either one).
 //! - `mmsg.rs`: the `recvmmsg`/`sendmmsg` backend.
 //! - `uring.rs`: the io_uring backend and its probe.
+//! - `late.rs`: answers sent outside a receive batch (settled by the data plane later).
 //! - `signals.rs`: SIGINT/SIGTERM for graceful shutdown.
 //! - [`cpu`]: CPU lists shared by every tool; [`dac`]: the DAC side (load generator, echo
 //!   server, bench clients): batched send/receive, ppoll, CPU time.
@@ -36,12 +37,14 @@ pub(crate) const NAME_LEN: usize = 28;
 
 mod backend;
 mod cmsg;
+mod late;
 mod mmsg;
 mod signals;
 mod socket;
 mod uring;
 
 pub use backend::*;
+pub use late::*;
 pub use mmsg::*;
 pub use signals::*;
 pub use socket::*;

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dynauth_proto::auth::Secret;
 use dynauth_proto::client::{Cidr, Client, ClientTable};
-use dynauth_proto::store::{AcceptAll, MemoryStore};
+use dynauth_proto::store::MemoryStore;
 use dynauth_proto::{Engine, EngineConfig, Now, Outcome, synth};
 
 pub const SECRET: &str = "loadgen-test-secret";
@@ -71,7 +71,6 @@ fn das_engine(sessions: u64) -> (Engine, Arc<MemoryStore>) {
     let engine = Engine::new(
         Arc::new(config),
         Arc::clone(&store) as Arc<dyn dynauth_proto::SessionStore>,
-        Arc::new(AcceptAll),
     );
     (engine, store)
 }
@@ -109,7 +108,7 @@ pub fn engine_target(sessions: u64, mut hook: Hook) -> Target {
                 let len = match engine.handle(&buf[..n], from, addr, now, &mut out) {
                     Outcome::Answer(a) => a.len,
                     Outcome::Replay { len } => len,
-                    Outcome::Discard(_) => continue,
+                    Outcome::Discard(_) | Outcome::Pending => continue,
                 };
                 let mut answer = out[..len].to_vec();
                 if hook(&buf[..n], &mut answer) {
@@ -180,7 +179,7 @@ pub fn delayed_engine_target(
                     let answer_len = match engine.handle(&buf[..len], from, addr, now, &mut out) {
                         Outcome::Answer(a) => Some(a.len),
                         Outcome::Replay { len } => Some(len),
-                        Outcome::Discard(_) => None,
+                        Outcome::Discard(_) | Outcome::Pending => None,
                     };
                     let id = buf[1];
                     newest.insert(id, (arrived, false));

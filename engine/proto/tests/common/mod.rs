@@ -1,22 +1,33 @@
 //! Test support: building signed requests, running them through an `Engine` over the store
 //! under test, and reading answers (every answer's authenticators are checked here).
 //!
+//! Requests that select sessions go to the data plane as actions (`dynauth_proto::action`):
+//! the fixture's [`RecordingAgent`] records each one and commits it at once (or refuses one
+//! named session), and the fixture settles it, so a test sees the answer that the agent's
+//! results give; [`RecordingAgent::hold`] keeps actions pending for the tests of the
+//! in-flight behaviour.
+//!
 //! The store under test is the including crate root's `StoreUnderTest`: `MemoryStore` in this
 //! crate's tests, the carrier `SessionTable` when `engine/table/tests/conformance.rs` runs the
 //! same conformance suite (`spec_rules.rs`) against the store dynauthd serves from.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use dynauth_proto::action::{
+    ActionKind, ActionSink, PendingRequest, QueueFull, SessionResult, Settled,
+};
+
 use dynauth_proto::auth::{self, ResponseCheck, Secret};
-use dynauth_proto::change::{AuthorizationChange, SubscriberCommand};
+use dynauth_proto::change::SubscriberCommand;
 use dynauth_proto::client::{Client, ClientPolicy, ClientTable, NasIdentity};
 use dynauth_proto::codec::{MAX_PACKET_LEN, Packet, PacketWriter};
 use dynauth_proto::dict::{ErrorCause, attr};
 use dynauth_proto::session::Session;
-use dynauth_proto::store::{DataPlane, MemoryStore, SessionStore};
-use dynauth_proto::{Engine, EngineConfig, Now, Outcome};
+use dynauth_proto::store::{MemoryStore, SessionStore};
+use dynauth_proto::{Answer, Engine, EngineConfig, Now, Outcome};
 
 /// A store the conformance suite can run against.
 pub trait TestStore: SessionStore + 'static {
@@ -99,48 +110,74 @@ pub fn resign(packet: &mut [u8]) {
     auth::sign_request(packet, ma, &Secret::new(SECRET).unwrap());
 }
 
-/// Everything a data plane was told, in order.
+/// The test data plane: every action it commits is recorded, in order.
 #[derive(Debug, Default)]
-pub struct RecordingDataPlane {
+pub struct RecordingAgent {
     pub events: Mutex<Vec<String>>,
+    /// The Acct-Session-Id of a session whose removal this agent refuses.
     pub refuse_removal_of: Mutex<Option<String>>,
+    /// Keep submitted actions pending (`Fixture::take_pending`) instead of settling them.
+    pub hold: AtomicBool,
+    queue: Mutex<Vec<PendingRequest>>,
 }
 
-impl DataPlane for RecordingDataPlane {
-    fn may_remove(&self, s: &Session) -> bool {
-        let refused = self.refuse_removal_of.lock().unwrap();
-        refused.as_deref() != s.acct_session_id.as_deref() || refused.is_none()
+impl ActionSink for RecordingAgent {
+    fn submit(&self, request: PendingRequest) -> Result<(), QueueFull> {
+        self.queue.lock().unwrap().push(request);
+        Ok(())
     }
-    fn removed(&self, s: &Session) {
-        self.events.lock().unwrap().push(format!(
-            "removed {}",
-            s.acct_session_id.as_deref().unwrap_or("?")
-        ));
-    }
-    fn changed(&self, s: &Session, c: &AuthorizationChange<'_>) {
-        let cmd = match c.command {
-            Some(SubscriberCommand::Reauthenticate) => " reauthenticate",
-            Some(SubscriberCommand::BounceHostPort) => " bounce-host-port",
-            Some(SubscriberCommand::DisableHostPort) => " disable-host-port",
-            None => "",
-        };
-        self.events.lock().unwrap().push(format!(
-            "changed {}{cmd}",
-            s.acct_session_id.as_deref().unwrap_or("?")
-        ));
-    }
-    fn reauthorize(&self, s: &Session) {
-        self.events.lock().unwrap().push(format!(
-            "reauthorize {}",
-            s.acct_session_id.as_deref().unwrap_or("?")
-        ));
+}
+
+impl RecordingAgent {
+    /// Commits every session of `request` (except a refused removal) and records it.
+    pub fn results(
+        &self,
+        request: &PendingRequest,
+        config: &EngineConfig,
+    ) -> Vec<Option<SessionResult>> {
+        let plan = request.plan(config).expect("a pending request re-reads");
+        let refused = self.refuse_removal_of.lock().unwrap().clone();
+        let id = |s: &Session| s.acct_session_id.clone().unwrap_or_else(|| "?".into());
+        let mut results = Vec::new();
+        let mut events = Vec::new();
+        for p in &plan.sessions {
+            let name = id(&p.session);
+            if plan.kind == ActionKind::Disconnect && refused.as_deref() == Some(name.as_str()) {
+                results.push(Some(SessionResult::Failed(None)));
+                continue;
+            }
+            let cmd = match plan.command {
+                Some(SubscriberCommand::Reauthenticate) => " reauthenticate",
+                Some(SubscriberCommand::BounceHostPort) => " bounce-host-port",
+                Some(SubscriberCommand::DisableHostPort) => " disable-host-port",
+                None => "",
+            };
+            events.push(match plan.kind {
+                ActionKind::Disconnect => format!("removed {name}"),
+                ActionKind::Change => format!("changed {name}{cmd}"),
+                ActionKind::Reauthorize => format!("reauthorize {name}"),
+            });
+            results.push(Some(SessionResult::Committed));
+        }
+        // A refused Disconnect tears nothing down in this agent (it checks before acting).
+        if results
+            .iter()
+            .any(|r| matches!(r, Some(SessionResult::Failed(_))))
+        {
+            return results
+                .into_iter()
+                .map(|r| r.map(|_| SessionResult::Failed(None)))
+                .collect();
+        }
+        self.events.lock().unwrap().extend(events);
+        results
     }
 }
 
 pub struct Fixture {
     pub engine: Engine,
     pub store: Arc<Store>,
-    pub data_plane: Arc<RecordingDataPlane>,
+    pub data_plane: Arc<RecordingAgent>,
     pub out: Vec<u8>,
 }
 
@@ -206,11 +243,12 @@ impl Fixture {
         let config = EngineConfig {
             clients: ClientTable::new(clients).unwrap(),
             nas,
-            dedup: Default::default(),
+            ..EngineConfig::default()
         };
         let store = Arc::new(<Store as TestStore>::from_sessions(sessions));
-        let data_plane = Arc::new(RecordingDataPlane::default());
-        let engine = Engine::new(Arc::new(config), store.clone(), data_plane.clone());
+        let data_plane = Arc::new(RecordingAgent::default());
+        let engine = Engine::new(Arc::new(config), store.clone())
+            .with_actions(0, data_plane.clone() as Arc<dyn ActionSink>);
         Fixture {
             engine,
             store,
@@ -225,13 +263,26 @@ impl Fixture {
         from: SocketAddr,
         now: Now,
     ) -> (Outcome, Option<Reply>) {
-        let outcome = self
+        let mut outcome = self
             .engine
             .handle(packet, from, destination(), now, &mut self.out);
+        if outcome == Outcome::Pending && !self.data_plane.hold.load(Ordering::Relaxed) {
+            let pending = self
+                .take_pending()
+                .expect("a pending request was submitted");
+            let results = self.data_plane.results(&pending, self.engine.config());
+            let settled = self.settle(&pending, &results, now);
+            outcome = Outcome::Answer(Answer {
+                len: settled.len,
+                code: settled.code,
+                error_cause: settled.error_cause,
+                sessions: settled.sessions,
+            });
+        }
         let len = match outcome {
             Outcome::Answer(a) => a.len,
             Outcome::Replay { len } => len,
-            Outcome::Discard(_) => return (outcome, None),
+            Outcome::Discard(_) | Outcome::Pending => return (outcome, None),
         };
         let bytes = self.out[..len].to_vec();
         let request = Packet::parse(packet).unwrap();
@@ -284,6 +335,34 @@ impl Fixture {
             (Outcome::Discard(reason), None) => reason,
             other => panic!("expected a silent discard, got {other:?}"),
         }
+    }
+
+    /// The oldest action submitted and not yet taken.
+    pub fn take_pending(&self) -> Option<PendingRequest> {
+        let mut queue = self.data_plane.queue.lock().unwrap();
+        (!queue.is_empty()).then(|| queue.remove(0))
+    }
+
+    /// Settles `pending` with `results` as the daemon's dispatcher does: the answer is written
+    /// to `self.out` and recorded in the engine's duplicate cache and counters.
+    pub fn settle(
+        &mut self,
+        pending: &PendingRequest,
+        results: &[Option<SessionResult>],
+        now: Now,
+    ) -> Settled {
+        let settled = pending
+            .settle(
+                self.engine.config(),
+                &*self.store,
+                results,
+                now,
+                &mut self.out,
+            )
+            .expect("a pending request settles");
+        let bytes = self.out[..settled.len].to_vec();
+        self.engine.settle(&settled, &bytes, now.monotonic_ms);
+        settled
     }
 
     pub fn events(&self) -> Vec<String> {

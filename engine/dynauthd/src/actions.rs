@@ -1,0 +1,835 @@
+//! The action dispatcher: requests that selected sessions go to the data plane that owns
+//! them, and are answered only when it has committed (RFC 5176 §2.1).
+//!
+//! Owns: the queue from the shards ([`channel`], bounded: a full queue is NAK 506 at the
+//! shard, never unbounded memory), the running actions and their deadlines, the
+//! serialization of requests for one session (a second request for a session with an action
+//! in flight waits for it, then selects again: never dropped, never two actions at once on
+//! one session), the agents and the NASes they own ([`Agents`]), the compensating actions of
+//! a multi-session CoA that did not commit everywhere, and delivering each settled answer to
+//! its shard (duplicate cache, counters) and to the DAC.
+//! Must not touch: the answer's contents (`dynauth_proto::action` settles it), the table's
+//! internals, the control socket's framing (`control`). Runs on its own thread, so no agent
+//! and no data-plane code ever runs on a shard thread or under a table lock.
+#![forbid(unsafe_code)]
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io::{self, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam::channel::{self, Receiver, RecvTimeoutError, Sender};
+use dynauth_proto::action::{
+    ActionKind, ActionPlan, ActionSink, PendingRequest, QueueFull, Reselected, SessionResult,
+    Settled, change_steps,
+};
+use dynauth_proto::codec::MAX_PACKET_LEN;
+use dynauth_proto::dict::ErrorCause;
+use dynauth_proto::session::Session;
+use dynauth_proto::{EngineConfig, Now, SessionStore};
+use dynauth_udp::AnswerSender;
+use serde_json::{Value, json};
+
+/// A settled answer on its way to the shard that received the request.
+#[derive(Debug)]
+pub struct SettledAnswer {
+    pub settled: Settled,
+    pub bytes: Vec<u8>,
+}
+
+/// Where a running action's sessions went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Owner {
+    /// A control-socket connection (its number).
+    Agent(u64),
+    /// The in-process data plane.
+    InProcess,
+}
+
+/// An action as the data plane receives it.
+#[derive(Debug, Clone)]
+pub struct Action {
+    pub id: u64,
+    pub plan: ActionPlan,
+    /// Positions in `plan.sessions` this recipient must answer for.
+    pub indexes: Vec<usize>,
+    /// Milliseconds left to commit.
+    pub deadline_ms: u64,
+    /// A compensating action (undoing a CoA that did not commit everywhere): its results
+    /// are only logged.
+    pub compensation: bool,
+}
+
+impl Action {
+    /// The control socket's `action` message (docs/CONTROL.md, "Actions").
+    pub fn to_json(&self) -> Value {
+        let sessions: Vec<Value> = self
+            .indexes
+            .iter()
+            .filter_map(|&i| self.plan.sessions.get(i).map(|p| (i, p)))
+            .map(|(i, p)| {
+                let mut s = json!({"index": i, "session": p.session});
+                if self.plan.kind == ActionKind::Change {
+                    s["authorization"] = serde_json::to_value(&p.authorization).unwrap_or_default();
+                    s["steps"] = serde_json::to_value(&p.steps).unwrap_or_default();
+                }
+                s
+            })
+            .collect();
+        let mut m = json!({
+            "v": crate::control::VERSION,
+            "type": "action",
+            "action": self.id,
+            "kind": self.plan.kind.name(),
+            "deadline_ms": self.deadline_ms,
+            "sessions": sessions,
+        });
+        if let Some(command) = self.plan.command {
+            m["command"] = json!(match command {
+                dynauth_proto::change::SubscriberCommand::Reauthenticate => "reauthenticate",
+                dynauth_proto::change::SubscriberCommand::BounceHostPort => "bounce-host-port",
+                dynauth_proto::change::SubscriberCommand::DisableHostPort => "disable-host-port",
+            });
+        }
+        if self.compensation {
+            m["compensation"] = json!(true);
+        }
+        m
+    }
+}
+
+/// A data plane in the same process (a library user embedding dynauthd's runtime). It is
+/// called on the dispatcher's thread and must not block: start the work and report later.
+pub trait DataPlane: Send + Sync {
+    fn execute(&self, action: Action, results: ResultSink);
+}
+
+/// Where a data plane reports an action's results (from any thread, any time).
+#[derive(Debug, Clone)]
+pub struct ResultSink {
+    tx: Sender<Event>,
+    owner: Owner,
+}
+
+impl ResultSink {
+    /// Results for positions of the action (`index` as in [`Action::indexes`]).
+    pub fn report(&self, action: u64, results: Vec<(usize, SessionResult)>) {
+        let _ = self.tx.send(Event::Results {
+            action,
+            owner: self.owner,
+            results,
+        });
+    }
+}
+
+/// One connected agent that takes actions.
+pub struct AgentLink {
+    pub name: String,
+    out: Mutex<Box<dyn Write + Send>>,
+}
+
+impl AgentLink {
+    pub fn new(name: String, out: Box<dyn Write + Send>) -> Self {
+        AgentLink {
+            name,
+            out: Mutex::new(out),
+        }
+    }
+
+    /// Writes one line (the connection's replies go through the same lock, so lines never
+    /// interleave).
+    pub fn send_line(&self, line: &str) -> io::Result<()> {
+        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        writeln!(out, "{line}")?;
+        out.flush()
+    }
+}
+
+/// The agents on the control socket and the NASes each owns.
+#[derive(Default)]
+pub struct Agents {
+    inner: Mutex<AgentsInner>,
+}
+
+#[derive(Default)]
+struct AgentsInner {
+    /// NAS name to (connection number, agent name).
+    owners: HashMap<String, (u64, String)>,
+    /// Connections that take actions.
+    links: HashMap<u64, Arc<AgentLink>>,
+}
+
+impl Agents {
+    fn lock(&self) -> std::sync::MutexGuard<'_, AgentsInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Claims `nases` for connection `connection`; `Err` names a NAS another connection
+    /// owns, and its agent.
+    pub fn claim(
+        &self,
+        connection: u64,
+        agent: &str,
+        nases: &[String],
+    ) -> Result<(), (String, String)> {
+        let mut inner = self.lock();
+        if let Some((nas, (_, other))) = nases.iter().find_map(|n| {
+            inner
+                .owners
+                .get(n)
+                .filter(|(c, _)| *c != connection)
+                .map(|o| (n.clone(), o.clone()))
+        }) {
+            return Err((nas, other));
+        }
+        for n in nases {
+            inner
+                .owners
+                .insert(n.clone(), (connection, agent.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// The owner of `nas`: its connection and agent name.
+    pub fn owner(&self, nas: &str) -> Option<(u64, String)> {
+        self.lock().owners.get(nas).cloned()
+    }
+
+    /// Connection `connection` takes actions through `link`.
+    pub fn attach(&self, connection: u64, link: Arc<AgentLink>) {
+        self.lock().links.insert(connection, link);
+    }
+
+    /// A connection ended: its NASes are free again and it takes no more actions.
+    pub fn release(&self, connection: u64) {
+        let mut inner = self.lock();
+        inner.owners.retain(|_, (c, _)| *c != connection);
+        inner.links.remove(&connection);
+    }
+
+    /// The link to the agent that owns `nas`, if it takes actions.
+    fn link_for(&self, nas: &str) -> Option<(u64, Arc<AgentLink>)> {
+        let inner = self.lock();
+        let (connection, _) = inner.owners.get(nas)?;
+        inner
+            .links
+            .get(connection)
+            .map(|l| (*connection, Arc::clone(l)))
+    }
+
+    fn link(&self, connection: u64) -> Option<Arc<AgentLink>> {
+        self.lock().links.get(&connection).cloned()
+    }
+}
+
+/// What the dispatcher thread is told.
+#[derive(Debug)]
+pub enum Event {
+    Submit(PendingRequest),
+    Results {
+        action: u64,
+        owner: Owner,
+        results: Vec<(usize, SessionResult)>,
+    },
+    AgentGone(u64),
+}
+
+/// The shards' side of the queue.
+#[derive(Debug, Clone)]
+pub struct Submitter {
+    tx: Sender<Event>,
+}
+
+impl ActionSink for Submitter {
+    fn submit(&self, request: PendingRequest) -> Result<(), QueueFull> {
+        self.tx
+            .try_send(Event::Submit(request))
+            .map_err(|_| QueueFull)
+    }
+}
+
+impl Submitter {
+    /// Where agents' results go (the control socket's `action_result`).
+    pub fn results_from(&self, owner: Owner) -> ResultSink {
+        ResultSink {
+            tx: self.tx.clone(),
+            owner,
+        }
+    }
+
+    /// An agent's connection ended: its actions without results settle now (NAK 506).
+    pub fn agent_gone(&self, connection: u64) {
+        let _ = self.tx.send(Event::AgentGone(connection));
+    }
+}
+
+/// The queue between the shards and the dispatcher, holding at most `capacity` events.
+pub fn channel(capacity: usize) -> (Submitter, Receiver<Event>) {
+    let (tx, rx) = channel::bounded(capacity.max(1));
+    (Submitter { tx }, rx)
+}
+
+/// Counters of the dispatcher (Prometheus text in `write_prometheus`).
+#[derive(Debug, Default)]
+pub struct ActionStats {
+    pub submitted: AtomicU64,
+    pub settled_ack: AtomicU64,
+    pub settled_nak: AtomicU64,
+    pub timed_out: AtomicU64,
+    pub no_agent: AtomicU64,
+    pub agent_gone: AtomicU64,
+    pub serialized: AtomicU64,
+    pub compensations: AtomicU64,
+    pub unexpected_results: AtomicU64,
+    pub send_errors: AtomicU64,
+}
+
+impl ActionStats {
+    pub fn write_prometheus(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let rows: [(&str, &str, &AtomicU64); 10] = [
+            (
+                "submitted",
+                "Requests handed to the data plane",
+                &self.submitted,
+            ),
+            (
+                "settled_ack",
+                "Pending requests answered with an ACK",
+                &self.settled_ack,
+            ),
+            (
+                "settled_nak",
+                "Pending requests answered with a NAK",
+                &self.settled_nak,
+            ),
+            (
+                "timed_out",
+                "Actions without every result by the deadline (NAK 506)",
+                &self.timed_out,
+            ),
+            (
+                "no_agent",
+                "Requests for sessions whose NAS has no agent taking actions (NAK 506)",
+                &self.no_agent,
+            ),
+            (
+                "agent_gone",
+                "Actions whose agent disconnected before answering (NAK 506)",
+                &self.agent_gone,
+            ),
+            (
+                "serialized",
+                "Requests that waited for another action on the same session",
+                &self.serialized,
+            ),
+            (
+                "compensations",
+                "Compensating actions sent (a CoA that did not commit everywhere)",
+                &self.compensations,
+            ),
+            (
+                "unexpected_results",
+                "Results for unknown actions or sessions (late, or not this agent's)",
+                &self.unexpected_results,
+            ),
+            (
+                "send_errors",
+                "Settled answers that could not be sent",
+                &self.send_errors,
+            ),
+        ];
+        for (name, help, v) in rows {
+            let _ = writeln!(
+                out,
+                "# HELP dynauth_actions_{name}_total {help}.\n# TYPE dynauth_actions_{name}_total counter\ndynauth_actions_{name}_total {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+    }
+}
+
+/// Delivers settled answers: to the shard (duplicate cache, counters), then to the DAC.
+pub struct Delivery {
+    pub shards: Vec<Sender<SettledAnswer>>,
+    pub sender: AnswerSender,
+}
+
+/// Everything the dispatcher works with.
+pub struct DispatcherSetup {
+    pub config: Arc<EngineConfig>,
+    pub store: Arc<dyn SessionStore>,
+    pub agents: Arc<Agents>,
+    pub in_process: Option<Arc<dyn DataPlane>>,
+    pub delivery: Delivery,
+    /// The shards' monotonic clock origin (deadlines are in its milliseconds).
+    pub base: Instant,
+    pub stats: Arc<ActionStats>,
+    /// Where agents report (its sender side is cloned into `ResultSink`s).
+    pub submitter: Submitter,
+}
+
+/// The dispatcher's queue size: requests and results in flight between threads.
+pub const QUEUE_CAPACITY: usize = 65_536;
+
+/// The running dispatcher thread.
+pub struct Dispatcher {
+    thread: Option<thread::JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Dispatcher {
+    /// Starts the thread.
+    pub fn start(setup: DispatcherSetup, inbox: Receiver<Event>) -> io::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread_stop = Arc::clone(&stop);
+        let thread = thread::Builder::new()
+            .name("dynauthd-actions".into())
+            .spawn(move || State::new(setup).run(&inbox, &thread_stop))?;
+        Ok(Dispatcher {
+            thread: Some(thread),
+            stop,
+        })
+    }
+
+    /// Stops the thread (after the shards have stopped): requests still pending are
+    /// answered NAK 506, so no DAC is left without an answer it can act on.
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Running {
+    pending: PendingRequest,
+    plan: ActionPlan,
+    owners: Vec<Owner>,
+    results: Vec<Option<SessionResult>>,
+    identities: Vec<String>,
+}
+
+struct State {
+    setup: DispatcherSetup,
+    next_id: u64,
+    running: HashMap<u64, Running>,
+    busy: HashSet<String>,
+    waiting: VecDeque<PendingRequest>,
+    compensating: HashSet<u64>,
+    out: Vec<u8>,
+}
+
+/// The most requests waiting behind another action on the same session.
+const MAX_WAITING: usize = 4096;
+
+/// A session's identity for serialization (`store::same_session`).
+fn identity(s: &Session) -> String {
+    let nas = s.nas.as_deref().unwrap_or("");
+    match (&s.acct_session_id, &s.audit_session_id, &s.cui) {
+        (Some(a), _, _) => format!("{nas}\0a\0{a}"),
+        (None, Some(a), _) => format!("{nas}\0s\0{a}"),
+        (None, None, Some(c)) => format!("{nas}\0c\0{c}"),
+        (None, None, None) => format!("{nas}\0?\0{}", serde_json::to_string(s).unwrap_or_default()),
+    }
+}
+
+impl State {
+    fn new(setup: DispatcherSetup) -> Self {
+        State {
+            setup,
+            next_id: 1,
+            running: HashMap::new(),
+            busy: HashSet::new(),
+            waiting: VecDeque::new(),
+            compensating: HashSet::new(),
+            out: vec![0; MAX_PACKET_LEN],
+        }
+    }
+
+    fn now(&self) -> Now {
+        crate::runtime::clock(self.setup.base)
+    }
+
+    fn run(mut self, inbox: &Receiver<Event>, stop: &AtomicBool) {
+        while !stop.load(Ordering::Acquire) {
+            let now_ms = self.now().monotonic_ms;
+            let next = self
+                .running
+                .values()
+                .map(|r| r.pending.deadline_ms())
+                .chain(self.waiting.iter().map(PendingRequest::deadline_ms))
+                .min();
+            let wait = next.map_or(Duration::from_millis(100), |d| {
+                Duration::from_millis(d.saturating_sub(now_ms).clamp(1, 100))
+            });
+            match inbox.recv_timeout(wait) {
+                Ok(event) => self.on(event),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            self.expire();
+        }
+        // Requests submitted before the shards stopped.
+        while let Ok(event) = inbox.try_recv() {
+            if let Event::Submit(p) = event {
+                self.refuse(&p, ErrorCause::ResourcesUnavailable);
+            }
+        }
+        // Shutting down: everything still pending is answered 506 (the DAC may retry).
+        let ids: Vec<u64> = self.running.keys().copied().collect();
+        for id in ids {
+            self.settle(id);
+        }
+        while let Some(p) = self.waiting.pop_front() {
+            self.refuse(&p, ErrorCause::ResourcesUnavailable);
+        }
+    }
+
+    fn on(&mut self, event: Event) {
+        match event {
+            Event::Submit(p) => {
+                self.setup.stats.submitted.fetch_add(1, Ordering::Relaxed);
+                self.admit(p);
+            }
+            Event::Results {
+                action,
+                owner,
+                results,
+            } => self.results(action, owner, results),
+            Event::AgentGone(connection) => {
+                let gone: Vec<u64> = self
+                    .running
+                    .iter()
+                    .filter(|(_, r)| {
+                        r.owners
+                            .iter()
+                            .zip(&r.results)
+                            .any(|(o, res)| *o == Owner::Agent(connection) && res.is_none())
+                    })
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in gone {
+                    self.setup.stats.agent_gone.fetch_add(1, Ordering::Relaxed);
+                    self.settle(id);
+                }
+            }
+        }
+    }
+
+    /// Starts `p` now, or queues it behind an action on one of its sessions.
+    fn admit(&mut self, p: PendingRequest) {
+        if p.sessions()
+            .iter()
+            .any(|s| self.busy.contains(&identity(s)))
+        {
+            if self.waiting.len() >= MAX_WAITING {
+                self.refuse(&p, ErrorCause::ResourcesUnavailable);
+            } else {
+                self.setup.stats.serialized.fetch_add(1, Ordering::Relaxed);
+                self.waiting.push_back(p);
+            }
+            return;
+        }
+        self.start(p);
+    }
+
+    fn start(&mut self, p: PendingRequest) {
+        let plan = match p.plan(&self.setup.config) {
+            Ok(plan) => plan,
+            Err(_) => return self.refuse(&p, ErrorCause::ResourcesUnavailable),
+        };
+        // Every session needs a data plane that takes actions, before anything is sent.
+        let mut owners = Vec::with_capacity(plan.sessions.len());
+        let mut links: HashMap<u64, Arc<AgentLink>> = HashMap::new();
+        for planned in &plan.sessions {
+            if self.setup.in_process.is_some() {
+                owners.push(Owner::InProcess);
+                continue;
+            }
+            let nas = planned.session.nas.as_deref().unwrap_or("");
+            match self.setup.agents.link_for(nas) {
+                Some((connection, link)) => {
+                    owners.push(Owner::Agent(connection));
+                    links.insert(connection, link);
+                }
+                None => {
+                    self.setup.stats.no_agent.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!("actions: no agent takes actions for NAS {nas:?}: NAK 506");
+                    return self.refuse(&p, ErrorCause::ResourcesUnavailable);
+                }
+            }
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let deadline_ms = p.deadline_ms().saturating_sub(self.now().monotonic_ms);
+        let identities: Vec<String> = p.sessions().iter().map(identity).collect();
+        for i in &identities {
+            self.busy.insert(i.clone());
+        }
+        let mut running = Running {
+            results: vec![None; plan.sessions.len()],
+            pending: p,
+            plan,
+            owners,
+            identities,
+        };
+        let recipients: HashSet<Owner> = running.owners.iter().copied().collect();
+        for owner in recipients {
+            let action = Action {
+                id,
+                plan: running.plan.clone(),
+                indexes: (0..running.owners.len())
+                    .filter(|&i| running.owners[i] == owner)
+                    .collect(),
+                deadline_ms,
+                compensation: false,
+            };
+            match owner {
+                Owner::InProcess => {
+                    if let Some(dp) = &self.setup.in_process {
+                        dp.execute(action, self.setup.submitter.results_from(owner));
+                    }
+                }
+                Owner::Agent(connection) => {
+                    let sent = links
+                        .get(&connection)
+                        .map(|l| l.send_line(&action.to_json().to_string()));
+                    if !matches!(sent, Some(Ok(()))) {
+                        // Nobody will answer for these sessions: a result of "none" now.
+                        tracing::warn!(
+                            "actions: could not send action {id} to agent on connection {connection}"
+                        );
+                        for (o, r) in running.owners.iter().zip(running.results.iter_mut()) {
+                            if *o == owner && r.is_none() {
+                                *r = Some(SessionResult::Failed(Some(
+                                    ErrorCause::ResourcesUnavailable,
+                                )));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let done = running.results.iter().all(Option::is_some);
+        self.running.insert(id, running);
+        if done {
+            self.settle(id);
+        }
+    }
+
+    fn results(&mut self, action: u64, owner: Owner, results: Vec<(usize, SessionResult)>) {
+        if self.compensating.remove(&action) {
+            tracing::info!("actions: compensation {action} reported {results:?}");
+            return;
+        }
+        let Some(running) = self.running.get_mut(&action) else {
+            self.setup
+                .stats
+                .unexpected_results
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        for (index, result) in results {
+            match (running.owners.get(index), running.results.get_mut(index)) {
+                (Some(o), Some(slot)) if *o == owner && slot.is_none() => *slot = Some(result),
+                _ => {
+                    self.setup
+                        .stats
+                        .unexpected_results
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        if running.results.iter().all(Option::is_some) {
+            self.settle(action);
+        }
+    }
+
+    /// Settles running action `id` with the results it has (missing ones give 506).
+    fn settle(&mut self, id: u64) {
+        let Some(running) = self.running.remove(&id) else {
+            return;
+        };
+        for i in &running.identities {
+            self.busy.remove(i);
+        }
+        let now = self.now();
+        let settled = running.pending.settle(
+            &self.setup.config,
+            &*self.setup.store,
+            &running.results,
+            now,
+            &mut self.out,
+        );
+        match settled {
+            Ok(settled) => {
+                if !settled.compensate.is_empty() {
+                    self.compensate(&running, &settled.compensate);
+                }
+                self.deliver(settled);
+            }
+            Err(reason) => tracing::warn!("actions: action {id} could not be answered: {reason:?}"),
+        }
+        self.wake_waiting();
+    }
+
+    /// Undoes the sessions of a CoA that committed when others did not (all or none).
+    fn compensate(&mut self, running: &Running, indexes: &[usize]) {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut plan = running.plan.clone();
+        for p in &mut plan.sessions {
+            p.steps = change_steps(&p.authorization, &p.session.authorization);
+            p.authorization = p.session.authorization.clone();
+        }
+        plan.command = None;
+        let recipients: HashSet<Owner> = indexes
+            .iter()
+            .filter_map(|&i| running.owners.get(i).copied())
+            .collect();
+        for owner in recipients {
+            let action = Action {
+                id,
+                plan: plan.clone(),
+                indexes: indexes
+                    .iter()
+                    .copied()
+                    .filter(|&i| running.owners.get(i) == Some(&owner))
+                    .collect(),
+                deadline_ms: self.setup.config.action_deadline_ms,
+                compensation: true,
+            };
+            self.setup
+                .stats
+                .compensations
+                .fetch_add(1, Ordering::Relaxed);
+            match owner {
+                Owner::InProcess => {
+                    if let Some(dp) = &self.setup.in_process {
+                        dp.execute(action, self.setup.submitter.results_from(owner));
+                    }
+                }
+                Owner::Agent(connection) => {
+                    if let Some(link) = self.setup.agents.link(connection) {
+                        let _ = link.send_line(&action.to_json().to_string());
+                    }
+                }
+            }
+        }
+        self.compensating.insert(id);
+    }
+
+    /// Requests that waited for a session that is free now: selected again and started, or
+    /// answered when the table already says how (ACK 201, NAK 503).
+    fn wake_waiting(&mut self) {
+        let mut still = VecDeque::new();
+        while let Some(mut p) = self.waiting.pop_front() {
+            if p.sessions()
+                .iter()
+                .any(|s| self.busy.contains(&identity(s)))
+            {
+                still.push_back(p);
+                continue;
+            }
+            let now = self.now();
+            match p.reselect(&self.setup.config, &*self.setup.store, now, &mut self.out) {
+                Ok(Reselected::Sessions) => self.admit(p),
+                Ok(Reselected::Settled(settled)) => self.deliver(settled),
+                Err(_) => self.refuse(&p, ErrorCause::ResourcesUnavailable),
+            }
+        }
+        still.append(&mut self.waiting);
+        self.waiting = still;
+    }
+
+    /// Actions and waiting requests past their deadline get NAK 506.
+    fn expire(&mut self) {
+        let now_ms = self.now().monotonic_ms;
+        let due: Vec<u64> = self
+            .running
+            .iter()
+            .filter(|(_, r)| r.pending.deadline_ms() <= now_ms)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            self.setup.stats.timed_out.fetch_add(1, Ordering::Relaxed);
+            self.settle(id);
+        }
+        while self
+            .waiting
+            .front()
+            .is_some_and(|p| p.deadline_ms() <= now_ms)
+        {
+            if let Some(p) = self.waiting.pop_front() {
+                self.setup.stats.timed_out.fetch_add(1, Ordering::Relaxed);
+                self.refuse(&p, ErrorCause::ResourcesUnavailable);
+            }
+        }
+    }
+
+    fn refuse(&mut self, p: &PendingRequest, cause: ErrorCause) {
+        match p.refuse(&self.setup.config, cause, &mut self.out) {
+            Ok(settled) => self.deliver(settled),
+            Err(reason) => tracing::warn!("actions: a request could not be answered: {reason:?}"),
+        }
+    }
+
+    fn deliver(&mut self, settled: Settled) {
+        let stats = &self.setup.stats;
+        if settled.error_cause.is_some_and(|c| c.value() >= 400) {
+            stats.settled_nak.fetch_add(1, Ordering::Relaxed);
+        } else {
+            stats.settled_ack.fetch_add(1, Ordering::Relaxed);
+        }
+        let bytes = self.out.get(..settled.len).unwrap_or_default().to_vec();
+        let (to, from) = (settled.source, settled.destination);
+        // The shard learns of the answer before the DAC can: a retransmission that follows
+        // the answer finds it in the duplicate cache.
+        if let Some(shard) = self.setup.delivery.shards.get(settled.shard) {
+            let _ = shard.send(SettledAnswer {
+                settled,
+                bytes: bytes.clone(),
+            });
+        }
+        if let Err(e) = self.setup.delivery.sender.send(&bytes, to, from) {
+            stats.send_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("actions: answer to {to} not sent: {e}");
+        }
+    }
+}
+
+/// Reads an agent's `results` list: `[{"index": 0, "result": "committed"}, ...]`
+/// (`failed` may carry `error_cause`). `Err` names the field.
+pub fn parse_results(value: Option<&Value>) -> Result<Vec<(usize, SessionResult)>, String> {
+    let Some(Value::Array(list)) = value else {
+        return Err("results".into());
+    };
+    list.iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let index = r
+                .get("index")
+                .and_then(Value::as_u64)
+                .ok_or_else(|| format!("results[{i}].index"))? as usize;
+            let result = match r.get("result").and_then(Value::as_str) {
+                Some("committed") => SessionResult::Committed,
+                Some("not_found") => SessionResult::NotFound,
+                Some("failed") => SessionResult::Failed(match r.get("error_cause") {
+                    None | Some(Value::Null) => None,
+                    Some(v) => Some(
+                        v.as_u64()
+                            .and_then(|n| u32::try_from(n).ok())
+                            .and_then(ErrorCause::from_value)
+                            .filter(|c| c.value() >= 400)
+                            .ok_or_else(|| format!("results[{i}].error_cause"))?,
+                    ),
+                }),
+                _ => return Err(format!("results[{i}].result")),
+            };
+            Ok((index, result))
+        })
+        .collect()
+}
