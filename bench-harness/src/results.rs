@@ -3,9 +3,10 @@
 //! (generator behind, generator saturated, loss, busy machine, invalid answers) and the
 //! rules that set them. Must not touch: running processes, Markdown, charts.
 
+use dynauth_loadgen::report::LoopMode;
 use serde::{Deserialize, Serialize};
 
-use crate::loadgen::LoadgenReport;
+use crate::loadgen::RunReport;
 use crate::machine::Machine;
 use crate::stats::Summary;
 
@@ -152,15 +153,14 @@ impl Measurement {
     /// Builds a measurement from the generator's report, the server's CPU seconds and the
     /// other processes' CPU over the run, and sets the guard flags.
     pub fn from_report(
-        r: &LoadgenReport,
+        r: &RunReport,
         server_cpu_s: f64,
         other_cpu_cores: f64,
         guards: &Guards,
     ) -> Measurement {
-        let mode = if r.mode == "open-loop" {
-            Mode::OpenLoop
-        } else {
-            Mode::ClosedLoop
+        let mode = match r.mode {
+            LoopMode::OpenLoop => Mode::OpenLoop,
+            LoopMode::ClosedLoop => Mode::ClosedLoop,
         };
         let mut m = Measurement {
             mode,
@@ -189,7 +189,7 @@ impl Measurement {
             other_cpu_cores,
             flags: Vec::new(),
         };
-        m.flags = flags_for(&m, r.invalid_answers() > 0 || !r.counts_add_up, guards);
+        m.flags = flags_for(&m, r.answers.invalid() > 0 || !r.counts_add_up, guards);
         m
     }
 }

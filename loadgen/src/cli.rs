@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::{Deserialize, Serialize};
 
 /// loadgen: a RADIUS Dynamic Authorization Client (RFC 5176) load generator that measures
 /// latency honestly (open loop from the intended send time), verifies every answer, and
@@ -68,7 +69,8 @@ pub struct EchoArgs {
 }
 
 /// How to judge answers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Expect {
     /// RADIUS answers: Identifier, Response Authenticator, Message-Authenticator, code.
     Radius,
@@ -77,7 +79,8 @@ pub enum Expect {
 }
 
 /// The traffic shape.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Profile {
     /// A constant mix (see --mix) at --rate or with --window outstanding.
     Churn,
@@ -224,6 +227,26 @@ impl RunArgs {
             .chain(args.into_iter().map(Into::into));
         let cli = Cli::try_parse_from(argv)?;
         Ok(cli.run)
+    }
+}
+
+impl Expect {
+    /// The name on the command line and in the JSON report.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Expect::Radius => "radius",
+            Expect::Echo => "echo",
+        }
+    }
+}
+
+impl Profile {
+    /// The name on the command line and in the JSON report.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Profile::Churn => "churn",
+            Profile::MassDisconnect => "mass-disconnect",
+        }
     }
 }
 

@@ -25,5 +25,5 @@ pub mod run;
 pub mod worker;
 
 pub use cli::{Cli, Command, EchoArgs, RunArgs};
-pub use report::Report;
+pub use report::{Report, RunReport};
 pub use run::{RunError, run};

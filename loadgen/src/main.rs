@@ -49,7 +49,7 @@ fn main() -> anyhow::Result<()> {
             dynauth_udp::dac::catch_interrupt().context("installing the SIGINT handler")?;
             let report = dynauth_loadgen::run(&cli.run)?;
             if cli.run.json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                println!("{}", serde_json::to_string_pretty(&report.run)?);
             } else {
                 print!("{}", report.text());
             }

@@ -21,6 +21,8 @@ use dynauth_proto::dict::ErrorCause;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
+use crate::cli::{Expect, Profile};
+
 /// Highest latency or lag recorded (ns): 60 s; higher values are recorded as 60 s.
 pub const HIST_MAX_NS: u64 = 60_000_000_000;
 /// Significant figures of every histogram.
@@ -147,7 +149,7 @@ impl Counters {
 }
 
 /// Percentiles of one histogram, in microseconds.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Percentiles {
     pub count: u64,
     pub min_us: f64,
@@ -162,7 +164,7 @@ pub struct Percentiles {
 /// Latency over every request that expected an answer, with the share of samples that are
 /// timeouts (or unsent requests) beside the percentiles: a percentile at or above
 /// `timeout_us` is a timeout, not a measured answer.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Latency {
     #[serde(flatten)]
     pub percentiles: Percentiles,
@@ -190,7 +192,7 @@ impl Latency {
     }
 
     /// `value_us` as text, marked when it is a timeout rather than a measured answer.
-    fn show(&self, value_us: f64) -> String {
+    pub fn show(&self, value_us: f64) -> String {
         if self.timeouts > 0 && value_us >= self.timeout_us {
             format!("{value_us:.1} (timeout)")
         } else {
@@ -235,7 +237,7 @@ impl Percentiles {
 }
 
 /// The generator's own cost, so a reader can tell whether it or the server was the limit.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GeneratorCost {
     /// CPU seconds of the worker threads (CLOCK_THREAD_CPUTIME_ID), summed.
     pub worker_cpu_s: f64,
@@ -254,7 +256,7 @@ pub struct GeneratorCost {
 }
 
 /// Open loop only: how late requests left compared with their intended send time.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ScheduleLag {
     pub p50_us: f64,
     pub p99_us: f64,
@@ -262,7 +264,7 @@ pub struct ScheduleLag {
 }
 
 /// Answer counts, keyed for JSON.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AnswerCounts {
     pub ack_disconnect: u64,
     pub ack_coa: u64,
@@ -287,14 +289,33 @@ pub struct AnswerCounts {
     pub malformed: u64,
 }
 
-/// The whole run's figures (the `--json` output).
-#[derive(Debug, Clone, Serialize)]
-pub struct Report {
+/// Open or closed loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LoopMode {
+    /// A rate: latency from the intended send time.
+    OpenLoop,
+    /// A window of outstanding requests.
+    ClosedLoop,
+}
+
+impl LoopMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LoopMode::OpenLoop => "open-loop",
+            LoopMode::ClosedLoop => "closed-loop",
+        }
+    }
+}
+
+/// The whole run's figures: the `--json` output, and the one definition of that schema
+/// (bench-harness reads loadgen's JSON through this type, never through a copy of it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunReport {
     pub target: String,
-    /// "open-loop" or "closed-loop".
-    pub mode: &'static str,
-    pub profile: &'static str,
-    pub expect: &'static str,
+    pub mode: LoopMode,
+    pub profile: Profile,
+    pub expect: Expect,
     pub threads: usize,
     pub sockets: usize,
     pub window: Option<usize>,
@@ -333,13 +354,43 @@ pub struct Report {
     pub interrupted: bool,
     /// True when `requests == answered + timeouts + expected_discards`.
     pub counts_add_up: bool,
-    #[serde(skip)]
+}
+
+/// What [`crate::run`] returns: the [`RunReport`] (reached through `Deref`, serialised as
+/// itself) and the raw counters and histogram it was computed from, for tests and the
+/// `.hgrm` file.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub run: RunReport,
     pub counters: Counters,
-    #[serde(skip)]
     pub histogram: Histogram<u64>,
 }
 
-impl Report {
+impl std::ops::Deref for Report {
+    type Target = RunReport;
+    fn deref(&self) -> &RunReport {
+        &self.run
+    }
+}
+
+impl Serialize for Report {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.run.serialize(serializer)
+    }
+}
+
+impl AnswerCounts {
+    /// Answers that failed verification or answered a request meant to be discarded.
+    pub fn invalid(&self) -> u64 {
+        self.bad_response_authenticators
+            + self.bad_message_authenticators
+            + self.echo_mismatches
+            + self.answered_discards
+            + self.malformed
+    }
+}
+
+impl RunReport {
     /// Human-readable summary.
     pub fn text(&self) -> String {
         let mut s = String::new();
@@ -353,7 +404,12 @@ impl Report {
             .map_or(String::new(), |w| format!(", window {w}"));
         s += &format!(
             "loadgen {} {} -> {} ({} threads, {} sockets{window}{rate}, expect {})\n",
-            self.profile, self.mode, self.target, self.threads, self.sockets, self.expect
+            self.profile.as_str(),
+            self.mode.as_str(),
+            self.target,
+            self.threads,
+            self.sockets,
+            self.expect.as_str()
         );
         s += &format!(
             "requests {}  answered {}  timeouts {}  expected-discards {}  unsent {}  retransmissions {}\n",

@@ -14,8 +14,8 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::cli::{Expect, Profile, RunArgs};
 use crate::pool::{Options, Pool, PoolError, Sessions};
 use crate::report::{
-    Counters, GeneratorCost, Latency, Percentiles, Report, ScheduleLag, answer_counts,
-    new_histogram, write_hgrm,
+    Counters, GeneratorCost, Latency, LoopMode, Percentiles, Report, RunReport, ScheduleLag,
+    answer_counts, new_histogram, write_hgrm,
 };
 use crate::worker::{self, Mode, Progress, WorkerPlan};
 
@@ -314,21 +314,15 @@ pub fn run(args: &RunArgs) -> Result<Report, RunError> {
     let answered = counters.answered();
     let expecting = counters.requests.saturating_sub(counters.expected_discards);
     let per_request = |n: u64| n as f64 / counters.requests.max(1) as f64;
-    Ok(Report {
+    let run = RunReport {
         target: args.target.to_string(),
         mode: if args.rate.is_some() {
-            "open-loop"
+            LoopMode::OpenLoop
         } else {
-            "closed-loop"
+            LoopMode::ClosedLoop
         },
-        profile: match args.profile {
-            Profile::Churn => "churn",
-            Profile::MassDisconnect => "mass-disconnect",
-        },
-        expect: match args.expect {
-            Expect::Radius => "radius",
-            Expect::Echo => "echo",
-        },
+        profile: args.profile,
+        expect: args.expect,
         threads,
         sockets,
         window,
@@ -386,6 +380,9 @@ pub fn run(args: &RunArgs) -> Result<Report, RunError> {
         interrupted: dynauth_udp::dac::interrupted(),
         counts_add_up: counters.requests
             == answered + counters.timeouts + counters.expected_discards,
+    };
+    Ok(Report {
+        run,
         counters,
         histogram: latency,
     })

@@ -110,7 +110,7 @@ fn open_loop_against_engine_counts_add_up_and_writes_hgrm() {
         100
     );
     assert!(report.schedule_lag.is_some());
-    assert_eq!(report.mode, "open-loop");
+    assert_eq!(report.mode, dynauth_loadgen::report::LoopMode::OpenLoop);
     let text = std::fs::read_to_string(&hgrm).unwrap();
     assert!(text.contains("Percentile"));
     assert!(text.contains("Total count    =          400]"), "{text}");
@@ -369,14 +369,7 @@ fn mass_disconnect_removes_exactly_one_group() {
 /// echo server completes a bounded run.
 #[test]
 fn echo_mode_against_the_bundled_echo_server() {
-    let server = dynauth_loadgen::echo::EchoServer::start(
-        "127.0.0.1:0".parse().unwrap(),
-        1,
-        None,
-        64,
-        false,
-    )
-    .unwrap();
+    let server = dynauth_loadgen::echo::EchoServer::loopback().unwrap();
     let report = run(&args(
         server.local_addr(),
         &["--expect", "echo", "--requests", "2000", "--window", "32"],
