@@ -12,10 +12,12 @@
 //! - [`worker`]: one pinned thread's send/receive/verify loop, open or closed loop.
 //! - [`report`]: counters, HdrHistogram percentiles, text/JSON report, `.hgrm` file.
 //! - [`run`]: a whole run, from flags to report.
+//! - [`capacity`]: the SLO capacity search, a bisection over open-loop runs.
 //! - [`echo`]: the UDP echo server used as the ceiling target.
 //! - [`cli`]: the clap command line.
 #![forbid(unsafe_code)]
 
+pub mod capacity;
 pub mod cli;
 pub mod echo;
 pub mod ids;

@@ -77,6 +77,20 @@ fn open_socket(
 /// Runs the load described by `args` and returns the report (also writing the histogram
 /// file when asked). The live progress line goes to stderr only when it is a terminal.
 pub fn run(args: &RunArgs) -> Result<Report, RunError> {
+    let prepared = prepare(args)?;
+    execute(args, &prepared)
+}
+
+/// What every run of one set of flags shares: the checked flags' sessions, turned into the
+/// requests prepared ahead of time (the sessions file is read once, not once per run of a
+/// capacity search).
+#[derive(Debug)]
+pub struct Prepared {
+    pool: Arc<Pool>,
+}
+
+/// Checks the flags and prepares the requests.
+pub fn prepare(args: &RunArgs) -> Result<Prepared, RunError> {
     let threads = args.threads;
     if threads == 0 || threads > 1024 {
         return Err(invalid("--threads must be between 1 and 1024"));
@@ -144,7 +158,16 @@ pub fn run(args: &RunArgs) -> Result<Report, RunError> {
         }
     };
     drop(secret);
-    let pool = Arc::new(pool);
+    Ok(Prepared {
+        pool: Arc::new(pool),
+    })
+}
+
+/// One run of `args` with the requests of `prepared` (made by [`prepare`] from flags that
+/// differ from `args` at most in the load: --rate, --duration, --histogram-file).
+pub fn execute(args: &RunArgs, prepared: &Prepared) -> Result<Report, RunError> {
+    let threads = args.threads;
+    let pool = &prepared.pool;
 
     // Bounds: mass disconnect sends each session once.
     let mut requests = args.requests;
@@ -223,7 +246,7 @@ pub fn run(args: &RunArgs) -> Result<Report, RunError> {
         let plan = WorkerPlan {
             index,
             threads,
-            pool: Arc::clone(&pool),
+            pool: Arc::clone(pool),
             sockets,
             batch: args.batch,
             mode,

@@ -11,7 +11,7 @@ use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::{SECRET, args, delayed_engine_target, engine_target};
+use common::{SECRET, SECRET_ENV, args, delayed_engine_target, engine_target};
 use dynauth_loadgen::run;
 
 fn assert_adds_up(r: &dynauth_loadgen::Report) {
@@ -224,12 +224,8 @@ fn binary_secret_sources_and_exit_status() {
         "--quiet",
     ]
     .map(String::from);
-    let out = Command::new(exe)
-        .args(&base)
-        .args(["--secret-env", "LOADGEN_TEST_SECRET"])
-        .env("LOADGEN_TEST_SECRET", SECRET)
-        .output()
-        .unwrap();
+    let out =
+        common::loadgen_binary(&[&base[..], &["--secret-env".into(), SECRET_ENV.into()]].concat());
     assert!(
         out.status.success(),
         "{}",
