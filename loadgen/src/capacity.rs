@@ -11,8 +11,8 @@
 //!    rate, until they are within `precision` of each other.
 //!
 //! The answer is the highest rate that passed. A step in which the generator itself was
-//! the bottleneck says nothing about the server: the search stops there and says so. Every
-//! step is kept in the report.
+//! the bottleneck (`RunReport::generator_bound`) says nothing about the server: the search
+//! stops there and says so. Every step is kept in the report.
 #![forbid(unsafe_code)]
 
 use std::time::Duration;
@@ -121,7 +121,7 @@ pub fn judge(plan: &SearchPlan, offered_rps: f64, r: &RunReport) -> CapacityStep
     let loss = l.timeout_share;
     let p99_ok = l.count > 0 && l.p99_us < plan.slo_p99_us;
     let loss_ok = l.count > 0 && (loss == 0.0 || loss < plan.slo_loss_ratio);
-    let generator_bound = false;
+    let generator_bound = r.generator_bound;
     let pass = p99_ok && loss_ok && !generator_bound && !r.interrupted;
     let mut why = Vec::new();
     if l.count == 0 {
@@ -138,6 +138,12 @@ pub fn judge(plan: &SearchPlan, offered_rps: f64, r: &RunReport) -> CapacityStep
             loss * 100.0,
             if loss_ok { "<" } else { ">=" },
             plan.slo_loss_ratio * 100.0
+        ));
+    }
+    if generator_bound {
+        why.push(format!(
+            "generator-bound: {}",
+            r.generator_bound_reasons.join("; ")
         ));
     }
     if r.interrupted {

@@ -84,6 +84,9 @@ pub struct Counters {
     pub malformed_answers: u64,
     /// Requests intended (open loop) but never sent before the end: the generator fell behind.
     pub unsent: u64,
+    /// Open loop: times a due request waited because --max-outstanding requests were in
+    /// flight (the modelled DAC's limit, set off by a slow server, not the generator's).
+    pub limit_waits: u64,
     /// sendmmsg errors other than a full socket buffer.
     pub send_errors: u64,
     /// System calls made by the workers: sendmmsg, recvmmsg, ppoll.
@@ -117,6 +120,7 @@ impl Counters {
         self.stray_answers += o.stray_answers;
         self.malformed_answers += o.malformed_answers;
         self.unsent += o.unsent;
+        self.limit_waits += o.limit_waits;
         self.send_errors += o.send_errors;
         self.sendmmsg_calls += o.sendmmsg_calls;
         self.recvmmsg_calls += o.recvmmsg_calls;
@@ -246,6 +250,15 @@ pub struct GeneratorCost {
     /// Worker CPU time over worker wall time, averaged over the threads (1.0: every worker
     /// was busy all the time, so the generator may have been the limit).
     pub worker_utilisation: f64,
+    /// The busiest worker's CPU time over its wall time.
+    #[serde(default)]
+    pub busiest_worker_utilisation: f64,
+    /// The generator's own capacity on these settings, estimated: the requests per second
+    /// its workers would handle if every one were busy all the time (threads x 1e9 /
+    /// `cpu_ns_per_request`). Against answers as costly as this run's; 0 when nothing was
+    /// sent.
+    #[serde(default)]
+    pub capacity_rps: f64,
     /// CPU seconds of the whole process (getrusage), user and system.
     pub process_user_s: f64,
     pub process_system_s: f64,
@@ -350,10 +363,59 @@ pub struct RunReport {
     pub answered_latency: Percentiles,
     pub schedule_lag: Option<ScheduleLag>,
     pub generator: GeneratorCost,
+    /// The generator, not the server, was the bottleneck: these figures are the generator's
+    /// and must not be reported as the server's (see [`generator_bound_reasons`]).
+    #[serde(default)]
+    pub generator_bound: bool,
+    /// Why it was, in words (empty when it was not).
+    #[serde(default)]
+    pub generator_bound_reasons: Vec<String>,
     /// The run was stopped early by Ctrl-C.
     pub interrupted: bool,
     /// True when `requests == answered + timeouts + expected_discards`.
     pub counts_add_up: bool,
+}
+
+/// A worker busier than this (CPU over wall time) was the bottleneck.
+pub const GENERATOR_BUSY: f64 = 0.95;
+/// Open loop: more than this share of the requests due left unsent, without the
+/// --max-outstanding limit ever holding one back, means the generator could not offer the
+/// rate.
+pub const GENERATOR_UNSENT: f64 = 0.01;
+
+/// Why the generator was the bottleneck of a run (empty: it was not). `busiest`: the
+/// busiest worker's utilisation; `limit_waits`: how often --max-outstanding held a request
+/// back (then unsent requests are the slow server's doing, not the generator's).
+pub fn generator_bound_reasons(
+    busiest: f64,
+    mode: LoopMode,
+    offered_rps: Option<f64>,
+    sent_rps: f64,
+    requests: u64,
+    unsent: u64,
+    limit_waits: u64,
+) -> Vec<String> {
+    let mut why = Vec::new();
+    if busiest > GENERATOR_BUSY {
+        why.push(format!(
+            "a worker was {:.0}% busy (over {:.0}%): add --threads/--cpus",
+            busiest * 100.0,
+            GENERATOR_BUSY * 100.0
+        ));
+    }
+    let due = requests + unsent;
+    if mode == LoopMode::OpenLoop
+        && limit_waits == 0
+        && due > 0
+        && unsent as f64 > GENERATOR_UNSENT * due as f64
+    {
+        why.push(format!(
+            "offered rate not achieved: {unsent} of {due} requests due were never sent (sent {:.0}/s of {:.0}/s offered)",
+            sent_rps,
+            offered_rps.unwrap_or(0.0)
+        ));
+    }
+    why
 }
 
 /// What [`crate::run`] returns: the [`RunReport`] (reached through `Deref`, serialised as
@@ -476,15 +538,23 @@ impl RunReport {
         }
         let g = &self.generator;
         s += &format!(
-            "generator: {:.0} ns CPU/request, workers {:.0}% busy, process CPU user {:.3} s system {:.3} s; per request: {:.3} sendmmsg {:.3} recvmmsg {:.3} ppoll\n",
+            "generator: {:.0} ns CPU/request, workers {:.0}% busy (busiest {:.0}%), capacity about {:.0}/s, process CPU user {:.3} s system {:.3} s; per request: {:.3} sendmmsg {:.3} recvmmsg {:.3} ppoll\n",
             g.cpu_ns_per_request,
             g.worker_utilisation * 100.0,
+            g.busiest_worker_utilisation * 100.0,
+            g.capacity_rps,
             g.process_user_s,
             g.process_system_s,
             g.sendmmsg_per_request,
             g.recvmmsg_per_request,
             g.ppoll_per_request
         );
+        if self.generator_bound {
+            s += &format!(
+                "GENERATOR-BOUND: the generator, not the server, was the bottleneck ({}): not a server figure\n",
+                self.generator_bound_reasons.join("; ")
+            );
+        }
         if self.interrupted {
             s += "interrupted: the run was stopped early (Ctrl-C)\n";
         }
@@ -619,6 +689,30 @@ mod tests {
         );
         assert!(text.contains("#[Max     =        1.000, Total count    =         1000]"));
         assert!(text.contains("SubBuckets     =         2048]"));
+    }
+
+    #[test]
+    fn the_generator_is_the_bottleneck_when_busy_or_short_of_its_rate() {
+        let open = LoopMode::OpenLoop;
+        let check = |busiest, mode, requests, unsent, waits| {
+            generator_bound_reasons(busiest, mode, Some(1000.0), 900.0, requests, unsent, waits)
+        };
+        assert!(check(0.5, open, 1000, 0, 0).is_empty());
+        assert!(
+            check(0.95, open, 1000, 10, 0).is_empty(),
+            "at the thresholds"
+        );
+        let busy = check(0.99, LoopMode::ClosedLoop, 1000, 0, 0);
+        assert_eq!(busy.len(), 1);
+        assert!(busy[0].contains("99% busy"), "{busy:?}");
+        let short = check(0.5, open, 1000, 50, 0);
+        assert_eq!(short.len(), 1);
+        assert!(short[0].contains("50 of 1050"), "{short:?}");
+        // Unsent because --max-outstanding held requests back: the server's doing.
+        assert!(check(0.5, open, 1000, 50, 7).is_empty());
+        // Closed loop has no schedule to fall behind.
+        assert!(check(0.5, LoopMode::ClosedLoop, 1000, 50, 0).is_empty());
+        assert_eq!(check(0.99, open, 1000, 500, 0).len(), 2);
     }
 
     #[test]

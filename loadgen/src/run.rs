@@ -15,7 +15,7 @@ use crate::cli::{Expect, Profile, RunArgs};
 use crate::pool::{Options, Pool, PoolError, Sessions};
 use crate::report::{
     Counters, GeneratorCost, Latency, LoopMode, Percentiles, Report, RunReport, ScheduleLag,
-    answer_counts, new_histogram, write_hgrm,
+    answer_counts, generator_bound_reasons, new_histogram, write_hgrm,
 };
 use crate::worker::{self, Mode, Progress, WorkerPlan};
 
@@ -306,6 +306,7 @@ pub fn execute(args: &RunArgs, prepared: &Prepared) -> Result<Report, RunError> 
     let mut answered_latency = new_histogram();
     let mut lag = new_histogram();
     let (mut cpu_ns, mut wall_ns, mut send_end_ns, mut wall_max) = (0u64, 0u64, 0u64, 0u64);
+    let mut busiest = 0.0f64;
     for (index, handle) in handles.into_iter().enumerate() {
         let result = handle
             .join()
@@ -319,6 +320,9 @@ pub fn execute(args: &RunArgs, prepared: &Prepared) -> Result<Report, RunError> 
         wall_ns += result.wall_ns;
         send_end_ns = send_end_ns.max(result.send_end_ns);
         wall_max = wall_max.max(result.wall_ns);
+        if result.wall_ns > 0 {
+            busiest = busiest.max(result.cpu_ns as f64 / result.wall_ns as f64);
+        }
     }
     let cpu1 = dynauth_udp::dac::process_cpu_ns();
 
@@ -337,13 +341,29 @@ pub fn execute(args: &RunArgs, prepared: &Prepared) -> Result<Report, RunError> 
     let answered = counters.answered();
     let expecting = counters.requests.saturating_sub(counters.expected_discards);
     let per_request = |n: u64| n as f64 / counters.requests.max(1) as f64;
+    let mode = if args.rate.is_some() {
+        LoopMode::OpenLoop
+    } else {
+        LoopMode::ClosedLoop
+    };
+    let sent_rate_rps = counters.requests as f64 / send_seconds;
+    let generator_bound_reasons = generator_bound_reasons(
+        busiest,
+        mode,
+        args.rate,
+        sent_rate_rps,
+        counters.requests,
+        counters.unsent,
+        counters.limit_waits,
+    );
+    let cpu_ns_per_request = if counters.requests == 0 {
+        0.0
+    } else {
+        cpu_ns as f64 / counters.requests as f64
+    };
     let run = RunReport {
         target: args.target.to_string(),
-        mode: if args.rate.is_some() {
-            LoopMode::OpenLoop
-        } else {
-            LoopMode::ClosedLoop
-        },
+        mode,
         profile: args.profile,
         expect: args.expect,
         threads,
@@ -360,7 +380,7 @@ pub fn execute(args: &RunArgs, prepared: &Prepared) -> Result<Report, RunError> 
         expected_discards: counters.expected_discards,
         unsent: counters.unsent,
         send_errors: counters.send_errors,
-        sent_rate_rps: counters.requests as f64 / send_seconds,
+        sent_rate_rps,
         achieved_rate_rps: answered as f64 / send_seconds,
         loss_ratio: if expecting == 0 {
             0.0
@@ -384,15 +404,17 @@ pub fn execute(args: &RunArgs, prepared: &Prepared) -> Result<Report, RunError> 
         }),
         generator: GeneratorCost {
             worker_cpu_s: cpu_ns as f64 / 1e9,
-            cpu_ns_per_request: if counters.requests == 0 {
-                0.0
-            } else {
-                cpu_ns as f64 / counters.requests as f64
-            },
+            cpu_ns_per_request,
             worker_utilisation: if wall_ns == 0 {
                 0.0
             } else {
                 cpu_ns as f64 / wall_ns as f64
+            },
+            busiest_worker_utilisation: busiest,
+            capacity_rps: if cpu_ns_per_request > 0.0 {
+                threads as f64 * 1e9 / cpu_ns_per_request
+            } else {
+                0.0
             },
             process_user_s: cpu1.0.saturating_sub(cpu0.0) as f64 / 1e9,
             process_system_s: cpu1.1.saturating_sub(cpu0.1) as f64 / 1e9,
@@ -400,6 +422,8 @@ pub fn execute(args: &RunArgs, prepared: &Prepared) -> Result<Report, RunError> 
             recvmmsg_per_request: per_request(counters.recvmmsg_calls),
             ppoll_per_request: per_request(counters.ppoll_calls),
         },
+        generator_bound: !generator_bound_reasons.is_empty(),
+        generator_bound_reasons,
         interrupted: dynauth_udp::dac::interrupted(),
         counts_add_up: counters.requests
             == answered + counters.timeouts + counters.expected_discards,

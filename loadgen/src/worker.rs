@@ -60,6 +60,9 @@ const SPIN_NS: u64 = 2_000;
 /// Earlier requests remembered per (socket, Identifier) for recognising late and duplicate
 /// answers.
 pub const HISTORY: usize = 4;
+/// Open loop: how long after the end of the sending time requests due before it may still
+/// leave (at most the timeout).
+const END_GRACE_NS: u64 = 50_000_000;
 /// Unsent requests whose latency sample is computed one by one; beyond, the rest are
 /// recorded at the timeout (a lower bound) in one go.
 const UNSENT_EXACT: u64 = 1 << 20;
@@ -336,7 +339,13 @@ impl Worker {
         }
         match self.send_until_ns {
             Some(end) => match self.mode {
-                Mode::Open { .. } => self.intended_ns(self.next_j) < end && now < end + 1,
+                // A request due before the end may still leave a little after it (a worker
+                // woken late at the end is not a generator that fell behind; its latency
+                // still counts from its intended time).
+                Mode::Open { .. } => {
+                    self.intended_ns(self.next_j) < end
+                        && now < end + self.timeout_ns.min(END_GRACE_NS)
+                }
                 Mode::Closed { .. } => now < end,
             },
             None => true,
@@ -465,6 +474,7 @@ impl Worker {
                         continue;
                     }
                     if self.outstanding >= max_outstanding {
+                        self.counters.limit_waits += 1;
                         break;
                     }
                     t
