@@ -11,6 +11,7 @@
 //! - [`pool`]: sessions (JSON Lines or synthetic) and the requests prepared ahead of time.
 //! - [`worker`]: one pinned thread's send/receive/verify loop, open or closed loop.
 //! - [`report`]: counters, HdrHistogram percentiles, text/JSON report, `.hgrm` file.
+//! - [`series`]: the per-100 ms time series (rate, p50/p99, timeouts).
 //! - [`run`]: a whole run, from flags to report.
 //! - [`capacity`]: the SLO capacity search, a bisection over open-loop runs.
 //! - [`echo`]: the UDP echo server used as the ceiling target.
@@ -24,6 +25,7 @@ pub mod ids;
 pub mod pool;
 pub mod report;
 pub mod run;
+pub mod series;
 pub mod worker;
 
 pub use cli::{Cli, Command, EchoArgs, RunArgs};

@@ -363,6 +363,10 @@ pub struct RunReport {
     pub answered_latency: Percentiles,
     pub schedule_lag: Option<ScheduleLag>,
     pub generator: GeneratorCost,
+    /// Per 100 ms bucket: rate sent and answered, latency p50/p99 and timeouts of the
+    /// requests intended in it.
+    #[serde(default)]
+    pub time_series: crate::series::TimeSeries,
     /// The generator, not the server, was the bottleneck: these figures are the generator's
     /// and must not be reported as the server's (see [`generator_bound_reasons`]).
     #[serde(default)]

@@ -307,6 +307,7 @@ pub fn execute(args: &RunArgs, prepared: &Prepared) -> Result<Report, RunError> 
     let mut lag = new_histogram();
     let (mut cpu_ns, mut wall_ns, mut send_end_ns, mut wall_max) = (0u64, 0u64, 0u64, 0u64);
     let mut busiest = 0.0f64;
+    let mut series = crate::series::Series::new();
     for (index, handle) in handles.into_iter().enumerate() {
         let result = handle
             .join()
@@ -316,6 +317,7 @@ pub fn execute(args: &RunArgs, prepared: &Prepared) -> Result<Report, RunError> 
         let _ = latency.add(&result.latency);
         let _ = answered_latency.add(&result.answered_latency);
         let _ = lag.add(&result.lag);
+        series.merge(&result.series);
         cpu_ns += result.cpu_ns;
         wall_ns += result.wall_ns;
         send_end_ns = send_end_ns.max(result.send_end_ns);
@@ -422,6 +424,7 @@ pub fn execute(args: &RunArgs, prepared: &Prepared) -> Result<Report, RunError> 
             recvmmsg_per_request: per_request(counters.recvmmsg_calls),
             ppoll_per_request: per_request(counters.ppoll_calls),
         },
+        time_series: series.report(),
         generator_bound: !generator_bound_reasons.is_empty(),
         generator_bound_reasons,
         interrupted: dynauth_udp::dac::interrupted(),
