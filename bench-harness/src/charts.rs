@@ -231,6 +231,85 @@ pub fn p99_vs_offered(path: &Path, series: &[Series]) -> Result<(), ChartError> 
     Ok(())
 }
 
+/// A run's time series (loadgen's `time_series`): above, requests sent, answers and
+/// timeouts per second against time; below, p50 and p99 of the requests intended in each
+/// bucket (log scale, timeouts included), so a storm's shape shows.
+pub fn time_series(
+    path: &Path,
+    title: &str,
+    ts: &dynauth_loadgen::series::TimeSeries,
+) -> Result<(), ChartError> {
+    let secs = ts.bucket_ms / 1e3;
+    let at = |p: &dynauth_loadgen::series::SeriesPoint| (p.start_ms + ts.bucket_ms / 2.0) / 1e3;
+    let line = |name: &str, f: &dyn Fn(&dynauth_loadgen::series::SeriesPoint) -> f64| {
+        Series::new(
+            name,
+            ts.points.iter().map(|p| Pt::exact(at(p), f(p))).collect(),
+        )
+    };
+    let rates = [
+        line("sent/s", &|p| p.sent_rps),
+        line("answered/s", &|p| p.answered_rps),
+        line("timeouts/s", &|p| p.timeouts as f64 / secs.max(1e-9)),
+    ];
+    let latencies: Vec<Series> = [
+        line("p50 (µs)", &|p| p.p50_us),
+        line("p99 (µs)", &|p| p.p99_us),
+    ]
+    .into_iter()
+    .map(|mut s| {
+        // Buckets with no request intended have no latency: left out of the line.
+        s.points.retain(|p| p.y > 0.0);
+        s
+    })
+    .collect();
+    let t_end = ts
+        .points
+        .last()
+        .map_or(1.0, |p| (p.start_ms + ts.bucket_ms) / 1e3);
+    let root = SVGBackend::new(path, (W, H + 240)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(path, e))?;
+    let root = root
+        .titled(title, ("sans-serif", 22))
+        .map_err(|e| err(path, e))?;
+    let (top, bottom) = root.split_vertically((H + 200) / 2);
+    let (_, rmax) = bounds(&rates, |p| [p.y, p.y]);
+    let mut chart = ChartBuilder::on(&top)
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(80)
+        .build_cartesian_2d(0.0..t_end, 0.0..(rmax * 1.15).max(1.0))
+        .map_err(|e| err(path, e))?;
+    chart
+        .configure_mesh()
+        .x_desc(format!("seconds ({} ms buckets)", ts.bucket_ms))
+        .y_desc("per second")
+        .y_label_formatter(&|v| human(*v))
+        .draw()
+        .map_err(|e| err(path, e))?;
+    draw_lines(&mut chart, &rates, path)?;
+    let (ylo, yhi) = bounds(&latencies, |p| [p.y.max(1.0), p.y.max(1.0)]);
+    let mut chart = ChartBuilder::on(&bottom)
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(80)
+        .build_cartesian_2d(
+            0.0..t_end,
+            ((ylo * 0.8).max(1.0)..(yhi * 1.5).max(10.0)).log_scale(),
+        )
+        .map_err(|e| err(path, e))?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds (latency by intended send time)")
+        .y_desc("latency (µs)")
+        .y_label_formatter(&|v| human(*v))
+        .draw()
+        .map_err(|e| err(path, e))?;
+    draw_lines(&mut chart, &latencies, path)?;
+    root.present().map_err(|e| err(path, e))?;
+    Ok(())
+}
+
 /// x position of a percentile: 1 / (1 - p), capped at 99.999%.
 fn inv_tail(percentile: f64) -> f64 {
     1.0 / (1.0 - (percentile / 100.0).min(0.99999))
@@ -409,6 +488,39 @@ mod tests {
         let d = std::env::temp_dir().join(format!("bh-charts-{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
         d.join(name)
+    }
+
+    #[test]
+    fn time_series_chart_draws_rates_and_latency_over_time() {
+        use dynauth_loadgen::series::{SeriesPoint, TimeSeries};
+        let p = tmp("series.svg");
+        let ts = TimeSeries {
+            bucket_ms: 100.0,
+            points: (0..20)
+                .map(|i| SeriesPoint {
+                    start_ms: i as f64 * 100.0,
+                    sent_rps: 1000.0,
+                    answered_rps: if (5..8).contains(&i) { 0.0 } else { 1000.0 },
+                    samples: 100,
+                    timeouts: if (5..8).contains(&i) { 100 } else { 0 },
+                    p50_us: if (5..8).contains(&i) { 1e6 } else { 200.0 },
+                    p99_us: if (5..8).contains(&i) { 1e6 } else { 900.0 },
+                })
+                .collect(),
+        };
+        time_series(&p, "storm: mass disconnect", &ts).unwrap();
+        let svg = std::fs::read_to_string(&p).unwrap();
+        for want in [
+            "storm: mass disconnect",
+            "answered/s",
+            "timeouts/s",
+            "p99 (µs)",
+            "100 ms buckets",
+        ] {
+            assert!(svg.contains(want), "{want} missing");
+        }
+        // An empty series still draws (a run that sent nothing).
+        time_series(&p, "empty", &TimeSeries::default()).unwrap();
     }
 
     #[test]

@@ -35,6 +35,18 @@ pub enum Command {
         #[arg(long, default_value = "docs/BENCHMARKS-harness.md")]
         report: PathBuf,
     },
+    /// Draw the time series of one loadgen run (its `--json` report, e.g. a mass-disconnect
+    /// storm) as SVG: rates and timeouts per second, p50/p99 per 100 ms bucket.
+    Series {
+        /// loadgen's `--json` report.
+        loadgen_json: PathBuf,
+        /// The SVG to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// The chart's title (default: the run's profile, mode and target).
+        #[arg(long)]
+        title: Option<String>,
+    },
     /// Compare two results files; refuses files from different machines.
     Compare {
         /// The earlier run.

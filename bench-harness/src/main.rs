@@ -49,6 +49,32 @@ fn real_main() -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Some(Command::Series {
+            loadgen_json,
+            out,
+            title,
+        }) => {
+            let text = std::fs::read_to_string(&loadgen_json)
+                .with_context(|| format!("reading {}", loadgen_json.display()))?;
+            let r = loadgen::parse_report(&text)
+                .with_context(|| format!("{} is not a loadgen report", loadgen_json.display()))?;
+            let title = title.unwrap_or_else(|| {
+                format!(
+                    "loadgen {} {} -> {}{}",
+                    r.profile.as_str(),
+                    r.mode.as_str(),
+                    r.target,
+                    if r.generator_bound {
+                        " (generator-bound: not a server figure)"
+                    } else {
+                        ""
+                    }
+                )
+            });
+            charts::time_series(&out, &title, &r.time_series)?;
+            println!("{}", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
         Some(Command::Compare {
             baseline,
             candidate,

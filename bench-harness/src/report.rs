@@ -309,19 +309,34 @@ pub fn markdown(results: &Results, charts: &[(String, PathBuf)], json_name: &str
          CPU/answer*: the server process's user+system CPU (`/proc/<pid>/stat`, every thread) \
          over the run, divided by the answers; *CPU vs FR*: FreeRADIUS's CPU per answer over this \
          target's (how many times less CPU). *ACK share*: ACKs over answers (echoes for the \
-         ceiling); with the default mix about 90%, so a server that NAKs everything shows here.\n",
+         ceiling); with the default mix about 90%, so a server that NAKs everything shows here. \
+         *generator capacity*: loadgen's estimate of the rate its own workers could sustain on \
+         these settings (threads x 1 s / worker CPU per request). Runs flagged **N** (the \
+         generator was the bottleneck) are left out of every server figure; a target with only \
+         such runs shows the generator's figure as a lower bound.\n",
         st.window,
         st.repetitions,
         if st.repetitions == 1 { "" } else { "s" }
     );
     let _ = writeln!(
         s,
-        "| target | answers/s | of ceiling | vs FreeRADIUS | server CPU/answer (ns) | CPU vs FR | p50 / p99 (µs) | ACK share | flags |"
+        "| target | answers/s | of ceiling | vs FreeRADIUS | server CPU/answer (ns) | CPU vs FR | p50 / p99 (µs) | ACK share | generator capacity/s | flags |"
     );
-    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---|");
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|");
     for t in results.targets.iter().filter(|t| t.skipped.is_none()) {
+        let generator = t
+            .generator_capacity()
+            .map_or("–".into(), |g| thousands(g.median));
         let Some(max) = t.max_rps() else {
-            let _ = writeln!(s, "| {} | no result | | | | | | | |", t.label());
+            let figure = t.generator_bound_rps().map_or("no result".into(), |b| {
+                format!("≥ {} (generator-bound)", thousands(b.median))
+            });
+            let _ = writeln!(
+                s,
+                "| {} | {figure} | | | | | | | {generator} | {} |",
+                t.label(),
+                marks(&t.closed_flags())
+            );
             continue;
         };
         let r = ratios(results, t);
@@ -334,7 +349,7 @@ pub fn markdown(results: &Results, charts: &[(String, PathBuf)], json_name: &str
             Summary::of_by(&t.closed, |m| m.latency_of(|l| l.p99_us)).map_or(0.0, |x| x.median);
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} / {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} / {} | {} | {} | {} |",
             t.label(),
             range(&max, thousands),
             if t.kind == TargetKind::Echo {
@@ -356,6 +371,7 @@ pub fn markdown(results: &Results, charts: &[(String, PathBuf)], json_name: &str
             us(p50),
             us(p99),
             pct(t.ack_share()),
+            generator,
             marks(&t.closed_flags())
         );
     }
@@ -511,6 +527,7 @@ pub fn markdown(results: &Results, charts: &[(String, PathBuf)], json_name: &str
                 g.other_cpu_cores
             ),
             Flag::InvalidAnswers => "any".into(),
+            Flag::GeneratorBound => "loadgen's `generator_bound`: a worker > 95% busy, or > 1% of the requests due never sent without the in-flight limit holding them back".into(),
         };
         let _ = writeln!(s, "- **{}**: {} ({rule}).", f.mark(), f.meaning());
     }
@@ -522,7 +539,9 @@ pub fn markdown(results: &Results, charts: &[(String, PathBuf)], json_name: &str
          the generator's identifiers run out and requests queue or are dropped. **X** together \
          with **L** beyond the maximum is usually the same overload: answers that arrive after \
          loadgen's timeout meet a newer request with the same Identifier and fail its \
-         verification; **X** without **L** means wrongly signed answers."
+         verification; **X** without **L** means wrongly signed answers. **N** is loadgen's own \
+         verdict that it was the bottleneck: such a run is the generator's figure, never the \
+         server's, and is left out of the tables' server figures and ratios."
     );
     s
 }
@@ -760,7 +779,7 @@ mod tests {
             "abc123",
             "`f1`",
             "2026-11-21 14:00:00 UTC",
-            "| dynauthd mmsg, 1 shard, batch 64 | 150,000 [140,000–160,000] | 50% | 5.00× | 6,000 | 5.00× | 100 / 300 | 90% | S |",
+            "| dynauthd mmsg, 1 shard, batch 64 | 150,000 [140,000–160,000] | 50% | 5.00× | 6,000 | 5.00× | 100 / 300 | 90% | – | S |",
             "| echo ceiling | 300,000 [290,000–310,000] | 100% |",
             "| FreeRADIUS | 30,000 [28,000–35,000] |",
             "![Maximum throughput by shard count](B-throughput-by-shards.svg)",
@@ -790,6 +809,34 @@ mod tests {
             ),
             "{md}"
         );
+    }
+
+    /// An echo ceiling whose every run was generator-bound (as it usually is) is no server
+    /// figure: shown as a lower bound with the generator's capacity, flagged N, and no
+    /// ratio is taken against it.
+    #[test]
+    fn generator_bound_runs_are_marked_and_left_out_of_the_server_figures() {
+        let mut r = results("f1");
+        for t in r.targets.iter_mut().filter(|t| t.kind == TargetKind::Echo) {
+            for m in &mut t.closed {
+                m.generator_bound = true;
+                m.generator_capacity_rps = 320_000.0;
+                m.flags.push(Flag::GeneratorBound);
+            }
+        }
+        let md = markdown(&r, &[], "x.json");
+        assert!(
+            md.contains("| echo ceiling | ≥ 300,000 (generator-bound) | | | | | | | 320,000 | N |"),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "| dynauthd mmsg, 1 shard, batch 64 | 150,000 [140,000–160,000] | – | 5.00× |"
+            ),
+            "no ratio against a generator figure: {md}"
+        );
+        assert!(md.contains("- **N**: not a server figure"), "{md}");
+        assert!(headline(&r).is_some_and(|h| !h.contains("echo ceiling")));
     }
 
     #[test]

@@ -3,9 +3,10 @@
 //! (generator behind, generator saturated, loss, busy machine, invalid answers) and the
 //! rules that set them. Must not touch: running processes, Markdown, charts.
 
+use dynauth_loadgen::report::LoopMode;
 use serde::{Deserialize, Serialize};
 
-use crate::loadgen::LoadgenReport;
+use crate::loadgen::RunReport;
 use crate::machine::Machine;
 use crate::stats::Summary;
 
@@ -54,6 +55,9 @@ pub enum Flag {
     Busy,
     /// Answers failed verification (bad authenticators, echo mismatches, counts not adding up).
     InvalidAnswers,
+    /// loadgen's own check: the generator was the bottleneck. Not a server figure: left out
+    /// of every server throughput, CPU and latency figure.
+    GeneratorBound,
 }
 
 impl Flag {
@@ -65,6 +69,7 @@ impl Flag {
             Flag::Loss => 'L',
             Flag::Busy => 'B',
             Flag::InvalidAnswers => 'X',
+            Flag::GeneratorBound => 'N',
         }
     }
 
@@ -81,15 +86,19 @@ impl Flag {
             Flag::InvalidAnswers => {
                 "answers failed verification, or the generator's counts did not add up"
             }
+            Flag::GeneratorBound => {
+                "not a server figure: loadgen found itself the bottleneck (left out of the server's throughput, CPU and latency figures)"
+            }
         }
     }
 
-    pub const ALL: [Flag; 5] = [
+    pub const ALL: [Flag; 6] = [
         Flag::GeneratorBehind,
         Flag::GeneratorSaturated,
         Flag::Loss,
         Flag::Busy,
         Flag::InvalidAnswers,
+        Flag::GeneratorBound,
     ];
 }
 
@@ -145,6 +154,12 @@ pub struct Measurement {
     pub server_cpu_ns_per_answer: Option<f64>,
     /// CPU used by everything else on the machine during the run, in cores.
     pub other_cpu_cores: f64,
+    /// loadgen's own check: the generator, not the server, was the bottleneck.
+    #[serde(default)]
+    pub generator_bound: bool,
+    /// loadgen's estimate of its own capacity on these settings (requests/s).
+    #[serde(default)]
+    pub generator_capacity_rps: f64,
     pub flags: Vec<Flag>,
 }
 
@@ -152,15 +167,14 @@ impl Measurement {
     /// Builds a measurement from the generator's report, the server's CPU seconds and the
     /// other processes' CPU over the run, and sets the guard flags.
     pub fn from_report(
-        r: &LoadgenReport,
+        r: &RunReport,
         server_cpu_s: f64,
         other_cpu_cores: f64,
         guards: &Guards,
     ) -> Measurement {
-        let mode = if r.mode == "open-loop" {
-            Mode::OpenLoop
-        } else {
-            Mode::ClosedLoop
+        let mode = match r.mode {
+            LoopMode::OpenLoop => Mode::OpenLoop,
+            LoopMode::ClosedLoop => Mode::ClosedLoop,
         };
         let mut m = Measurement {
             mode,
@@ -187,18 +201,27 @@ impl Measurement {
             server_cpu_ns_per_answer: (r.answered > 0)
                 .then(|| server_cpu_s * 1e9 / r.answered as f64),
             other_cpu_cores,
+            generator_bound: r.generator_bound,
+            generator_capacity_rps: r.generator.capacity_rps,
             flags: Vec::new(),
         };
-        m.flags = flags_for(&m, r.invalid_answers() > 0 || !r.counts_add_up, guards);
+        m.flags = flags_for(&m, r.answers.invalid() > 0 || !r.counts_add_up, guards);
         m
     }
 }
 
 impl Measurement {
     /// The latency figures mean something: at least one authenticated answer was timed (a
-    /// run whose every answer failed verification has all-zero percentiles).
+    /// run whose every answer failed verification has all-zero percentiles), and they are
+    /// the server's (the generator was not the bottleneck).
     pub fn has_latency(&self) -> bool {
-        self.acks + self.naks > 0
+        self.acks + self.naks > 0 && !self.generator_bound
+    }
+
+    /// The throughput is the server's: `Some(achieved)` unless the generator was the
+    /// bottleneck.
+    pub fn server_rps(&self) -> Option<f64> {
+        (!self.generator_bound).then_some(self.achieved_rps)
     }
 
     /// A latency percentile, when [`has_latency`](Self::has_latency).
@@ -229,6 +252,9 @@ pub fn flags_for(m: &Measurement, invalid_answers: bool, g: &Guards) -> Vec<Flag
     if invalid_answers {
         flags.push(Flag::InvalidAnswers);
     }
+    if m.generator_bound {
+        flags.push(Flag::GeneratorBound);
+    }
     flags
 }
 
@@ -245,8 +271,9 @@ impl SweepPoint {
     pub fn p99(&self) -> Option<Summary> {
         Summary::of_by(&self.runs, |m| m.latency_of(|l| l.p99_us))
     }
+    /// Answers per second over the runs that are server figures.
     pub fn achieved(&self) -> Option<Summary> {
-        Summary::of_by(&self.runs, |m| Some(m.achieved_rps))
+        Summary::of_by(&self.runs, Measurement::server_rps)
     }
     pub fn flags(&self) -> Vec<Flag> {
         self.runs.iter().flat_map(|m| m.flags.clone()).collect()
@@ -342,11 +369,28 @@ impl TargetResult {
         }
     }
 
+    /// The closed-loop maximum over the runs that are server figures (the generator was
+    /// not the bottleneck).
     pub fn max_rps(&self) -> Option<Summary> {
-        Summary::of_by(&self.closed, |m| Some(m.achieved_rps))
+        Summary::of_by(&self.closed, Measurement::server_rps)
+    }
+    /// The closed-loop throughput of the generator-bound runs: a lower bound of the
+    /// server's, and the generator's own figure.
+    pub fn generator_bound_rps(&self) -> Option<Summary> {
+        Summary::of_by(&self.closed, |m| {
+            m.generator_bound.then_some(m.achieved_rps)
+        })
+    }
+    /// loadgen's estimate of its own capacity over the closed-loop runs.
+    pub fn generator_capacity(&self) -> Option<Summary> {
+        Summary::of_by(&self.closed, |m| {
+            (m.generator_capacity_rps > 0.0).then_some(m.generator_capacity_rps)
+        })
     }
     pub fn cpu_ns_per_answer(&self) -> Option<Summary> {
-        Summary::of_by(&self.closed, |m| m.server_cpu_ns_per_answer)
+        Summary::of_by(&self.closed, |m| {
+            m.server_cpu_ns_per_answer.filter(|_| !m.generator_bound)
+        })
     }
     /// ACKs over answers in the closed-loop runs (the default mix expects about 90%).
     pub fn ack_share(&self) -> Option<f64> {
@@ -439,6 +483,8 @@ pub(crate) mod tests {
             server_cpu_s: cpu_ns * answered as f64 / 1e9,
             server_cpu_ns_per_answer: Some(cpu_ns),
             other_cpu_cores: 0.0,
+            generator_bound: false,
+            generator_capacity_rps: 0.0,
             flags: Vec::new(),
         }
     }
@@ -507,6 +553,34 @@ pub(crate) mod tests {
         };
         let s = p.p99().unwrap();
         assert_eq!((s.median, s.min, s.max, s.n), (300.0, 200.0, 400.0, 2));
+    }
+
+    #[test]
+    fn generator_bound_runs_are_flagged_and_not_server_figures() {
+        let g = Guards::default();
+        let mut bound = closed(900.0, 5.0);
+        bound.generator_bound = true;
+        bound.generator_capacity_rps = 950.0;
+        assert_eq!(flags_for(&bound, false, &g), vec![Flag::GeneratorBound]);
+        assert_eq!(marks(&[Flag::GeneratorBound]), "N");
+        assert_eq!(bound.server_rps(), None);
+        assert!(!bound.has_latency());
+        let mut t = TargetResult::new("x", TargetKind::Dynauthd);
+        t.closed = vec![closed(100.0, 10.0), bound.clone(), closed(300.0, 30.0)];
+        let max = t.max_rps().unwrap();
+        assert_eq!((max.median, max.n), (200.0, 2), "the bound run is left out");
+        assert_eq!(t.cpu_ns_per_answer().unwrap().n, 2);
+        assert_eq!(t.generator_bound_rps().unwrap().median, 900.0);
+        assert_eq!(t.generator_capacity().unwrap().median, 950.0);
+        t.closed = vec![bound.clone()];
+        assert!(t.max_rps().is_none(), "no server figure at all");
+        let p = SweepPoint {
+            fraction: 0.5,
+            offered_rps: 1000.0,
+            runs: vec![bound, open(1000.0, 400.0)],
+        };
+        assert_eq!(p.p99().unwrap().n, 1);
+        assert_eq!(p.achieved().unwrap().n, 1);
     }
 
     #[test]

@@ -460,7 +460,14 @@ impl Suite {
         if !r.primary {
             return Ok(());
         }
-        let Some(max) = r.max_rps().map(|s: Summary| s.median).filter(|m| *m > 0.0) else {
+        // Fractions of the server's maximum, or of what the generator reached when it was
+        // the bottleneck (the echo ceiling, usually): a lower bound of the server's.
+        let Some(max) = r
+            .max_rps()
+            .or_else(|| r.generator_bound_rps())
+            .map(|s: Summary| s.median)
+            .filter(|m| *m > 0.0)
+        else {
             return Err("no answers in closed loop: nothing to sweep".into());
         };
         let half = p

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::{Deserialize, Serialize};
 
 /// loadgen: a RADIUS Dynamic Authorization Client (RFC 5176) load generator that measures
 /// latency honestly (open loop from the intended send time), verifies every answer, and
@@ -68,7 +69,8 @@ pub struct EchoArgs {
 }
 
 /// How to judge answers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Expect {
     /// RADIUS answers: Identifier, Response Authenticator, Message-Authenticator, code.
     Radius,
@@ -77,7 +79,8 @@ pub enum Expect {
 }
 
 /// The traffic shape.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Profile {
     /// A constant mix (see --mix) at --rate or with --window outstanding.
     Churn,
@@ -159,7 +162,8 @@ pub struct RunArgs {
     #[arg(long)]
     pub window: Option<usize>,
     /// Stop sending after this long (seconds unless a unit is given: 500ms, 10s, 2m).
-    /// Default 10s, unless --requests is given or the profile is mass-disconnect.
+    /// Default 10s, unless --requests is given or the profile is mass-disconnect; in a
+    /// capacity search, the length of each step (default 2s).
     #[arg(long, value_parser = parse_seconds)]
     pub duration: Option<Duration>,
     /// Stop after this many requests (retransmissions not counted).
@@ -198,6 +202,37 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 4 << 20)]
     pub socket_buffer: usize,
 
+    /// SLO capacity search: instead of one run, open-loop steps (bisection over the offered
+    /// rate) find the highest rate at which p99 (timeouts included) stays under --slo-p99
+    /// and loss under --slo-loss. Implied by --slo-p99 or --slo-loss. Each step lasts
+    /// --duration (default 2s); prints every step and the answer; exits non-zero when no
+    /// rate passed.
+    #[arg(long)]
+    pub capacity: bool,
+    /// Capacity search: the p99 latency target (over every request due, timeouts
+    /// included; milliseconds unless a unit is given). Default 10ms.
+    #[arg(long, value_parser = parse_millis)]
+    pub slo_p99: Option<Duration>,
+    /// Capacity search: the share of requests due that may go unanswered (timeouts and
+    /// unsent), as a percentage ("0.1%") or a fraction ("0.001"); a step passes below it
+    /// (or with no loss at all). Default 0.1%.
+    #[arg(long, value_parser = parse_ratio)]
+    pub slo_loss: Option<f64>,
+    /// Capacity search: the first (lowest) offered rate, requests per second.
+    #[arg(long, default_value_t = 1000.0)]
+    pub capacity_min: f64,
+    /// Capacity search: the highest offered rate tried; passing it ends the search.
+    #[arg(long, default_value_t = 1_000_000.0)]
+    pub capacity_max: f64,
+    /// Capacity search: stop bisecting when the failing rate is within this much above the
+    /// passing one (percentage or fraction).
+    #[arg(long, default_value = "5%", value_parser = parse_ratio)]
+    pub capacity_precision: f64,
+    /// Capacity search: at most this many steps (1 to 64), so the search lasts at most
+    /// steps x (--duration + --timeout).
+    #[arg(long, default_value_t = 16)]
+    pub capacity_steps: usize,
+
     /// How to judge answers.
     #[arg(long, value_enum, default_value_t = Expect::Radius)]
     pub expect: Expect,
@@ -214,6 +249,11 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
+    /// A capacity search rather than one run (--capacity, --slo-p99 or --slo-loss).
+    pub fn capacity_search(&self) -> bool {
+        self.capacity || self.slo_p99.is_some() || self.slo_loss.is_some()
+    }
+
     /// Parses the run flags alone (for tests and embedding): `args` without the program name.
     pub fn from_args<I, S>(args: I) -> Result<RunArgs, clap::Error>
     where
@@ -224,6 +264,26 @@ impl RunArgs {
             .chain(args.into_iter().map(Into::into));
         let cli = Cli::try_parse_from(argv)?;
         Ok(cli.run)
+    }
+}
+
+impl Expect {
+    /// The name on the command line and in the JSON report.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Expect::Radius => "radius",
+            Expect::Echo => "echo",
+        }
+    }
+}
+
+impl Profile {
+    /// The name on the command line and in the JSON report.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Profile::Churn => "churn",
+            Profile::MassDisconnect => "mass-disconnect",
+        }
     }
 }
 
@@ -331,6 +391,28 @@ pub fn parse_seconds(s: &str) -> Result<Duration, String> {
 pub fn parse_millis(s: &str) -> Result<Duration, String> {
     parse_duration_with(s, 1e6)
 }
+
+/// A share: a percentage ("0.1%", "5 %") or a fraction ("0.001"), within 0..=1.
+pub fn parse_ratio(s: &str) -> Result<f64, String> {
+    let text = s.trim();
+    let (number, scale) = match text.strip_suffix('%') {
+        Some(n) => (n.trim_end(), 100.0),
+        None => (text, 1.0),
+    };
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}`: not a share (e.g. 0.1% or 0.001)"))?;
+    let ratio = value / scale;
+    if !(0.0..=1.0).contains(&ratio) {
+        return Err(format!("`{text}`: a share is between 0% and 100%"));
+    }
+    Ok(ratio)
+}
+
+/// The capacity search's default p99 target.
+pub const DEFAULT_SLO_P99: Duration = Duration::from_millis(10);
+/// The capacity search's default loss bound: 0.1%.
+pub const DEFAULT_SLO_LOSS: f64 = 0.001;
 
 /// Source ports per worker thread by default: enough to reach every SO_REUSEPORT shard of a
 /// server with a handful of shards (the kernel hashes the 4-tuple).
@@ -566,6 +648,28 @@ mod tests {
         assert!(RunArgs::from_args(["--secret-file", "/x", "--secret-env", "B"]).is_err());
         assert!(RunArgs::from_args(["--secret", "a", "--secret-file", "/x"]).is_err());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn capacity_flags_parse_shares_and_imply_the_search() {
+        assert_eq!(parse_ratio("0.1%").unwrap(), 0.001);
+        assert_eq!(parse_ratio("5 %").unwrap(), 0.05);
+        assert_eq!(parse_ratio("0.02").unwrap(), 0.02);
+        assert_eq!(parse_ratio("0").unwrap(), 0.0);
+        for bad in ["", "%", "101%", "-1%", "1.5", "a lot"] {
+            assert!(parse_ratio(bad).is_err(), "{bad:?} was accepted");
+        }
+        let r = RunArgs::from_args::<_, &str>([]).unwrap();
+        assert!(!r.capacity_search());
+        let r = RunArgs::from_args(["--slo-p99", "20ms"]).unwrap();
+        assert!(r.capacity_search());
+        assert_eq!(r.slo_p99, Some(Duration::from_millis(20)));
+        let r = RunArgs::from_args(["--slo-loss", "0.5%"]).unwrap();
+        assert!(r.capacity_search());
+        assert_eq!(r.slo_loss, Some(0.005));
+        let r = RunArgs::from_args(["--capacity", "--capacity-precision", "10%"]).unwrap();
+        assert!(r.capacity_search() && r.slo_p99.is_none());
+        assert_eq!(r.capacity_precision, 0.1);
     }
 
     #[test]

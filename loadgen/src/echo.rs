@@ -105,6 +105,18 @@ impl EchoServer {
         })
     }
 
+    /// One thread on 127.0.0.1 at a free port, batch 64, sleeping in recvmmsg: the
+    /// loopback target of tests and checks.
+    pub fn loopback() -> io::Result<EchoServer> {
+        EchoServer::start(
+            SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0)),
+            1,
+            None,
+            64,
+            false,
+        )
+    }
+
     /// The address it listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr

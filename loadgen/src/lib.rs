@@ -11,19 +11,23 @@
 //! - [`pool`]: sessions (JSON Lines or synthetic) and the requests prepared ahead of time.
 //! - [`worker`]: one pinned thread's send/receive/verify loop, open or closed loop.
 //! - [`report`]: counters, HdrHistogram percentiles, text/JSON report, `.hgrm` file.
+//! - [`series`]: the per-100 ms time series (rate, p50/p99, timeouts).
 //! - [`run`]: a whole run, from flags to report.
+//! - [`capacity`]: the SLO capacity search, a bisection over open-loop runs.
 //! - [`echo`]: the UDP echo server used as the ceiling target.
 //! - [`cli`]: the clap command line.
 #![forbid(unsafe_code)]
 
+pub mod capacity;
 pub mod cli;
 pub mod echo;
 pub mod ids;
 pub mod pool;
 pub mod report;
 pub mod run;
+pub mod series;
 pub mod worker;
 
 pub use cli::{Cli, Command, EchoArgs, RunArgs};
-pub use report::Report;
+pub use report::{Report, RunReport};
 pub use run::{RunError, run};

@@ -47,9 +47,12 @@ fn main() -> anyhow::Result<()> {
         None => {
             // Ctrl-C stops sending, drains and reports; a second Ctrl-C kills.
             dynauth_udp::dac::catch_interrupt().context("installing the SIGINT handler")?;
+            if cli.run.capacity_search() {
+                return capacity(&cli.run);
+            }
             let report = dynauth_loadgen::run(&cli.run)?;
             if cli.run.json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                println!("{}", serde_json::to_string_pretty(&report.run)?);
             } else {
                 print!("{}", report.text());
             }
@@ -67,4 +70,29 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The SLO capacity search: each step as it ends (stdout, or stderr with --json), then the
+/// answer (the JSON report with --json); non-zero exit when no rate passed.
+fn capacity(args: &dynauth_loadgen::RunArgs) -> anyhow::Result<()> {
+    let plan = dynauth_loadgen::capacity::plan_of(args)?;
+    let say = |line: &str| {
+        if args.json {
+            if !args.quiet {
+                eprint!("{line}");
+            }
+        } else {
+            print!("{line}");
+        }
+    };
+    say(&plan.text());
+    let report = dynauth_loadgen::capacity::run(args, |n, step| say(&step.line(n)))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    say(&report.answer());
+    if report.capacity_rps.is_none() {
+        anyhow::bail!("no offered rate met the target");
+    }
+    Ok(())
 }

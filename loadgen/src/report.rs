@@ -21,6 +21,8 @@ use dynauth_proto::dict::ErrorCause;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
+use crate::cli::{Expect, Profile};
+
 /// Highest latency or lag recorded (ns): 60 s; higher values are recorded as 60 s.
 pub const HIST_MAX_NS: u64 = 60_000_000_000;
 /// Significant figures of every histogram.
@@ -82,6 +84,9 @@ pub struct Counters {
     pub malformed_answers: u64,
     /// Requests intended (open loop) but never sent before the end: the generator fell behind.
     pub unsent: u64,
+    /// Open loop: times a due request waited because --max-outstanding requests were in
+    /// flight (the modelled DAC's limit, set off by a slow server, not the generator's).
+    pub limit_waits: u64,
     /// sendmmsg errors other than a full socket buffer.
     pub send_errors: u64,
     /// System calls made by the workers: sendmmsg, recvmmsg, ppoll.
@@ -115,6 +120,7 @@ impl Counters {
         self.stray_answers += o.stray_answers;
         self.malformed_answers += o.malformed_answers;
         self.unsent += o.unsent;
+        self.limit_waits += o.limit_waits;
         self.send_errors += o.send_errors;
         self.sendmmsg_calls += o.sendmmsg_calls;
         self.recvmmsg_calls += o.recvmmsg_calls;
@@ -147,7 +153,7 @@ impl Counters {
 }
 
 /// Percentiles of one histogram, in microseconds.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Percentiles {
     pub count: u64,
     pub min_us: f64,
@@ -162,7 +168,7 @@ pub struct Percentiles {
 /// Latency over every request that expected an answer, with the share of samples that are
 /// timeouts (or unsent requests) beside the percentiles: a percentile at or above
 /// `timeout_us` is a timeout, not a measured answer.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Latency {
     #[serde(flatten)]
     pub percentiles: Percentiles,
@@ -190,7 +196,7 @@ impl Latency {
     }
 
     /// `value_us` as text, marked when it is a timeout rather than a measured answer.
-    fn show(&self, value_us: f64) -> String {
+    pub fn show(&self, value_us: f64) -> String {
         if self.timeouts > 0 && value_us >= self.timeout_us {
             format!("{value_us:.1} (timeout)")
         } else {
@@ -235,7 +241,7 @@ impl Percentiles {
 }
 
 /// The generator's own cost, so a reader can tell whether it or the server was the limit.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GeneratorCost {
     /// CPU seconds of the worker threads (CLOCK_THREAD_CPUTIME_ID), summed.
     pub worker_cpu_s: f64,
@@ -244,6 +250,15 @@ pub struct GeneratorCost {
     /// Worker CPU time over worker wall time, averaged over the threads (1.0: every worker
     /// was busy all the time, so the generator may have been the limit).
     pub worker_utilisation: f64,
+    /// The busiest worker's CPU time over its wall time.
+    #[serde(default)]
+    pub busiest_worker_utilisation: f64,
+    /// The generator's own capacity on these settings, estimated: the requests per second
+    /// its workers would handle if every one were busy all the time (threads x 1e9 /
+    /// `cpu_ns_per_request`). Against answers as costly as this run's; 0 when nothing was
+    /// sent.
+    #[serde(default)]
+    pub capacity_rps: f64,
     /// CPU seconds of the whole process (getrusage), user and system.
     pub process_user_s: f64,
     pub process_system_s: f64,
@@ -254,7 +269,7 @@ pub struct GeneratorCost {
 }
 
 /// Open loop only: how late requests left compared with their intended send time.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ScheduleLag {
     pub p50_us: f64,
     pub p99_us: f64,
@@ -262,7 +277,7 @@ pub struct ScheduleLag {
 }
 
 /// Answer counts, keyed for JSON.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AnswerCounts {
     pub ack_disconnect: u64,
     pub ack_coa: u64,
@@ -287,14 +302,33 @@ pub struct AnswerCounts {
     pub malformed: u64,
 }
 
-/// The whole run's figures (the `--json` output).
-#[derive(Debug, Clone, Serialize)]
-pub struct Report {
+/// Open or closed loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LoopMode {
+    /// A rate: latency from the intended send time.
+    OpenLoop,
+    /// A window of outstanding requests.
+    ClosedLoop,
+}
+
+impl LoopMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LoopMode::OpenLoop => "open-loop",
+            LoopMode::ClosedLoop => "closed-loop",
+        }
+    }
+}
+
+/// The whole run's figures: the `--json` output, and the one definition of that schema
+/// (bench-harness reads loadgen's JSON through this type, never through a copy of it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunReport {
     pub target: String,
-    /// "open-loop" or "closed-loop".
-    pub mode: &'static str,
-    pub profile: &'static str,
-    pub expect: &'static str,
+    pub mode: LoopMode,
+    pub profile: Profile,
+    pub expect: Expect,
     pub threads: usize,
     pub sockets: usize,
     pub window: Option<usize>,
@@ -329,17 +363,100 @@ pub struct Report {
     pub answered_latency: Percentiles,
     pub schedule_lag: Option<ScheduleLag>,
     pub generator: GeneratorCost,
+    /// Per 100 ms bucket: rate sent and answered, latency p50/p99 and timeouts of the
+    /// requests intended in it.
+    #[serde(default)]
+    pub time_series: crate::series::TimeSeries,
+    /// The generator, not the server, was the bottleneck: these figures are the generator's
+    /// and must not be reported as the server's (see [`generator_bound_reasons`]).
+    #[serde(default)]
+    pub generator_bound: bool,
+    /// Why it was, in words (empty when it was not).
+    #[serde(default)]
+    pub generator_bound_reasons: Vec<String>,
     /// The run was stopped early by Ctrl-C.
     pub interrupted: bool,
     /// True when `requests == answered + timeouts + expected_discards`.
     pub counts_add_up: bool,
-    #[serde(skip)]
+}
+
+/// A worker busier than this (CPU over wall time) was the bottleneck.
+pub const GENERATOR_BUSY: f64 = 0.95;
+/// Open loop: more than this share of the requests due left unsent, without the
+/// --max-outstanding limit ever holding one back, means the generator could not offer the
+/// rate.
+pub const GENERATOR_UNSENT: f64 = 0.01;
+
+/// Why the generator was the bottleneck of a run (empty: it was not). `busiest`: the
+/// busiest worker's utilisation; `limit_waits`: how often --max-outstanding held a request
+/// back (then unsent requests are the slow server's doing, not the generator's).
+pub fn generator_bound_reasons(
+    busiest: f64,
+    mode: LoopMode,
+    offered_rps: Option<f64>,
+    sent_rps: f64,
+    requests: u64,
+    unsent: u64,
+    limit_waits: u64,
+) -> Vec<String> {
+    let mut why = Vec::new();
+    if busiest > GENERATOR_BUSY {
+        why.push(format!(
+            "a worker was {:.0}% busy (over {:.0}%): add --threads/--cpus",
+            busiest * 100.0,
+            GENERATOR_BUSY * 100.0
+        ));
+    }
+    let due = requests + unsent;
+    if mode == LoopMode::OpenLoop
+        && limit_waits == 0
+        && due > 0
+        && unsent as f64 > GENERATOR_UNSENT * due as f64
+    {
+        why.push(format!(
+            "offered rate not achieved: {unsent} of {due} requests due were never sent (sent {:.0}/s of {:.0}/s offered)",
+            sent_rps,
+            offered_rps.unwrap_or(0.0)
+        ));
+    }
+    why
+}
+
+/// What [`crate::run`] returns: the [`RunReport`] (reached through `Deref`, serialised as
+/// itself) and the raw counters and histogram it was computed from, for tests and the
+/// `.hgrm` file.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub run: RunReport,
     pub counters: Counters,
-    #[serde(skip)]
     pub histogram: Histogram<u64>,
 }
 
-impl Report {
+impl std::ops::Deref for Report {
+    type Target = RunReport;
+    fn deref(&self) -> &RunReport {
+        &self.run
+    }
+}
+
+impl Serialize for Report {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.run.serialize(serializer)
+    }
+}
+
+impl AnswerCounts {
+    /// Answers that failed verification or answered a request meant to be discarded.
+    pub fn invalid(&self) -> u64 {
+        self.bad_response_authenticators
+            + self.bad_message_authenticators
+            + self.echo_mismatches
+            + self.answered_discards
+            + self.malformed
+    }
+}
+
+impl RunReport {
     /// Human-readable summary.
     pub fn text(&self) -> String {
         let mut s = String::new();
@@ -353,7 +470,12 @@ impl Report {
             .map_or(String::new(), |w| format!(", window {w}"));
         s += &format!(
             "loadgen {} {} -> {} ({} threads, {} sockets{window}{rate}, expect {})\n",
-            self.profile, self.mode, self.target, self.threads, self.sockets, self.expect
+            self.profile.as_str(),
+            self.mode.as_str(),
+            self.target,
+            self.threads,
+            self.sockets,
+            self.expect.as_str()
         );
         s += &format!(
             "requests {}  answered {}  timeouts {}  expected-discards {}  unsent {}  retransmissions {}\n",
@@ -420,15 +542,23 @@ impl Report {
         }
         let g = &self.generator;
         s += &format!(
-            "generator: {:.0} ns CPU/request, workers {:.0}% busy, process CPU user {:.3} s system {:.3} s; per request: {:.3} sendmmsg {:.3} recvmmsg {:.3} ppoll\n",
+            "generator: {:.0} ns CPU/request, workers {:.0}% busy (busiest {:.0}%), capacity about {:.0}/s, process CPU user {:.3} s system {:.3} s; per request: {:.3} sendmmsg {:.3} recvmmsg {:.3} ppoll\n",
             g.cpu_ns_per_request,
             g.worker_utilisation * 100.0,
+            g.busiest_worker_utilisation * 100.0,
+            g.capacity_rps,
             g.process_user_s,
             g.process_system_s,
             g.sendmmsg_per_request,
             g.recvmmsg_per_request,
             g.ppoll_per_request
         );
+        if self.generator_bound {
+            s += &format!(
+                "GENERATOR-BOUND: the generator, not the server, was the bottleneck ({}): not a server figure\n",
+                self.generator_bound_reasons.join("; ")
+            );
+        }
         if self.interrupted {
             s += "interrupted: the run was stopped early (Ctrl-C)\n";
         }
@@ -563,6 +693,30 @@ mod tests {
         );
         assert!(text.contains("#[Max     =        1.000, Total count    =         1000]"));
         assert!(text.contains("SubBuckets     =         2048]"));
+    }
+
+    #[test]
+    fn the_generator_is_the_bottleneck_when_busy_or_short_of_its_rate() {
+        let open = LoopMode::OpenLoop;
+        let check = |busiest, mode, requests, unsent, waits| {
+            generator_bound_reasons(busiest, mode, Some(1000.0), 900.0, requests, unsent, waits)
+        };
+        assert!(check(0.5, open, 1000, 0, 0).is_empty());
+        assert!(
+            check(0.95, open, 1000, 10, 0).is_empty(),
+            "at the thresholds"
+        );
+        let busy = check(0.99, LoopMode::ClosedLoop, 1000, 0, 0);
+        assert_eq!(busy.len(), 1);
+        assert!(busy[0].contains("99% busy"), "{busy:?}");
+        let short = check(0.5, open, 1000, 50, 0);
+        assert_eq!(short.len(), 1);
+        assert!(short[0].contains("50 of 1050"), "{short:?}");
+        // Unsent because --max-outstanding held requests back: the server's doing.
+        assert!(check(0.5, open, 1000, 50, 7).is_empty());
+        // Closed loop has no schedule to fall behind.
+        assert!(check(0.5, LoopMode::ClosedLoop, 1000, 50, 0).is_empty());
+        assert_eq!(check(0.99, open, 1000, 500, 0).len(), 2);
     }
 
     #[test]

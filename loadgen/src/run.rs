@@ -14,8 +14,8 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::cli::{Expect, Profile, RunArgs};
 use crate::pool::{Options, Pool, PoolError, Sessions};
 use crate::report::{
-    Counters, GeneratorCost, Latency, Percentiles, Report, ScheduleLag, answer_counts,
-    new_histogram, write_hgrm,
+    Counters, GeneratorCost, Latency, LoopMode, Percentiles, Report, RunReport, ScheduleLag,
+    answer_counts, generator_bound_reasons, new_histogram, write_hgrm,
 };
 use crate::worker::{self, Mode, Progress, WorkerPlan};
 
@@ -77,6 +77,20 @@ fn open_socket(
 /// Runs the load described by `args` and returns the report (also writing the histogram
 /// file when asked). The live progress line goes to stderr only when it is a terminal.
 pub fn run(args: &RunArgs) -> Result<Report, RunError> {
+    let prepared = prepare(args)?;
+    execute(args, &prepared)
+}
+
+/// What every run of one set of flags shares: the checked flags' sessions, turned into the
+/// requests prepared ahead of time (the sessions file is read once, not once per run of a
+/// capacity search).
+#[derive(Debug)]
+pub struct Prepared {
+    pool: Arc<Pool>,
+}
+
+/// Checks the flags and prepares the requests.
+pub fn prepare(args: &RunArgs) -> Result<Prepared, RunError> {
     let threads = args.threads;
     if threads == 0 || threads > 1024 {
         return Err(invalid("--threads must be between 1 and 1024"));
@@ -144,7 +158,16 @@ pub fn run(args: &RunArgs) -> Result<Report, RunError> {
         }
     };
     drop(secret);
-    let pool = Arc::new(pool);
+    Ok(Prepared {
+        pool: Arc::new(pool),
+    })
+}
+
+/// One run of `args` with the requests of `prepared` (made by [`prepare`] from flags that
+/// differ from `args` at most in the load: --rate, --duration, --histogram-file).
+pub fn execute(args: &RunArgs, prepared: &Prepared) -> Result<Report, RunError> {
+    let threads = args.threads;
+    let pool = &prepared.pool;
 
     // Bounds: mass disconnect sends each session once.
     let mut requests = args.requests;
@@ -223,7 +246,7 @@ pub fn run(args: &RunArgs) -> Result<Report, RunError> {
         let plan = WorkerPlan {
             index,
             threads,
-            pool: Arc::clone(&pool),
+            pool: Arc::clone(pool),
             sockets,
             batch: args.batch,
             mode,
@@ -283,6 +306,8 @@ pub fn run(args: &RunArgs) -> Result<Report, RunError> {
     let mut answered_latency = new_histogram();
     let mut lag = new_histogram();
     let (mut cpu_ns, mut wall_ns, mut send_end_ns, mut wall_max) = (0u64, 0u64, 0u64, 0u64);
+    let mut busiest = 0.0f64;
+    let mut series = crate::series::Series::new();
     for (index, handle) in handles.into_iter().enumerate() {
         let result = handle
             .join()
@@ -292,10 +317,14 @@ pub fn run(args: &RunArgs) -> Result<Report, RunError> {
         let _ = latency.add(&result.latency);
         let _ = answered_latency.add(&result.answered_latency);
         let _ = lag.add(&result.lag);
+        series.merge(&result.series);
         cpu_ns += result.cpu_ns;
         wall_ns += result.wall_ns;
         send_end_ns = send_end_ns.max(result.send_end_ns);
         wall_max = wall_max.max(result.wall_ns);
+        if result.wall_ns > 0 {
+            busiest = busiest.max(result.cpu_ns as f64 / result.wall_ns as f64);
+        }
     }
     let cpu1 = dynauth_udp::dac::process_cpu_ns();
 
@@ -314,21 +343,31 @@ pub fn run(args: &RunArgs) -> Result<Report, RunError> {
     let answered = counters.answered();
     let expecting = counters.requests.saturating_sub(counters.expected_discards);
     let per_request = |n: u64| n as f64 / counters.requests.max(1) as f64;
-    Ok(Report {
+    let mode = if args.rate.is_some() {
+        LoopMode::OpenLoop
+    } else {
+        LoopMode::ClosedLoop
+    };
+    let sent_rate_rps = counters.requests as f64 / send_seconds;
+    let generator_bound_reasons = generator_bound_reasons(
+        busiest,
+        mode,
+        args.rate,
+        sent_rate_rps,
+        counters.requests,
+        counters.unsent,
+        counters.limit_waits,
+    );
+    let cpu_ns_per_request = if counters.requests == 0 {
+        0.0
+    } else {
+        cpu_ns as f64 / counters.requests as f64
+    };
+    let run = RunReport {
         target: args.target.to_string(),
-        mode: if args.rate.is_some() {
-            "open-loop"
-        } else {
-            "closed-loop"
-        },
-        profile: match args.profile {
-            Profile::Churn => "churn",
-            Profile::MassDisconnect => "mass-disconnect",
-        },
-        expect: match args.expect {
-            Expect::Radius => "radius",
-            Expect::Echo => "echo",
-        },
+        mode,
+        profile: args.profile,
+        expect: args.expect,
         threads,
         sockets,
         window,
@@ -343,7 +382,7 @@ pub fn run(args: &RunArgs) -> Result<Report, RunError> {
         expected_discards: counters.expected_discards,
         unsent: counters.unsent,
         send_errors: counters.send_errors,
-        sent_rate_rps: counters.requests as f64 / send_seconds,
+        sent_rate_rps,
         achieved_rate_rps: answered as f64 / send_seconds,
         loss_ratio: if expecting == 0 {
             0.0
@@ -367,15 +406,17 @@ pub fn run(args: &RunArgs) -> Result<Report, RunError> {
         }),
         generator: GeneratorCost {
             worker_cpu_s: cpu_ns as f64 / 1e9,
-            cpu_ns_per_request: if counters.requests == 0 {
-                0.0
-            } else {
-                cpu_ns as f64 / counters.requests as f64
-            },
+            cpu_ns_per_request,
             worker_utilisation: if wall_ns == 0 {
                 0.0
             } else {
                 cpu_ns as f64 / wall_ns as f64
+            },
+            busiest_worker_utilisation: busiest,
+            capacity_rps: if cpu_ns_per_request > 0.0 {
+                threads as f64 * 1e9 / cpu_ns_per_request
+            } else {
+                0.0
             },
             process_user_s: cpu1.0.saturating_sub(cpu0.0) as f64 / 1e9,
             process_system_s: cpu1.1.saturating_sub(cpu0.1) as f64 / 1e9,
@@ -383,9 +424,15 @@ pub fn run(args: &RunArgs) -> Result<Report, RunError> {
             recvmmsg_per_request: per_request(counters.recvmmsg_calls),
             ppoll_per_request: per_request(counters.ppoll_calls),
         },
+        time_series: series.report(),
+        generator_bound: !generator_bound_reasons.is_empty(),
+        generator_bound_reasons,
         interrupted: dynauth_udp::dac::interrupted(),
         counts_add_up: counters.requests
             == answered + counters.timeouts + counters.expected_discards,
+    };
+    Ok(Report {
+        run,
         counters,
         histogram: latency,
     })

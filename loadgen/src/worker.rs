@@ -51,6 +51,7 @@ use crate::cli::Expect;
 use crate::ids::IdAllocator;
 use crate::pool::{Expectation, Pool};
 use crate::report::{Counters, HIST_MAX_NS, NAK_SLOTS, new_histogram};
+use crate::series::Series;
 use dynauth_udp::dac::{BatchReceiver, BatchSender, Poller};
 
 /// Most datagrams in one batch.
@@ -60,6 +61,9 @@ const SPIN_NS: u64 = 2_000;
 /// Earlier requests remembered per (socket, Identifier) for recognising late and duplicate
 /// answers.
 pub const HISTORY: usize = 4;
+/// Open loop: how long after the end of the sending time requests due before it may still
+/// leave (at most the timeout).
+const END_GRACE_NS: u64 = 50_000_000;
 /// Unsent requests whose latency sample is computed one by one; beyond, the rest are
 /// recorded at the timeout (a lower bound) in one go.
 const UNSENT_EXACT: u64 = 1 << 20;
@@ -121,6 +125,8 @@ pub struct WorkerResult {
     /// Answered requests only.
     pub answered_latency: Histogram<u64>,
     pub lag: Histogram<u64>,
+    /// Per 100 ms: sends, answers, latency by intended time.
+    pub series: Series,
     pub cpu_ns: u64,
     pub wall_ns: u64,
     /// When the sending phase ended (ns after start).
@@ -225,6 +231,7 @@ struct Worker {
     latency: Histogram<u64>,
     answered_latency: Histogram<u64>,
     lag: Histogram<u64>,
+    series: Series,
     unix_secs: u32,
 }
 
@@ -295,6 +302,7 @@ pub fn run(plan: WorkerPlan) -> io::Result<WorkerResult> {
         latency: new_histogram(),
         answered_latency: new_histogram(),
         lag: new_histogram(),
+        series: Series::new(),
         unix_secs: unix_now(),
     };
     // Wait for the common start.
@@ -311,6 +319,7 @@ pub fn run(plan: WorkerPlan) -> io::Result<WorkerResult> {
         latency: w.latency,
         answered_latency: w.answered_latency,
         lag: w.lag,
+        series: w.series,
         cpu_ns,
         wall_ns,
         send_end_ns,
@@ -336,7 +345,13 @@ impl Worker {
         }
         match self.send_until_ns {
             Some(end) => match self.mode {
-                Mode::Open { .. } => self.intended_ns(self.next_j) < end && now < end + 1,
+                // A request due before the end may still leave a little after it (a worker
+                // woken late at the end is not a generator that fell behind; its latency
+                // still counts from its intended time).
+                Mode::Open { .. } => {
+                    self.intended_ns(self.next_j) < end
+                        && now < end + self.timeout_ns.min(END_GRACE_NS)
+                }
                 Mode::Closed { .. } => now < end,
             },
             None => true,
@@ -425,14 +440,25 @@ impl Worker {
         // Each one never got an answer: a sample of at least the timeout.
         let exact = unsent.min(UNSENT_EXACT);
         for j in self.next_j..self.next_j + exact {
-            let waited = now.saturating_sub(self.intended_ns(j));
-            self.latency
-                .saturating_record(waited.max(self.timeout_ns).max(1));
+            let intended = self.intended_ns(j);
+            let waited = now.saturating_sub(intended).max(self.timeout_ns).max(1);
+            self.latency.saturating_record(waited);
+            self.series.sample(intended, waited, true);
         }
         if unsent > exact {
-            let _ = self
-                .latency
-                .record_n(self.timeout_ns.clamp(1, HIST_MAX_NS), unsent - exact);
+            let timeout = self.timeout_ns.clamp(1, HIST_MAX_NS);
+            let _ = self.latency.record_n(timeout, unsent - exact);
+            // The series, a bucket at a time.
+            let (mut j, last) = (self.next_j + exact, self.next_j + unsent);
+            while j < last {
+                let intended = self.intended_ns(j);
+                let bucket_end =
+                    (intended / crate::series::BUCKET_NS + 1) * crate::series::BUCKET_NS;
+                let next = (((bucket_end as f64 - offset_ns) / interval_ns).ceil() as u64)
+                    .clamp(j + 1, last);
+                self.series.sample_n(intended, timeout, next - j, true);
+                j = next;
+            }
         }
     }
 
@@ -441,6 +467,7 @@ impl Worker {
     fn record_unanswered(&mut self, intended_ns: u64, now: u64) {
         let waited = now.saturating_sub(intended_ns).max(self.timeout_ns).max(1);
         self.latency.saturating_record(waited);
+        self.series.sample(intended_ns, waited, true);
     }
 
     /// Builds due requests into free slots; returns how many.
@@ -465,6 +492,7 @@ impl Worker {
                         continue;
                     }
                     if self.outstanding >= max_outstanding {
+                        self.counters.limit_waits += 1;
                         break;
                     }
                     t
@@ -592,6 +620,7 @@ impl Worker {
         if slot.transmissions == 0 {
             slot.first_ns = now;
             self.counters.requests += 1;
+            self.series.sent(now);
             if let Mode::Open { .. } = self.mode {
                 self.lag
                     .saturating_record(now.saturating_sub(slot.intended_ns).max(1));
@@ -855,10 +884,17 @@ impl Worker {
         if !matched && template.expect != Expectation::Discard {
             c.expectation_mismatches += 1;
         }
-        let latency = now.saturating_sub(slot.intended_ns).max(1);
+        self.record_answered(slot.intended_ns, now);
+        self.resolve(s, id, Ended::Answered);
+    }
+
+    /// An answer at `now` to the request intended at `intended_ns`: its latency sample.
+    fn record_answered(&mut self, intended_ns: u64, now: u64) {
+        let latency = now.saturating_sub(intended_ns).max(1);
         self.latency.saturating_record(latency);
         self.answered_latency.saturating_record(latency);
-        self.resolve(s, id, Ended::Answered);
+        self.series.answered(now);
+        self.series.sample(intended_ns, latency, false);
     }
 
     /// Echo mode: the current request of (`s`, `id`) was echoed.
@@ -870,9 +906,7 @@ impl Worker {
             return;
         }
         self.counters.echo_ok += 1;
-        let latency = now.saturating_sub(slot.intended_ns).max(1);
-        self.latency.saturating_record(latency);
-        self.answered_latency.saturating_record(latency);
+        self.record_answered(slot.intended_ns, now);
         self.resolve(s, id, Ended::Answered);
     }
 

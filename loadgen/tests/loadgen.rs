@@ -110,7 +110,7 @@ fn open_loop_against_engine_counts_add_up_and_writes_hgrm() {
         100
     );
     assert!(report.schedule_lag.is_some());
-    assert_eq!(report.mode, "open-loop");
+    assert_eq!(report.mode, dynauth_loadgen::report::LoopMode::OpenLoop);
     let text = std::fs::read_to_string(&hgrm).unwrap();
     assert!(text.contains("Percentile"));
     assert!(text.contains("Total count    =          400]"), "{text}");
@@ -369,14 +369,7 @@ fn mass_disconnect_removes_exactly_one_group() {
 /// echo server completes a bounded run.
 #[test]
 fn echo_mode_against_the_bundled_echo_server() {
-    let server = dynauth_loadgen::echo::EchoServer::start(
-        "127.0.0.1:0".parse().unwrap(),
-        1,
-        None,
-        64,
-        false,
-    )
-    .unwrap();
+    let server = dynauth_loadgen::echo::EchoServer::loopback().unwrap();
     let report = run(&args(
         server.local_addr(),
         &["--expect", "echo", "--requests", "2000", "--window", "32"],
@@ -439,4 +432,48 @@ fn invalid_combinations_are_refused() {
         run(&args(target, &["--requests", "1"])),
         Err(dynauth_loadgen::RunError::Pool(_))
     ));
+}
+
+/// The time series shows a storm's shape: an echo server that stalls 400 ms on its first
+/// datagram, under 1000 requests/s for 1 s. The requests intended in the first 100 ms wait
+/// out the stall (p99 of that bucket at least 250 ms); once it is over, later buckets are
+/// fast again. Every request is in exactly one bucket's samples, every send and answer in
+/// one bucket's counts.
+#[test]
+fn the_time_series_shows_a_stall_and_its_recovery() {
+    let (addr, stop, handle) = common::stalling_echo(Duration::from_millis(400));
+    let report = run(&args(
+        addr,
+        &[
+            "--expect",
+            "echo",
+            "--rate",
+            "1000",
+            "--duration",
+            "1s",
+            "--timeout",
+            "2s",
+        ],
+    ))
+    .unwrap();
+    stop.store(true, Ordering::Relaxed);
+    handle.join().unwrap();
+    assert_adds_up(&report);
+    let ts = &report.time_series;
+    assert_eq!(ts.bucket_ms, 100.0);
+    assert!(ts.points.len() >= 10, "{ts:?}");
+    let samples: u64 = ts.points.iter().map(|p| p.samples).sum();
+    assert_eq!(samples, report.latency.count);
+    let sent: f64 = ts.points.iter().map(|p| p.sent_rps * 0.1).sum();
+    assert!((sent - report.requests as f64).abs() < 1e-6, "{ts:?}");
+    let answered: f64 = ts.points.iter().map(|p| p.answered_rps * 0.1).sum();
+    assert!((answered - report.answered as f64).abs() < 1e-6, "{ts:?}");
+    assert!(ts.points[0].p99_us >= 250_000.0, "{:?}", ts.points[0]);
+    let recovered = ts.points[6..10]
+        .iter()
+        .map(|p| p.p99_us)
+        .fold(f64::INFINITY, f64::min);
+    assert!(recovered < 100_000.0, "{ts:?}");
+    let json = serde_json::to_value(&report).unwrap();
+    assert_eq!(json["time_series"]["points"][0]["start_ms"], 0.0);
 }

@@ -11,7 +11,7 @@ use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::{SECRET, args, delayed_engine_target, engine_target};
+use common::{SECRET, SECRET_ENV, args, delayed_engine_target, engine_target};
 use dynauth_loadgen::run;
 
 fn assert_adds_up(r: &dynauth_loadgen::Report) {
@@ -224,12 +224,8 @@ fn binary_secret_sources_and_exit_status() {
         "--quiet",
     ]
     .map(String::from);
-    let out = Command::new(exe)
-        .args(&base)
-        .args(["--secret-env", "LOADGEN_TEST_SECRET"])
-        .env("LOADGEN_TEST_SECRET", SECRET)
-        .output()
-        .unwrap();
+    let out =
+        common::loadgen_binary(&[&base[..], &["--secret-env".into(), SECRET_ENV.into()]].concat());
     assert!(
         out.status.success(),
         "{}",
@@ -285,4 +281,79 @@ fn binary_secret_sources_and_exit_status() {
     assert!(stderr.contains("LOADGEN_TEST_NO_SUCH_VARIABLE"), "{stderr}");
     assert_eq!(target.stop().received.load(Ordering::Relaxed), 150);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A deliberately impossible offered rate (50 million/s for 200 ms against the echo server):
+/// the generator cannot offer it, says so (`generator_bound`, with the reason and its own
+/// estimated capacity), and a capacity search that starts there stops at once with outcome
+/// `generator-bound`, not with a server figure.
+#[test]
+fn an_impossible_offered_rate_is_flagged_as_generator_bound() {
+    let server = dynauth_loadgen::echo::EchoServer::loopback().unwrap();
+    let flags = [
+        "--expect",
+        "echo",
+        "--duration",
+        "200ms",
+        "--timeout",
+        "100ms",
+        "--source-ports",
+        "64",
+    ];
+    let report = run(&args(
+        server.local_addr(),
+        &[&flags[..], &["--rate", "50000000"]].concat(),
+    ))
+    .unwrap();
+    assert_adds_up(&report);
+    assert!(report.generator_bound, "{}", report.text());
+    assert!(
+        report
+            .generator_bound_reasons
+            .iter()
+            .any(|r| r.contains("offered rate not achieved")),
+        "{:?}",
+        report.generator_bound_reasons
+    );
+    assert!(report.unsent > report.requests, "{}", report.text());
+    assert!(report.sent_rate_rps < 5e6, "{}", report.text());
+    assert!(report.generator.capacity_rps > 0.0);
+    assert!(
+        report.text().contains("GENERATOR-BOUND"),
+        "{}",
+        report.text()
+    );
+    let json = serde_json::to_value(&report).unwrap();
+    assert_eq!(json["generator_bound"], true);
+
+    let search = dynauth_loadgen::capacity::run(
+        &args(
+            server.local_addr(),
+            &[
+                &flags[..],
+                &[
+                    "--slo-p99",
+                    "50ms",
+                    "--capacity-min",
+                    "50000000",
+                    "--capacity-max",
+                    "100000000",
+                ],
+            ]
+            .concat(),
+        ),
+        |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(
+        search.outcome,
+        dynauth_loadgen::capacity::Outcome::GeneratorBound,
+        "{}",
+        search.text()
+    );
+    assert_eq!(search.steps.len(), 1);
+    assert!(search.steps[0].generator_bound && !search.steps[0].pass);
+    assert_eq!(search.capacity_rps, None);
+    assert_eq!(search.first_failing_rps, None, "not the server's failure");
+    server.stop().unwrap();
 }

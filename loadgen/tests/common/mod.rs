@@ -215,6 +215,26 @@ pub fn delayed_engine_target(
     (addr, seen, stop, handle)
 }
 
+/// A hook that answers at most `rate` requests per second and drops the rest: a token
+/// bucket of `burst` tokens (full at the start and after idle time), refilled at `rate`.
+/// Below the rate nothing is lost (a stall shorter than `burst / rate` included); above it,
+/// about `1 - rate / offered` is, once the burst is spent.
+pub fn rate_limit(rate: f64, burst: f64) -> Hook {
+    let mut tokens = burst;
+    let mut last = Instant::now();
+    Box::new(move |_, _| {
+        let now = Instant::now();
+        tokens = (tokens + now.duration_since(last).as_secs_f64() * rate).min(burst);
+        last = now;
+        if tokens >= 1.0 {
+            tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    })
+}
+
 /// A hook that sends every answer unchanged.
 pub fn untouched() -> Hook {
     Box::new(|_, _| true)
@@ -274,6 +294,19 @@ pub fn stalling_echo(stall: Duration) -> (SocketAddr, Arc<AtomicBool>, JoinHandl
         })
     };
     (addr, stop, handle)
+}
+
+/// The environment variable that [`loadgen_binary`] puts [`SECRET`] in (for
+/// `--secret-env`).
+pub const SECRET_ENV: &str = "LOADGEN_TEST_SECRET";
+
+/// Runs the `loadgen` binary with `args`, [`SECRET`] in [`SECRET_ENV`], to the end.
+pub fn loadgen_binary<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(args)
+        .env(SECRET_ENV, SECRET)
+        .output()
+        .unwrap()
 }
 
 /// Parses loadgen flags, pointing at `target` from 127.0.0.1 with the test secret.
