@@ -30,7 +30,7 @@ use dynauth_proto::dict::ErrorCause;
 use dynauth_proto::session::Session;
 use dynauth_proto::{EngineConfig, Now, SessionStore};
 use dynauth_udp::AnswerSender;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 /// A settled answer on its way to the shard that received the request.
 #[derive(Debug)]
@@ -62,41 +62,61 @@ pub struct Action {
     pub compensation: bool,
 }
 
+/// The control socket's `action` line, serialized straight from the plan.
+#[derive(serde::Serialize)]
+struct ActionLine<'a> {
+    v: u64,
+    #[serde(rename = "type")]
+    ty: &'static str,
+    action: u64,
+    kind: &'static str,
+    deadline_ms: u64,
+    sessions: Vec<SessionLine<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    command: Option<&'static str>,
+    #[serde(skip_serializing_if = "core::ops::Not::not")]
+    compensation: bool,
+}
+
+#[derive(serde::Serialize)]
+struct SessionLine<'a> {
+    index: usize,
+    session: &'a Session,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    authorization: Option<&'a dynauth_proto::session::Authorization>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    steps: Option<&'a [dynauth_proto::action::Step]>,
+}
+
 impl Action {
-    /// The control socket's `action` message (docs/CONTROL.md, "Actions").
-    pub fn to_json(&self) -> Value {
-        let sessions: Vec<Value> = self
-            .indexes
-            .iter()
-            .filter_map(|&i| self.plan.sessions.get(i).map(|p| (i, p)))
-            .map(|(i, p)| {
-                let mut s = json!({"index": i, "session": p.session});
-                if self.plan.kind == ActionKind::Change {
-                    s["authorization"] = serde_json::to_value(&p.authorization).unwrap_or_default();
-                    s["steps"] = serde_json::to_value(&p.steps).unwrap_or_default();
-                }
-                s
-            })
-            .collect();
-        let mut m = json!({
-            "v": crate::control::VERSION,
-            "type": "action",
-            "action": self.id,
-            "kind": self.plan.kind.name(),
-            "deadline_ms": self.deadline_ms,
-            "sessions": sessions,
-        });
-        if let Some(command) = self.plan.command {
-            m["command"] = json!(match command {
+    /// The control socket's `action` message (docs/CONTROL.md, "Actions"), one line.
+    pub fn to_line(&self) -> String {
+        let change = self.plan.kind == ActionKind::Change;
+        let line = ActionLine {
+            v: crate::control::VERSION,
+            ty: "action",
+            action: self.id,
+            kind: self.plan.kind.name(),
+            deadline_ms: self.deadline_ms,
+            sessions: self
+                .indexes
+                .iter()
+                .filter_map(|&i| self.plan.sessions.get(i).map(|p| (i, p)))
+                .map(|(index, p)| SessionLine {
+                    index,
+                    session: &p.session,
+                    authorization: change.then_some(&p.authorization),
+                    steps: change.then_some(p.steps.as_slice()),
+                })
+                .collect(),
+            command: self.plan.command.map(|c| match c {
                 dynauth_proto::change::SubscriberCommand::Reauthenticate => "reauthenticate",
                 dynauth_proto::change::SubscriberCommand::BounceHostPort => "bounce-host-port",
                 dynauth_proto::change::SubscriberCommand::DisableHostPort => "disable-host-port",
-            });
-        }
-        if self.compensation {
-            m["compensation"] = json!(true);
-        }
-        m
+            }),
+            compensation: self.compensation,
+        };
+        serde_json::to_string(&line).unwrap_or_default()
     }
 }
 
@@ -128,22 +148,41 @@ impl ResultSink {
 pub struct AgentLink {
     pub name: String,
     out: Mutex<Box<dyn Write + Send>>,
+    /// Closes the connection when a write fails (a line may have been cut: nothing more
+    /// may follow it); its actions then settle NAK 506 as the agent is gone.
+    close: Box<dyn Fn() + Send + Sync>,
 }
 
 impl AgentLink {
-    pub fn new(name: String, out: Box<dyn Write + Send>) -> Self {
+    pub fn new(
+        name: String,
+        out: Box<dyn Write + Send>,
+        close: Box<dyn Fn() + Send + Sync>,
+    ) -> Self {
         AgentLink {
             name,
             out: Mutex::new(out),
+            close,
         }
     }
 
     /// Writes one line (the connection's replies go through the same lock, so lines never
-    /// interleave).
+    /// interleave) and sends it.
     pub fn send_line(&self, line: &str) -> io::Result<()> {
+        self.queue_line(line)?;
+        self.flush()
+    }
+
+    /// Writes one line into the connection's buffer; [`AgentLink::flush`] sends it (one
+    /// write for a burst of actions).
+    pub fn queue_line(&self, line: &str) -> io::Result<()> {
         let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
-        writeln!(out, "{line}")?;
-        out.flush()
+        writeln!(out, "{line}").inspect_err(|_| (self.close)())
+    }
+
+    pub fn flush(&self) -> io::Result<()> {
+        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        out.flush().inspect_err(|_| (self.close)())
     }
 }
 
@@ -414,6 +453,8 @@ struct Running {
 
 struct State {
     setup: DispatcherSetup,
+    /// Links with queued action lines, flushed after each burst of events.
+    unflushed: HashMap<u64, Arc<AgentLink>>,
     next_id: u64,
     running: HashMap<u64, Running>,
     busy: HashSet<String>,
@@ -421,6 +462,9 @@ struct State {
     compensating: HashSet<u64>,
     out: Vec<u8>,
 }
+
+/// The most events handled before queued action lines are written out.
+const BURST: usize = 1024;
 
 /// The most requests waiting behind another action on the same session.
 const MAX_WAITING: usize = 4096;
@@ -440,6 +484,7 @@ impl State {
     fn new(setup: DispatcherSetup) -> Self {
         State {
             setup,
+            unflushed: HashMap::new(),
             next_id: 1,
             running: HashMap::new(),
             busy: HashSet::new(),
@@ -466,10 +511,20 @@ impl State {
                 Duration::from_millis(d.saturating_sub(now_ms).clamp(1, 100))
             });
             match inbox.recv_timeout(wait) {
-                Ok(event) => self.on(event),
+                Ok(event) => {
+                    self.on(event);
+                    // A burst: whatever else is queued, then one write per agent.
+                    for _ in 0..BURST {
+                        match inbox.try_recv() {
+                            Ok(event) => self.on(event),
+                            Err(_) => break,
+                        }
+                    }
+                }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
+            self.flush_links();
             self.expire();
         }
         // Requests submitted before the shards stopped.
@@ -594,9 +649,10 @@ impl State {
                     }
                 }
                 Owner::Agent(connection) => {
-                    let sent = links
-                        .get(&connection)
-                        .map(|l| l.send_line(&action.to_json().to_string()));
+                    let sent = links.get(&connection).map(|l| {
+                        self.unflushed.insert(connection, Arc::clone(l));
+                        l.queue_line(&action.to_line())
+                    });
                     if !matches!(sent, Some(Ok(()))) {
                         // Nobody will answer for these sessions: a result of "none" now.
                         tracing::warn!(
@@ -645,6 +701,19 @@ impl State {
         }
         if running.results.iter().all(Option::is_some) {
             self.settle(action);
+        }
+    }
+
+    /// Sends the action lines queued in this burst. An agent whose socket does not take them
+    /// (it stopped reading for longer than the write timeout) gets no result in time: its
+    /// actions settle NAK 506 at their deadline, or when its connection closes.
+    fn flush_links(&mut self) {
+        for (connection, link) in self.unflushed.drain() {
+            if let Err(e) = link.flush() {
+                tracing::warn!(
+                    "actions: agent on connection {connection} does not take actions: {e}"
+                );
+            }
         }
     }
 
@@ -714,7 +783,8 @@ impl State {
                 }
                 Owner::Agent(connection) => {
                     if let Some(link) = self.setup.agents.link(connection) {
-                        let _ = link.send_line(&action.to_json().to_string());
+                        let _ = link.queue_line(&action.to_line());
+                        self.unflushed.insert(connection, link);
                     }
                 }
             }

@@ -279,8 +279,12 @@ struct Connection<'s> {
     claimed: bool,
     /// Whether it takes actions (`"actions": true` in its hello).
     takes_actions: bool,
+    /// The message just handled gets no reply (an accepted `action_result`).
+    silent: bool,
     shared: &'s Shared,
     writer: SharedWriter,
+    /// The connection itself (to close it when an action line cannot be written).
+    stream: UnixStream,
 }
 
 /// The connection's write half, shared by its replies and the dispatcher's action lines.
@@ -303,11 +307,12 @@ impl Write for SharedWriter {
 }
 
 impl SharedWriter {
-    /// One whole line under one lock.
-    fn line(&self, text: &str) -> io::Result<()> {
+    /// One whole line under one lock; sent now when `flush` (else it waits in the buffer for
+    /// the next flush: a pipelining agent gets its replies in one write).
+    fn line(&self, text: &str, flush: bool) -> io::Result<()> {
         let mut w = self.0.lock().unwrap_or_else(|p| p.into_inner());
         writeln!(w, "{text}")?;
-        w.flush()
+        if flush { w.flush() } else { Ok(()) }
     }
 }
 
@@ -319,15 +324,23 @@ fn serve_connection(stream: UnixStream, id: u64, shared: &Shared) {
     };
     // An agent that stops reading must not stall the dispatcher for long.
     let _ = write_half.set_write_timeout(Some(Duration::from_secs(1)));
-    let writer = SharedWriter(Arc::new(Mutex::new(io::BufWriter::new(write_half))));
+    let mut writer = SharedWriter(Arc::new(Mutex::new(io::BufWriter::with_capacity(
+        64 << 10,
+        write_half,
+    ))));
+    let Ok(own) = stream.try_clone() else {
+        return;
+    };
     let mut reader = BufReader::new(stream);
     let mut conn = Connection {
         id,
         agent: None,
         claimed: false,
         takes_actions: false,
+        silent: false,
         shared,
         writer: writer.clone(),
+        stream: own,
     };
     let mut line = Vec::new();
     let mut number = 0u64;
@@ -337,7 +350,12 @@ fn serve_connection(stream: UnixStream, id: u64, shared: &Shared) {
         }
         match read_line(&mut reader, &mut line) {
             Ok(LineRead::Eof) => return,
-            Ok(LineRead::Partial) => continue,
+            Ok(LineRead::Partial) => {
+                if writer.flush().is_err() {
+                    return;
+                }
+                continue;
+            }
             Ok(LineRead::Line) => {
                 number += 1;
                 let text = String::from_utf8_lossy(&line);
@@ -345,9 +363,14 @@ fn serve_connection(stream: UnixStream, id: u64, shared: &Shared) {
                     line.clear();
                     continue;
                 }
-                let reply = conn.handle(&text, number);
+                let Some(reply) = conn.handle(&text, number) else {
+                    line.clear();
+                    continue;
+                };
                 line.clear();
-                if writer.line(&reply).is_err() {
+                // More lines already read: answer them too before writing.
+                let more = reader.buffer().contains(&b'\n');
+                if writer.line(&reply, !more).is_err() {
                     return;
                 }
             }
@@ -361,7 +384,7 @@ fn serve_connection(stream: UnixStream, id: u64, shared: &Shared) {
                     None,
                     &format!("a line is at most {MAX_LINE} octets; this one was skipped"),
                 );
-                if writer.line(&reply).is_err() {
+                if writer.line(&reply, true).is_err() {
                     return;
                 }
             }
@@ -550,7 +573,14 @@ fn outcome_json(outcome: FeedOutcome) -> Value {
 }
 
 impl Connection<'_> {
-    fn handle(&mut self, text: &str, line: u64) -> String {
+    /// The reply line; `None` for an accepted `action_result`, which gets none (an agent
+    /// answering a storm of actions must never be blocked by replies it does not read).
+    fn handle(&mut self, text: &str, line: u64) -> Option<String> {
+        let reply = self.reply(text, line);
+        (!core::mem::take(&mut self.silent)).then_some(reply)
+    }
+
+    fn reply(&mut self, text: &str, line: u64) -> String {
         let parsed: Result<Value, _> = serde_json::from_str(text);
         let message = match parsed {
             Ok(Value::Object(m)) => m,
@@ -675,9 +705,23 @@ impl Connection<'_> {
             ));
         }
         if takes_actions {
+            let closer = self.stream.try_clone().map_err(|e| {
+                refused(
+                    "internal",
+                    None,
+                    format!("cannot share the connection: {e}"),
+                )
+            })?;
+            let close = move || {
+                let _ = closer.shutdown(std::net::Shutdown::Both);
+            };
             self.shared.agents.attach(
                 self.id,
-                Arc::new(AgentLink::new(agent.clone(), Box::new(self.writer.clone()))),
+                Arc::new(AgentLink::new(
+                    agent.clone(),
+                    Box::new(self.writer.clone()),
+                    Box::new(close),
+                )),
             );
             self.takes_actions = true;
         }
@@ -795,7 +839,7 @@ impl Connection<'_> {
 
     /// An agent's results for an action it received: `{"op": "action_result", "action": N,
     /// "results": [{"index": 0, "result": "committed"}, ...]}`.
-    fn action_result(&self, m: &Map<String, Value>) -> Result<Value, Refused> {
+    fn action_result(&mut self, m: &Map<String, Value>) -> Result<Value, Refused> {
         let (Some(actions), true) = (&self.shared.actions, self.takes_actions) else {
             return Err(refused(
                 "no_actions",
@@ -818,6 +862,7 @@ impl Connection<'_> {
         actions
             .results_from(Owner::Agent(self.id))
             .report(action, results);
+        self.silent = true;
         Ok(json!({"accepted": n}))
     }
 

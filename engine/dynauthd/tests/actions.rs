@@ -65,6 +65,20 @@ impl Agent {
         }
     }
 
+    /// Sends a message that must be refused; returns the error.
+    fn refused(&mut self, message: Value) -> Value {
+        writeln!(self.writer, "{message}").unwrap();
+        loop {
+            let line = self.line().expect("a reply");
+            if line["type"] == json!("action") {
+                self.actions.push_back((line, Instant::now()));
+                continue;
+            }
+            assert_eq!(line["ok"], json!(false), "{message} -> {line}");
+            return line["error"].clone();
+        }
+    }
+
     /// The next action, waiting at most `wait`.
     fn action(&mut self, wait: Duration) -> Option<Value> {
         if let Some((a, _)) = self.actions.pop_front() {
@@ -84,8 +98,9 @@ impl Agent {
         self.ok(json!({"v": 1, "op": "upsert", "nas": nas, "seq": seq, "session": session}));
     }
 
-    /// Answers every session of `action` with `result` (and `error_cause`, when given).
-    fn answer(&mut self, action: &Value, result: &str, error_cause: Option<u32>) -> Value {
+    /// Answers every session of `action` with `result` (and `error_cause`, when given). An
+    /// accepted `action_result` gets no reply line (docs/CONTROL.md).
+    fn answer(&mut self, action: &Value, result: &str, error_cause: Option<u32>) {
         let results: Vec<Value> = action["sessions"]
             .as_array()
             .unwrap()
@@ -98,10 +113,9 @@ impl Agent {
                 r
             })
             .collect();
-        self.ok(
-            json!({"v": 1, "op": "action_result", "action": action["action"],
-            "results": results}),
-        )
+        let line = json!({"v": 1, "op": "action_result", "action": action["action"],
+            "results": results});
+        writeln!(self.writer, "{line}").unwrap();
     }
 
     fn count(&mut self) -> u64 {
@@ -228,6 +242,12 @@ fn rfc5176_s3_5_refusals_give_504_503_and_the_agents_cause() {
     let (sock, req) = dac(1, "s-1");
     send(&sock, d.addr(), &req);
     let action = agent.action(Duration::from_secs(5)).unwrap();
+    // A malformed result is refused with its field named (and the action still waits).
+    let error = agent.refused(
+        json!({"v": 1, "op": "action_result", "action": action["action"],
+        "results": [{"index": 0, "result": "maybe"}]}),
+    );
+    assert_eq!(error["field"], json!("results[0].result"), "{error}");
     agent.answer(&action, "failed", None);
     let (code, cause, _, _) = receive(&sock, &req, Duration::from_secs(5)).unwrap();
     assert_eq!((code, cause), (42, Some(504)));

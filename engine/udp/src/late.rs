@@ -16,6 +16,9 @@ use crate::CONTROL_LEN;
 use crate::cmsg::write_pktinfo;
 use crate::socket::Listener;
 
+/// How often a send into a full socket buffer is retried, 50 µs apart (50 ms in all).
+const MAX_WAITS: u32 = 1000;
+
 /// Sends settled answers from the server's sockets.
 #[derive(Debug)]
 pub struct AnswerSender {
@@ -57,8 +60,19 @@ impl AnswerSender {
         if control_len > 0 {
             message = message.with_control(&control[..control_len]);
         }
-        socket.sendmsg(&message, libc::MSG_DONTWAIT)?;
-        Ok(())
+        // The shard's own answers share the socket's send buffer: when it is full for a
+        // moment, wait for room (bounded) rather than lose a committed request's answer.
+        let mut waited = 0u32;
+        loop {
+            match socket.sendmsg(&message, libc::MSG_DONTWAIT) {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && waited < MAX_WAITS => {
+                    waited += 1;
+                    std::thread::sleep(std::time::Duration::from_micros(50));
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 }
 
