@@ -51,32 +51,30 @@ impl Agent {
         }
     }
 
-    /// Sends a request and returns its reply; action lines read meanwhile are kept.
-    fn ok(&mut self, message: Value) -> Value {
+    /// Sends a message and returns its reply line; action lines read meanwhile are kept.
+    fn reply(&mut self, message: &Value) -> Value {
         writeln!(self.writer, "{message}").unwrap();
         loop {
             let line = self.line().expect("a reply");
-            if line["type"] == json!("action") {
-                self.actions.push_back((line, Instant::now()));
-                continue;
+            if line["type"] != json!("action") {
+                return line;
             }
-            assert_eq!(line["ok"], json!(true), "{message} -> {line}");
-            return line["result"].clone();
+            self.actions.push_back((line, Instant::now()));
         }
+    }
+
+    /// Sends a request that must succeed; returns its result.
+    fn ok(&mut self, message: Value) -> Value {
+        let line = self.reply(&message);
+        assert_eq!(line["ok"], json!(true), "{message} -> {line}");
+        line["result"].clone()
     }
 
     /// Sends a message that must be refused; returns the error.
     fn refused(&mut self, message: Value) -> Value {
-        writeln!(self.writer, "{message}").unwrap();
-        loop {
-            let line = self.line().expect("a reply");
-            if line["type"] == json!("action") {
-                self.actions.push_back((line, Instant::now()));
-                continue;
-            }
-            assert_eq!(line["ok"], json!(false), "{message} -> {line}");
-            return line["error"].clone();
-        }
+        let line = self.reply(&message);
+        assert_eq!(line["ok"], json!(false), "{message} -> {line}");
+        line["error"].clone()
     }
 
     /// The next action, waiting at most `wait`.
