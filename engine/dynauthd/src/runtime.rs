@@ -602,6 +602,31 @@ pub fn prometheus_text(totals: &Totals, client_names: &[&str]) -> String {
     out
 }
 
+/// Each shard's datagrams and answers (`shard` label): how SO_REUSEPORT spread the load.
+fn per_shard_prometheus(reports: &[Arc<Mutex<ShardReport>>], out: &mut String) {
+    let io: Vec<IoStats> = reports
+        .iter()
+        .map(|r| r.lock().unwrap_or_else(|p| p.into_inner()).io)
+        .collect();
+    for (name, help, value) in [
+        (
+            "dynauth_shard_datagrams_received_total",
+            "Datagrams read by each shard",
+            (|s: &IoStats| s.received) as fn(&IoStats) -> u64,
+        ),
+        (
+            "dynauth_shard_answers_sent_total",
+            "Answers sent by each shard",
+            |s: &IoStats| s.sent,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} counter");
+        for (shard, stats) in io.iter().enumerate() {
+            let _ = writeln!(out, "{name}{{shard=\"{shard}\"}} {}", value(stats));
+        }
+    }
+}
+
 fn answer_http(mut stream: std::net::TcpStream, body: &str) -> std::io::Result<()> {
     use std::io::{Read, Write};
     stream.set_nonblocking(false)?;
@@ -697,6 +722,7 @@ impl Server {
                     match listener.accept() {
                         Ok((stream, _)) => {
                             let mut body = prometheus_text(&totals_of(&reports), &names);
+                            per_shard_prometheus(&reports, &mut body);
                             for source in &extra {
                                 source(&mut body);
                             }

@@ -438,6 +438,25 @@ fn metrics_endpoint_serves_prometheus_text() {
         body.contains("dynauth_datagrams_received_total 1"),
         "{body}"
     );
+    // Per shard (two here): the one datagram was read and answered by exactly one of them.
+    let per_shard = |name: &str| -> Vec<u64> {
+        (0..2)
+            .map(|shard| {
+                let prefix = format!("{name}{{shard=\"{shard}\"}} ");
+                body.lines()
+                    .find_map(|l| l.strip_prefix(prefix.as_str()))
+                    .unwrap_or_else(|| panic!("{prefix} in {body}"))
+                    .parse()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let mut received = per_shard("dynauth_shard_datagrams_received_total");
+    received.sort();
+    assert_eq!(received, vec![0, 1], "{body}");
+    let mut sent = per_shard("dynauth_shard_answers_sent_total");
+    sent.sort();
+    assert_eq!(sent, vec![0, 1], "{body}");
     // SPEC §10: the decision-latency histogram counts the one datagram.
     assert!(
         body.contains("# TYPE dynauth_decision_seconds histogram"),
