@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam::channel::{self, Receiver, RecvTimeoutError, Sender};
 use dynauth_proto::action::{
-    ActionKind, ActionPlan, ActionSink, PendingRequest, QueueFull, Reselected, SessionResult,
-    Settled, change_steps,
+    ActionKind, ActionPlan, ActionSink, PendingRequest, PlannedSession, QueueFull, Reselected,
+    SessionResult, Settled, change_steps,
 };
 use dynauth_proto::codec::MAX_PACKET_LEN;
 use dynauth_proto::dict::ErrorCause;
@@ -267,6 +267,8 @@ impl Agents {
 #[derive(Debug)]
 pub enum Event {
     Submit(PendingRequest),
+    /// An operator's Disconnect from the control socket (`dynauthctl disconnect`).
+    Operator(OperatorDisconnect),
     Results {
         action: u64,
         owner: Owner,
@@ -290,6 +292,23 @@ impl ActionSink for Submitter {
 }
 
 impl Submitter {
+    /// Hands an operator's Disconnect of `sessions` to the dispatcher; the outcome arrives on
+    /// the returned channel once the owning agents have answered (or the deadline passed).
+    pub fn operator_disconnect(
+        &self,
+        sessions: Vec<Session>,
+    ) -> Result<Receiver<OperatorOutcome>, QueueFull> {
+        let (reply, outcome) = channel::bounded(1);
+        self.tx
+            .try_send(Event::Operator(OperatorDisconnect {
+                sessions,
+                deadline_ms: 0,
+                reply,
+            }))
+            .map_err(|_| QueueFull)?;
+        Ok(outcome)
+    }
+
     /// Where agents' results go (the control socket's `action_result`).
     pub fn results_from(&self, owner: Owner) -> ResultSink {
         ResultSink {
@@ -308,6 +327,53 @@ impl Submitter {
 pub fn channel(capacity: usize) -> (Submitter, Receiver<Event>) {
     let (tx, rx) = channel::bounded(capacity.max(1));
     (Submitter { tx }, rx)
+}
+
+/// An operator-initiated Disconnect (control socket), carried out by the owning agents like
+/// a RADIUS one and audited by the control socket.
+#[derive(Debug)]
+pub struct OperatorDisconnect {
+    pub sessions: Vec<Session>,
+    /// Monotonic milliseconds (the shards' clock), set by the dispatcher on arrival from
+    /// the configured action deadline.
+    deadline_ms: u64,
+    reply: Sender<OperatorOutcome>,
+}
+
+/// What the agents did with an operator's Disconnect, session by session.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OperatorOutcome {
+    /// Torn down (and removed from the table, with tombstones).
+    pub committed: u32,
+    /// Unknown to the data plane (removed from the table as stale).
+    pub not_found: u32,
+    /// Refused by the data plane (still there).
+    pub failed: u32,
+    /// No result by the deadline, or no agent takes actions for the session's NAS.
+    pub unanswered: u32,
+}
+
+/// Where a request to the data plane came from.
+#[derive(Debug)]
+enum Origin {
+    Radius(PendingRequest),
+    Operator(OperatorDisconnect),
+}
+
+impl Origin {
+    fn sessions(&self) -> &[Session] {
+        match self {
+            Origin::Radius(p) => p.sessions(),
+            Origin::Operator(o) => &o.sessions,
+        }
+    }
+
+    fn deadline_ms(&self) -> u64 {
+        match self {
+            Origin::Radius(p) => p.deadline_ms(),
+            Origin::Operator(o) => o.deadline_ms,
+        }
+    }
 }
 
 /// Counters of the dispatcher (Prometheus text in `write_prometheus`).
@@ -444,7 +510,7 @@ impl Dispatcher {
 }
 
 struct Running {
-    pending: PendingRequest,
+    origin: Origin,
     plan: ActionPlan,
     owners: Vec<Owner>,
     results: Vec<Option<SessionResult>>,
@@ -458,7 +524,7 @@ struct State {
     next_id: u64,
     running: HashMap<u64, Running>,
     busy: HashSet<String>,
-    waiting: VecDeque<PendingRequest>,
+    waiting: VecDeque<Origin>,
     compensating: HashSet<u64>,
     out: Vec<u8>,
 }
@@ -504,8 +570,8 @@ impl State {
             let next = self
                 .running
                 .values()
-                .map(|r| r.pending.deadline_ms())
-                .chain(self.waiting.iter().map(PendingRequest::deadline_ms))
+                .map(|r| r.origin.deadline_ms())
+                .chain(self.waiting.iter().map(Origin::deadline_ms))
                 .min();
             let wait = next.map_or(Duration::from_millis(100), |d| {
                 Duration::from_millis(d.saturating_sub(now_ms).clamp(1, 100))
@@ -529,8 +595,14 @@ impl State {
         }
         // Requests submitted before the shards stopped.
         while let Ok(event) = inbox.try_recv() {
-            if let Event::Submit(p) = event {
-                self.refuse(&p, ErrorCause::ResourcesUnavailable);
+            match event {
+                Event::Submit(p) => {
+                    self.refuse(Origin::Radius(p), ErrorCause::ResourcesUnavailable)
+                }
+                Event::Operator(o) => {
+                    self.refuse(Origin::Operator(o), ErrorCause::ResourcesUnavailable)
+                }
+                Event::Results { .. } | Event::AgentGone(_) => {}
             }
         }
         // Shutting down: everything still pending is answered 506 (the DAC may retry).
@@ -539,7 +611,7 @@ impl State {
             self.settle(id);
         }
         while let Some(p) = self.waiting.pop_front() {
-            self.refuse(&p, ErrorCause::ResourcesUnavailable);
+            self.refuse(p, ErrorCause::ResourcesUnavailable);
         }
     }
 
@@ -547,7 +619,15 @@ impl State {
         match event {
             Event::Submit(p) => {
                 self.setup.stats.submitted.fetch_add(1, Ordering::Relaxed);
-                self.admit(p);
+                self.admit(Origin::Radius(p));
+            }
+            Event::Operator(mut o) => {
+                self.setup.stats.submitted.fetch_add(1, Ordering::Relaxed);
+                o.deadline_ms = self
+                    .now()
+                    .monotonic_ms
+                    .saturating_add(self.setup.config.action_deadline_ms);
+                self.admit(Origin::Operator(o));
             }
             Event::Results {
                 action,
@@ -575,13 +655,13 @@ impl State {
     }
 
     /// Starts `p` now, or queues it behind an action on one of its sessions.
-    fn admit(&mut self, p: PendingRequest) {
+    fn admit(&mut self, p: Origin) {
         if p.sessions()
             .iter()
             .any(|s| self.busy.contains(&identity(s)))
         {
             if self.waiting.len() >= MAX_WAITING {
-                self.refuse(&p, ErrorCause::ResourcesUnavailable);
+                self.refuse(p, ErrorCause::ResourcesUnavailable);
             } else {
                 self.setup.stats.serialized.fetch_add(1, Ordering::Relaxed);
                 self.waiting.push_back(p);
@@ -591,10 +671,25 @@ impl State {
         self.start(p);
     }
 
-    fn start(&mut self, p: PendingRequest) {
-        let plan = match p.plan(&self.setup.config) {
-            Ok(plan) => plan,
-            Err(_) => return self.refuse(&p, ErrorCause::ResourcesUnavailable),
+    fn start(&mut self, p: Origin) {
+        let plan = match &p {
+            Origin::Radius(pending) => match pending.plan(&self.setup.config) {
+                Ok(plan) => plan,
+                Err(_) => return self.refuse(p, ErrorCause::ResourcesUnavailable),
+            },
+            Origin::Operator(o) => ActionPlan {
+                kind: ActionKind::Disconnect,
+                command: None,
+                sessions: o
+                    .sessions
+                    .iter()
+                    .map(|s| PlannedSession {
+                        session: s.clone(),
+                        authorization: s.authorization.clone(),
+                        steps: Vec::new(),
+                    })
+                    .collect(),
+            },
         };
         // Every session needs a data plane that takes actions, before anything is sent.
         let mut owners = Vec::with_capacity(plan.sessions.len());
@@ -613,7 +708,7 @@ impl State {
                 None => {
                     self.setup.stats.no_agent.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!("actions: no agent takes actions for NAS {nas:?}: NAK 506");
-                    return self.refuse(&p, ErrorCause::ResourcesUnavailable);
+                    return self.refuse(p, ErrorCause::ResourcesUnavailable);
                 }
             }
         }
@@ -626,7 +721,7 @@ impl State {
         }
         let mut running = Running {
             results: vec![None; plan.sessions.len()],
-            pending: p,
+            origin: p,
             plan,
             owners,
             identities,
@@ -726,21 +821,55 @@ impl State {
             self.busy.remove(i);
         }
         let now = self.now();
-        let settled = running.pending.settle(
-            &self.setup.config,
-            &*self.setup.store,
-            &running.results,
-            now,
-            &mut self.out,
-        );
-        match settled {
-            Ok(settled) => {
-                if !settled.compensate.is_empty() {
-                    self.compensate(&running, &settled.compensate);
+        match &running.origin {
+            Origin::Radius(pending) => {
+                let settled = pending.settle(
+                    &self.setup.config,
+                    &*self.setup.store,
+                    &running.results,
+                    now,
+                    &mut self.out,
+                );
+                match settled {
+                    Ok(settled) => {
+                        if !settled.compensate.is_empty() {
+                            self.compensate(&running, &settled.compensate);
+                        }
+                        self.deliver(settled);
+                    }
+                    Err(reason) => {
+                        tracing::warn!("actions: action {id} could not be answered: {reason:?}")
+                    }
                 }
-                self.deliver(settled);
             }
-            Err(reason) => tracing::warn!("actions: action {id} could not be answered: {reason:?}"),
+            Origin::Operator(o) => {
+                let mut outcome = OperatorOutcome::default();
+                let (mut gone, mut stale) = (Vec::new(), Vec::new());
+                for (s, r) in o.sessions.iter().zip(&running.results) {
+                    match r {
+                        Some(SessionResult::Committed) => {
+                            outcome.committed += 1;
+                            gone.push(s.clone());
+                        }
+                        Some(SessionResult::NotFound) => {
+                            outcome.not_found += 1;
+                            stale.push(s.clone());
+                        }
+                        Some(SessionResult::Failed(_)) => outcome.failed += 1,
+                        None => outcome.unanswered += 1,
+                    }
+                }
+                // The table follows the data plane, as for a RADIUS Disconnect.
+                let _ = self
+                    .setup
+                    .store
+                    .remove_sessions(&gone, true, now.monotonic_ms);
+                let _ = self
+                    .setup
+                    .store
+                    .remove_sessions(&stale, false, now.monotonic_ms);
+                let _ = o.reply.try_send(outcome);
+            }
         }
         self.wake_waiting();
     }
@@ -796,7 +925,7 @@ impl State {
     /// answered when the table already says how (ACK 201, NAK 503).
     fn wake_waiting(&mut self) {
         let mut still = VecDeque::new();
-        while let Some(mut p) = self.waiting.pop_front() {
+        while let Some(p) = self.waiting.pop_front() {
             if p.sessions()
                 .iter()
                 .any(|s| self.busy.contains(&identity(s)))
@@ -805,10 +934,16 @@ impl State {
                 continue;
             }
             let now = self.now();
-            match p.reselect(&self.setup.config, &*self.setup.store, now, &mut self.out) {
-                Ok(Reselected::Sessions) => self.admit(p),
+            let Origin::Radius(mut pending) = p else {
+                // An operator's Disconnect acts on the sessions it named; one that is gone
+                // meanwhile is answered not_found by its agent.
+                self.admit(p);
+                continue;
+            };
+            match pending.reselect(&self.setup.config, &*self.setup.store, now, &mut self.out) {
+                Ok(Reselected::Sessions) => self.admit(Origin::Radius(pending)),
                 Ok(Reselected::Settled(settled)) => self.deliver(settled),
-                Err(_) => self.refuse(&p, ErrorCause::ResourcesUnavailable),
+                Err(_) => self.refuse(Origin::Radius(pending), ErrorCause::ResourcesUnavailable),
             }
         }
         still.append(&mut self.waiting);
@@ -821,7 +956,7 @@ impl State {
         let due: Vec<u64> = self
             .running
             .iter()
-            .filter(|(_, r)| r.pending.deadline_ms() <= now_ms)
+            .filter(|(_, r)| r.origin.deadline_ms() <= now_ms)
             .map(|(id, _)| *id)
             .collect();
         for id in due {
@@ -835,15 +970,27 @@ impl State {
         {
             if let Some(p) = self.waiting.pop_front() {
                 self.setup.stats.timed_out.fetch_add(1, Ordering::Relaxed);
-                self.refuse(&p, ErrorCause::ResourcesUnavailable);
+                self.refuse(p, ErrorCause::ResourcesUnavailable);
             }
         }
     }
 
-    fn refuse(&mut self, p: &PendingRequest, cause: ErrorCause) {
-        match p.refuse(&self.setup.config, cause, &mut self.out) {
-            Ok(settled) => self.deliver(settled),
-            Err(reason) => tracing::warn!("actions: a request could not be answered: {reason:?}"),
+    /// Answers without the data plane: NAK `cause` to a RADIUS request; an operator's
+    /// Disconnect learns that nothing was done.
+    fn refuse(&mut self, p: Origin, cause: ErrorCause) {
+        match p {
+            Origin::Radius(p) => match p.refuse(&self.setup.config, cause, &mut self.out) {
+                Ok(settled) => self.deliver(settled),
+                Err(reason) => {
+                    tracing::warn!("actions: a request could not be answered: {reason:?}")
+                }
+            },
+            Origin::Operator(o) => {
+                let _ = o.reply.try_send(OperatorOutcome {
+                    unanswered: o.sessions.len() as u32,
+                    ..OperatorOutcome::default()
+                });
+            }
         }
     }
 
@@ -902,4 +1049,137 @@ pub fn parse_results(value: Option<&Value>) -> Result<Vec<(usize, SessionResult)
             Ok((index, result))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dynauth_proto::auth::{self, Secret};
+    use dynauth_proto::client::{Cidr, Client, ClientTable};
+    use dynauth_proto::codec::{Packet, PacketWriter};
+    use dynauth_proto::store::MemoryStore;
+    use dynauth_proto::{Engine, Outcome};
+    use std::net::{SocketAddr, UdpSocket};
+
+    /// An in-process data plane that commits every session from another thread.
+    struct Committer {
+        seen: Mutex<Vec<(u64, ActionKind, usize)>>,
+    }
+
+    impl DataPlane for Committer {
+        fn execute(&self, action: Action, results: ResultSink) {
+            self.seen
+                .lock()
+                .unwrap()
+                .push((action.id, action.plan.kind, action.indexes.len()));
+            let id = action.id;
+            let indexes = action.indexes.clone();
+            std::thread::spawn(move || {
+                results.report(
+                    id,
+                    indexes
+                        .into_iter()
+                        .map(|i| (i, SessionResult::Committed))
+                        .collect(),
+                );
+            });
+        }
+    }
+
+    // RFC 5176 §2.1 with a library user's in-process data plane: the shard hands the request
+    // off (Outcome::Pending), the data plane commits on its own thread, and only then the
+    // DAC gets the ACK, from the socket the request came to; the shard's cache learns it.
+    #[test]
+    fn in_process_data_plane_commits_then_the_dac_gets_the_ack() {
+        let secret = Secret::new("in-process").unwrap();
+        let config = Arc::new(EngineConfig {
+            clients: ClientTable::new([Client::new(
+                Cidr::host("127.0.0.1".parse().unwrap()),
+                secret.clone(),
+            )])
+            .unwrap(),
+            ..EngineConfig::default()
+        });
+        let store: Arc<dyn SessionStore> = Arc::new(MemoryStore::with_sessions([Session {
+            acct_session_id: Some("s-1".into()),
+            nas: Some("bng1".into()),
+            ..Session::default()
+        }]));
+        let listener = dynauth_udp::bind_udp(
+            "127.0.0.1:0".parse().unwrap(),
+            dynauth_udp::BufferSizes {
+                recv: 1 << 16,
+                send: 1 << 16,
+            },
+        )
+        .unwrap();
+        let local = listener.local;
+        let (submitter, inbox) = channel(16);
+        let (shard_tx, shard_rx) = channel::unbounded();
+        let plane = Arc::new(Committer {
+            seen: Mutex::new(Vec::new()),
+        });
+        let base = Instant::now();
+        let dispatcher = Dispatcher::start(
+            DispatcherSetup {
+                config: Arc::clone(&config),
+                store: Arc::clone(&store),
+                agents: Arc::new(Agents::default()),
+                in_process: Some(plane.clone() as Arc<dyn DataPlane>),
+                delivery: Delivery {
+                    shards: vec![shard_tx],
+                    sender: AnswerSender::new(std::slice::from_ref(&listener)).unwrap(),
+                },
+                base,
+                stats: Arc::new(ActionStats::default()),
+                submitter: submitter.clone(),
+            },
+            inbox,
+        )
+        .unwrap();
+        let mut engine = Engine::new(Arc::clone(&config), Arc::clone(&store))
+            .with_actions(0, Arc::new(submitter) as Arc<dyn ActionSink>);
+        let dac = UdpSocket::bind("127.0.0.1:0").unwrap();
+        dac.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 4096];
+        let mut w = PacketWriter::new(&mut buf, 40, 7, &[0; 16]).unwrap();
+        w.push(44, b"s-1").unwrap();
+        let len = w.finish().len();
+        let request = &mut buf[..len];
+        auth::sign_request(request, None, &secret);
+        let mut out = [0u8; 4096];
+        let source: SocketAddr = dac.local_addr().unwrap();
+        let now = crate::runtime::clock(base);
+        let outcome = engine.handle(request, source, local, now, &mut out);
+        assert_eq!(outcome, Outcome::Pending);
+        let mut answer = [0u8; 4096];
+        let (n, from) = dac.recv_from(&mut answer).expect("the ACK");
+        assert_eq!(from, local, "from the address the request came to");
+        let packet = Packet::parse(&answer[..n]).unwrap();
+        assert_eq!(packet.code(), 41, "Disconnect-ACK");
+        assert_eq!(
+            auth::verify_response(
+                &packet,
+                Packet::parse(request).unwrap().authenticator(),
+                &secret
+            ),
+            auth::ResponseCheck::Valid
+        );
+        assert_eq!(store.len(), 0, "the table followed the commit");
+        assert_eq!(plane.seen.lock().unwrap()[0].1, ActionKind::Disconnect);
+        let settled = shard_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(
+            settled.bytes,
+            answer[..n].to_vec(),
+            "the shard caches these bytes"
+        );
+        engine.settle(&settled.settled, &settled.bytes, now.monotonic_ms);
+        let replay = engine.handle(request, source, local, now, &mut out);
+        assert_eq!(
+            replay,
+            Outcome::Replay { len: n },
+            "a retransmission replays"
+        );
+        dispatcher.stop();
+    }
 }

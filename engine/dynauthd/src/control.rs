@@ -866,6 +866,62 @@ impl Connection<'_> {
         Ok(json!({"accepted": n}))
     }
 
+    /// With agents: the matched sessions are torn down by the agents that own them (the
+    /// table follows what they committed), audited. Answered once every agent has answered or
+    /// the action deadline passed.
+    fn disconnect_through_agents(
+        &self,
+        actions: &Submitter,
+        lookup: &Lookup<'_>,
+        query: &Session,
+        agent: &str,
+    ) -> Result<Value, Refused> {
+        let mut sessions = Vec::new();
+        let selected = self.shared.feed.store().select(lookup, true, &mut sessions);
+        let audit = |what: &str| {
+            tracing::info!(
+                target: "dynauthd::audit",
+                "operator disconnect by {agent:?} on control connection {}: query {} -> {what}",
+                self.id,
+                serde_json::to_string(query).unwrap_or_default(),
+            );
+        };
+        match selected {
+            Ok(Applied::Sessions(_)) => {}
+            Ok(Applied::AlreadyRemoved) => {
+                audit("already removed");
+                return Ok(json!({"disconnected": 0, "already_removed": true}));
+            }
+            Err(refusal) => {
+                audit(&format!("{refusal:?}"));
+                return Err(refused("refused", None, format!("{refusal:?}")));
+            }
+        }
+        let outcome = actions
+            .operator_disconnect(sessions)
+            .map_err(|_| refused("busy", None, "the action queue is full; try again"))?
+            .recv_timeout(Duration::from_secs(600))
+            .map_err(|_| refused("internal", None, "the action dispatcher did not answer"))?;
+        audit(&format!("{outcome:?}"));
+        let summary = json!({
+            "disconnected": outcome.committed,
+            "not_found": outcome.not_found,
+            "failed": outcome.failed,
+            "unanswered": outcome.unanswered,
+        });
+        if outcome.failed > 0 || outcome.unanswered > 0 {
+            return Err(refused(
+                "not_committed",
+                None,
+                format!(
+                    "{} torn down, {} unknown to the data plane, {} refused by the agent, {} without an answer (no agent for the NAS, or none in time): {summary}",
+                    outcome.committed, outcome.not_found, outcome.failed, outcome.unanswered
+                ),
+            ));
+        }
+        Ok(summary)
+    }
+
     /// An operator-initiated Disconnect of every session the query matches (all or none),
     /// audited.
     fn disconnect(&self, m: &Map<String, Value>) -> Result<Value, Refused> {
@@ -894,6 +950,9 @@ impl Connection<'_> {
             now_ms: self.shared.feed.now_ms(),
         };
         let agent = self.agent.as_deref().unwrap_or("operator");
+        if let Some(actions) = &self.shared.actions {
+            return self.disconnect_through_agents(actions, &lookup, &query, agent);
+        }
         let result = self.shared.feed.store().disconnect(&lookup);
         tracing::info!(
             target: "dynauthd::audit",

@@ -408,3 +408,45 @@ fn two_requests_for_one_session_are_serialized() {
     );
     d.stop();
 }
+
+// An operator's Disconnect on the control socket (dynauthctl disconnect) goes through the
+// owning agent like a RADIUS one: it is answered after the agent committed, the table
+// follows, and a refusal is reported as not committed.
+#[test]
+fn operator_disconnect_goes_through_the_owning_agent() {
+    let (d, path) = server("operator.sock", &[]);
+    let mut agent = Agent::connect(&path, "bng1");
+    agent.upsert("bng1", 1, json!({"acct_session_id": "s-1"}));
+    agent.upsert("bng1", 2, json!({"acct_session_id": "s-2"}));
+    let operator = |id: &'static str| {
+        let path = path.clone();
+        std::thread::spawn(move || {
+            let mut s = UnixStream::connect(&path).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let m = json!({"v": 1, "op": "disconnect", "query": {"acct_session_id": id}});
+            writeln!(s, "{m}").unwrap();
+            let mut reply = String::new();
+            BufReader::new(s).read_line(&mut reply).unwrap();
+            serde_json::from_str::<Value>(&reply).unwrap()
+        })
+    };
+    let op = operator("s-1");
+    let action = agent.action(Duration::from_secs(5)).expect("an action");
+    assert_eq!(action["kind"], json!("disconnect"));
+    assert_eq!(agent.count(), 2, "nothing removed before the commit");
+    agent.answer(&action, "committed", None);
+    let reply = op.join().unwrap();
+    assert_eq!(reply["ok"], json!(true), "{reply}");
+    assert_eq!(reply["result"]["disconnected"], json!(1), "{reply}");
+    assert_eq!(agent.count(), 1);
+    let op = operator("s-2");
+    let action = agent.action(Duration::from_secs(5)).expect("an action");
+    agent.answer(&action, "failed", None);
+    let reply = op.join().unwrap();
+    assert_eq!(reply["ok"], json!(false), "{reply}");
+    assert_eq!(reply["error"]["code"], json!("not_committed"), "{reply}");
+    assert_eq!(agent.count(), 1, "a refused teardown leaves the session");
+    let (_, stderr) = d.stop();
+    assert!(stderr.contains("operator disconnect"), "audited: {stderr}");
+    assert!(!stderr.contains(SECRET));
+}
