@@ -18,9 +18,17 @@ use serde_json::{Value, json};
 
 fn main() -> anyhow::Result<()> {
     // --feed-only: load the sessions and take no actions (a server with --data-plane table).
+    // --from=I: the sessions from index I on (feed new sessions into a loaded table).
     let feed_only = std::env::args().any(|a| a == "--feed-only");
-    let mut args = std::env::args().skip(1).filter(|a| a != "--feed-only");
-    let usage = "usage: commit_agent CONTROL_SOCKET NAS SESSIONS [SEED] [--feed-only]";
+    let from: u64 = std::env::args()
+        .find_map(|a| a.strip_prefix("--from=").map(str::to_owned))
+        .map(|v| v.parse())
+        .transpose()?
+        .unwrap_or(0);
+    let mut args = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--feed-only" && !a.starts_with("--from="));
+    let usage = "usage: commit_agent CONTROL_SOCKET NAS SESSIONS [SEED] [--feed-only] [--from=I]";
     let path = args.next().ok_or_else(|| anyhow::anyhow!(usage))?;
     let nas = args.next().ok_or_else(|| anyhow::anyhow!(usage))?;
     let count: u64 = args.next().ok_or_else(|| anyhow::anyhow!(usage))?.parse()?;
@@ -49,11 +57,11 @@ fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let mut batch = Vec::with_capacity(1000);
     let mut sent = 0u64;
-    for i in 0..count {
+    for i in from..from + count {
         let mut s = dynauth_proto::synth::session(seed, i);
         s.nas = None;
         batch.push(json!({"op": "upsert", "nas": nas, "session": s}));
-        if batch.len() == 1000 || i + 1 == count {
+        if batch.len() == 1000 || i + 1 == from + count {
             let events = std::mem::take(&mut batch);
             sent += events.len() as u64;
             let r = request(
