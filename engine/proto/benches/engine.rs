@@ -1,6 +1,7 @@
 //! Criterion benchmarks of the engine's hot path on one core: decode, verify (with and without
 //! Message-Authenticator) and the whole decide + encode path for a 100-octet
-//! Disconnect-Request. Figures and the command go in docs/BENCHMARKS.md.
+//! Disconnect-Request, and the same path in a storm that keeps the duplicate cache full.
+//! Figures and the command go in docs/BENCHMARKS.md.
 //!
 //! Run: `cargo bench -p dynauth-proto --bench engine`.
 
@@ -204,6 +205,82 @@ fn benches(c: &mut Criterion) {
                 outcome
             })
         });
+    }
+
+    // A storm against the duplicate cache: every request is new, none expires (the clock
+    // advances 1 ms per 1,000 requests, the window is 300 s), so from the 65,537th request on
+    // the default 65,536-entry cache is full and every insert evicts the oldest answer. 256
+    // Identifiers x 60,000 source ports: no key repeats within a run. The "replay" case
+    // answers a retransmission of one of 65,536 answered requests (a probe that hits, then a
+    // copy of the cached answer).
+    let requests: Vec<Vec<u8>> = (0..256u32)
+        .map(|v| disconnect_request(v as u8, v, false))
+        .collect();
+    let destination = "127.0.0.1:3799".parse().unwrap();
+    let storm_source =
+        |n: u64| std::net::SocketAddr::from(([127, 0, 0, 1], 1024 + ((n / 256) % 60_000) as u16));
+    let storm_now = |n: u64| Now {
+        unix_secs: 1_795_263_234,
+        monotonic_ms: n / 1_000,
+    };
+    {
+        let mut engine = engine(AnswerSigning::WhenRequested);
+        let mut out = vec![0u8; MAX_PACKET_LEN];
+        let mut n: u64 = 0;
+        c.bench_function(
+            "storm/100B disconnect, unsigned answer, full duplicate cache (evicts per insert)",
+            |b| {
+                b.iter(|| {
+                    n += 1;
+                    let req = &requests[(n % 256) as usize];
+                    let outcome = engine.handle(
+                        black_box(req),
+                        storm_source(n),
+                        destination,
+                        storm_now(n),
+                        &mut out,
+                    );
+                    debug_assert!(matches!(outcome, Outcome::Answer(_)));
+                    outcome
+                })
+            },
+        );
+    }
+    {
+        let mut engine = engine(AnswerSigning::WhenRequested);
+        let mut out = vec![0u8; MAX_PACKET_LEN];
+        for n in 0..65_536u64 {
+            let req = &requests[(n % 256) as usize];
+            engine.handle(req, storm_source(n), destination, storm_now(0), &mut out);
+        }
+        let replay = engine.handle(
+            &requests[7],
+            storm_source(7),
+            destination,
+            storm_now(1),
+            &mut out,
+        );
+        assert!(matches!(replay, Outcome::Replay { .. }), "{replay:?}");
+        let mut n: u64 = 0;
+        c.bench_function(
+            "storm/100B disconnect, unsigned answer, replay of 1 of 65,536 cached",
+            |b| {
+                b.iter(|| {
+                    // An odd stride visits every one of the 65,536 keys in a scattered order.
+                    n = (n + 40_503) % 65_536;
+                    let req = &requests[(n % 256) as usize];
+                    let outcome = engine.handle(
+                        black_box(req),
+                        storm_source(n),
+                        destination,
+                        storm_now(1),
+                        &mut out,
+                    );
+                    debug_assert!(matches!(outcome, Outcome::Replay { .. }));
+                    outcome
+                })
+            },
+        );
     }
 }
 
