@@ -1,6 +1,7 @@
 //! Criterion benchmarks of the engine's hot path on one core: decode, verify (with and without
 //! Message-Authenticator) and the whole decide + encode path for a 100-octet
-//! Disconnect-Request, and the same path in a storm that keeps the duplicate cache full.
+//! Disconnect-Request, the same path in a storm that keeps the duplicate cache full, and the
+//! duplicate cache on its own.
 //! Figures and the command go in docs/BENCHMARKS.md.
 //!
 //! Run: `cargo bench -p dynauth-proto --bench engine`.
@@ -13,12 +14,14 @@ use dynauth_proto::auth::{self, Secret};
 use dynauth_proto::change::AuthorizationChange;
 use dynauth_proto::client::{AnswerSigning, Client, ClientTable};
 use dynauth_proto::codec::{MAX_PACKET_LEN, Packet, PacketWriter};
+use dynauth_proto::dedup::{DedupConfig, DuplicateCache, Seen};
 use dynauth_proto::dict::{attr, code};
 use dynauth_proto::session::Session;
 use dynauth_proto::store::{
     AcceptAll, Applied, DataPlane, Lookup, Refusal, SessionStore, UpsertError, UpsertMode, Upserted,
 };
-use dynauth_proto::{Engine, EngineConfig, Now, Outcome};
+use dynauth_proto::verify::{self, Arrival};
+use dynauth_proto::{Authenticated, Engine, EngineConfig, Now, Outcome};
 
 const SECRET: &str = "bench-shared-secret";
 
@@ -284,9 +287,78 @@ fn benches(c: &mut Criterion) {
     }
 }
 
+/// The duplicate cache alone, through its public API, at storm rates: 131,072 distinct
+/// authenticated requests (256 Identifiers x 512 source ports), twice the default cache, so
+/// that once it is full every `complete` evicts the oldest answer; and a hit (`seen` finding
+/// an answer) over 65,536 cached ones. The requests are verified once, outside the timing.
+fn dedup_benches(c: &mut Criterion) {
+    let client = Client::new(
+        "127.0.0.1/32".parse().unwrap(),
+        Secret::new(SECRET).unwrap(),
+    );
+    let clients = ClientTable::new([client]).unwrap();
+    let packets: Vec<Vec<u8>> = (0..256u32)
+        .map(|v| disconnect_request(v as u8, v, false))
+        .collect();
+    let now = Now {
+        unix_secs: 1_795_263_234,
+        monotonic_ms: 0,
+    };
+    let requests: Vec<Authenticated<'_>> = (0..512u16)
+        .flat_map(|port| packets.iter().map(move |p| (port, p)))
+        .map(|(port, p)| {
+            let source = std::net::SocketAddr::from(([127, 0, 0, 1], 1024 + port));
+            let (packet, kind) = verify::classify(p).unwrap();
+            let (client_id, client) = clients.lookup(source.ip()).unwrap();
+            let arrival = Arrival {
+                packet,
+                kind,
+                source,
+                client_id,
+                client,
+            };
+            verify::authenticate(arrival, now, MAX_PACKET_LEN).unwrap()
+        })
+        .collect();
+    let answer = [0u8; 20];
+    let window_ms = 300_000;
+
+    let mut cache = DuplicateCache::new(DedupConfig::default());
+    let mut n = 0usize;
+    c.bench_function("dedup/storm: seen (new) + complete, full cache", |b| {
+        b.iter(|| {
+            n += 1;
+            let request = &requests[n % requests.len()];
+            let t = (n / 1_000) as u64;
+            let fresh = matches!(cache.seen(black_box(request), t), Seen::New);
+            cache.complete(request, &answer, t, t + window_ms);
+            fresh
+        })
+    });
+    // Full once the bench ran (a filter may have skipped it).
+    assert!(n == 0 || cache.len() == DedupConfig::default().max_entries);
+
+    // Cached in a scattered order (an odd stride visits all 65,536), looked up in order: the
+    // requests are read sequentially, the cache's memory at random.
+    let mut cache = DuplicateCache::new(DedupConfig::default());
+    for i in 0..65_536usize {
+        cache.complete(&requests[i * 40_503 % 65_536], &answer, 0, window_ms);
+    }
+    let mut n = 0usize;
+    c.bench_function("dedup/replay: seen (hit) over 65,536 cached", |b| {
+        b.iter(|| {
+            n = (n + 1) % 65_536;
+            match cache.seen(black_box(&requests[n]), 1) {
+                Seen::Answered(bytes) => bytes.len(),
+                _ => 0,
+            }
+        })
+    });
+}
+
 criterion_group! {
     name = engine_benches;
     config = Criterion::default().sample_size(50).measurement_time(std::time::Duration::from_secs(3)).warm_up_time(std::time::Duration::from_secs(1));
-    targets = benches
+    targets = benches, dedup_benches
 }
 criterion_main!(engine_benches);
