@@ -1,6 +1,8 @@
 //! Criterion benchmarks of the engine's hot path on one core: decode, verify (with and without
 //! Message-Authenticator) and the whole decide + encode path for a 100-octet
-//! Disconnect-Request. Figures and the command go in docs/BENCHMARKS.md.
+//! Disconnect-Request, the same path in a storm that keeps the duplicate cache full, and the
+//! duplicate cache on its own.
+//! Figures and the command go in docs/BENCHMARKS.md.
 //!
 //! Run: `cargo bench -p dynauth-proto --bench engine`.
 
@@ -12,12 +14,14 @@ use dynauth_proto::auth::{self, Secret};
 use dynauth_proto::change::AuthorizationChange;
 use dynauth_proto::client::{AnswerSigning, Client, ClientTable};
 use dynauth_proto::codec::{MAX_PACKET_LEN, Packet, PacketWriter};
+use dynauth_proto::dedup::{DedupConfig, DuplicateCache, Seen};
 use dynauth_proto::dict::{attr, code};
 use dynauth_proto::session::Session;
 use dynauth_proto::store::{
     Applied, Lookup, Refusal, SessionStore, UpsertError, UpsertMode, Upserted,
 };
-use dynauth_proto::{Engine, EngineConfig, Now, Outcome};
+use dynauth_proto::verify::{self, Arrival};
+use dynauth_proto::{Authenticated, Engine, EngineConfig, Now, Outcome};
 
 const SECRET: &str = "bench-shared-secret";
 
@@ -211,11 +215,156 @@ fn benches(c: &mut Criterion) {
             })
         });
     }
+
+    // A storm against the duplicate cache: every request is new, none expires (the clock
+    // advances 1 ms per 1,000 requests, the window is 300 s), so from the 65,537th request on
+    // the default 65,536-entry cache is full and every insert evicts the oldest answer. 256
+    // Identifiers x 60,000 source ports: no key repeats within a run. The "replay" case
+    // answers a retransmission of one of 65,536 answered requests (a probe that hits, then a
+    // copy of the cached answer).
+    let requests: Vec<Vec<u8>> = (0..256u32)
+        .map(|v| disconnect_request(v as u8, v, false))
+        .collect();
+    let destination = "127.0.0.1:3799".parse().unwrap();
+    let storm_source =
+        |n: u64| std::net::SocketAddr::from(([127, 0, 0, 1], 1024 + ((n / 256) % 60_000) as u16));
+    let storm_now = |n: u64| Now {
+        unix_secs: 1_795_263_234,
+        monotonic_ms: n / 1_000,
+    };
+    {
+        let mut engine = engine(AnswerSigning::WhenRequested);
+        let mut out = vec![0u8; MAX_PACKET_LEN];
+        let mut n: u64 = 0;
+        c.bench_function(
+            "storm/100B disconnect, unsigned answer, full duplicate cache (evicts per insert)",
+            |b| {
+                b.iter(|| {
+                    n += 1;
+                    let req = &requests[(n % 256) as usize];
+                    let outcome = engine.handle(
+                        black_box(req),
+                        storm_source(n),
+                        destination,
+                        storm_now(n),
+                        &mut out,
+                    );
+                    debug_assert!(matches!(outcome, Outcome::Answer(_)));
+                    outcome
+                })
+            },
+        );
+    }
+    {
+        let mut engine = engine(AnswerSigning::WhenRequested);
+        let mut out = vec![0u8; MAX_PACKET_LEN];
+        for n in 0..65_536u64 {
+            let req = &requests[(n % 256) as usize];
+            engine.handle(req, storm_source(n), destination, storm_now(0), &mut out);
+        }
+        let replay = engine.handle(
+            &requests[7],
+            storm_source(7),
+            destination,
+            storm_now(1),
+            &mut out,
+        );
+        assert!(matches!(replay, Outcome::Replay { .. }), "{replay:?}");
+        let mut n: u64 = 0;
+        c.bench_function(
+            "storm/100B disconnect, unsigned answer, replay of 1 of 65,536 cached",
+            |b| {
+                b.iter(|| {
+                    // An odd stride visits every one of the 65,536 keys in a scattered order.
+                    n = (n + 40_503) % 65_536;
+                    let req = &requests[(n % 256) as usize];
+                    let outcome = engine.handle(
+                        black_box(req),
+                        storm_source(n),
+                        destination,
+                        storm_now(1),
+                        &mut out,
+                    );
+                    debug_assert!(matches!(outcome, Outcome::Replay { .. }));
+                    outcome
+                })
+            },
+        );
+    }
+}
+
+/// The duplicate cache alone, through its public API, at storm rates: 131,072 distinct
+/// authenticated requests (256 Identifiers x 512 source ports), twice the default cache, so
+/// that once it is full every `complete` evicts the oldest answer; and a hit (`seen` finding
+/// an answer) over 65,536 cached ones. The requests are verified once, outside the timing.
+fn dedup_benches(c: &mut Criterion) {
+    let client = Client::new(
+        "127.0.0.1/32".parse().unwrap(),
+        Secret::new(SECRET).unwrap(),
+    );
+    let clients = ClientTable::new([client]).unwrap();
+    let packets: Vec<Vec<u8>> = (0..256u32)
+        .map(|v| disconnect_request(v as u8, v, false))
+        .collect();
+    let now = Now {
+        unix_secs: 1_795_263_234,
+        monotonic_ms: 0,
+    };
+    let requests: Vec<Authenticated<'_>> = (0..512u16)
+        .flat_map(|port| packets.iter().map(move |p| (port, p)))
+        .map(|(port, p)| {
+            let source = std::net::SocketAddr::from(([127, 0, 0, 1], 1024 + port));
+            let (packet, kind) = verify::classify(p).unwrap();
+            let (client_id, client) = clients.lookup(source.ip()).unwrap();
+            let arrival = Arrival {
+                packet,
+                kind,
+                source,
+                client_id,
+                client,
+            };
+            verify::authenticate(arrival, now, MAX_PACKET_LEN).unwrap()
+        })
+        .collect();
+    let answer = [0u8; 20];
+    let window_ms = 300_000;
+
+    let mut cache = DuplicateCache::new(DedupConfig::default());
+    let mut n = 0usize;
+    c.bench_function("dedup/storm: seen (new) + complete, full cache", |b| {
+        b.iter(|| {
+            n += 1;
+            let request = &requests[n % requests.len()];
+            let t = (n / 1_000) as u64;
+            let fresh = matches!(cache.seen(black_box(request), t), Seen::New);
+            cache.complete(request, &answer, t, t + window_ms);
+            fresh
+        })
+    });
+    // Full once the bench ran (a filter may have skipped it).
+    assert!(n == 0 || cache.len() == DedupConfig::default().max_entries);
+
+    // Cached in a scattered order (an odd stride visits all 65,536), looked up in order: the
+    // requests are read sequentially, the cache's memory at random.
+    let mut cache = DuplicateCache::new(DedupConfig::default());
+    for i in 0..65_536usize {
+        cache.complete(&requests[i * 40_503 % 65_536], &answer, 0, window_ms);
+    }
+    let mut n = 0usize;
+    c.bench_function("dedup/replay: seen (hit) over 65,536 cached", |b| {
+        b.iter(|| {
+            n = (n + 1) % 65_536;
+            match cache.seen(black_box(&requests[n]), 1) {
+                Seen::Answered(bytes) => bytes.len(),
+                _ => 0,
+            }
+        })
+    });
 }
 
 criterion_group! {
     name = engine_benches;
     config = Criterion::default().sample_size(50).measurement_time(std::time::Duration::from_secs(3)).warm_up_time(std::time::Duration::from_secs(1));
-    targets = benches
+    targets = benches, dedup_benches
 }
 criterion_main!(engine_benches);

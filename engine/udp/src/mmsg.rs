@@ -39,6 +39,21 @@ pub struct MmsgBackend {
     pub(crate) batch_answers: Vec<AnswerBuffer<'static>>,
     pub(crate) drops: DropCounters,
     pub(crate) stats: IoStats,
+    /// One `pollfd` per listener, built once (an idle wait allocates nothing).
+    pub(crate) pollfds: Box<[libc::pollfd]>,
+    /// Receive headers whose in/out lengths the last `recvmmsg` may have changed: only those
+    /// are reset before the next one (the pointers are set once, in `new`).
+    pub(crate) rx_dirty: usize,
+    /// One listener, made blocking: `recvmmsg` itself waits (up to SO_RCVTIMEO) for the
+    /// first datagram of a batch, so a batch costs one receive and one send call.
+    pub(crate) blocking: bool,
+    /// The SO_RCVTIMEO last set on the blocking listener.
+    pub(crate) receive_timeout: Option<Duration>,
+    /// The last call found nothing: the next one waits in `poll` before receiving (several
+    /// listeners only), instead of a `recvmmsg` per socket that would only say EAGAIN.
+    pub(crate) idle: bool,
+    /// System calls made by `poll_batch` (receive, poll, send): what the tests count.
+    pub(crate) syscalls: u64,
 }
 
 pub(crate) fn zeroed_mmsghdrs(n: usize) -> Box<[libc::mmsghdr]> {
@@ -64,7 +79,17 @@ impl MmsgBackend {
     pub fn new(listeners: Vec<Listener>, batch: usize) -> Self {
         let batch = batch.clamp(1, 1024);
         let drops = DropCounters::new(listeners.len());
-        MmsgBackend {
+        let pollfds = listeners
+            .iter()
+            .map(|l| libc::pollfd {
+                fd: l.socket.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // With one socket there is nothing else to wait for: let recvmmsg block on it.
+        let blocking = listeners.len() == 1 && listeners[0].socket.set_nonblocking(false).is_ok();
+        let mut backend = MmsgBackend {
             listeners,
             batch,
             rx_data: vec![0u8; batch * MAX_DATAGRAM].into_boxed_slice(),
@@ -85,6 +110,35 @@ impl MmsgBackend {
             batch_answers: Vec::with_capacity(batch),
             drops,
             stats: IoStats::default(),
+            pollfds,
+            rx_dirty: 0,
+            blocking,
+            receive_timeout: None,
+            idle: false,
+            syscalls: 0,
+        };
+        backend.point_headers();
+        backend
+    }
+
+    /// Points every receive header at its buffers, and every send header at its name and
+    /// control buffers. The boxes never move or change size, so this holds for good.
+    fn point_headers(&mut self) {
+        for i in 0..self.batch {
+            self.rx_iov[i] = libc::iovec {
+                iov_base: self.rx_data[i * MAX_DATAGRAM..].as_mut_ptr().cast(),
+                iov_len: MAX_DATAGRAM,
+            };
+            let h = &mut self.rx_hdrs[i].msg_hdr;
+            h.msg_name = self.rx_names[i].0.as_mut_ptr().cast();
+            h.msg_namelen = NAME_LEN as libc::socklen_t;
+            h.msg_iov = &mut self.rx_iov[i];
+            h.msg_iovlen = 1;
+            h.msg_control = self.rx_ctrl[i].0.as_mut_ptr().cast();
+            h.msg_controllen = CONTROL_LEN;
+            h.msg_flags = 0;
+            self.rx_hdrs[i].msg_len = 0;
+            self.tx_hdrs[i].msg_hdr.msg_name = self.tx_names[i].0.as_mut_ptr().cast();
         }
     }
 
@@ -104,81 +158,115 @@ impl MmsgBackend {
 
     /// Waits up to `timeout` for datagrams, decides every one with `handler`, sends the
     /// answers (one `sendmmsg` per socket and batch). Returns how many datagrams it read.
+    ///
+    /// Returns within about `timeout` when nothing arrives. System calls per batch: with one
+    /// listener, one blocking `recvmmsg` (MSG_WAITFORONE, bounded by SO_RCVTIMEO) and one
+    /// `sendmmsg`; with several, a non-blocking `recvmmsg` per socket while traffic flows, and
+    /// after a call that found nothing, `poll` first and a `recvmmsg` per readable socket.
     pub fn poll_batch(
         &mut self,
         timeout: Duration,
         handler: &mut dyn Handler,
     ) -> io::Result<usize> {
-        let mut total = 0;
-        for round in 0..2 {
-            for s in 0..self.listeners.len() {
-                total += self.receive_and_answer(s, handler)?;
-            }
-            if total > 0 || round == 1 {
-                break;
-            }
-            self.wait_readable(timeout)?;
+        if self.blocking {
+            let flags = if timeout.is_zero() {
+                libc::MSG_DONTWAIT
+            } else {
+                self.set_receive_timeout(timeout)?;
+                libc::MSG_WAITFORONE
+            };
+            return self.receive_and_answer(0, flags, handler);
         }
+        let mut total = 0;
+        if !self.idle {
+            for s in 0..self.listeners.len() {
+                total += self.receive_and_answer(s, libc::MSG_DONTWAIT, handler)?;
+            }
+            if total > 0 {
+                return Ok(total);
+            }
+        }
+        if self.wait_readable(timeout)? {
+            for s in 0..self.listeners.len() {
+                if self.pollfds[s].revents != 0 {
+                    total += self.receive_and_answer(s, libc::MSG_DONTWAIT, handler)?;
+                }
+            }
+        }
+        self.idle = total == 0;
         Ok(total)
     }
 
-    pub(crate) fn wait_readable(&self, timeout: Duration) -> io::Result<()> {
-        let mut fds: Vec<libc::pollfd> = self
-            .listeners
-            .iter()
-            .map(|l| libc::pollfd {
-                fd: l.socket.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            })
-            .collect();
+    /// Bounds the blocking receive by `timeout` (set only when it changes).
+    fn set_receive_timeout(&mut self, timeout: Duration) -> io::Result<()> {
+        if self.receive_timeout != Some(timeout) {
+            // A zero SO_RCVTIMEO would mean "forever": never below one microsecond.
+            let bounded = timeout.max(Duration::from_micros(1));
+            self.listeners[0].socket.set_read_timeout(Some(bounded))?;
+            self.syscalls += 1;
+            self.receive_timeout = Some(timeout);
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for any listener to be readable; true when one is (`revents`
+    /// in `pollfds` say which).
+    pub(crate) fn wait_readable(&mut self, timeout: Duration) -> io::Result<bool> {
+        for p in self.pollfds.iter_mut() {
+            p.revents = 0;
+        }
         let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-        // SAFETY: `fds` is a live, initialised array of `fds.len()` pollfd values that poll
-        // may write `revents` into; it outlives the call.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        self.syscalls += 1;
+        // SAFETY: `pollfds` is a live, initialised array of `pollfds.len()` pollfd values
+        // owned by `self`, which poll may write `revents` into; it outlives the call.
+        let rc = unsafe {
+            libc::poll(
+                self.pollfds.as_mut_ptr(),
+                self.pollfds.len() as libc::nfds_t,
+                ms,
+            )
+        };
         if rc < 0 {
             let e = io::Error::last_os_error();
             if !is_transient(&e) {
                 return Err(e);
             }
+            return Ok(false);
         }
-        Ok(())
+        Ok(rc > 0)
     }
 
+    /// One `recvmmsg` on listener `s` with `flags`, the handler over what it read, and the
+    /// answers sent.
     pub(crate) fn receive_and_answer(
         &mut self,
         s: usize,
+        flags: libc::c_int,
         handler: &mut dyn Handler,
     ) -> io::Result<usize> {
         let fd = self.listeners[s].socket.as_raw_fd();
         let local = self.listeners[s].local;
-        for i in 0..self.batch {
-            self.rx_iov[i] = libc::iovec {
-                iov_base: self.rx_data[i * MAX_DATAGRAM..].as_mut_ptr().cast(),
-                iov_len: MAX_DATAGRAM,
-            };
-            let h = &mut self.rx_hdrs[i].msg_hdr;
-            h.msg_name = self.rx_names[i].0.as_mut_ptr().cast();
-            h.msg_namelen = NAME_LEN as libc::socklen_t;
-            h.msg_iov = &mut self.rx_iov[i];
-            h.msg_iovlen = 1;
-            h.msg_control = self.rx_ctrl[i].0.as_mut_ptr().cast();
-            h.msg_controllen = CONTROL_LEN;
-            h.msg_flags = 0;
-            self.rx_hdrs[i].msg_len = 0;
+        // The kernel rewrote the name and control lengths of the headers it filled (and, to
+        // be safe, of the one after): restore their capacities. The pointers never change.
+        for hdr in self.rx_hdrs.iter_mut().take(self.rx_dirty + 1) {
+            hdr.msg_hdr.msg_namelen = NAME_LEN as libc::socklen_t;
+            hdr.msg_hdr.msg_controllen = CONTROL_LEN;
         }
+        self.syscalls += 1;
         // SAFETY: every header points at buffers owned by `self` (names, iovecs, data and
-        // control areas of the sizes written above), which live across the call; the kernel
-        // writes at most those lengths. `batch` headers exist.
+        // control areas, set in `point_headers` with these lengths), whose boxes never move
+        // and live across the call; the kernel writes at most those lengths. `batch`
+        // headers exist.
         let n = unsafe {
             libc::recvmmsg(
                 fd,
                 self.rx_hdrs.as_mut_ptr(),
                 self.batch as libc::c_uint,
-                libc::MSG_DONTWAIT,
+                flags,
                 core::ptr::null_mut(),
             )
         };
+        self.rx_dirty = usize::try_from(n).unwrap_or(0);
         if n < 0 {
             let e = io::Error::last_os_error();
             if is_transient(&e) {
@@ -272,6 +360,7 @@ impl MmsgBackend {
                     iov_len: self.tx_meta[k].len,
                 };
             }
+            // `msg_name` points at `tx_names[m]` for good (`point_headers`).
             let namelen = write_sockaddr(first.to, &mut self.tx_names[m].0);
             let mut ctrllen = write_pktinfo(&mut self.tx_ctrl[m].0, first.local, first.ifindex);
             if run > 1 {
@@ -279,7 +368,6 @@ impl MmsgBackend {
                 self.stats.gso_messages += 1;
             }
             let h = &mut self.tx_hdrs[m].msg_hdr;
-            h.msg_name = self.tx_names[m].0.as_mut_ptr().cast();
             h.msg_namelen = namelen;
             h.msg_iov = &mut self.tx_iov[i];
             h.msg_iovlen = run;
@@ -301,14 +389,16 @@ impl MmsgBackend {
         let mut done = 0;
         let mut retries = 0;
         while done < count {
+            self.syscalls += 1;
             // SAFETY: headers `done..count` were filled in this batch and point at buffers
-            // owned by `self` that stay alive and unchanged during the call.
+            // owned by `self` that stay alive and unchanged during the call. MSG_DONTWAIT: a
+            // full send buffer is handled below even when the socket is blocking.
             let rc = unsafe {
                 libc::sendmmsg(
                     fd,
                     self.tx_hdrs[done..].as_mut_ptr(),
                     (count - done) as libc::c_uint,
-                    0,
+                    libc::MSG_DONTWAIT,
                 )
             };
             if rc > 0 {
@@ -347,5 +437,119 @@ impl MmsgBackend {
     /// Nothing is in the kernel's hands between batches: shutting down needs no draining.
     pub fn shutdown(&mut self, _handler: &mut dyn Handler) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::UdpSocket;
+
+    /// Answers every datagram with its own bytes.
+    struct Echo;
+
+    impl Handler for Echo {
+        fn batch(&mut self, batch: &mut Batch<'_, '_>) {
+            for (d, answer) in batch.iter_mut() {
+                let len = d.data.len();
+                answer.buffer()[..len].copy_from_slice(d.data);
+                answer.send(len);
+            }
+        }
+    }
+
+    fn listener() -> Listener {
+        let sizes = BufferSizes {
+            recv: 1 << 20,
+            send: 1 << 20,
+        };
+        bind_udp("127.0.0.1:0".parse().unwrap(), sizes).unwrap()
+    }
+
+    fn client() -> UdpSocket {
+        let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c
+    }
+
+    /// Sends `data` to `to` from `c` a little later, from another thread: the datagram then
+    /// (usually) arrives while `poll_batch` waits, the case that costs the most calls.
+    fn send_later(c: &UdpSocket, data: Vec<u8>, to: SocketAddr) -> std::thread::JoinHandle<()> {
+        let c = c.try_clone().unwrap();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            c.send_to(&data, to).unwrap();
+        })
+    }
+
+    fn answer(c: &UdpSocket) -> Vec<u8> {
+        let mut buf = [0u8; 64];
+        let (len, _) = c.recv_from(&mut buf).expect("an answer");
+        buf[..len].to_vec()
+    }
+
+    // Echo's budget: one receive and one send call per batch, also right after an idle wait;
+    // answers reach each sender intact across batches (the headers are reused, only their
+    // lengths reset).
+    #[test]
+    fn one_listener_costs_one_receive_and_one_send_per_batch() {
+        let l = listener();
+        let addr = l.local;
+        let mut b = MmsgBackend::new(vec![l], 16);
+        assert!(b.blocking);
+        // One timeout throughout, as the runtime does (a new one costs a setsockopt).
+        let timeout = Duration::from_millis(50);
+        // Nothing arrives: the call returns (the wait is bounded by the timeout).
+        assert_eq!(b.poll_batch(timeout, &mut Echo).unwrap(), 0);
+        let (c1, c2) = (client(), client());
+        for round in 0..3u8 {
+            let later = send_later(&c1, vec![round; 20], addr);
+            if round > 0 {
+                // Also a batch already queued when the call starts.
+                later.join().unwrap();
+            }
+            c2.send_to(&[round + 100; 24], addr).unwrap();
+            let mut got = 0;
+            while got < 2 {
+                let before = b.syscalls;
+                let n = b.poll_batch(timeout, &mut Echo).unwrap();
+                assert_eq!(
+                    b.syscalls - before,
+                    if n > 0 { 2 } else { 1 },
+                    "round {round}"
+                );
+                got += n;
+            }
+            assert_eq!(answer(&c1), vec![round; 20]);
+            assert_eq!(answer(&c2), vec![round + 100; 24]);
+        }
+        assert_eq!(b.stats().sent, 6);
+    }
+
+    // Several listeners: a call after an idle one waits in poll first, then reads only the
+    // readable socket: poll, one receive, one send.
+    #[test]
+    fn several_listeners_poll_first_after_an_idle_call() {
+        let (l1, l2) = (listener(), listener());
+        let addr2 = l2.local;
+        let mut b = MmsgBackend::new(vec![l1, l2], 16);
+        assert!(!b.blocking);
+        assert_eq!(
+            b.poll_batch(Duration::from_millis(5), &mut Echo).unwrap(),
+            0
+        );
+        assert!(b.idle);
+        let c = client();
+        let later = send_later(&c, vec![7; 20], addr2);
+        let mut got = 0;
+        while got == 0 {
+            let before = b.syscalls;
+            got = b.poll_batch(Duration::from_secs(10), &mut Echo).unwrap();
+            // Idle: poll, then (when it said readable) one receive and one send.
+            assert_eq!(b.syscalls - before, if got > 0 { 3 } else { 1 });
+        }
+        later.join().unwrap();
+        assert_eq!(answer(&c), vec![7; 20]);
+        assert!(!b.idle);
     }
 }
