@@ -376,6 +376,7 @@ pub fn markdown(results: &Results, charts: &[(String, PathBuf)], json_name: &str
         );
     }
     s.push('\n');
+    shard_spread(&mut s, results);
     if results.first_of(TargetKind::Freeradius).is_none() {
         let _ = writeln!(
             s,
@@ -548,6 +549,55 @@ pub fn markdown(results: &Results, charts: &[(String, PathBuf)], json_name: &str
 
 /// A comparison of two runs of the same machine: maximum throughput per target and the
 /// candidate's change.
+/// Each dynauthd target's answers per shard over its closed-loop repetitions (dynauthd's
+/// per-shard metrics): whether SO_REUSEPORT spread loadgen's source ports over every shard.
+fn shard_spread(s: &mut String, results: &Results) {
+    let rows: Vec<(String, Vec<u64>)> = results
+        .targets
+        .iter()
+        .filter(|t| t.skipped.is_none() && t.shards.unwrap_or(1) > 1)
+        .filter_map(|t| {
+            let mut total: Vec<u64> = Vec::new();
+            for m in &t.closed {
+                if total.len() < m.shard_answers.len() {
+                    total.resize(m.shard_answers.len(), 0);
+                }
+                for (sum, v) in total.iter_mut().zip(&m.shard_answers) {
+                    *sum += v;
+                }
+            }
+            (!total.is_empty()).then(|| (t.label(), total))
+        })
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "Answers per shard over the closed-loop repetitions (dynauthd's \
+         `dynauth_shard_answers_sent_total`): how the kernel's SO_REUSEPORT hash spread \
+         loadgen's source ports.\n"
+    );
+    let _ = writeln!(s, "| target | answers per shard (share) |");
+    let _ = writeln!(s, "|---|---|");
+    for (label, counts) in rows {
+        let sum: u64 = counts.iter().sum::<u64>().max(1);
+        let cells: Vec<String> = counts
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                format!(
+                    "shard {i}: {} ({:.0}%)",
+                    thousands(*c as f64),
+                    *c as f64 * 100.0 / sum as f64
+                )
+            })
+            .collect();
+        let _ = writeln!(s, "| {label} | {} |", cells.join(" · "));
+    }
+    s.push('\n');
+}
+
 pub fn compare(
     a_name: &str,
     a: &Results,
@@ -743,6 +793,31 @@ mod tests {
             ],
             warnings: vec!["the machine is busy before the run: load average 3.00".into()],
         }
+    }
+
+    // Per-shard answer counts (dynauthd's metrics) are summed over the repetitions and shown
+    // with their shares, for targets with more than one shard only.
+    #[test]
+    fn the_report_shows_how_answers_spread_over_shards() {
+        let mut r = results("f1");
+        assert!(!markdown(&r, &[], "B.json").contains("answers per shard"));
+        let mut two = target(
+            "dynauthd-mmsg-s2-b64",
+            TargetKind::Dynauthd,
+            [200_000.0, 210_000.0, 190_000.0],
+            6000.0,
+        );
+        two.shards = Some(2);
+        for m in &mut two.closed {
+            m.shard_answers = vec![300, 100];
+        }
+        r.targets.push(two);
+        let md = markdown(&r, &[], "B.json");
+        assert!(md.contains("answers per shard"), "{md}");
+        assert!(
+            md.contains("shard 0: 900 (75%) · shard 1: 300 (25%)"),
+            "{md}"
+        );
     }
 
     #[test]

@@ -160,6 +160,10 @@ pub struct Measurement {
     /// loadgen's estimate of its own capacity on these settings (requests/s).
     #[serde(default)]
     pub generator_capacity_rps: f64,
+    /// Answers each dynauthd shard sent during the run (its metrics; empty for other
+    /// servers): how SO_REUSEPORT spread loadgen's source ports.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shard_answers: Vec<u64>,
     pub flags: Vec<Flag>,
 }
 
@@ -203,6 +207,7 @@ impl Measurement {
             other_cpu_cores,
             generator_bound: r.generator_bound,
             generator_capacity_rps: r.generator.capacity_rps,
+            shard_answers: Vec::new(),
             flags: Vec::new(),
         };
         m.flags = flags_for(&m, r.answers.invalid() > 0 || !r.counts_add_up, guards);
@@ -485,6 +490,7 @@ pub(crate) mod tests {
             other_cpu_cores: 0.0,
             generator_bound: false,
             generator_capacity_rps: 0.0,
+            shard_answers: Vec::new(),
             flags: Vec::new(),
         }
     }

@@ -123,6 +123,9 @@ impl ServerSpec {
                 io.into(),
                 "--batch".into(),
                 batch.to_string(),
+                // Per-shard answer counts (`Server::shard_answers`).
+                "--metrics".into(),
+                "127.0.0.1:0".into(),
             ],
             ready_line: "dynauthd listening".into(),
             // Loading a large session file can take a while.
@@ -253,6 +256,20 @@ impl ServerSpec {
 }
 
 /// A running server; stopped when dropped.
+/// `dynauth_shard_answers_sent_total{shard="N"} V` lines, in shard order.
+pub fn parse_shard_answers(metrics: &str) -> Vec<u64> {
+    let mut counts: Vec<(usize, u64)> = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("dynauth_shard_answers_sent_total{shard=\""))
+        .filter_map(|rest| {
+            let (shard, value) = rest.split_once("\"} ")?;
+            Some((shard.parse().ok()?, value.trim().parse().ok()?))
+        })
+        .collect();
+    counts.sort();
+    counts.into_iter().map(|(_, v)| v).collect()
+}
+
 #[derive(Debug)]
 pub struct Server {
     name: String,
@@ -261,6 +278,29 @@ pub struct Server {
 }
 
 impl Server {
+    /// Where dynauthd serves its metrics, from its banner (`metrics=ADDR`).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        let output = self.output.lock().unwrap_or_else(|p| p.into_inner());
+        output
+            .iter()
+            .filter(|l| l.contains("dynauthd listening"))
+            .flat_map(|l| l.split_whitespace())
+            .find_map(|w| w.strip_prefix("metrics="))
+            .and_then(|a| a.parse().ok())
+    }
+
+    /// Answers each shard has sent so far (dynauthd's `dynauth_shard_answers_sent_total`), or
+    /// `None` for a server without those metrics.
+    pub fn shard_answers(&self) -> Option<Vec<u64>> {
+        let addr = self.metrics_addr()?;
+        let mut http = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+        http.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        std::io::Write::write_all(&mut http, b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+        let mut body = String::new();
+        http.read_to_string(&mut body).ok()?;
+        Some(parse_shard_answers(&body))
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -318,6 +358,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn per_shard_answers_are_read_from_the_metrics_in_shard_order() {
+        let text = "# TYPE dynauth_shard_answers_sent_total counter\n\
+                    dynauth_shard_answers_sent_total{shard=\"1\"} 7\n\
+                    dynauth_shard_answers_sent_total{shard=\"0\"} 5\n\
+                    dynauth_answers_sent_total 12\n";
+        assert_eq!(parse_shard_answers(text), vec![5, 7]);
+        assert!(parse_shard_answers("dynauth_answers_sent_total 3\n").is_empty());
+    }
+
+    #[test]
     fn dynauthd_gets_the_contract_flags() {
         let s = ServerSpec::dynauthd(
             std::path::Path::new("/b/dynauthd"),
@@ -334,7 +384,7 @@ mod tests {
         assert_eq!(
             c,
             "/usr/bin/taskset -c 1,3 /b/dynauthd --listen 127.0.0.1:4567 --client 127.0.0.1/32=sec \
-             --sessions /t/s.jsonl --shards 2 --cpus 1,3 --io uring --batch 16"
+             --sessions /t/s.jsonl --shards 2 --cpus 1,3 --io uring --batch 16 --metrics 127.0.0.1:0"
         );
     }
 

@@ -396,6 +396,7 @@ impl Suite {
 
     /// One loadgen run with the server's CPU and the machine's over the same window.
     fn measure_once(&self, server: &mut Server, run: &LoadgenRun) -> Result<Measurement, String> {
+        let shards0 = server.shard_answers();
         let s0 = server.cpu_ticks().map_err(|e| e.to_string())?;
         let m0 = CpuTimes::now().map_err(|e| e.to_string())?;
         let t0 = Instant::now();
@@ -416,12 +417,19 @@ impl Suite {
         let machine_s = m1.process.saturating_sub(m0.process) as f64 / self.clk_tck;
         let loadgen_s = report.generator.process_user_s + report.generator.process_system_s;
         let other = ((machine_s - server_cpu_s - loadgen_s) / wall).max(0.0);
-        Ok(Measurement::from_report(
-            &report,
-            server_cpu_s,
-            other,
-            &self.guards,
-        ))
+        let mut m = Measurement::from_report(&report, server_cpu_s, other, &self.guards);
+        // Shards publish their counters every 250 ms: wait for the run's last ones.
+        if let Some(before) = shards0 {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            if let Some(after) = server.shard_answers() {
+                m.shard_answers = after
+                    .iter()
+                    .zip(before.iter().chain(std::iter::repeat(&0)))
+                    .map(|(a, b)| a.saturating_sub(*b))
+                    .collect();
+            }
+        }
+        Ok(m)
     }
 
     fn measure(
