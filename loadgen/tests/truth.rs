@@ -182,7 +182,10 @@ fn unsent_requests_are_samples_too() {
     assert_adds_up(&report);
     assert_eq!(report.answered, 0);
     assert_eq!(report.requests + report.unsent, 300, "{}", report.text());
-    assert!(report.unsent >= 50, "{}", report.text());
+    // How many stay unsent depends on the scheduler's wake-ups (about 50 here: the requests
+    // due at the end that the 50 ms grace after --duration could not send); what matters
+    // is that there are some and that each is a sample below.
+    assert!(report.unsent >= 10, "{}", report.text());
     let l = &report.latency;
     assert_eq!(
         l.count,
