@@ -79,13 +79,30 @@ fn quick_run_writes_report_charts_and_json_then_report_and_compare_use_them() {
         .lines()
         .map(PathBuf::from)
         .collect();
-    for f in [
+    // The p99 chart draws only open-loop points that are server figures: on a busy machine
+    // a debug-build loadgen may be the bottleneck at every point (flag N), and then there is
+    // no such point and no chart.
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("BENCH.json")).unwrap()).unwrap();
+    let swept_server_figure = results["targets"].as_array().unwrap().iter().any(|t| {
+        t["sweep"].as_array().into_iter().flatten().any(|p| {
+            p["runs"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|r| r["generator_bound"] != serde_json::json!(true))
+        })
+    });
+    let mut expected = vec![
         "BENCH.md",
         "BENCH.json",
         "BENCH-throughput-by-shards.svg",
-        "BENCH-p99-vs-offered.svg",
         "BENCH-latency-at-half-load.svg",
-    ] {
+    ];
+    if swept_server_figure {
+        expected.push("BENCH-p99-vs-offered.svg");
+    }
+    for f in expected {
         let p = dir.join(f);
         assert!(p.is_file(), "{f} not written:\n{stderr}");
         assert!(listed.contains(&p), "{f} not listed on stdout");
@@ -145,13 +162,22 @@ fn quick_run_writes_report_charts_and_json_then_report_and_compare_use_them() {
     // The report and the charts name what was measured.
     let md = std::fs::read_to_string(&report).unwrap();
     assert!(md.contains("| echo ceiling | "), "{md}");
-    assert!(md.contains("![p99 latency against offered load](BENCH-p99-vs-offered.svg)"));
     assert!(md.contains(json["machine"]["kernel"].as_str().unwrap()));
-    let p99 = std::fs::read_to_string(dir.join("BENCH-p99-vs-offered.svg")).unwrap();
-    assert!(p99.contains("echo ceiling"));
     if !stub {
         assert!(md.contains("| dynauthd mmsg, 1 shard, batch 64 | "), "{md}");
-        assert!(p99.contains("dynauthd mmsg s1 b64"));
+    }
+    let chart = "![p99 latency against offered load](BENCH-p99-vs-offered.svg)";
+    if swept_server_figure {
+        assert!(md.contains(chart), "{md}");
+        let p99 = std::fs::read_to_string(dir.join("BENCH-p99-vs-offered.svg")).unwrap();
+        let drawn = p99.contains("echo ceiling") || p99.contains("dynauthd mmsg s1 b64");
+        assert!(drawn, "the chart names a measured target");
+    } else {
+        assert!(
+            !md.contains(chart),
+            "no chart of generator-bound points: {md}"
+        );
+        eprintln!("NOTE: every open-loop point was generator-bound here; no p99 chart");
     }
 
     // `report` redraws from the JSON.
