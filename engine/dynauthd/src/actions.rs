@@ -527,6 +527,9 @@ struct State {
     waiting: VecDeque<Origin>,
     compensating: HashSet<u64>,
     out: Vec<u8>,
+    /// Settled answers of this round, sent once the round's store changes are durable
+    /// (`state::defer_commits`; without a state directory that wait is free).
+    ready: Vec<SettledAnswer>,
 }
 
 /// The most events handled before queued action lines are written out.
@@ -557,6 +560,7 @@ impl State {
             waiting: VecDeque::new(),
             compensating: HashSet::new(),
             out: vec![0; MAX_PACKET_LEN],
+            ready: Vec::new(),
         }
     }
 
@@ -566,6 +570,7 @@ impl State {
 
     fn run(mut self, inbox: &Receiver<Event>, stop: &AtomicBool) {
         while !stop.load(Ordering::Acquire) {
+            let scope = crate::state::defer_commits();
             let now_ms = self.now().monotonic_ms;
             let next = self
                 .running
@@ -592,7 +597,11 @@ impl State {
             }
             self.flush_links();
             self.expire();
+            // The round's commits are durable before any of its answers leaves.
+            scope.wait();
+            self.send_ready();
         }
+        let scope = crate::state::defer_commits();
         // Requests submitted before the shards stopped.
         while let Ok(event) = inbox.try_recv() {
             match event {
@@ -613,6 +622,8 @@ impl State {
         while let Some(p) = self.waiting.pop_front() {
             self.refuse(p, ErrorCause::ResourcesUnavailable);
         }
+        scope.wait();
+        self.send_ready();
     }
 
     fn on(&mut self, event: Event) {
@@ -1002,18 +1013,24 @@ impl State {
             stats.settled_ack.fetch_add(1, Ordering::Relaxed);
         }
         let bytes = self.out.get(..settled.len).unwrap_or_default().to_vec();
-        let (to, from) = (settled.source, settled.destination);
-        // The shard learns of the answer before the DAC can: a retransmission that follows
-        // the answer finds it in the duplicate cache.
-        if let Some(shard) = self.setup.delivery.shards.get(settled.shard) {
-            let _ = shard.send(SettledAnswer {
-                settled,
-                bytes: bytes.clone(),
-            });
-        }
-        if let Err(e) = self.setup.delivery.sender.send(&bytes, to, from) {
-            stats.send_errors.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!("actions: answer to {to} not sent: {e}");
+        self.ready.push(SettledAnswer { settled, bytes });
+    }
+
+    /// Sends the answers settled this round (after the round's commits are durable).
+    fn send_ready(&mut self) {
+        let stats = &self.setup.stats;
+        for answer in self.ready.drain(..) {
+            let (to, from) = (answer.settled.source, answer.settled.destination);
+            let bytes = answer.bytes.clone();
+            // The shard learns of the answer before the DAC can: a retransmission that
+            // follows the answer finds it in the duplicate cache.
+            if let Some(shard) = self.setup.delivery.shards.get(answer.settled.shard) {
+                let _ = shard.send(answer);
+            }
+            if let Err(e) = self.setup.delivery.sender.send(&bytes, to, from) {
+                stats.send_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("actions: answer to {to} not sent: {e}");
+            }
         }
     }
 }

@@ -11,6 +11,7 @@ use core::fmt;
 use core::str::FromStr;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
@@ -114,6 +115,30 @@ pub struct Cli {
     /// 3s, 500ms).
     #[arg(long, value_name = "DURATION", value_parser = parse_millis)]
     pub action_deadline: Option<u64>,
+    /// Keep the session table durable in this directory: every change is journaled (fsynced)
+    /// before it is acknowledged, snapshots bound the journal, a restart restores it
+    /// (docs/DURABILITY.md). --sessions FILE is then imported once, into an empty state.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Group commit: at most one journal fsync per this window; every change in it waits for
+    /// that fsync (default 2ms; 0: fsync as fast as the disk allows).
+    #[arg(long, value_name = "DURATION", value_parser = parse_millis_or_zero, requires = "state_dir")]
+    pub journal_commit_window: Option<u64>,
+    /// Time between periodic snapshots, e.g. 300s (0: only at a clean shutdown).
+    #[arg(long, value_name = "DURATION", value_parser = parse_millis_or_zero, requires = "state_dir")]
+    pub snapshot_interval: Option<u64>,
+}
+
+/// A duration such as `2ms` or `300s`, zero allowed (at most a day).
+fn parse_millis_or_zero(s: &str) -> Result<u64, String> {
+    if s.trim().trim_end_matches("ms").trim_end_matches('s') == "0" {
+        return Ok(0);
+    }
+    parse_millis(s).and_then(|ms| {
+        (ms <= 86_400_000)
+            .then_some(ms)
+            .ok_or_else(|| format!("{s:?}: at most a day (86400s)"))
+    })
 }
 
 /// Who carries out Disconnects and CoAs.
@@ -391,6 +416,8 @@ pub struct Settings {
     pub data_plane: DataPlaneMode,
     /// Milliseconds an agent has to commit an action.
     pub action_deadline_ms: u64,
+    /// `--state-dir`: the durable state, if any.
+    pub state: Option<crate::state::StateOptions>,
 }
 
 impl Settings {
@@ -748,6 +775,19 @@ fn combine(loaded: Loaded, cli: &Cli) -> Result<Settings, ConfigError> {
         action_deadline_ms: cli
             .action_deadline
             .unwrap_or(dynauth_proto::engine::DEFAULT_ACTION_DEADLINE_MS),
+        state: cli
+            .state_dir
+            .as_ref()
+            .map(|dir| crate::state::StateOptions {
+                dir: dir.clone(),
+                commit_window: cli
+                    .journal_commit_window
+                    .map_or(crate::state::DEFAULT_COMMIT_WINDOW, Duration::from_millis),
+                snapshot_interval: cli.snapshot_interval.map_or(
+                    crate::state::DEFAULT_SNAPSHOT_INTERVAL,
+                    Duration::from_millis,
+                ),
+            }),
     })
 }
 

@@ -49,10 +49,15 @@ impl SessionFeed {
         u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Applies one event; returns once the store has committed it.
+    /// Applies one event; returns once the store has committed it (with a state
+    /// directory: once it is durable; the wait is outside the feed's lock, so one fsync
+    /// covers the events of every source in its window).
     pub fn apply(&self, event: Sequenced) -> Result<FeedOutcome, FeedError> {
         let now = self.now_ms();
-        self.lock().apply(event, &*self.store, now)
+        let scope = crate::state::defer_commits();
+        let outcome = self.lock().apply(event, &*self.store, now);
+        scope.wait();
+        outcome
     }
 
     /// Applies events in order under one lock acquisition (a bulk load); stops at nothing:
@@ -62,11 +67,16 @@ impl SessionFeed {
         events: impl IntoIterator<Item = Sequenced>,
     ) -> Vec<Result<FeedOutcome, FeedError>> {
         let now = self.now_ms();
-        let mut feed = self.lock();
-        events
-            .into_iter()
-            .map(|e| feed.apply(e, &*self.store, now))
-            .collect()
+        let scope = crate::state::defer_commits();
+        let outcomes = {
+            let mut feed = self.lock();
+            events
+                .into_iter()
+                .map(|e| feed.apply(e, &*self.store, now))
+                .collect()
+        };
+        scope.wait();
+        outcomes
     }
 
     pub fn stats(&self) -> FeedStats {

@@ -10,6 +10,7 @@
 //! - [`feed`]: the one session feed every source writes through.
 //! - [`actions`]: the action dispatcher: requests that selected sessions go to the agent
 //!   that owns them (or an in-process data plane) and are answered after it commits.
+//! - [`state`]: `--state-dir`: the durable store (journal, snapshots, restore).
 //! - [`control`]: the control socket (newline-delimited JSON over a Unix stream socket) for
 //!   the gateway's agents and `dynauthctl`.
 //!
@@ -22,3 +23,4 @@ pub mod config;
 pub mod control;
 pub mod feed;
 pub mod runtime;
+pub mod state;

@@ -16,6 +16,7 @@ use dynauthd::config::{self, Cli, Command, DEMO_SECRET, DEMO_SESSIONS, DataPlane
 use dynauthd::control::ControlServer;
 use dynauthd::feed::SessionFeed;
 use dynauthd::runtime;
+use dynauthd::state;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -81,21 +82,101 @@ fn load_sessions(path: &std::path::Path) -> anyhow::Result<SessionTable> {
     Ok(table)
 }
 
+fn insert_demo_sessions(table: &SessionTable) {
+    for s in synth::demo_sessions(1, DEMO_SESSIONS) {
+        table.insert(s);
+    }
+    tracing::warn!(
+        "demo mode: the shared secret is the public `{DEMO_SECRET}`; {DEMO_SESSIONS} synthetic sessions demo-1 ... demo-{DEMO_SESSIONS}"
+    );
+}
+
+/// Restores the state directory (before any socket is bound: nothing is answered until the
+/// state is whole), imports `--sessions FILE` (or the demo sessions) into an empty one, and
+/// starts the journal. Returns the store and the shards' clock origin.
+fn open_state(
+    settings: &config::Settings,
+    options: &state::StateOptions,
+    stats: &Arc<state::StateStats>,
+) -> anyhow::Result<(Arc<state::DurableStore>, std::time::Instant)> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let window = std::time::Duration::from_millis(
+        dynauth_proto::store::TombstonePolicy::default().window_ms,
+    );
+    let base = state::clock_base(window);
+    tracing::info!(
+        "state: restoring {} (no socket is bound until the restore is done)",
+        options.dir.display()
+    );
+    let (mut table, restored) = state::restore(options, base)?;
+    tracing::info!("state: {restored}");
+    stats.restore_ms.store(
+        u64::try_from(restored.elapsed.as_millis()).unwrap_or(u64::MAX),
+        Relaxed,
+    );
+    stats.restored_records.store(
+        restored.snapshot_sessions + restored.snapshot_tombstones + restored.journal_records,
+        Relaxed,
+    );
+    stats
+        .restore_cuts
+        .store(restored.cuts.len() as u64, Relaxed);
+    stats
+        .restore_cut_bytes
+        .store(restored.cuts.iter().map(|c| c.dropped).sum(), Relaxed);
+    stats.restore_conflicts.store(restored.conflicts, Relaxed);
+    let mut imported = None;
+    if restored.empty {
+        if let Some(path) = &settings.sessions {
+            table = load_sessions(path)?;
+            imported = Some(path.display().to_string());
+        } else if settings.demo_sessions {
+            insert_demo_sessions(&table);
+            imported = Some("the demo sessions".to_string());
+        }
+    } else if let Some(path) = &settings.sessions {
+        tracing::warn!(
+            "state: {} is not empty, so --sessions {} is not imported again (it is a one-off import into an empty state; the state has every change since)",
+            options.dir.display(),
+            path.display()
+        );
+    }
+    let durable =
+        state::DurableStore::start(Arc::new(table), &restored, options, Arc::clone(stats))?;
+    if let Some(what) = imported {
+        let report = durable
+            .snapshot()
+            .context("writing the state directory's first snapshot")?;
+        tracing::info!("state: imported {what}: {report}");
+    }
+    Ok((durable, base))
+}
+
 fn serve(cli: &Cli) -> anyhow::Result<()> {
     let settings = config::settings_from(cli)?;
     let engine_config = Arc::new(settings.engine_config()?);
-    let store = Arc::new(match &settings.sessions {
-        Some(path) => load_sessions(path)?,
-        None => SessionTable::new(TableConfig::default()),
-    });
-    if settings.demo_sessions {
-        for s in synth::demo_sessions(1, DEMO_SESSIONS) {
-            store.insert(s);
+    let state_stats = Arc::new(state::StateStats::default());
+    let mut durable = None;
+    let mut base = None;
+    let table = match &settings.state {
+        None => {
+            let table = Arc::new(match &settings.sessions {
+                Some(path) => load_sessions(path)?,
+                None => SessionTable::new(TableConfig::default()),
+            });
+            if settings.demo_sessions {
+                insert_demo_sessions(&table);
+            }
+            table
         }
-        tracing::warn!(
-            "demo mode: the shared secret is the public `{DEMO_SECRET}`; {DEMO_SESSIONS} synthetic sessions demo-1 ... demo-{DEMO_SESSIONS}"
-        );
-    }
+        Some(options) => {
+            let d = open_state(&settings, options, &state_stats)?;
+            base = Some(d.1);
+            let table = Arc::clone(d.0.table());
+            durable = Some(d.0);
+            table
+        }
+    };
     if settings.nas.identifiers.is_empty() {
         tracing::info!(
             "no --nas-identifier configured: a request carrying NAS-Identifier gets NAK 403 (NAS-IP-Address / NAS-IPv6-Address default to the address a request arrived on)"
@@ -103,9 +184,26 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
     }
     let shutdown = dynauth_udp::install_shutdown_signals()
         .context("installing the SIGINT/SIGTERM handlers")?;
-    let table = Arc::clone(&store);
     let clients = Arc::new(engine_config.clients.clone());
-    let store: Arc<dyn SessionStore> = store;
+    let store: Arc<dyn SessionStore> = match &durable {
+        Some(d) => Arc::clone(d) as Arc<dyn SessionStore>,
+        None => Arc::clone(&table) as Arc<dyn SessionStore>,
+    };
+    let snapshot_stop = Arc::new(AtomicBool::new(false));
+    let snapshots = match &durable {
+        Some(d) => Some(
+            state::spawn_snapshots(
+                Arc::clone(d),
+                settings
+                    .state
+                    .as_ref()
+                    .map_or(std::time::Duration::ZERO, |s| s.snapshot_interval),
+                Arc::clone(&snapshot_stop),
+            )
+            .context("starting the snapshot thread")?,
+        ),
+        None => None,
+    };
     let agents = Arc::new(actions::Agents::default());
     let action_stats = Arc::new(actions::ActionStats::default());
     let queue = (settings.data_plane == DataPlaneMode::Agent)
@@ -113,11 +211,12 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
     let sink = queue
         .as_ref()
         .map(|(s, _)| Arc::new(s.clone()) as Arc<dyn dynauth_proto::action::ActionSink>);
-    let mut server = runtime::start(
+    let mut server = runtime::start_at(
         &settings,
         Arc::clone(&engine_config),
         Arc::clone(&store),
         sink,
+        base,
     )?;
     let mut dispatcher = None;
     let mut submitter = None;
@@ -226,6 +325,12 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
                 stats.write_prometheus(out)
             }));
         }
+        if durable.is_some() {
+            let stats = Arc::clone(&state_stats);
+            extra.push(Arc::new(move |out: &mut String| {
+                stats.write_prometheus(out)
+            }));
+        }
         if !accounting.is_empty() {
             let handles: Vec<_> = accounting.iter().map(|a| a.stats_handle()).collect();
             extra.push(Arc::new(move |out: &mut String| {
@@ -257,6 +362,21 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
     accounting_stop.store(true, std::sync::atomic::Ordering::Release);
     for a in accounting {
         a.join();
+    }
+    snapshot_stop.store(true, std::sync::atomic::Ordering::Release);
+    if let Some(t) = snapshots {
+        let _ = t.join();
+    }
+    if let Some(d) = &durable {
+        // Everything that wrote has stopped: a last snapshot, so the next start replays
+        // nothing.
+        match d.close() {
+            Ok(Some(r)) => tracing::info!("state: at shutdown: {r}"),
+            Ok(None) => {}
+            Err(e) => tracing::error!(
+                "state: the shutdown snapshot failed ({e}); the journal holds every change, the next start replays it"
+            ),
+        }
     }
     tracing::info!("totals: {}", totals.summary());
     println!("dynauthd totals: {}", totals.summary());

@@ -236,6 +236,10 @@ impl Handler for ShardHandler {
         // One clock read per batch for the decisions.
         self.now = clock(self.base);
         self.take_settled();
+        // With a state directory, the store's changes of the whole batch are covered by one
+        // wait here, before the backend sends any of the batch's answers (durable before
+        // acknowledged, docs/DURABILITY.md).
+        let scope = crate::state::defer_commits();
         for (d, answer) in batch.iter_mut() {
             let started = Instant::now();
             let outcome =
@@ -249,6 +253,7 @@ impl Handler for ShardHandler {
                 Outcome::Replay { len } => answer.send(len),
             }
         }
+        scope.wait();
     }
 }
 
@@ -354,6 +359,18 @@ pub fn start(
     store: Arc<dyn SessionStore>,
     actions: Option<Arc<dyn ActionSink>>,
 ) -> Result<Server, StartError> {
+    start_at(settings, config, store, actions, None)
+}
+
+/// [`start`] with the monotonic clock counting from `base` (a server with a state
+/// directory starts it a tombstone window early, so restored tombstones have times).
+pub fn start_at(
+    settings: &Settings,
+    config: Arc<EngineConfig>,
+    store: Arc<dyn SessionStore>,
+    actions: Option<Arc<dyn ActionSink>>,
+    base: Option<Instant>,
+) -> Result<Server, StartError> {
     let io = choose_backend(settings.io)?;
     if settings.gso && io == IoKind::Uring {
         tracing::warn!(
@@ -402,7 +419,7 @@ pub fn start(
         }
         local_addrs.push(bound);
     }
-    let base = Instant::now();
+    let base = base.unwrap_or_else(Instant::now);
     let mut delivery = None;
     if actions.is_some() {
         let first = listeners.first().map(Vec::as_slice).unwrap_or_default();

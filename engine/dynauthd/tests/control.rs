@@ -5,51 +5,14 @@
 
 mod daemon;
 
-use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use daemon::{start_ok, temp_path};
+use daemon::{Agent, start_ok, temp_path};
 use serde_json::{Value, json};
 
 const SECRET: &str = "control-test-secret";
-
-struct Agent {
-    writer: UnixStream,
-    reader: BufReader<UnixStream>,
-}
-
-impl Agent {
-    fn connect(path: &Path) -> Agent {
-        let stream = UnixStream::connect(path).expect("connect to the control socket");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        Agent {
-            writer: stream.try_clone().unwrap(),
-            reader: BufReader::new(stream),
-        }
-    }
-
-    fn send_line(&mut self, line: &str) -> Value {
-        writeln!(self.writer, "{line}").unwrap();
-        let mut reply = String::new();
-        self.reader.read_line(&mut reply).expect("a reply line");
-        serde_json::from_str(&reply).unwrap_or_else(|e| panic!("reply {reply:?} is JSON: {e}"))
-    }
-
-    fn send(&mut self, message: Value) -> Value {
-        self.send_line(&message.to_string())
-    }
-
-    fn ok(&mut self, message: Value) -> Value {
-        let reply = self.send(message.clone());
-        assert_eq!(reply["ok"], json!(true), "{message} -> {reply}");
-        reply["result"].clone()
-    }
-}
 
 fn server(name: &str) -> (daemon::Daemon, PathBuf) {
     let path = temp_path(name);

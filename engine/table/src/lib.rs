@@ -75,6 +75,18 @@ use arena::{Arena, ArenaWriter, RecBuf};
 pub use index::{FlatIndex, KeyIndex, PapayaIndex};
 use record::Keys;
 
+/// Writes `session` in the table's compact record encoding (`record.rs`: the present keys
+/// in `Key` order, the VRF, the NAS, the authorization as JSON) into `out` (cleared first).
+/// The state journal of `dynauthd` stores sessions in this form.
+pub fn encode_session(session: &Session, out: &mut Vec<u8>) {
+    record::encode(session, out);
+}
+
+/// The session `encode_session` wrote; `None` for bytes no encoder wrote (never a panic).
+pub fn decode_session(bytes: &[u8]) -> Option<Session> {
+    record::decode(bytes).map(Keys::to_session)
+}
+
 /// Settings of a table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TableConfig {
@@ -466,6 +478,90 @@ impl<I: KeyIndex> SessionTable<I> {
         (0..self.id_bound.load(Ordering::Acquire))
             .filter_map(|id| self.session(id))
             .collect()
+    }
+
+    /// Calls `f` with every live session in record-id order, one reused `Session` (a
+    /// snapshot writer streams them without collecting). Lock-free: sessions written
+    /// during the pass may or may not be seen (a fuzzy snapshot; `dynauthd`'s state
+    /// module replays the journal from before the pass over it).
+    pub fn for_each_session(&self, mut f: impl FnMut(&Session)) {
+        let mut buf = RecBuf::default();
+        let mut session = Session::default();
+        for id in 0..self.id_bound.load(Ordering::Acquire) {
+            if !self.arena.read(id, &mut buf) {
+                continue;
+            }
+            let Some(k) = record::decode(buf.bytes()) else {
+                continue;
+            };
+            if k.removed_at.is_none() {
+                k.fill_session(&mut session);
+                f(&session);
+            }
+        }
+    }
+
+    /// The tombstones, oldest first: (removal time, the session as it was removed).
+    pub fn tombstones(&self) -> Vec<(u64, Session)> {
+        let ids: Vec<(u64, u32)> = {
+            let w = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+            w.tombstones.iter().copied().collect()
+        };
+        let mut buf = RecBuf::default();
+        ids.into_iter()
+            .filter_map(|(t, id)| {
+                let k = self.read_keys(id, &mut buf)?;
+                (k.removed_at == Some(t)).then(|| (t, k.to_session()))
+            })
+            .collect()
+    }
+
+    /// The live session that is `store::same_session` as `identity`, if any.
+    pub fn current(&self, identity: &Session) -> Option<Session> {
+        let keys = record::keys_of(identity);
+        let mut buf = RecBuf::default();
+        let (live, _) = self.find_same(&keys, 0, &mut buf);
+        live.and_then(|id| self.session(id))
+    }
+
+    /// Puts back a tombstone of `session` removed at `removed_at` (a restore): indexed
+    /// like any tombstone, appended to the tombstone FIFO (callers restore oldest first),
+    /// no unique-key check (tombstones hold none). False when the record does not fit or
+    /// the table refuses writes.
+    pub fn restore_tombstone(&self, session: &Session, removed_at: u64) -> bool {
+        let policy = self.config.tombstones;
+        if policy.capacity == 0 {
+            return false;
+        }
+        let Ok(mut guard) = self.lock() else {
+            return false;
+        };
+        let w = &mut *guard;
+        let keys = record::keys_of(session);
+        let auth = (session.authorization != dynauth_proto::session::Authorization::default())
+            .then(|| serde_json::to_vec(&session.authorization).unwrap_or_default());
+        record::encode_parts(&keys, auth.as_deref(), Some(removed_at), &mut w.enc);
+        if w.enc.len() > arena::MAX_RECORD {
+            return false;
+        }
+        let Ok(id) = self.arena.alloc_id(&mut w.arena) else {
+            return false;
+        };
+        if self.arena.store(&mut w.arena, id, &w.enc).is_err() {
+            self.arena.free_id(&mut w.arena, id);
+            return false;
+        }
+        self.id_bound
+            .store(Arena::id_bound(&w.arena), Ordering::Release);
+        self.entries(&keys, |ix, hash| ix.insert(hash, id));
+        if w.tombstones.len() >= policy.capacity {
+            if let Some((_, old)) = w.tombstones.pop_front() {
+                self.purge(w, old);
+            }
+        }
+        w.tombstones.push_back((removed_at, id));
+        self.note_oldest(w);
+        true
     }
 
     pub fn stats(&self) -> TableStats {

@@ -275,3 +275,50 @@ pub fn disconnect(
     let (code, cause, _) = check_answer(&answer, &req, &secret);
     (code, cause)
 }
+
+/// A control-socket client (docs/CONTROL.md): one request line, one reply line.
+pub struct Agent {
+    writer: std::os::unix::net::UnixStream,
+    reader: BufReader<std::os::unix::net::UnixStream>,
+}
+
+impl Agent {
+    pub fn connect(path: &std::path::Path) -> Agent {
+        let stream =
+            std::os::unix::net::UnixStream::connect(path).expect("connect to the control socket");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        Agent {
+            writer: stream.try_clone().unwrap(),
+            reader: BufReader::new(stream),
+        }
+    }
+
+    pub fn send_line(&mut self, line: &str) -> serde_json::Value {
+        writeln!(self.writer, "{line}").unwrap();
+        let mut reply = String::new();
+        self.reader.read_line(&mut reply).expect("a reply line");
+        serde_json::from_str(&reply).unwrap_or_else(|e| panic!("reply {reply:?} is JSON: {e}"))
+    }
+
+    pub fn send(&mut self, message: serde_json::Value) -> serde_json::Value {
+        self.send_line(&message.to_string())
+    }
+
+    /// The reply, or None when the server is gone (it was killed).
+    pub fn try_send(&mut self, message: &serde_json::Value) -> Option<serde_json::Value> {
+        writeln!(self.writer, "{message}").ok()?;
+        let mut reply = String::new();
+        match self.reader.read_line(&mut reply) {
+            Ok(n) if n > 0 => serde_json::from_str(&reply).ok(),
+            _ => None,
+        }
+    }
+
+    pub fn ok(&mut self, message: serde_json::Value) -> serde_json::Value {
+        let reply = self.send(message.clone());
+        assert_eq!(reply["ok"], serde_json::json!(true), "{message} -> {reply}");
+        reply["result"].clone()
+    }
+}
