@@ -530,6 +530,8 @@ struct State {
     /// Settled answers of this round, sent once the round's store changes are durable
     /// (`state::defer_commits`; without a state directory that wait is free).
     ready: Vec<SettledAnswer>,
+    /// Operators' outcomes of this round, likewise sent once durable.
+    ready_operators: Vec<(Sender<OperatorOutcome>, OperatorOutcome)>,
 }
 
 /// The most events handled before queued action lines are written out.
@@ -561,6 +563,7 @@ impl State {
             compensating: HashSet::new(),
             out: vec![0; MAX_PACKET_LEN],
             ready: Vec::new(),
+            ready_operators: Vec::new(),
         }
     }
 
@@ -879,7 +882,7 @@ impl State {
                     .setup
                     .store
                     .remove_sessions(&stale, false, now.monotonic_ms);
-                let _ = o.reply.try_send(outcome);
+                self.ready_operators.push((o.reply.clone(), outcome));
             }
         }
         self.wake_waiting();
@@ -1018,6 +1021,9 @@ impl State {
 
     /// Sends the answers settled this round (after the round's commits are durable).
     fn send_ready(&mut self) {
+        for (reply, outcome) in self.ready_operators.drain(..) {
+            let _ = reply.try_send(outcome);
+        }
         let stats = &self.setup.stats;
         for answer in self.ready.drain(..) {
             let (to, from) = (answer.settled.source, answer.settled.destination);
