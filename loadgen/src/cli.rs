@@ -136,6 +136,11 @@ pub struct RunArgs {
     /// Mass disconnect: only sessions whose NAS-Port-Id starts with this prefix.
     #[arg(long)]
     pub group_prefix: Option<String>,
+    /// Which sessions churn requests target: `in-order` (0, 1, 2, ...: only the first
+    /// --pool sessions of a large table), `uniform` (over every session, seeded) or `zipf:S`
+    /// (over every session, a few hot ones; S > 0, not 1, e.g. zipf:0.9).
+    #[arg(long, default_value = "in-order", value_parser = crate::pool::TargetSelection::parse)]
+    pub targets: crate::pool::TargetSelection,
     /// Session-Timeout value a CoA sets (seconds).
     #[arg(long, default_value_t = 3600)]
     pub session_timeout: u32,

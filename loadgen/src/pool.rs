@@ -257,6 +257,89 @@ pub struct Options {
     pub event_timestamp: bool,
     pub session_timeout: u32,
     pub seed: u64,
+    /// Which existing sessions the churn pool's requests target.
+    pub targets: TargetSelection,
+}
+
+/// How the churn pool picks existing sessions (`--targets`).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum TargetSelection {
+    /// Session 0, 1, 2, ... (the first `--pool` sessions of a large table only).
+    #[default]
+    InOrder,
+    /// Uniformly over every session, seeded.
+    Uniform,
+    /// Zipf over every session with exponent `s` (> 0, not 1): session 0 the most often, a
+    /// few hot subscribers and a long tail; seeded.
+    Zipf(f64),
+}
+
+impl TargetSelection {
+    /// `in-order`, `uniform`, or `zipf:S` (e.g. `zipf:0.9`).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "in-order" => Ok(TargetSelection::InOrder),
+            "uniform" => Ok(TargetSelection::Uniform),
+            _ => s
+                .strip_prefix("zipf:")
+                .and_then(|e| e.parse::<f64>().ok())
+                .filter(|e| e.is_finite() && *e > 0.0 && (*e - 1.0).abs() > 1e-9)
+                .map(TargetSelection::Zipf)
+                .ok_or_else(|| {
+                    format!("{s:?}: expected in-order, uniform or zipf:S (S > 0, not 1)")
+                }),
+        }
+    }
+}
+
+/// A small seeded generator (splitmix64) for reproducible target picks.
+struct Picker {
+    state: u64,
+    selection: TargetSelection,
+    count: u64,
+    next_in_order: u64,
+}
+
+impl Picker {
+    fn new(selection: TargetSelection, seed: u64, count: u64) -> Self {
+        Picker {
+            state: seed ^ 0x9e37_79b9_7f4a_7c15,
+            selection,
+            count: count.max(1),
+            next_in_order: 0,
+        }
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A uniform number in (0, 1].
+    fn unit(&mut self) -> f64 {
+        ((self.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64
+    }
+
+    fn next(&mut self) -> u64 {
+        match self.selection {
+            TargetSelection::InOrder => {
+                let i = self.next_in_order % self.count;
+                self.next_in_order += 1;
+                i
+            }
+            TargetSelection::Uniform => self.next_u64() % self.count,
+            TargetSelection::Zipf(s) => {
+                // Inverse of the continuous approximation of Zipf's CDF over [1, N + 1).
+                let n = self.count as f64 + 1.0;
+                let a = 1.0 - s;
+                let x = ((n.powf(a) - 1.0) * self.unit() + 1.0).powf(1.0 / a);
+                ((x.floor() as u64).saturating_sub(1)).min(self.count - 1)
+            }
+        }
+    }
 }
 
 /// The prepared requests and the secret that signs them.
@@ -328,12 +411,8 @@ impl Pool {
         }
         let mut pool = Pool::empty(secret.as_ref())?;
         let mut wrr = Wrr::new(mix);
-        let mut cursor = 0u64;
-        let mut existing = || {
-            let i = cursor % sessions.len().max(1);
-            cursor += 1;
-            sessions.ident(i)
-        };
+        let mut picker = Picker::new(options.targets, options.seed, sessions.len());
+        let mut existing = || sessions.ident(picker.next());
         for k in 0..size.max(1) {
             match wrr.next() {
                 0 => pool.push(Kind::Disconnect, Expectation::Ack, &existing(), options)?,
@@ -485,7 +564,46 @@ mod tests {
             event_timestamp: ts,
             session_timeout: 600,
             seed: 1,
+            targets: TargetSelection::InOrder,
         }
+    }
+
+    // The storm over a whole table: uniform picks reach the far end of a large table
+    // (in order stops at the pool size), Zipf favours the first sessions, and both are
+    // reproducible for one seed.
+    #[test]
+    fn targets_are_drawn_over_the_whole_table() {
+        let count = 10_000_000;
+        let picks = |sel, seed| {
+            let mut p = Picker::new(sel, seed, count);
+            (0..20_000).map(|_| p.next()).collect::<Vec<u64>>()
+        };
+        let in_order = picks(TargetSelection::InOrder, 1);
+        assert_eq!(in_order[..3], [0, 1, 2]);
+        let uniform = picks(TargetSelection::Uniform, 1);
+        assert!(uniform.iter().all(|&i| i < count));
+        let far = uniform.iter().filter(|&&i| i >= count / 2).count();
+        assert!(
+            (9_000..11_000).contains(&far),
+            "{far} of 20000 in the upper half"
+        );
+        assert_eq!(uniform, picks(TargetSelection::Uniform, 1), "seeded");
+        assert_ne!(uniform, picks(TargetSelection::Uniform, 2));
+        let zipf = picks(TargetSelection::Zipf(1.1), 1);
+        assert!(zipf.iter().all(|&i| i < count));
+        let hot = zipf.iter().filter(|&&i| i < 100).count();
+        let uniform_hot = uniform.iter().filter(|&&i| i < 100).count();
+        assert!(
+            hot > 20 * uniform_hot.max(1),
+            "Zipf favours the first: {hot}"
+        );
+        assert!(zipf.iter().any(|&i| i > 1_000_000), "and has a long tail");
+        assert_eq!(
+            TargetSelection::parse("zipf:0.9"),
+            Ok(TargetSelection::Zipf(0.9))
+        );
+        assert!(TargetSelection::parse("zipf:1").is_err());
+        assert!(TargetSelection::parse("random").is_err());
     }
 
     #[test]

@@ -137,6 +137,7 @@ pub fn prepare(args: &RunArgs) -> Result<Prepared, RunError> {
         event_timestamp: args.event_timestamp,
         session_timeout: args.session_timeout,
         seed: args.seed,
+        targets: args.targets,
     };
     let pool = match args.profile {
         Profile::Churn => {
