@@ -6,7 +6,8 @@
 //! cargo run --release -p dynauthd --example commit_agent -- /tmp/dynauthd.sock bench 100000
 //! ```
 //!
-//! With `--feed-only` it only loads the sessions (for a server with `--data-plane table`).
+//! With `--feed-only` it only loads the sessions and exits (for a server with
+//! `--data-plane table`).
 //! It prints `ready` once the sessions are in, and at the end (stdin closed or Ctrl-C) how many
 //! actions it committed. Not a production agent: it tears nothing down.
 
@@ -77,6 +78,9 @@ fn main() -> anyhow::Result<()> {
         "ready: {sent} sessions upserted in {secs:.2} s ({:.0} upserts/s)",
         sent as f64 / secs.max(1e-9)
     );
+    if feed_only {
+        return Ok(());
+    }
     let mut committed = 0u64;
     let mut text = String::new();
     loop {
