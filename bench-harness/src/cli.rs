@@ -168,6 +168,14 @@ pub struct RunArgs {
     /// A line for the report's header (repeatable), e.g. which branch dynauthd was built from.
     #[arg(long)]
     pub note: Vec<String>,
+    /// SLO capacity search for every primary target: the highest offered rate at which p99
+    /// (timeouts included) stays under this many milliseconds with loss under --slo-loss
+    /// (loadgen --capacity). Default 10 (quick: no search unless given); 0 skips it.
+    #[arg(long)]
+    pub slo_p99_ms: Option<u64>,
+    /// The capacity search's loss bound, as a fraction (default 0.001 = 0.1%).
+    #[arg(long, default_value_t = 0.001)]
+    pub slo_loss: f64,
 }
 
 /// The resolved plan: every default filled in.
@@ -193,6 +201,9 @@ pub struct Plan {
     pub secret: String,
     pub timeout_ms: u64,
     pub notes: Vec<String>,
+    /// The SLO capacity search's p99 bound (ms); `None`: no search.
+    pub slo_p99_ms: Option<u64>,
+    pub slo_loss: f64,
 }
 
 /// Default CPU split: the lower half for loadgen, the upper half for the server (one CPU:
@@ -293,6 +304,13 @@ impl RunArgs {
             secret: self.secret.clone(),
             timeout_ms: self.timeout_ms.unwrap_or(if q { 500 } else { 1000 }),
             notes: self.note.clone(),
+            slo_p99_ms: match self.slo_p99_ms {
+                Some(0) => None,
+                Some(ms) => Some(ms),
+                None if q => None,
+                None => Some(10),
+            },
+            slo_loss: self.slo_loss.clamp(0.0, 1.0),
         })
     }
 }

@@ -40,7 +40,17 @@ pub fn parse_report(json: &str) -> Result<RunReport, serde_json::Error> {
 pub enum Load {
     Window(usize),
     Rate(f64),
+    /// loadgen's SLO capacity search: p99 under `slo_p99_ms` and loss under `slo_loss`,
+    /// offered rates up to `max_rps`, steps of the run's duration.
+    Capacity {
+        slo_p99_ms: u64,
+        slo_loss: f64,
+        max_rps: f64,
+    },
 }
+
+/// loadgen's capacity-search report (its own type).
+pub use dynauth_loadgen::capacity::CapacityReport;
 
 /// Everything one loadgen run needs.
 #[derive(Debug, Clone)]
@@ -95,6 +105,20 @@ impl LoadgenRun {
         match self.load {
             Load::Window(w) => push("--window", w.to_string()),
             Load::Rate(r) => push("--rate", format!("{r:.0}")),
+            Load::Capacity {
+                slo_p99_ms,
+                slo_loss,
+                max_rps,
+            } => {
+                push("--slo-p99", format!("{slo_p99_ms}ms"));
+                push("--slo-loss", format!("{slo_loss}"));
+                push(
+                    "--capacity-min",
+                    format!("{:.0}", (max_rps / 64.0).max(100.0)),
+                );
+                push("--capacity-max", format!("{max_rps:.0}"));
+                push("--capacity-steps", "12".into());
+            }
         }
         if self.echo {
             push("--expect", "echo".into());
@@ -128,6 +152,32 @@ impl LoadgenRun {
                 stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
             }),
         }
+    }
+}
+
+impl LoadgenRun {
+    /// Runs loadgen's SLO capacity search (`load` must be [`Load::Capacity`]) and parses its
+    /// report; a search in which no rate passed still reports its steps.
+    pub fn run_capacity(&self) -> Result<CapacityReport, LoadgenError> {
+        let argv = self.command_line();
+        let out = Command::new(&argv[0])
+            .args(&argv[1..])
+            .output()
+            .map_err(|source| LoadgenError::Spawn {
+                program: argv[0].clone(),
+                source,
+            })?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(&stdout).map_err(|e| {
+            if out.status.success() {
+                LoadgenError::Json(e)
+            } else {
+                LoadgenError::Failed {
+                    status: out.status.to_string(),
+                    stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                }
+            }
+        })
     }
 }
 

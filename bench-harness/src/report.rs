@@ -299,6 +299,8 @@ pub fn markdown(results: &Results, charts: &[(String, PathBuf)], json_name: &str
         let _ = writeln!(s, "**In one line:** {h}\n");
     }
 
+    slo_capacity(&mut s, results);
+
     // Maximum throughput.
     let _ = writeln!(s, "## Maximum throughput (closed loop)\n");
     let _ = writeln!(
@@ -549,6 +551,59 @@ pub fn markdown(results: &Results, charts: &[(String, PathBuf)], json_name: &str
 
 /// A comparison of two runs of the same machine: maximum throughput per target and the
 /// candidate's change.
+/// The SLO capacity of every target that was searched: the number an operator sizes with,
+/// first in the report.
+fn slo_capacity(s: &mut String, results: &Results) {
+    let searched: Vec<(&TargetResult, &crate::results::Capacity)> = results
+        .targets
+        .iter()
+        .filter_map(|t| t.capacity.as_ref().map(|c| (t, c)))
+        .collect();
+    let Some((_, first)) = searched.first() else {
+        return;
+    };
+    let _ = writeln!(s, "## SLO capacity\n");
+    let _ = writeln!(
+        s,
+        "The highest offered rate (open loop, loadgen `--capacity`) at which p99, timeouts \
+         included, stays under {} ms with under {}% of requests lost: bisection over the \
+         offered rate. *of echo*: over the echo ceiling's capacity in this run. A target \
+         whose search was generator-bound shows a lower bound.\n",
+        first.slo_p99_ms,
+        first.slo_loss * 100.0
+    );
+    let echo = searched
+        .iter()
+        .find(|(t, _)| t.kind == TargetKind::Echo)
+        .and_then(|(_, c)| c.capacity_rps);
+    let _ = writeln!(
+        s,
+        "| target | capacity/s | of echo | first failing rate/s | outcome | steps |"
+    );
+    let _ = writeln!(s, "|---|---:|---:|---:|---|---:|");
+    for (t, c) in &searched {
+        let capacity = match (c.capacity_rps, c.outcome.as_str()) {
+            (None, _) => "none".to_string(),
+            (Some(v), "found") => thousands(v),
+            (Some(v), _) => format!("≥ {}", thousands(v)),
+        };
+        let of_echo = match (c.capacity_rps, echo) {
+            (Some(v), Some(e)) if e > 0.0 && t.kind != TargetKind::Echo => pct(Some(v / e)),
+            (_, _) if t.kind == TargetKind::Echo => "100%".into(),
+            _ => "–".into(),
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {capacity} | {of_echo} | {} | {} | {} |",
+            t.label(),
+            c.first_failing_rps.map_or("–".into(), thousands),
+            c.outcome,
+            c.steps
+        );
+    }
+    s.push('\n');
+}
+
 /// Each dynauthd target's answers per shard over its closed-loop repetitions (dynauthd's
 /// per-shard metrics): whether SO_REUSEPORT spread loadgen's source ports over every shard.
 fn shard_spread(s: &mut String, results: &Results) {
@@ -793,6 +848,32 @@ mod tests {
             ],
             warnings: vec!["the machine is busy before the run: load average 3.00".into()],
         }
+    }
+
+    // The SLO capacity comes first, with the ratio to the echo ceiling's and a lower bound
+    // for a search that did not find its limit.
+    #[test]
+    fn the_report_opens_with_the_slo_capacity() {
+        let mut r = results("f1");
+        assert!(!markdown(&r, &[], "B.json").contains("## SLO capacity"));
+        let cap = |rps: Option<f64>, outcome: &str| {
+            Some(crate::results::Capacity {
+                slo_p99_ms: 10,
+                slo_loss: 0.001,
+                capacity_rps: rps,
+                outcome: outcome.into(),
+                first_failing_rps: rps.map(|v| v * 1.05),
+                steps: 9,
+            })
+        };
+        r.targets[0].capacity = cap(Some(200_000.0), "found");
+        r.targets[1].capacity = cap(Some(100_000.0), "found");
+        r.targets[3].capacity = cap(Some(20_000.0), "at-maximum");
+        let md = markdown(&r, &[], "B.json");
+        let slo = md.find("## SLO capacity").expect("the section");
+        assert!(slo < md.find("## Maximum throughput").unwrap(), "first");
+        assert!(md.contains("| 100,000 | 50% |"), "{md}");
+        assert!(md.contains("| ≥ 20,000 |"), "{md}");
     }
 
     // Per-shard answer counts (dynauthd's metrics) are summed over the repetitions and shown

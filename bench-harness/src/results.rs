@@ -322,6 +322,22 @@ pub struct TargetResult {
     /// repetition).
     pub half_load_distribution: Vec<DistPoint>,
     pub notes: Vec<String>,
+    /// The SLO capacity search (loadgen --capacity), when the plan asked for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<Capacity>,
+}
+
+/// The answer of one SLO capacity search.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Capacity {
+    pub slo_p99_ms: u64,
+    pub slo_loss: f64,
+    /// The highest offered rate that met the SLO; `None`: none did.
+    pub capacity_rps: Option<f64>,
+    /// How the search ended, in loadgen's words (`found`, `at-maximum`, `generator-bound`...).
+    pub outcome: String,
+    pub first_failing_rps: Option<f64>,
+    pub steps: usize,
 }
 
 impl TargetResult {
@@ -339,6 +355,7 @@ impl TargetResult {
             sweep: Vec::new(),
             half_load_distribution: Vec::new(),
             notes: Vec::new(),
+            capacity: None,
         }
     }
 

@@ -518,6 +518,45 @@ impl Suite {
             }
             r.sweep.push(point);
         }
+        if let Some(slo_p99_ms) = p.slo_p99_ms {
+            // Up to twice the closed-loop maximum: open loop can exceed it a little, and
+            // passing the maximum ends the search ("at least").
+            let run = self.loadgen_run(
+                addr,
+                sessions,
+                echo,
+                Load::Capacity {
+                    slo_p99_ms,
+                    slo_loss: p.slo_loss,
+                    max_rps: max * 2.0,
+                },
+                p.duration_ms.min(2000),
+            );
+            match run.run_capacity() {
+                Ok(c) => {
+                    say(&format!(
+                        "  SLO capacity (p99 < {slo_p99_ms} ms, loss < {}%): {} ({:?}, {} steps)",
+                        p.slo_loss * 100.0,
+                        c.capacity_rps
+                            .map_or("none".into(), |v| format!("{v:.0}/s")),
+                        c.outcome,
+                        c.steps.len()
+                    ));
+                    r.capacity = Some(crate::results::Capacity {
+                        slo_p99_ms,
+                        slo_loss: p.slo_loss,
+                        capacity_rps: c.capacity_rps,
+                        outcome: serde_json::to_value(c.outcome)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_owned))
+                            .unwrap_or_default(),
+                        first_failing_rps: c.first_failing_rps,
+                        steps: c.steps.len(),
+                    });
+                }
+                Err(e) => r.notes.push(format!("SLO capacity search: {e}")),
+            }
+        }
         Ok(())
     }
 }

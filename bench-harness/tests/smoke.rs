@@ -57,6 +57,9 @@ fn quick_run_writes_report_charts_and_json_then_report_and_compare_use_them() {
             "1000",
             "--timeout-ms",
             "200",
+            // The SLO capacity search too (a loose bound: debug builds on a busy machine).
+            "--slo-p99-ms",
+            "150",
         ])
         .arg("--report")
         .arg(&report)
@@ -159,8 +162,17 @@ fn quick_run_writes_report_charts_and_json_then_report_and_compare_use_them() {
         assert!(answered > 100, "dynauthd answered only {answered}");
     }
 
+    // Every primary target got its SLO capacity search; the report opens with it.
+    for id in ["echo", "dynauthd-mmsg-s1-b64"] {
+        let t = target(id);
+        if t["skipped"].is_null() {
+            assert!(t["capacity"]["steps"].as_u64().unwrap() >= 1, "{id}: {t}");
+        }
+    }
+
     // The report and the charts name what was measured.
     let md = std::fs::read_to_string(&report).unwrap();
+    assert!(md.contains("## SLO capacity"), "{md}");
     assert!(md.contains("| echo ceiling | "), "{md}");
     assert!(md.contains(json["machine"]["kernel"].as_str().unwrap()));
     if !stub {
