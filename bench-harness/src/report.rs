@@ -572,9 +572,12 @@ fn slo_capacity(s: &mut String, results: &Results) {
         first.slo_p99_ms,
         first.slo_loss * 100.0
     );
+    // A ratio only between two capacities that were found (a lower bound over anything is
+    // no ratio).
     let echo = searched
         .iter()
         .find(|(t, _)| t.kind == TargetKind::Echo)
+        .filter(|(_, c)| c.outcome == "found")
         .and_then(|(_, c)| c.capacity_rps);
     let _ = writeln!(
         s,
@@ -587,9 +590,10 @@ fn slo_capacity(s: &mut String, results: &Results) {
             (Some(v), "found") => thousands(v),
             (Some(v), _) => format!("≥ {}", thousands(v)),
         };
+        let found = c.outcome == "found";
         let of_echo = match (c.capacity_rps, echo) {
-            (Some(v), Some(e)) if e > 0.0 && t.kind != TargetKind::Echo => pct(Some(v / e)),
             (_, _) if t.kind == TargetKind::Echo => "100%".into(),
+            (Some(v), Some(e)) if e > 0.0 && found => pct(Some(v / e)),
             _ => "–".into(),
         };
         let _ = writeln!(
@@ -873,7 +877,16 @@ mod tests {
         let slo = md.find("## SLO capacity").expect("the section");
         assert!(slo < md.find("## Maximum throughput").unwrap(), "first");
         assert!(md.contains("| 100,000 | 50% |"), "{md}");
-        assert!(md.contains("| ≥ 20,000 |"), "{md}");
+        assert!(
+            md.contains("| ≥ 20,000 | – |"),
+            "a lower bound has no ratio: {md}"
+        );
+        r.targets[0].capacity = cap(Some(200_000.0), "generator-bound");
+        let md = markdown(&r, &[], "B.json");
+        assert!(
+            md.contains("| 100,000 | – |"),
+            "no ratio to a lower bound: {md}"
+        );
     }
 
     // Per-shard answer counts (dynauthd's metrics) are summed over the repetitions and shown
