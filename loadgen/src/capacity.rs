@@ -11,8 +11,9 @@
 //!    rate, until they are within `precision` of each other.
 //!
 //! The answer is the highest rate that passed. A step in which the generator itself was
-//! the bottleneck (`RunReport::generator_bound`) says nothing about the server: the search
-//! stops there and says so. Every step is kept in the report.
+//! the bottleneck (`RunReport::generator_bound`) says nothing about the server: it caps the
+//! bisection from above (nothing is known at or beyond it), and a search that ends against
+//! that cap says so (`Outcome::GeneratorBound`, a lower bound). Every step is kept.
 #![forbid(unsafe_code)]
 
 use std::time::Duration;
@@ -176,6 +177,9 @@ pub fn search<R, E>(
     let mut steps = Vec::new();
     let mut pass: Option<(f64, R)> = None;
     let mut fail: Option<f64> = None;
+    // The lowest rate the generator could not offer: nothing is known at or above it, so
+    // the search bisects below it (the answer is then a lower bound).
+    let mut ceiling: Option<f64> = None;
     let mut rate = plan.min_rps;
     let mut outcome = Outcome::OutOfSteps;
     while steps.len() < plan.max_steps {
@@ -187,16 +191,26 @@ pub fn search<R, E>(
             break;
         }
         if bound {
-            outcome = Outcome::GeneratorBound;
-            break;
-        }
-        if passed {
+            ceiling = Some(ceiling.map_or(rate, |c: f64| c.min(rate)));
+        } else if passed {
             pass = Some((rate, kept));
         } else {
-            fail = Some(rate);
+            fail = Some(fail.map_or(rate, |f: f64| f.min(rate)));
         }
         let p = pass.as_ref().map(|(p, _)| *p);
-        match (p, fail) {
+        // The bisection's upper end: the lowest failing rate, or the generator's ceiling.
+        let upper = match (fail, ceiling) {
+            (Some(f), Some(c)) => Some(f.min(c)),
+            (f, c) => f.or(c),
+        };
+        let by_ceiling =
+            upper.is_some() && upper == ceiling && fail.is_none_or(|f| Some(f) != upper);
+        match (p, upper) {
+            (None, _) if fail.is_none() => {
+                // Even the lowest rate could not be offered.
+                outcome = Outcome::GeneratorBound;
+                break;
+            }
             (None, _) => {
                 outcome = Outcome::BelowMinimum;
                 break;
@@ -206,11 +220,15 @@ pub fn search<R, E>(
                 break;
             }
             (Some(p), None) => rate = (p * 2.0).min(plan.max_rps),
-            (Some(p), Some(f)) if f - p <= plan.precision * p => {
-                outcome = Outcome::Found;
+            (Some(p), Some(u)) if u - p <= plan.precision * p => {
+                outcome = if by_ceiling {
+                    Outcome::GeneratorBound
+                } else {
+                    Outcome::Found
+                };
                 break;
             }
-            (Some(p), Some(f)) => rate = (p + f) / 2.0,
+            (Some(p), Some(u)) => rate = (p + u) / 2.0,
         }
     }
     let (capacity_rps, kept) = match pass {
@@ -447,25 +465,45 @@ mod tests {
         assert_eq!(r.capacity_rps, Some(4000.0), "a lower bound");
     }
 
+    // A rate the generator cannot offer is an upper end for the bisection, not a failure:
+    // the search narrows below it, and its answer is a lower bound; a server that fails below
+    // the generator's limit is found as usual.
     #[test]
-    fn a_generator_bound_step_stops_the_search() {
-        let mut inner = server(1e9);
-        let (r, _) = search(&plan(1000.0, 1e6, 40), |rate| {
-            let (mut s, k) = inner(rate)?;
-            if rate >= 4000.0 {
-                s.generator_bound = true;
-                s.pass = false;
+    fn a_generator_bound_step_bounds_the_search_from_above() {
+        let generator = |limit: f64, capacity: f64| {
+            let mut inner = server(capacity);
+            move |rate: f64| {
+                let (mut s, k) = inner(rate)?;
+                if rate >= limit {
+                    s.generator_bound = true;
+                    s.pass = false;
+                }
+                Ok::<_, ()>((s, k))
             }
-            Ok::<_, ()>((s, k))
-        })
-        .unwrap();
+        };
+        let (r, _) = search(&plan(1000.0, 1e6, 40), generator(4000.0, 1e9)).unwrap();
         assert_eq!(r.outcome, Outcome::GeneratorBound);
-        assert_eq!(r.capacity_rps, Some(2000.0));
+        let c = r.capacity_rps.unwrap();
+        assert!(
+            (0.95 * 4000.0..4000.0).contains(&c),
+            "narrowed below the limit: {c}"
+        );
         assert_eq!(
             r.first_failing_rps, None,
             "a generator-bound step is not a failure"
         );
-        assert_eq!(r.steps.len(), 3);
         assert!(r.answer().contains("generator"), "{}", r.answer());
+        // The server fails below what the generator can offer: found.
+        let (r, _) = search(&plan(1000.0, 1e6, 40), generator(40_000.0, 5000.0)).unwrap();
+        assert_eq!(r.outcome, Outcome::Found);
+        let c = r.capacity_rps.unwrap();
+        assert!(
+            c <= 5000.0 && r.first_failing_rps.unwrap() > 5000.0,
+            "{r:?}"
+        );
+        // Not even the minimum can be offered.
+        let (r, _) = search(&plan(1000.0, 1e6, 40), generator(10.0, 1e9)).unwrap();
+        assert_eq!((r.outcome, r.capacity_rps), (Outcome::GeneratorBound, None));
+        assert_eq!(r.steps.len(), 1);
     }
 }
