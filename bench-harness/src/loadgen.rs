@@ -112,12 +112,15 @@ impl LoadgenRun {
             } => {
                 push("--slo-p99", format!("{slo_p99_ms}ms"));
                 push("--slo-loss", format!("{slo_loss}"));
+                // From an eighth of the closed-loop maximum (`max_rps` is twice it): three
+                // doublings reach it; 20 steps leave room for the bisection and for the
+                // second run of every failing rate.
                 push(
                     "--capacity-min",
-                    format!("{:.0}", (max_rps / 64.0).max(100.0)),
+                    format!("{:.0}", (max_rps / 16.0).max(100.0)),
                 );
                 push("--capacity-max", format!("{max_rps:.0}"));
-                push("--capacity-steps", "12".into());
+                push("--capacity-steps", "20".into());
             }
         }
         if self.echo {
