@@ -123,7 +123,10 @@ fn a_fixed_delay_fails_a_tighter_target_and_passes_a_looser_one() {
     assert_eq!(json["outcome"], "below-minimum");
     // The failure and its confirmation at the same rate.
     assert_eq!(json["steps"].as_array().unwrap().len(), 2);
-    assert_eq!(json["steps"][0]["offered_rps"], json["steps"][1]["offered_rps"]);
+    assert_eq!(
+        json["steps"][0]["offered_rps"],
+        json["steps"][1]["offered_rps"]
+    );
     let step = &json["steps"][0];
     assert_eq!(step["pass"], false);
     assert!(step["p99_us"].as_f64().unwrap() >= 30_000.0, "{step}");
