@@ -408,3 +408,32 @@ fn clean_restart_uses_the_snapshot_and_imports_the_file_once() {
     assert!(err.contains("0 journal records"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+// Two servers on one state directory would interleave their journals: the second is refused
+// at start with the reason, and the directory is free again once the first has stopped
+// (also after kill -9: the kernel drops the lock with the process).
+#[test]
+fn a_second_server_on_the_same_state_directory_is_refused() {
+    let dir = fresh_dir("state-lock");
+    let first = start(&dir, &temp_path("state-lock-1.sock"), &[]);
+    let client = format!("127.0.0.1/32={SECRET}");
+    let second = daemon::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--client",
+        &client,
+        "--data-plane",
+        "table",
+        "--state-dir",
+        dir.to_str().unwrap(),
+    ]);
+    match second {
+        daemon::Started::Failed(err) => {
+            assert!(err.contains("another dynauthd is using it"), "{err}")
+        }
+        daemon::Started::Running(_) => panic!("two servers share one state directory"),
+    }
+    drop(first); // SIGKILL, reaped
+    let again = start(&dir, &temp_path("state-lock-2.sock"), &[]);
+    again.stop();
+}

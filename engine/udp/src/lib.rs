@@ -20,6 +20,7 @@
 //! - `mmsg.rs`: the `recvmmsg`/`sendmmsg` backend.
 //! - `uring.rs`: the io_uring backend and its probe.
 //! - `late.rs`: answers sent outside a receive batch (settled by the data plane later).
+//! - `lock.rs`: exclusive file locks (one dynauthd per state directory).
 //! - `signals.rs`: SIGINT/SIGTERM for graceful shutdown.
 //! - [`cpu`]: CPU lists shared by every tool; [`dac`]: the DAC side (load generator, echo
 //!   server, bench clients): batched send/receive, ppoll, CPU time.
@@ -38,6 +39,7 @@ pub(crate) const NAME_LEN: usize = 28;
 mod backend;
 mod cmsg;
 mod late;
+mod lock;
 mod mmsg;
 mod signals;
 mod socket;
@@ -45,6 +47,7 @@ mod uring;
 
 pub use backend::*;
 pub use late::*;
+pub use lock::*;
 pub use mmsg::*;
 pub use signals::*;
 pub use socket::*;

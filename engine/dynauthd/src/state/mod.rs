@@ -58,6 +58,11 @@ pub enum StateError {
          (the snapshot they follow is damaged or gone): restore a backup, or move the directory away"
     )]
     NoBase { dir: PathBuf, first: u64 },
+    #[error(
+        "state directory {dir}: another dynauthd is using it (its lock file is held); stop that \
+         one first, or give this one another --state-dir"
+    )]
+    InUse { dir: PathBuf },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StateError + '_ {
@@ -502,6 +507,8 @@ pub struct DurableStore {
     writer: Mutex<Option<thread::JoinHandle<()>>>,
     snapshot_lock: Mutex<()>,
     window_ms: u64,
+    /// The state directory's lock, for as long as this store lives.
+    _dir_lock: Option<Arc<fs::File>>,
 }
 
 impl core::fmt::Debug for DurableStore {
@@ -554,6 +561,7 @@ impl DurableStore {
             writer: Mutex::new(Some(handle)),
             snapshot_lock: Mutex::new(()),
             window_ms,
+            _dir_lock: restored.lock.clone(),
         }))
     }
 
@@ -972,6 +980,8 @@ pub struct Restored {
     pub next_segment: u64,
     pub elapsed: Duration,
     pub clock: Clock,
+    /// The state directory's lock, held from the restore on (the durable store keeps it).
+    pub lock: Option<Arc<fs::File>>,
 }
 
 impl core::fmt::Display for Restored {
@@ -1090,6 +1100,18 @@ pub fn restore(
     let started = Instant::now();
     let dir = &options.dir;
     fs::create_dir_all(dir).map_err(io_err(dir))?;
+    // Two servers on one directory would interleave their journals: the first one holds the
+    // lock for its whole life (the durable store keeps a handle of it).
+    let lock_path = dir.join("lock");
+    let lock = fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(io_err(&lock_path))?;
+    if !dynauth_udp::try_lock_exclusive(&lock).map_err(io_err(&lock_path))? {
+        return Err(StateError::InUse { dir: dir.clone() });
+    }
     let clock = Clock::new(base);
     let now_mono = u64::try_from(base.elapsed().as_millis()).unwrap_or(0);
     let window_ms = dynauth_table::TableConfig::default().tombstones.window_ms;
@@ -1111,6 +1133,7 @@ pub fn restore(
     snapshots.sort_unstable_by(|a, b| b.cmp(a));
     segments.sort_unstable();
     let mut restored = Restored {
+        lock: Some(Arc::new(lock)),
         snapshot: None,
         snapshot_sessions: 0,
         snapshot_tombstones: 0,
