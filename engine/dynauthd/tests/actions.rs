@@ -450,3 +450,91 @@ fn operator_disconnect_goes_through_the_owning_agent() {
     assert!(stderr.contains("operator disconnect"), "audited: {stderr}");
     assert!(!stderr.contains(SECRET));
 }
+
+/// Answers each listed index of `action` with its own result.
+fn answer_each(agent: &mut Agent, action: &Value, results: &[(u64, &str)]) {
+    let results: Vec<Value> = results
+        .iter()
+        .map(|(i, r)| json!({"index": i, "result": r}))
+        .collect();
+    let line = json!({"v": 1, "op": "action_result", "action": action["action"],
+        "results": results});
+    writeln!(agent.writer, "{line}").unwrap();
+}
+
+// RFC 5176 §3 (multi-session, all or none) when the data plane splits: a Disconnect of two
+// sessions where one is torn down and one refused is NAK 504, and the table follows the data
+// plane (the torn-down one is gone, the other stays); a CoA of two sessions where one
+// commits and one fails is a NAK, the table is unchanged, and the committed one gets a
+// compensating action with the steps back.
+#[test]
+fn rfc5176_s3_a_split_multi_session_result_is_a_nak_and_a_coa_is_undone() {
+    let (d, path) = server("split.sock", &[]);
+    let mut agent = Agent::connect(&path, "bng1");
+    for (seq, id) in [(1, "a-1"), (2, "a-2")] {
+        agent.upsert(
+            "bng1",
+            seq,
+            json!({"acct_session_id": id, "user_name": "alice"}),
+        );
+    }
+    for (seq, id) in [(3, "b-1"), (4, "b-2")] {
+        agent.upsert(
+            "bng1",
+            seq,
+            json!({"acct_session_id": id, "user_name": "bob"}),
+        );
+    }
+    let secret = Secret::new(SECRET).unwrap();
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    // Disconnect by User-Name: two sessions, one torn down, one refused.
+    let dm = request(40, 1, &[(1, b"alice")], false, &secret);
+    send(&sock, d.addr(), &dm);
+    let action = agent.action(Duration::from_secs(5)).unwrap();
+    assert_eq!(action["sessions"].as_array().unwrap().len(), 2);
+    answer_each(&mut agent, &action, &[(0, "committed"), (1, "failed")]);
+    let (code, cause, _, _) = receive(&sock, &dm, Duration::from_secs(5)).unwrap();
+    assert_eq!((code, cause), (42, Some(504)));
+    let left = agent.ok(json!({"v": 1, "op": "sessions_get", "query": {"user_name": "alice"}}));
+    let left = left["sessions"].as_array().unwrap();
+    assert_eq!(
+        left.len(),
+        1,
+        "the torn-down session left the table: {left:?}"
+    );
+    assert_eq!(
+        left[0]["acct_session_id"], action["sessions"][1]["session"]["acct_session_id"],
+        "the refused one stays"
+    );
+    // CoA by User-Name: one commits, one fails; the committed one is undone.
+    let coa = request(43, 2, &[(1, b"bob"), (11, b"gold")], false, &secret);
+    send(&sock, d.addr(), &coa);
+    let action = agent.action(Duration::from_secs(5)).unwrap();
+    answer_each(&mut agent, &action, &[(0, "committed"), (1, "failed")]);
+    let (code, cause, _, _) = receive(&sock, &coa, Duration::from_secs(5)).unwrap();
+    assert_eq!(
+        (code, cause),
+        (45, Some(506)),
+        "a failure without a cause: 506"
+    );
+    let undo = agent
+        .action(Duration::from_secs(5))
+        .expect("a compensating action");
+    assert_eq!(undo["compensation"], json!(true), "{undo}");
+    assert_eq!(undo["kind"], json!("change"));
+    let sessions = undo["sessions"].as_array().unwrap();
+    assert_eq!(sessions.len(), 1, "only the committed session: {undo}");
+    assert_eq!(sessions[0]["index"], json!(0));
+    assert_eq!(
+        sessions[0]["steps"],
+        json!([{"op": "remove", "attribute": "filter_ids", "value": "gold"}])
+    );
+    let r = agent.ok(json!({"v": 1, "op": "sessions_get", "query": {"user_name": "bob"}}));
+    for s in r["sessions"].as_array().unwrap() {
+        assert!(
+            s["authorization"]["filter_ids"].is_null(),
+            "table unchanged: {s}"
+        );
+    }
+    d.stop();
+}
