@@ -136,6 +136,19 @@ impl LoadgenRun {
 
     /// Runs loadgen to the end and parses its report.
     pub fn run(&self) -> Result<RunReport, LoadgenError> {
+        self.run_json()
+    }
+
+    /// Runs loadgen's SLO capacity search (`load` must be [`Load::Capacity`]) and parses its
+    /// report; a search in which no rate passed still reports its steps.
+    pub fn run_capacity(&self) -> Result<CapacityReport, LoadgenError> {
+        self.run_json()
+    }
+
+    /// Runs loadgen and reads its `--json` output as `T`. A run that exits non-zero but
+    /// still prints its JSON (counts that do not add up, a search with no passing rate)
+    /// is read; the guard flags mark it.
+    fn run_json<T: serde::de::DeserializeOwned>(&self) -> Result<T, LoadgenError> {
         let argv = self.command_line();
         let out = Command::new(&argv[0])
             .args(&argv[1..])
@@ -145,9 +158,7 @@ impl LoadgenRun {
                 source,
             })?;
         let stdout = String::from_utf8_lossy(&out.stdout);
-        // A report whose counts do not add up exits non-zero but still prints the JSON; the
-        // guard flags mark it.
-        match parse_report(&stdout) {
+        match serde_json::from_str(&stdout) {
             Ok(r) => Ok(r),
             Err(e) if out.status.success() => Err(LoadgenError::Json(e)),
             Err(_) => Err(LoadgenError::Failed {
@@ -155,32 +166,6 @@ impl LoadgenRun {
                 stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
             }),
         }
-    }
-}
-
-impl LoadgenRun {
-    /// Runs loadgen's SLO capacity search (`load` must be [`Load::Capacity`]) and parses its
-    /// report; a search in which no rate passed still reports its steps.
-    pub fn run_capacity(&self) -> Result<CapacityReport, LoadgenError> {
-        let argv = self.command_line();
-        let out = Command::new(&argv[0])
-            .args(&argv[1..])
-            .output()
-            .map_err(|source| LoadgenError::Spawn {
-                program: argv[0].clone(),
-                source,
-            })?;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        serde_json::from_str(&stdout).map_err(|e| {
-            if out.status.success() {
-                LoadgenError::Json(e)
-            } else {
-                LoadgenError::Failed {
-                    status: out.status.to_string(),
-                    stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-                }
-            }
-        })
     }
 }
 
