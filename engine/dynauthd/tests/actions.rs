@@ -13,7 +13,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use daemon::{check_answer, request, start_ok, temp_path};
+use daemon::{check_answer, request};
 use dynauth_proto::auth::Secret;
 use serde_json::{Value, json};
 
@@ -124,24 +124,7 @@ impl Agent {
 }
 
 fn server(name: &str, extra: &[&str]) -> (daemon::Daemon, PathBuf) {
-    let path = temp_path(name);
-    let _ = std::fs::remove_file(&path);
-    let client = format!("127.0.0.1/32={SECRET}");
-    let mut args = vec![
-        "--listen",
-        "127.0.0.1:0",
-        "--client",
-        &client,
-        "--io",
-        "mmsg",
-        "--shards",
-        "1",
-        "--control",
-        path.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    let d = start_ok(&args);
-    (d, path)
+    daemon::start_with_control(name, SECRET, extra)
 }
 
 /// A DAC socket and a signed Disconnect-Request by Acct-Session-Id.
@@ -294,13 +277,7 @@ fn rfc5176_s3_5_late_gone_or_missing_agent_gives_506() {
         "late.sock",
         &["--action-deadline", "400ms", "--metrics", "127.0.0.1:0"],
     );
-    let metrics: std::net::SocketAddr = d
-        .banner
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("metrics="))
-        .expect("metrics address in the banner")
-        .parse()
-        .unwrap();
+    let metrics = d.banner_addr("metrics");
     let mut agent = Agent::connect(&path, "bng1");
     agent.upsert("bng1", 1, json!({"acct_session_id": "s-1"}));
     // Late: the agent sits on the action past the deadline.

@@ -9,37 +9,15 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use daemon::{Agent, start_ok, temp_path};
+use daemon::Agent;
 use serde_json::{Value, json};
 
 const SECRET: &str = "control-test-secret";
 
 fn server(name: &str) -> (daemon::Daemon, PathBuf) {
-    let path = temp_path(name);
-    let _ = std::fs::remove_file(&path);
-    let client = format!("127.0.0.1/32={SECRET}");
-    let d = start_ok(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--client",
-        &client,
-        "--io",
-        "mmsg",
-        "--shards",
-        "1",
-        "--control",
-        path.to_str().unwrap(),
-        // These tests are about the feed: the table carries out Disconnects (the agent
-        // path, ACK after commit, is tests/actions.rs).
-        "--data-plane",
-        "table",
-    ]);
-    assert!(
-        d.banner.contains(&format!("control={}", path.display())),
-        "{}",
-        d.banner
-    );
-    (d, path)
+    // These tests are about the feed: the table carries out Disconnects (the agent path,
+    // ACK after commit, is tests/actions.rs).
+    daemon::start_with_control(name, SECRET, &["--data-plane", "table"])
 }
 
 /// Disconnect-Request by Acct-Session-Id: (code, Error-Cause).

@@ -555,11 +555,5 @@ fn uring_oversized_datagram_is_answered_and_counted() {
 
 /// The `--metrics` address from the banner.
 fn metrics_addr(daemon: &Daemon) -> SocketAddr {
-    daemon
-        .banner
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("metrics="))
-        .expect("metrics address in the banner")
-        .parse()
-        .unwrap()
+    daemon.banner_addr("metrics")
 }

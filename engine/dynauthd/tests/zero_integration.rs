@@ -40,11 +40,7 @@ fn sessions_learnt_from_accounting_are_disconnected_by_their_keys() {
         "--metrics",
         "127.0.0.1:0",
     ]);
-    let accounting: SocketAddr = d
-        .banner
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("accounting=")?.parse().ok())
-        .unwrap_or_else(|| panic!("banner names the accounting address: {}", d.banner));
+    let accounting = d.banner_addr("accounting");
     let das = d.addr();
     let start = |id: &str, user: &str, ip: &str| {
         format!(
@@ -84,11 +80,7 @@ fn sessions_learnt_from_accounting_are_disconnected_by_their_keys() {
     assert_eq!(disconnect(das, 4, &[(1, b"carol")]), (41, Some(201)));
     assert_eq!(disconnect(das, 5, &[(1, b"dave")]), (42, Some(503)));
     // The feed and the accounting listener are in /metrics.
-    let metrics: SocketAddr = d
-        .banner
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("metrics=")?.parse().ok())
-        .expect("metrics address in the banner");
+    let metrics = d.banner_addr("metrics");
     let body = daemon::scrape(metrics);
     for line in [
         "dynauth_accounting_applied_total 7",

@@ -94,6 +94,15 @@ impl Daemon {
         self.addrs[0]
     }
 
+    /// An address the banner names as `key=ADDR` (`metrics`, `accounting`).
+    pub fn banner_addr(&self, key: &str) -> SocketAddr {
+        let prefix = format!("{key}=");
+        self.banner
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(prefix.as_str())?.parse().ok())
+            .unwrap_or_else(|| panic!("the banner names {key}: {}", self.banner))
+    }
+
     /// SIGTERM, wait (bounded), and return the rest of stdout (the totals line) and stderr.
     pub fn stop(mut self) -> (String, String) {
         let mut child = self.child.take().unwrap();
@@ -140,6 +149,34 @@ pub fn temp_path(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("dynauthd-tests-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir.join(name)
+}
+
+/// dynauthd on 127.0.0.1 (one mmsg shard) for client 127.0.0.1 with `secret`, with a control
+/// socket at `temp_path(socket)`, plus `extra` flags.
+pub fn start_with_control(socket: &str, secret: &str, extra: &[&str]) -> (Daemon, PathBuf) {
+    let path = temp_path(socket);
+    let _ = std::fs::remove_file(&path);
+    let client = format!("127.0.0.1/32={secret}");
+    let mut args = vec![
+        "--listen",
+        "127.0.0.1:0",
+        "--client",
+        &client,
+        "--io",
+        "mmsg",
+        "--shards",
+        "1",
+        "--control",
+        path.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let d = start_ok(&args);
+    assert!(
+        d.banner.contains(&format!("control={}", path.display())),
+        "{}",
+        d.banner
+    );
+    (d, path)
 }
 
 /// A signed request: Message-Authenticator first when asked, then `attrs` in order.
