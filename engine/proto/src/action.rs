@@ -264,30 +264,30 @@ impl PendingRequest {
         now: Now,
         out: &mut [u8],
     ) -> Result<Reselected, Discard> {
-        let datagram = core::mem::take(&mut self.datagram);
-        let result = (|| {
-            let request = self.reopen_from(&datagram, config)?;
+        let mut sessions = Vec::new();
+        let settled = {
+            let request = self.reopen(config)?;
             let prepared = self.prepare_at(&request, config, now.monotonic_ms)?;
-            let mut sessions = Vec::new();
             let selected = store.select(
                 &prepared.lookup,
                 prepared.operation == Operation::Disconnect,
                 &mut sessions,
             );
             match selected {
-                Ok(Applied::Sessions(_)) => {
-                    self.sessions = sessions;
-                    Ok(Reselected::Sessions)
-                }
+                Ok(Applied::Sessions(_)) => None,
                 other => {
                     let verdict = rules::verdict(prepared.operation, other);
-                    self.finish(&request, &verdict, Vec::new(), out)
-                        .map(Reselected::Settled)
+                    Some(self.finish(&request, &verdict, Vec::new(), out)?)
                 }
             }
-        })();
-        self.datagram = datagram;
-        result
+        };
+        Ok(match settled {
+            Some(settled) => Reselected::Settled(settled),
+            None => {
+                self.sessions = sessions;
+                Reselected::Sessions
+            }
+        })
     }
 
     /// The answer once every session has a result (`None`: no result by the deadline),
@@ -413,19 +413,11 @@ impl PendingRequest {
     /// The request again, from its own bytes, as verified when it arrived (the same secret,
     /// the same clock reading, so the same checks pass).
     fn reopen<'c>(&'c self, config: &'c EngineConfig) -> Result<Authenticated<'c>, Discard> {
-        self.reopen_from(&self.datagram, config)
-    }
-
-    fn reopen_from<'c>(
-        &self,
-        datagram: &'c [u8],
-        config: &'c EngineConfig,
-    ) -> Result<Authenticated<'c>, Discard> {
         let client = config
             .clients
             .get(self.client_id)
             .ok_or(Discard::UnknownClient)?;
-        let (packet, kind) = verify::classify(datagram)?;
+        let (packet, kind) = verify::classify(&self.datagram)?;
         verify::authenticate(
             Arrival {
                 packet,
