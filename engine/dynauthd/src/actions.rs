@@ -109,11 +109,7 @@ impl Action {
                     steps: change.then_some(p.steps.as_slice()),
                 })
                 .collect(),
-            command: self.plan.command.map(|c| match c {
-                dynauth_proto::change::SubscriberCommand::Reauthenticate => "reauthenticate",
-                dynauth_proto::change::SubscriberCommand::BounceHostPort => "bounce-host-port",
-                dynauth_proto::change::SubscriberCommand::DisableHostPort => "disable-host-port",
-            }),
+            command: self.plan.command.map(|c| c.name()),
             compensation: self.compensation,
         };
         serde_json::to_string(&line).unwrap_or_default()

@@ -18,6 +18,23 @@ pub enum SubscriberCommand {
     DisableHostPort,
 }
 
+impl SubscriberCommand {
+    pub const ALL: [SubscriberCommand; 3] = [
+        SubscriberCommand::Reauthenticate,
+        SubscriberCommand::BounceHostPort,
+        SubscriberCommand::DisableHostPort,
+    ];
+
+    /// The command's name as the Cisco-AVPair carries it (`subscriber:command=NAME`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            SubscriberCommand::Reauthenticate => "reauthenticate",
+            SubscriberCommand::BounceHostPort => "bounce-host-port",
+            SubscriberCommand::DisableHostPort => "disable-host-port",
+        }
+    }
+}
+
 /// What one Cisco-AVPair value means to a DAS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CiscoAvPair<'a> {
@@ -41,12 +58,11 @@ pub fn classify_cisco_avpair(value: &[u8]) -> CiscoAvPair<'_> {
         return CiscoAvPair::AuditSessionId(id);
     }
     if let Some(command) = value.strip_prefix(SUBSCRIBER_COMMAND) {
-        return CiscoAvPair::Command(match command {
-            b"reauthenticate" => Some(SubscriberCommand::Reauthenticate),
-            b"bounce-host-port" => Some(SubscriberCommand::BounceHostPort),
-            b"disable-host-port" => Some(SubscriberCommand::DisableHostPort),
-            _ => None,
-        });
+        return CiscoAvPair::Command(
+            SubscriberCommand::ALL
+                .into_iter()
+                .find(|c| c.name().as_bytes() == command),
+        );
     }
     if value.contains(&b'=') {
         CiscoAvPair::Policy(value)

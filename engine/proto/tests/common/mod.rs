@@ -21,7 +21,6 @@ use dynauth_proto::action::{
 };
 
 use dynauth_proto::auth::{self, ResponseCheck, Secret};
-use dynauth_proto::change::SubscriberCommand;
 use dynauth_proto::client::{Client, ClientPolicy, ClientTable, NasIdentity};
 use dynauth_proto::codec::{MAX_PACKET_LEN, Packet, PacketWriter};
 use dynauth_proto::dict::{ErrorCause, attr};
@@ -146,12 +145,9 @@ impl RecordingAgent {
                 results.push(Some(SessionResult::Failed(None)));
                 continue;
             }
-            let cmd = match plan.command {
-                Some(SubscriberCommand::Reauthenticate) => " reauthenticate",
-                Some(SubscriberCommand::BounceHostPort) => " bounce-host-port",
-                Some(SubscriberCommand::DisableHostPort) => " disable-host-port",
-                None => "",
-            };
+            let cmd = plan
+                .command
+                .map_or(String::new(), |c| format!(" {}", c.name()));
             events.push(match plan.kind {
                 ActionKind::Disconnect => format!("removed {name}"),
                 ActionKind::Change => format!("changed {name}{cmd}"),
