@@ -19,6 +19,7 @@
 
 pub mod accounting;
 pub mod actions;
+pub mod affinity;
 pub mod config;
 pub mod control;
 pub mod feed;

@@ -43,6 +43,7 @@ pub mod engine;
 pub mod feed;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod route;
 pub mod rules;
 pub mod session;
 pub mod store;

@@ -1,0 +1,2 @@
+//! Placeholder: the owner side is written next.
+#![forbid(unsafe_code)]
