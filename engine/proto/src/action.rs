@@ -98,17 +98,25 @@ pub struct QueueFull;
 /// owns a copy of the datagram, so the answer is built from the very bytes that verified.
 #[derive(Debug, Clone)]
 pub struct PendingRequest {
-    shard: usize,
-    kind: ActionKind,
-    sessions: Vec<Session>,
-    datagram: Vec<u8>,
-    source: SocketAddr,
-    destination: SocketAddr,
-    client_id: ClientId,
-    arrived: Now,
-    key: DuplicateKey,
-    deadline_ms: u64,
-    answer_expires_ms: u64,
+    pub(crate) shard: usize,
+    pub(crate) kind: ActionKind,
+    pub(crate) sessions: Vec<Session>,
+    pub(crate) datagram: Vec<u8>,
+    pub(crate) source: SocketAddr,
+    pub(crate) destination: SocketAddr,
+    pub(crate) client_id: ClientId,
+    pub(crate) arrived: Now,
+    pub(crate) key: DuplicateKey,
+    pub(crate) deadline_ms: u64,
+    pub(crate) answer_expires_ms: u64,
+}
+
+/// A pending request given up without an answer (`Engine::abandon` forgets its in-flight
+/// mark, so the DAC's next retransmission is handled as new).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Abandoned {
+    pub shard: usize,
+    pub(crate) key: DuplicateKey,
 }
 
 /// The answer to a pending request, once settled; the bytes are in the caller's buffer.
@@ -372,6 +380,14 @@ impl PendingRequest {
         self.finish(&request, &verdict, compensate, out)
     }
 
+    /// Given up without an answer (see [`Abandoned`]).
+    pub fn abandoned(&self) -> Abandoned {
+        Abandoned {
+            shard: self.shard,
+            key: self.key,
+        }
+    }
+
     /// The answer for a verdict reached without the data plane (no agent, queue full).
     pub(crate) fn finish(
         &self,
@@ -412,7 +428,10 @@ impl PendingRequest {
 
     /// The request again, from its own bytes, as verified when it arrived (the same secret,
     /// the same clock reading, so the same checks pass).
-    fn reopen<'c>(&'c self, config: &'c EngineConfig) -> Result<Authenticated<'c>, Discard> {
+    pub(crate) fn reopen<'c>(
+        &'c self,
+        config: &'c EngineConfig,
+    ) -> Result<Authenticated<'c>, Discard> {
         let client = config
             .clients
             .get(self.client_id)

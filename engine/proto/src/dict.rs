@@ -48,6 +48,8 @@ pub mod attr {
     pub const NAS_PORT_ID: u8 = 87;
     pub const CHARGEABLE_USER_IDENTITY: u8 = 89;
     pub const NAS_IPV6_ADDRESS: u8 = 95;
+    /// RFC 5580 §4.1, used for routing by RFC 8559 §3.1.
+    pub const OPERATOR_NAME: u8 = 126;
     pub const FRAMED_INTERFACE_ID: u8 = 96;
     pub const FRAMED_IPV6_PREFIX: u8 = 97;
     pub const ERROR_CAUSE: u8 = 101;

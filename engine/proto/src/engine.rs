@@ -13,7 +13,7 @@
 use core::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::action::{ActionSink, PendingRequest, Settled};
+use crate::action::{Abandoned, ActionSink, PendingRequest, Settled};
 use crate::answer;
 use crate::client::{ClientTable, NasIdentity};
 use crate::counters::{Counters, Discard, RequestKind};
@@ -87,6 +87,9 @@ pub struct Engine {
     config: Arc<EngineConfig>,
     store: Arc<dyn SessionStore>,
     actions: Option<Arc<dyn ActionSink>>,
+    /// The router role: every request that passes the rules goes to `actions` for routing,
+    /// without the NAS check and without a store.
+    route: bool,
     shard: usize,
     dedup: DuplicateCache,
     counters: Counters,
@@ -111,8 +114,27 @@ impl Engine {
             config,
             store,
             actions: None,
+            route: false,
             shard: 0,
         }
+    }
+
+    /// The router role (RFC 5176 §3.1): every request that passes the rules (all of them but
+    /// the NAS identification check, which is the owner's) is handed to `sink` without a
+    /// session lookup; the router forwards it to the session's owner and settles it with the
+    /// owner's answer relayed ([`PendingRequest::relay`]) or a NAK 502/505 of its own.
+    pub fn with_router(mut self, shard: usize, sink: Arc<dyn ActionSink>) -> Self {
+        self.shard = shard;
+        self.actions = Some(sink);
+        self.route = true;
+        self
+    }
+
+    /// Forgets that one of this shard's requests is in flight, without an answer (a router
+    /// configured to let the DAC retry when the owner is silent): its next retransmission is
+    /// handled as new.
+    pub fn abandon(&mut self, abandoned: &Abandoned) {
+        self.dedup.abandon_key(&abandoned.key);
     }
 
     /// Sends every request that selects sessions to `sink` as shard number `shard`, and
@@ -180,6 +202,7 @@ impl Engine {
             config,
             store,
             actions,
+            route,
             shard: shard_index,
             dedup,
             counters,
@@ -192,6 +215,7 @@ impl Engine {
             config,
             store: &**store,
             actions: actions.as_deref(),
+            route: *route,
             shard: *shard_index,
             dedup,
             counters,
@@ -221,6 +245,7 @@ struct Shard<'a> {
     config: &'a EngineConfig,
     store: &'a dyn SessionStore,
     actions: Option<&'a dyn ActionSink>,
+    route: bool,
     shard: usize,
     dedup: &'a mut DuplicateCache,
     counters: &'a mut Counters,
@@ -252,6 +277,25 @@ impl Shard<'_> {
                 }
                 return Ok(Outcome::Replay { len });
             }
+        }
+        if self.route
+            && let Some(sink) = self.actions
+        {
+            let verdict = match rules::prepare_route(&request, now.monotonic_ms) {
+                Err(verdict) => verdict,
+                Ok(prepared) => match self.hand_off(
+                    sink,
+                    &request,
+                    prepared.operation,
+                    Vec::new(),
+                    destination,
+                    now,
+                ) {
+                    Ok(()) => return Ok(Outcome::Pending),
+                    Err(verdict) => verdict,
+                },
+            };
+            return self.answer(&request, &verdict, now, out);
         }
         let verdict = match rules::prepare(
             &request,
@@ -289,17 +333,30 @@ impl Shard<'_> {
                 }
             },
         };
-        let len = answer::encode(out, &request, &verdict).map_err(|_| Discard::AnswerTooLarge)?;
+        self.answer(&request, &verdict, now, out)
+    }
+
+    /// Encodes, caches and counts the answer to a decided request.
+    fn answer(
+        &mut self,
+        request: &Authenticated<'_>,
+        verdict: &Verdict,
+        now: Now,
+        out: &mut [u8],
+    ) -> Result<Outcome, Discard> {
+        let ci = request.client_id().0 as usize;
+        let kind = request.kind();
+        let len = answer::encode(out, request, verdict).map_err(|_| Discard::AnswerTooLarge)?;
         if let Some(bytes) = out.get(..len) {
             self.dedup.complete(
-                &request,
+                request,
                 bytes,
                 now.monotonic_ms,
-                answer_expiry(&request, now),
+                answer_expiry(request, now),
             );
         }
         if let Some(c) = self.counters.per_client.get_mut(ci) {
-            count_answer(c, kind, &verdict);
+            count_answer(c, kind, verdict);
         }
         Ok(Outcome::Answer(Answer {
             len,

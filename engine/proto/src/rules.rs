@@ -60,6 +60,8 @@ pub(crate) struct Prepared<'a> {
     pub(crate) operation: Operation,
     pub(crate) lookup: Lookup<'a>,
     pub(crate) change: AuthorizationChange<'a>,
+    /// The NAS identification it carried (a router's routing hints).
+    pub(crate) nas: NasAttributes<'a>,
 }
 
 /// The table-only verdict on a request that passed every rule.
@@ -75,6 +77,24 @@ pub(crate) fn prepare<'a>(
     arrived_on: IpAddr,
     now_ms: u64,
 ) -> Result<Prepared<'a>, Verdict> {
+    prepare_with(request, Some((nas, arrived_on)), now_ms)
+}
+
+/// [`prepare`] for a router (RFC 5176 §3.1): the same rules except the NAS identification
+/// check, because the request names the owner's NAS, not the router. The NAS attributes are
+/// routing hints ([`Prepared::nas`]); the owner checks them.
+pub(crate) fn prepare_route<'a>(
+    request: &Authenticated<'a>,
+    now_ms: u64,
+) -> Result<Prepared<'a>, Verdict> {
+    prepare_with(request, None, now_ms)
+}
+
+fn prepare_with<'a>(
+    request: &Authenticated<'a>,
+    nas_check: Option<(&NasIdentity, IpAddr)>,
+    now_ms: u64,
+) -> Result<Prepared<'a>, Verdict> {
     let attributes = request.attributes().map_err(Verdict::nak)?;
     let policy = &request.client().policy;
     if let Some(st) = attributes.service_type {
@@ -87,7 +107,12 @@ pub(crate) fn prepare<'a>(
             return Err(Verdict::nak(ErrorCause::UnsupportedAttribute));
         }
     }
-    match attributes.nas.check(nas, arrived_on) {
+    let check = match nas_check {
+        Some((nas, arrived_on)) => attributes.nas.check(nas, arrived_on),
+        None if attributes.nas.is_absent() => NasCheck::Absent,
+        None => NasCheck::Matches,
+    };
+    match check {
         NasCheck::Mismatch => return Err(Verdict::nak(ErrorCause::NasIdentificationMismatch)),
         NasCheck::Absent if policy.require_nas_identification => {
             return Err(Verdict::nak(ErrorCause::MissingAttribute));
@@ -114,6 +139,7 @@ pub(crate) fn prepare<'a>(
         operation,
         lookup,
         change: attributes.change,
+        nas: attributes.nas,
     })
 }
 
@@ -173,14 +199,21 @@ enum NasCheck {
 /// server's identity and the address the request arrived on.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct NasAttributes<'a> {
-    ip: Option<Ipv4Addr>,
-    ipv6: Option<Ipv6Addr>,
-    identifier: Option<&'a [u8]>,
+    pub(crate) ip: Option<Ipv4Addr>,
+    pub(crate) ipv6: Option<Ipv6Addr>,
+    pub(crate) identifier: Option<&'a [u8]>,
+    /// Operator-Name (RFC 8559 §3.1): which operator's NAS; a router routes by it, a DAS
+    /// accepts it and does not check it (it has no operator name of its own to compare).
+    pub(crate) operator_name: Option<&'a [u8]>,
 }
 
 impl NasAttributes<'_> {
+    fn is_absent(&self) -> bool {
+        self.ip.is_none() && self.ipv6.is_none() && self.identifier.is_none()
+    }
+
     fn check(&self, nas: &NasIdentity, arrived_on: IpAddr) -> NasCheck {
-        if self.ip.is_none() && self.ipv6.is_none() && self.identifier.is_none() {
+        if self.is_absent() {
             return NasCheck::Absent;
         }
         let ok = self.ip.is_none_or(|ip| nas.ipv4_matches(ip, arrived_on))
@@ -316,6 +349,7 @@ impl<'a> RequestReader<'a> {
             attr::NAS_IP_ADDRESS => set_once(&mut self.nas.ip, codec::read_ipv4(v), errors),
             attr::NAS_IPV6_ADDRESS => set_once(&mut self.nas.ipv6, codec::read_ipv6(v), errors),
             attr::NAS_IDENTIFIER => set_once(&mut self.nas.identifier, text(v), errors),
+            attr::OPERATOR_NAME => set_once(&mut self.nas.operator_name, text(v), errors),
             attr::PROXY_STATE => {
                 if v.is_empty() {
                     errors.malformed = true;
