@@ -39,6 +39,15 @@ pub struct SettledAnswer {
     pub bytes: Vec<u8>,
 }
 
+/// What a shard learns about one of its pending requests.
+#[derive(Debug)]
+pub enum ShardNotice {
+    /// Answered: cache the bytes for retransmissions, count the answer.
+    Answered(SettledAnswer),
+    /// Given up without an answer (a router letting the DAC retry): forget it is in flight.
+    Abandoned(dynauth_proto::action::Abandoned),
+}
+
 /// Where a running action's sessions went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Owner {
@@ -454,7 +463,7 @@ impl ActionStats {
 
 /// Delivers settled answers: to the shard (duplicate cache, counters), then to the DAC.
 pub struct Delivery {
-    pub shards: Vec<Sender<SettledAnswer>>,
+    pub shards: Vec<Sender<ShardNotice>>,
     pub sender: AnswerSender,
 }
 
@@ -1027,7 +1036,7 @@ impl State {
             // The shard learns of the answer before the DAC can: a retransmission that
             // follows the answer finds it in the duplicate cache.
             if let Some(shard) = self.setup.delivery.shards.get(answer.settled.shard) {
-                let _ = shard.send(answer);
+                let _ = shard.send(ShardNotice::Answered(answer));
             }
             if let Err(e) = self.setup.delivery.sender.send(&bytes, to, from) {
                 stats.send_errors.fetch_add(1, Ordering::Relaxed);

@@ -127,6 +127,8 @@ pub struct Cli {
     /// Time between periodic snapshots, e.g. 300s (0: only at a clean shutdown).
     #[arg(long, value_name = "DURATION", value_parser = parse_millis_or_zero, requires = "state_dir")]
     pub snapshot_interval: Option<u64>,
+    #[command(flatten)]
+    pub router: crate::router::RouterArgs,
 }
 
 /// A duration such as `2ms` or `300s`, zero allowed (at most a day).
@@ -418,6 +420,8 @@ pub struct Settings {
     pub action_deadline_ms: u64,
     /// `--state-dir`: the durable state, if any.
     pub state: Option<crate::state::StateOptions>,
+    /// `--role router`: the routing tier's settings (docs/SCALE_OUT.md).
+    pub router: Option<crate::router::RouterSettings>,
 }
 
 impl Settings {
@@ -728,6 +732,25 @@ fn combine(loaded: Loaded, cli: &Cli) -> Result<Settings, ConfigError> {
                 .into(),
         ));
     }
+    let router = cli
+        .router
+        .settings(&listen)
+        .map_err(|e| ConfigError::Other(e.to_string()))?;
+    if router.is_some() {
+        let das_only: [(&str, bool); 6] = [
+            ("sessions", sessions.is_some()),
+            ("demo", cli.demo),
+            ("state-dir", cli.state_dir.is_some()),
+            ("control", cli.control.is_some()),
+            ("accounting-listen", !cli.accounting_listen.is_empty()),
+            ("data-plane", cli.data_plane.is_some()),
+        ];
+        if let Some((flag, _)) = das_only.iter().find(|(_, set)| *set) {
+            return Err(ConfigError::Other(
+                crate::router::RouterConfigError::NotForARouter(flag).to_string(),
+            ));
+        }
+    }
     Ok(Settings {
         listen,
         shards: cli.shards.or(file.shards).unwrap_or_default(),
@@ -772,9 +795,12 @@ fn combine(loaded: Loaded, cli: &Cli) -> Result<Settings, ConfigError> {
             (None, Some(_)) => DataPlaneMode::Agent,
             (None, None) => DataPlaneMode::Table,
         },
-        action_deadline_ms: cli
-            .action_deadline
-            .unwrap_or(dynauth_proto::engine::DEFAULT_ACTION_DEADLINE_MS),
+        action_deadline_ms: match &router {
+            Some(r) => u64::try_from(r.forward_timeout.as_millis()).unwrap_or(u64::MAX),
+            None => cli
+                .action_deadline
+                .unwrap_or(dynauth_proto::engine::DEFAULT_ACTION_DEADLINE_MS),
+        },
         state: cli
             .state_dir
             .as_ref()
@@ -788,6 +814,7 @@ fn combine(loaded: Loaded, cli: &Cli) -> Result<Settings, ConfigError> {
                     Duration::from_millis,
                 ),
             }),
+        router,
     })
 }
 

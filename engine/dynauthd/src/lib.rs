@@ -23,5 +23,6 @@ pub mod affinity;
 pub mod config;
 pub mod control;
 pub mod feed;
+pub mod router;
 pub mod runtime;
 pub mod state;

@@ -155,6 +155,9 @@ fn open_state(
 fn serve(cli: &Cli) -> anyhow::Result<()> {
     let settings = config::settings_from(cli)?;
     let engine_config = Arc::new(settings.engine_config()?);
+    if let Some(router) = settings.router.clone() {
+        return serve_router(&settings, engine_config, router);
+    }
     let state_stats = Arc::new(state::StateStats::default());
     let mut durable = None;
     let mut base = None;
@@ -378,6 +381,94 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
             ),
         }
     }
+    tracing::info!("totals: {}", totals.summary());
+    println!("dynauthd totals: {}", totals.summary());
+    if totals.failed_shards > 0 {
+        anyhow::bail!(
+            "{} shard(s) failed; see the log above",
+            totals.failed_shards
+        );
+    }
+    Ok(())
+}
+
+/// `--role router`: the shards verify and check each request as an owner would, the router
+/// worker forwards it to the owner of its session and relays the answer (docs/SCALE_OUT.md).
+fn serve_router(
+    settings: &config::Settings,
+    engine_config: Arc<dynauth_proto::EngineConfig>,
+    router: dynauthd::router::RouterSettings,
+) -> anyhow::Result<()> {
+    use dynauthd::router;
+    let shutdown = dynauth_udp::install_shutdown_signals()
+        .context("installing the SIGINT/SIGTERM handlers")?;
+    // A router owns no sessions: the shards never look anything up.
+    let store: Arc<dyn SessionStore> = Arc::new(dynauth_proto::store::MemoryStore::default());
+    let (sink, inbox) = router::channel();
+    let mut server = runtime::start(
+        settings,
+        Arc::clone(&engine_config),
+        store,
+        Some(Arc::new(sink) as Arc<dyn dynauth_proto::action::ActionSink>),
+    )?;
+    let delivery = server
+        .take_delivery()
+        .context("the runtime kept no delivery for relayed answers")?;
+    let stats = Arc::new(router::RouterStats::default());
+    tracing::info!(
+        "role: router: affinity from {} (prefix {}), owner timeout {} ms ({:?}), {} NAS route(s)",
+        dynauthd::affinity::redacted(&router.affinity.url),
+        router.affinity.prefix,
+        router.forward_timeout.as_millis(),
+        router.on_owner_timeout,
+        router.nas_routes.len()
+    );
+    let running = router::Router::start(
+        router::RouterSetup {
+            config: Arc::clone(&engine_config),
+            settings: router,
+            delivery,
+            base: server.base,
+            stats: Arc::clone(&stats),
+        },
+        inbox,
+    )
+    .context("starting the router")?;
+    let addrs = server
+        .local_addrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(" ");
+    let forward = running
+        .forward_addrs()
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut extras = format!(" role=router forward={forward}");
+    if let Some(addr) = settings.metrics {
+        let names = settings.clients.iter().map(|c| c.name.clone()).collect();
+        let s = Arc::clone(&stats);
+        let extra: Vec<runtime::MetricsSource> =
+            vec![Arc::new(move |out: &mut String| s.write_prometheus(out))];
+        let bound = server.serve_metrics(addr, names, extra)?;
+        tracing::info!("Prometheus metrics on http://{bound}/metrics");
+        extras.push_str(&format!(" metrics={bound}"));
+    }
+    tracing::info!(
+        "listening on {addrs} with {} shard(s), io {}, {} client(s)",
+        server.shards,
+        server.io.name(),
+        settings.clients.len()
+    );
+    println!(
+        "dynauthd listening {addrs} io={} shards={}{extras}",
+        server.io.name(),
+        server.shards
+    );
+    let totals = server.run_until(shutdown);
+    running.stop();
     tracing::info!("totals: {}", totals.summary());
     println!("dynauthd totals: {}", totals.summary());
     if totals.failed_shards > 0 {

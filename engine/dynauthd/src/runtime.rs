@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::actions::{Delivery, SettledAnswer};
+use crate::actions::{Delivery, ShardNotice};
 use crate::config::{IoChoice, Settings, Shards};
 use crossbeam::channel::Receiver;
 use dynauth_proto::action::ActionSink;
@@ -203,7 +203,7 @@ struct ShardHandler {
     base: Instant,
     decision_latency: LatencyHistogram,
     /// Answers to this shard's pending requests, settled by the action dispatcher.
-    settled: Option<Receiver<SettledAnswer>>,
+    settled: Option<Receiver<ShardNotice>>,
 }
 
 impl ShardHandler {
@@ -212,9 +212,14 @@ impl ShardHandler {
     /// is answered from the cache.
     fn take_settled(&mut self) {
         if let Some(rx) = &self.settled {
-            while let Ok(s) = rx.try_recv() {
-                self.engine
-                    .settle(&s.settled, &s.bytes, self.now.monotonic_ms);
+            while let Ok(notice) = rx.try_recv() {
+                match notice {
+                    ShardNotice::Answered(s) => {
+                        self.engine
+                            .settle(&s.settled, &s.bytes, self.now.monotonic_ms);
+                    }
+                    ShardNotice::Abandoned(a) => self.engine.abandon(&a),
+                }
             }
         }
     }
@@ -447,7 +452,11 @@ pub fn start_at(
         let mut engine = Engine::new(Arc::clone(&config), Arc::clone(&store));
         let mut settled = None;
         if let (Some(sink), Some(d)) = (&actions, delivery.as_mut()) {
-            engine = engine.with_actions(index, Arc::clone(sink));
+            engine = if settings.router.is_some() {
+                engine.with_router(index, Arc::clone(sink))
+            } else {
+                engine.with_actions(index, Arc::clone(sink))
+            };
             let (tx, rx) = crossbeam::channel::unbounded();
             d.shards.push(tx);
             settled = Some(rx);
@@ -662,7 +671,7 @@ fn run_shard(
     index: usize,
     mut backend: Backend,
     engine: Engine,
-    settled: Option<Receiver<SettledAnswer>>,
+    settled: Option<Receiver<ShardNotice>>,
     base: Instant,
     stop: &AtomicBool,
     report: &Mutex<ShardReport>,

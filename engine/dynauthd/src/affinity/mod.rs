@@ -88,6 +88,20 @@ pub fn field_owner(field: &[u8]) -> Option<&[u8]> {
     field.split(|&b| b == b'|').next().filter(|o| !o.is_empty())
 }
 
+/// A Redis URL with any password replaced by `***`, for logs.
+pub fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    match rest.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            format!("{scheme}://{user}:***@{host}")
+        }
+        None => url.to_string(),
+    }
+}
+
 /// Why an owner id is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("owner id {0:?} must be 1 to 64 characters of [A-Za-z0-9._-]")]
@@ -154,6 +168,9 @@ mod tests {
         assert!(check_owner_id("bng-a.1_x").is_ok());
         assert!(check_owner_id("a|b").is_err());
         assert!(check_owner_id("").is_err());
+        assert_eq!(redacted("redis://u:pw@h:1/0"), "redis://u:***@h:1/0");
+        assert_eq!(redacted("redis://:pw@h:1"), "redis://:***@h:1");
+        assert_eq!(redacted("redis://h:1"), "redis://h:1");
     }
 
     #[test]
