@@ -1195,7 +1195,10 @@ mod tests {
         );
         assert_eq!(store.len(), 0, "the table followed the commit");
         assert_eq!(plane.seen.lock().unwrap()[0].1, ActionKind::Disconnect);
-        let settled = shard_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        let ShardNotice::Answered(settled) = shard_rx.recv_timeout(Duration::from_secs(5)).unwrap()
+        else {
+            panic!("the shard is told of an answer, not an abandonment")
+        };
         assert_eq!(
             settled.bytes,
             answer[..n].to_vec(),

@@ -191,8 +191,10 @@ fn read_answers(socket: &UdpSocket, tx: &Sender<Input>, stop: &AtomicBool) {
     }
 }
 
-/// Follows the invalidation channel; on any interruption the cache is cleared (an
-/// invalidation may have been missed).
+/// Follows the invalidation channel. Each (re)subscription clears the cache: an
+/// invalidation may have been published while the router was not listening. While Redis is
+/// unreachable the cache is kept: owners cannot change the affinity then either, so cached
+/// routes are as good as Redis's own (and a stale one costs a NAK 503 and a re-lookup).
 fn subscribe(settings: &affinity::AffinitySettings, tx: &Sender<Input>, stop: &AtomicBool) {
     let channel_name = affinity::channel(&settings.prefix);
     let mut logged_down = false;
@@ -232,7 +234,6 @@ fn subscribe(settings: &affinity::AffinitySettings, tx: &Sender<Input>, stop: &A
                 );
                 logged_down = true;
             }
-            let _ = tx.send(Input::ClearCache);
             thread::sleep(REDIS_RETRY);
         }
     }
