@@ -683,7 +683,7 @@ impl State {
 
     fn start(&mut self, p: Origin) {
         let plan = match &p {
-            Origin::Radius(pending) => match pending.plan(&self.setup.config) {
+            Origin::Radius(pending) => match pending.plan() {
                 Ok(plan) => plan,
                 Err(_) => return self.refuse(p, ErrorCause::ResourcesUnavailable),
             },
@@ -833,13 +833,8 @@ impl State {
         let now = self.now();
         match &running.origin {
             Origin::Radius(pending) => {
-                let settled = pending.settle(
-                    &self.setup.config,
-                    &*self.setup.store,
-                    &running.results,
-                    now,
-                    &mut self.out,
-                );
+                let settled =
+                    pending.settle(&*self.setup.store, &running.results, now, &mut self.out);
                 match settled {
                     Ok(settled) => {
                         if !settled.compensate.is_empty() {
@@ -950,7 +945,7 @@ impl State {
                 self.admit(p);
                 continue;
             };
-            match pending.reselect(&self.setup.config, &*self.setup.store, now, &mut self.out) {
+            match pending.reselect(&*self.setup.store, now, &mut self.out) {
                 Ok(Reselected::Sessions) => self.admit(Origin::Radius(pending)),
                 Ok(Reselected::Settled(settled)) => self.deliver(settled),
                 Err(_) => self.refuse(Origin::Radius(pending), ErrorCause::ResourcesUnavailable),
@@ -989,7 +984,7 @@ impl State {
     /// Disconnect learns that nothing was done.
     fn refuse(&mut self, p: Origin, cause: ErrorCause) {
         match p {
-            Origin::Radius(p) => match p.refuse(&self.setup.config, cause, &mut self.out) {
+            Origin::Radius(p) => match p.refuse(cause, &mut self.out) {
                 Ok(settled) => self.deliver(settled),
                 Err(reason) => {
                     tracing::warn!("actions: a request could not be answered: {reason:?}")
