@@ -127,6 +127,16 @@ pub struct Cli {
     /// Time between periodic snapshots, e.g. 300s (0: only at a clean shutdown).
     #[arg(long, value_name = "DURATION", value_parser = parse_millis_or_zero, requires = "state_dir")]
     pub snapshot_interval: Option<u64>,
+    /// Write one JSON line per decided Disconnect/CoA and operator disconnect to this file
+    /// (`-`: standard output). Off by default. See docs/RUNNING.md, "Audit log".
+    #[arg(long, value_name = "PATH|-")]
+    pub audit_log: Option<PathBuf>,
+    /// Rotate the audit log before it grows past this many octets (0: never; default 100 MiB).
+    #[arg(long, value_name = "BYTES", requires = "audit_log")]
+    pub audit_log_max_bytes: Option<u64>,
+    /// Rotated audit log files kept (PATH.1 ... PATH.N; default 5).
+    #[arg(long, value_name = "N", requires = "audit_log")]
+    pub audit_log_keep: Option<usize>,
 }
 
 /// A duration such as `2ms` or `300s`, zero allowed (at most a day).
@@ -418,6 +428,8 @@ pub struct Settings {
     pub action_deadline_ms: u64,
     /// `--state-dir`: the durable state, if any.
     pub state: Option<crate::state::StateOptions>,
+    /// `--audit-log`: the audit log, if any.
+    pub audit: Option<crate::audit::AuditOptions>,
 }
 
 impl Settings {
@@ -787,6 +799,16 @@ fn combine(loaded: Loaded, cli: &Cli) -> Result<Settings, ConfigError> {
                     crate::state::DEFAULT_SNAPSHOT_INTERVAL,
                     Duration::from_millis,
                 ),
+            }),
+        audit: cli
+            .audit_log
+            .as_ref()
+            .map(|path| crate::audit::AuditOptions {
+                path: (path.as_os_str() != "-").then(|| path.clone()),
+                max_bytes: cli
+                    .audit_log_max_bytes
+                    .unwrap_or(crate::audit::DEFAULT_MAX_BYTES),
+                keep: cli.audit_log_keep.unwrap_or(crate::audit::DEFAULT_KEEP),
             }),
     })
 }
