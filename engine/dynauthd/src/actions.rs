@@ -479,6 +479,8 @@ pub struct DispatcherSetup {
     pub stats: Arc<ActionStats>,
     /// Where agents report (its sender side is cloned into `ResultSink`s).
     pub submitter: Submitter,
+    /// Where settled answers are audited (`--audit-log`).
+    pub audit: Option<Arc<crate::audit::AuditLog>>,
 }
 
 /// The dispatcher's queue size: requests and results in flight between threads.
@@ -488,20 +490,44 @@ pub const QUEUE_CAPACITY: usize = 65_536;
 pub struct Dispatcher {
     thread: Option<thread::JoinHandle<()>>,
     stop: Arc<AtomicBool>,
+    drain: Arc<AtomicBool>,
 }
 
 impl Dispatcher {
     /// Starts the thread.
     pub fn start(setup: DispatcherSetup, inbox: Receiver<Event>) -> io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
-        let thread_stop = Arc::clone(&stop);
+        let drain = Arc::new(AtomicBool::new(false));
+        let (thread_stop, thread_drain) = (Arc::clone(&stop), Arc::clone(&drain));
         let thread = thread::Builder::new()
             .name("dynauthd-actions".into())
-            .spawn(move || State::new(setup).run(&inbox, &thread_stop))?;
+            .spawn(move || State::new(setup).run(&inbox, &thread_stop, &thread_drain))?;
         Ok(Dispatcher {
             thread: Some(thread),
             stop,
+            drain,
         })
+    }
+
+    /// Drains, then stops (after the shards have stopped reading): every running or waiting
+    /// action is left to finish, its answer sent as usual, each bounded by its own deadline
+    /// (then NAK 506); after `within` at the most, [`Dispatcher::stop`] answers the rest.
+    /// Returns whether the drain finished by itself.
+    pub fn drain_and_stop(self, within: Duration) -> bool {
+        self.drain.store(true, Ordering::Release);
+        let until = Instant::now() + within;
+        let drained = loop {
+            match &self.thread {
+                Some(t) if !t.is_finished() => {}
+                _ => break true,
+            }
+            if Instant::now() >= until {
+                break false;
+            }
+            thread::sleep(Duration::from_millis(10));
+        };
+        self.stop();
+        drained
     }
 
     /// Stops the thread (after the shards have stopped): requests still pending are
@@ -576,7 +602,7 @@ impl State {
         crate::runtime::clock(self.setup.base)
     }
 
-    fn run(mut self, inbox: &Receiver<Event>, stop: &AtomicBool) {
+    fn run(mut self, inbox: &Receiver<Event>, stop: &AtomicBool, drain: &AtomicBool) {
         while !stop.load(Ordering::Acquire) {
             let scope = crate::state::defer_commits();
             let now_ms = self.now().monotonic_ms;
@@ -608,6 +634,13 @@ impl State {
             // The round's commits are durable before any of its answers leaves.
             scope.wait();
             self.send_ready();
+            if drain.load(Ordering::Acquire)
+                && self.running.is_empty()
+                && self.waiting.is_empty()
+                && inbox.is_empty()
+            {
+                break;
+            }
         }
         let scope = crate::state::defer_commits();
         // Requests submitted before the shards stopped.
@@ -692,7 +725,7 @@ impl State {
 
     fn start(&mut self, p: Origin) {
         let plan = match &p {
-            Origin::Radius(pending) => match pending.plan(&self.setup.config) {
+            Origin::Radius(pending) => match pending.plan() {
                 Ok(plan) => plan,
                 Err(_) => return self.refuse(p, ErrorCause::ResourcesUnavailable),
             },
@@ -842,18 +875,14 @@ impl State {
         let now = self.now();
         match &running.origin {
             Origin::Radius(pending) => {
-                let settled = pending.settle(
-                    &self.setup.config,
-                    &*self.setup.store,
-                    &running.results,
-                    now,
-                    &mut self.out,
-                );
+                let settled =
+                    pending.settle(&*self.setup.store, &running.results, now, &mut self.out);
                 match settled {
                     Ok(settled) => {
                         if !settled.compensate.is_empty() {
                             self.compensate(&running, &settled.compensate);
                         }
+                        self.audit(pending, &settled);
                         self.deliver(settled);
                     }
                     Err(reason) => {
@@ -959,9 +988,12 @@ impl State {
                 self.admit(p);
                 continue;
             };
-            match pending.reselect(&self.setup.config, &*self.setup.store, now, &mut self.out) {
+            match pending.reselect(&*self.setup.store, now, &mut self.out) {
                 Ok(Reselected::Sessions) => self.admit(Origin::Radius(pending)),
-                Ok(Reselected::Settled(settled)) => self.deliver(settled),
+                Ok(Reselected::Settled(settled)) => {
+                    self.audit(&pending, &settled);
+                    self.deliver(settled)
+                }
                 Err(_) => self.refuse(Origin::Radius(pending), ErrorCause::ResourcesUnavailable),
             }
         }
@@ -998,8 +1030,11 @@ impl State {
     /// Disconnect learns that nothing was done.
     fn refuse(&mut self, p: Origin, cause: ErrorCause) {
         match p {
-            Origin::Radius(p) => match p.refuse(&self.setup.config, cause, &mut self.out) {
-                Ok(settled) => self.deliver(settled),
+            Origin::Radius(p) => match p.refuse(cause, &mut self.out) {
+                Ok(settled) => {
+                    self.audit(&p, &settled);
+                    self.deliver(settled)
+                }
                 Err(reason) => {
                     tracing::warn!("actions: a request could not be answered: {reason:?}")
                 }
@@ -1010,6 +1045,14 @@ impl State {
                     ..OperatorOutcome::default()
                 });
             }
+        }
+    }
+
+    /// The audit log's line for a settled RADIUS request (its answer is in `self.out`).
+    fn audit(&self, pending: &PendingRequest, settled: &Settled) {
+        if let Some(audit) = &self.setup.audit {
+            let bytes = self.out.get(..settled.len).unwrap_or_default();
+            audit.settled_answer(pending, settled, bytes);
         }
     }
 
@@ -1161,6 +1204,7 @@ mod tests {
                 base,
                 stats: Arc::new(ActionStats::default()),
                 submitter: submitter.clone(),
+                audit: None,
             },
             inbox,
         )

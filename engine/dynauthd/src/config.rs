@@ -129,6 +129,16 @@ pub struct Cli {
     pub snapshot_interval: Option<u64>,
     #[command(flatten)]
     pub router: crate::router::RouterArgs,
+    /// Write one JSON line per decided Disconnect/CoA and operator disconnect to this file
+    /// (`-`: standard output). Off by default. See docs/RUNNING.md, "Audit log".
+    #[arg(long, value_name = "PATH|-")]
+    pub audit_log: Option<PathBuf>,
+    /// Rotate the audit log before it grows past this many octets (0: never; default 100 MiB).
+    #[arg(long, value_name = "BYTES", requires = "audit_log")]
+    pub audit_log_max_bytes: Option<u64>,
+    /// Rotated audit log files kept (PATH.1 ... PATH.N; default 5).
+    #[arg(long, value_name = "N", requires = "audit_log")]
+    pub audit_log_keep: Option<usize>,
 }
 
 /// A duration such as `2ms` or `300s`, zero allowed (at most a day).
@@ -422,6 +432,8 @@ pub struct Settings {
     pub state: Option<crate::state::StateOptions>,
     /// `--role router`: the routing tier's settings (docs/SCALE_OUT.md).
     pub router: Option<crate::router::RouterSettings>,
+    /// `--audit-log`: the audit log, if any.
+    pub audit: Option<crate::audit::AuditOptions>,
 }
 
 impl Settings {
@@ -815,6 +827,16 @@ fn combine(loaded: Loaded, cli: &Cli) -> Result<Settings, ConfigError> {
                 ),
             }),
         router,
+        audit: cli
+            .audit_log
+            .as_ref()
+            .map(|path| crate::audit::AuditOptions {
+                path: (path.as_os_str() != "-").then(|| path.clone()),
+                max_bytes: cli
+                    .audit_log_max_bytes
+                    .unwrap_or(crate::audit::DEFAULT_MAX_BYTES),
+                keep: cli.audit_log_keep.unwrap_or(crate::audit::DEFAULT_KEEP),
+            }),
     })
 }
 

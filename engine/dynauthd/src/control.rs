@@ -85,8 +85,21 @@ fn io_error<'p>(path: &'p Path, what: &'static str) -> impl FnOnce(io::Error) ->
 /// `matching`, or any store that can list matches).
 pub type SessionReader = Arc<dyn Fn(&Session) -> Vec<Session> + Send + Sync>;
 
+/// `reload`: reads the configuration again; the summary, or the error that refused it.
+pub type ReloadHook = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
+
+/// What the control socket offers beyond the feed and the agents.
+#[derive(Default, Clone)]
+pub struct ControlExtras {
+    /// Answers `reload` (without it, `reload` is refused).
+    pub reload: Option<ReloadHook>,
+    /// Where operator disconnects are audited (`--audit-log`).
+    pub audit: Option<Arc<crate::audit::AuditLog>>,
+}
+
 /// State shared by every connection.
 struct Shared {
+    extras: ControlExtras,
     feed: Arc<SessionFeed>,
     /// Reads for `sessions_get` (the carrier table, or any store that can list matches).
     reader: SessionReader,
@@ -124,11 +137,31 @@ impl ControlServer {
         agents: Arc<Agents>,
         actions: Option<Submitter>,
     ) -> Result<ControlServer, ControlError> {
+        Self::start_with(
+            config,
+            feed,
+            reader,
+            agents,
+            actions,
+            ControlExtras::default(),
+        )
+    }
+
+    /// [`ControlServer::start`] with `reload` and the audit log.
+    pub fn start_with(
+        config: &ControlConfig,
+        feed: Arc<SessionFeed>,
+        reader: SessionReader,
+        agents: Arc<Agents>,
+        actions: Option<Submitter>,
+        extras: ControlExtras,
+    ) -> Result<ControlServer, ControlError> {
         let listener = bind(config)?;
         listener
             .set_nonblocking(true)
             .map_err(io_error(&config.path, "setting non-blocking"))?;
         let shared = Arc::new(Shared {
+            extras,
             feed,
             reader,
             agents,
@@ -638,6 +671,16 @@ impl Connection<'_> {
             }
             "disconnect" => self.disconnect(m),
             "action_result" => self.action_result(m),
+            "reload" => match &self.shared.extras.reload {
+                Some(reload) => reload()
+                    .map(|summary| json!({"reloaded": true, "summary": summary}))
+                    .map_err(|e| refused("config_rejected", None, e)),
+                None => Err(refused(
+                    "unsupported",
+                    Some("op"),
+                    "this server cannot reload (started without a reload handler)",
+                )),
+            },
             "stats" => {
                 let s = self.shared.feed.stats();
                 Ok(json!({
@@ -655,7 +698,7 @@ impl Connection<'_> {
                 format!(
                     "unknown operation {other:?}; known: hello, upsert, delete, nas_reset, \
                      sync_begin, sync_end, batch, sessions_count, sessions_get, disconnect, \
-                     action_result, stats"
+                     action_result, reload, stats"
                 ),
             )),
         }
@@ -886,6 +929,11 @@ impl Connection<'_> {
                 serde_json::to_string(query).unwrap_or_default(),
             );
         };
+        let json_audit = |sessions: &[Session], ok: bool, changed: u32| {
+            if let Some(a) = &self.shared.extras.audit {
+                a.operator_disconnect(agent, sessions, ok, changed);
+            }
+        };
         match selected {
             Ok(Applied::Sessions(_)) => {}
             Ok(Applied::AlreadyRemoved) => {
@@ -894,15 +942,28 @@ impl Connection<'_> {
             }
             Err(refusal) => {
                 audit(&format!("{refusal:?}"));
+                json_audit(core::slice::from_ref(query), false, 0);
                 return Err(refused("refused", None, format!("{refusal:?}")));
             }
         }
+        let selected_sessions = self
+            .shared
+            .extras
+            .audit
+            .as_ref()
+            .map(|_| sessions.clone())
+            .unwrap_or_default();
         let outcome = actions
             .operator_disconnect(sessions)
             .map_err(|_| refused("busy", None, "the action queue is full; try again"))?
             .recv_timeout(Duration::from_secs(600))
             .map_err(|_| refused("internal", None, "the action dispatcher did not answer"))?;
         audit(&format!("{outcome:?}"));
+        json_audit(
+            &selected_sessions,
+            outcome.failed == 0 && outcome.unanswered == 0,
+            outcome.committed,
+        );
         let summary = json!({
             "disconnected": outcome.committed,
             "not_found": outcome.not_found,
@@ -961,6 +1022,14 @@ impl Connection<'_> {
             serde_json::to_string(&query).unwrap_or_default(),
             result
         );
+        if let Some(a) = &self.shared.extras.audit {
+            let (ok, changed) = match result {
+                Ok(Applied::Sessions(n)) => (true, n),
+                Ok(Applied::AlreadyRemoved) => (true, 0),
+                Err(_) => (false, 0),
+            };
+            a.operator_disconnect(agent, core::slice::from_ref(&query), ok, changed);
+        }
         match result {
             Ok(Applied::Sessions(n)) => Ok(json!({"disconnected": n})),
             Ok(Applied::AlreadyRemoved) => Ok(json!({"disconnected": 0, "already_removed": true})),

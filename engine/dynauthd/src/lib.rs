@@ -13,6 +13,9 @@
 //! - [`state`]: `--state-dir`: the durable store (journal, snapshots, restore).
 //! - [`control`]: the control socket (newline-delimited JSON over a Unix stream socket) for
 //!   the gateway's agents and `dynauthctl`.
+//! - [`reload`]: SIGHUP / `dynauthctl reload`: the configuration again, without a restart.
+//! - [`audit`]: `--audit-log`: one JSON line per decided Disconnect or CoA.
+//! - [`notify`]: systemd's `sd_notify` (READY, RELOADING, STOPPING, WATCHDOG).
 //!
 //! Must not touch: syscalls (they are `dynauth_udp`'s) or protocol rules (`dynauth_proto`'s).
 #![forbid(unsafe_code)]
@@ -20,9 +23,12 @@
 pub mod accounting;
 pub mod actions;
 pub mod affinity;
+pub mod audit;
 pub mod config;
 pub mod control;
 pub mod feed;
+pub mod notify;
+pub mod reload;
 pub mod router;
 pub mod runtime;
 pub mod state;

@@ -36,8 +36,26 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("dynauthd: error: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(exit_code(&e))
         }
+    }
+}
+
+/// Exit status 0: a clean stop (SIGTERM/SIGINT, after the drain). These are documented in
+/// docs/RUNNING.md ("Exit status").
+const EXIT_FAILURE: u8 = 1;
+/// A usage or configuration error (clap's usage errors exit 2 too).
+const EXIT_CONFIG: u8 = 2;
+
+/// The exit status for an error that stopped dynauthd; a journal write or fsync error at run
+/// time exits 74 from the state module itself (`state::EXIT_JOURNAL_FAILED`).
+fn exit_code(e: &anyhow::Error) -> u8 {
+    if e.chain().any(|c| c.is::<config::ConfigError>()) {
+        EXIT_CONFIG
+    } else if e.chain().any(|c| c.is::<state::StateError>()) {
+        u8::try_from(state::EXIT_JOURNAL_FAILED).unwrap_or(EXIT_FAILURE)
+    } else {
+        EXIT_FAILURE
     }
 }
 
@@ -156,7 +174,7 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
     let settings = config::settings_from(cli)?;
     let engine_config = Arc::new(settings.engine_config()?);
     if let Some(router) = settings.router.clone() {
-        return serve_router(&settings, engine_config, router);
+        return serve_router(cli, &settings, engine_config, router);
     }
     let state_stats = Arc::new(state::StateStats::default());
     let mut durable = None;
@@ -187,6 +205,24 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
     }
     let shutdown = dynauth_udp::install_shutdown_signals()
         .context("installing the SIGINT/SIGTERM handlers")?;
+    let reload_requested =
+        dynauth_udp::install_reload_signal().context("installing the SIGHUP handler")?;
+    let mut notifier = dynauthd::notify::Notifier::from_env();
+    let audit = match &settings.audit {
+        Some(options) => {
+            let (log, writer) = dynauthd::audit::AuditLog::start(options)?;
+            tracing::info!(
+                "audit log: {}",
+                options
+                    .path
+                    .as_ref()
+                    .map_or("standard output".to_string(), |p| p.display().to_string())
+            );
+            Some((log, writer))
+        }
+        None => None,
+    };
+    let audit_log = audit.as_ref().map(|(log, _)| Arc::clone(log));
     let clients = Arc::new(engine_config.clients.clone());
     let store: Arc<dyn SessionStore> = match &durable {
         Some(d) => Arc::clone(d) as Arc<dyn SessionStore>,
@@ -220,7 +256,13 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
         Arc::clone(&store),
         sink,
         base,
+        audit_log.clone(),
     )?;
+    let reloader = Arc::new(dynauthd::reload::Reloader::new(
+        cli.clone(),
+        settings.clone(),
+        server.config(),
+    ));
     let mut dispatcher = None;
     let mut submitter = None;
     if let Some((s, inbox)) = queue {
@@ -236,6 +278,7 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
             base: server.base,
             stats: Arc::clone(&action_stats),
             submitter: s.clone(),
+            audit: audit_log.clone(),
         };
         dispatcher = Some(
             actions::Dispatcher::start(setup, inbox).context("starting the action dispatcher")?,
@@ -263,12 +306,22 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
                     now_ms: 0,
                 })
             });
-            let control = ControlServer::start(
+            let hook = Arc::clone(&reloader);
+            let extras = dynauthd::control::ControlExtras {
+                reload: Some(Arc::new(move || {
+                    hook.reload()
+                        .map(|done| done.to_string())
+                        .map_err(|e| e.to_string())
+                })),
+                audit: audit_log.clone(),
+            };
+            let control = ControlServer::start_with(
                 config,
                 Arc::clone(&feed),
                 reader,
                 Arc::clone(&agents),
                 submitter.clone(),
+                extras,
             )?;
             tracing::info!(
                 "control socket {} (mode {:04o})",
@@ -317,11 +370,16 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
         extras.push_str(&format!(" accounting={}", a.local_addr()));
     }
     if let Some(addr) = settings.metrics {
-        let names = settings.clients.iter().map(|c| c.name.clone()).collect();
         let feed_metrics = Arc::clone(&feed);
-        let mut extra: Vec<runtime::MetricsSource> = vec![Arc::new(move |out: &mut String| {
-            feed_metrics.write_prometheus(out)
-        })];
+        let reload_metrics = Arc::clone(&reloader);
+        let mut extra: Vec<runtime::MetricsSource> = vec![
+            Arc::new(move |out: &mut String| feed_metrics.write_prometheus(out)),
+            Arc::new(move |out: &mut String| reload_metrics.write_prometheus(out)),
+        ];
+        if let Some(log) = &audit_log {
+            let log = Arc::clone(log);
+            extra.push(Arc::new(move |out: &mut String| log.write_prometheus(out)));
+        }
         if dispatcher.is_some() {
             let stats = Arc::clone(&action_stats);
             extra.push(Arc::new(move |out: &mut String| {
@@ -344,7 +402,7 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
                 total.write_prometheus(out);
             }));
         }
-        let bound = server.serve_metrics(addr, names, extra)?;
+        let bound = server.serve_metrics(addr, extra)?;
         tracing::info!("Prometheus metrics on http://{bound}/metrics");
         extras.push_str(&format!(" metrics={bound}"));
     }
@@ -354,13 +412,39 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
         server.io.name(),
         server.shards
     );
-    let totals = server.run_until(shutdown);
-    if let Some(c) = control {
-        c.stop();
+    // Sockets bound, state restored, the banner out: systemd may start what depends on us.
+    notifier.notify("READY=1");
+    if let Some(every) = notifier.watchdog_interval() {
+        tracing::info!("systemd watchdog: a ping every {} ms", every.as_millis());
     }
+    let totals = server.run_until_with(shutdown, &mut || {
+        notifier.watchdog_tick();
+        if reload_requested.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            notifier.notify("RELOADING=1");
+            tracing::info!("SIGHUP: reloading the configuration");
+            // Logged and counted by the reloader either way.
+            let _ = reloader.reload();
+            notifier.notify("READY=1");
+        }
+    });
+    notifier.notify("STOPPING=1");
+    // The shards have stopped reading. Actions already with the data plane finish (their
+    // answers still go out), each bounded by its deadline; the control socket stays open
+    // meanwhile, since that is where the agents report.
     drop(submitter);
     if let Some(d) = dispatcher {
-        d.stop();
+        let within = std::time::Duration::from_millis(settings.action_deadline_ms)
+            + std::time::Duration::from_secs(1);
+        tracing::info!(
+            "shutting down: letting pending actions finish (at most {} ms)",
+            within.as_millis()
+        );
+        if !d.drain_and_stop(within) {
+            tracing::warn!("shutting down: some actions did not settle in time: answered NAK 506");
+        }
+    }
+    if let Some(c) = control {
+        c.stop();
     }
     accounting_stop.store(true, std::sync::atomic::Ordering::Release);
     for a in accounting {
@@ -381,6 +465,9 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
             ),
         }
     }
+    if let Some((_, writer)) = audit {
+        writer.stop();
+    }
     tracing::info!("totals: {}", totals.summary());
     println!("dynauthd totals: {}", totals.summary());
     if totals.failed_shards > 0 {
@@ -395,6 +482,7 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
 /// `--role router`: the shards verify and check each request as an owner would, the router
 /// worker forwards it to the owner of its session and relays the answer (docs/SCALE_OUT.md).
 fn serve_router(
+    cli: &Cli,
     settings: &config::Settings,
     engine_config: Arc<dynauth_proto::EngineConfig>,
     router: dynauthd::router::RouterSettings,
@@ -402,6 +490,9 @@ fn serve_router(
     use dynauthd::router;
     let shutdown = dynauth_udp::install_shutdown_signals()
         .context("installing the SIGINT/SIGTERM handlers")?;
+    let reload_requested =
+        dynauth_udp::install_reload_signal().context("installing the SIGHUP handler")?;
+    let mut notifier = dynauthd::notify::Notifier::from_env();
     // A router owns no sessions: the shards never look anything up.
     let store: Arc<dyn SessionStore> = Arc::new(dynauth_proto::store::MemoryStore::default());
     let (sink, inbox) = router::channel();
@@ -414,6 +505,13 @@ fn serve_router(
     let delivery = server
         .take_delivery()
         .context("the runtime kept no delivery for relayed answers")?;
+    // SIGHUP: the clients (the DACs), their secrets and policies, as on an owner; the
+    // router's own flags need a restart.
+    let reloader = Arc::new(dynauthd::reload::Reloader::new(
+        cli.clone(),
+        settings.clone(),
+        server.config(),
+    ));
     let stats = Arc::new(router::RouterStats::default());
     tracing::info!(
         "role: router: affinity from {} (prefix {}), owner timeout {} ms ({:?}), {} NAS route(s)",
@@ -425,7 +523,6 @@ fn serve_router(
     );
     let running = router::Router::start(
         router::RouterSetup {
-            config: Arc::clone(&engine_config),
             settings: router,
             delivery,
             base: server.base,
@@ -448,11 +545,13 @@ fn serve_router(
         .join(",");
     let mut extras = format!(" role=router forward={forward}");
     if let Some(addr) = settings.metrics {
-        let names = settings.clients.iter().map(|c| c.name.clone()).collect();
         let s = Arc::clone(&stats);
-        let extra: Vec<runtime::MetricsSource> =
-            vec![Arc::new(move |out: &mut String| s.write_prometheus(out))];
-        let bound = server.serve_metrics(addr, names, extra)?;
+        let r = Arc::clone(&reloader);
+        let extra: Vec<runtime::MetricsSource> = vec![
+            Arc::new(move |out: &mut String| s.write_prometheus(out)),
+            Arc::new(move |out: &mut String| r.write_prometheus(out)),
+        ];
+        let bound = server.serve_metrics(addr, extra)?;
         tracing::info!("Prometheus metrics on http://{bound}/metrics");
         extras.push_str(&format!(" metrics={bound}"));
     }
@@ -467,7 +566,19 @@ fn serve_router(
         server.io.name(),
         server.shards
     );
-    let totals = server.run_until(shutdown);
+    notifier.notify("READY=1");
+    let totals = server.run_until_with(shutdown, &mut || {
+        notifier.watchdog_tick();
+        if reload_requested.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            notifier.notify("RELOADING=1");
+            tracing::info!("SIGHUP: reloading the configuration");
+            let _ = reloader.reload();
+            notifier.notify("READY=1");
+        }
+    });
+    notifier.notify("STOPPING=1");
+    // The shards have stopped reading; what is in flight gets its owner's answer or its
+    // deadline's NAK 505 (at most --forward-timeout).
     running.stop();
     tracing::info!("totals: {}", totals.summary());
     println!("dynauthd totals: {}", totals.summary());

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::actions::{Delivery, ShardNotice};
 use crate::config::{IoChoice, Settings, Shards};
+use arc_swap::ArcSwap;
 use crossbeam::channel::Receiver;
 use dynauth_proto::action::ActionSink;
 use dynauth_proto::counters::{Counters, Discard, LatencyHistogram, RequestKind};
@@ -102,9 +103,15 @@ pub fn choose_backend(choice: IoChoice) -> Result<IoKind, StartError> {
     }
 }
 
+/// The configuration the shards run with: replaced whole by a reload, picked up by each
+/// shard at the start of its next batch.
+pub type SharedConfig = Arc<ArcSwap<EngineConfig>>;
+
 /// What a shard publishes for the stats line.
 #[derive(Debug, Clone, Default)]
 pub struct ShardReport {
+    /// The configuration whose client list indexes `counters.per_client`.
+    pub config: Option<Arc<EngineConfig>>,
     pub counters: Counters,
     pub io: IoStats,
     pub dedup: DedupStats,
@@ -204,6 +211,12 @@ struct ShardHandler {
     decision_latency: LatencyHistogram,
     /// Answers to this shard's pending requests, settled by the action dispatcher.
     settled: Option<Receiver<ShardNotice>>,
+    /// The current configuration (a reload stores a new one).
+    config: SharedConfig,
+    /// The one `engine` runs with (published with the counters it indexes).
+    current: Arc<EngineConfig>,
+    /// Where answers are audited (`--audit-log`); `None`: nothing is built per packet.
+    audit: Option<Arc<crate::audit::AuditLog>>,
 }
 
 impl ShardHandler {
@@ -240,6 +253,12 @@ impl Handler for ShardHandler {
     fn batch(&mut self, batch: &mut Batch<'_, '_>) {
         // One clock read per batch for the decisions.
         self.now = clock(self.base);
+        // A reload between batches: the whole batch runs with one configuration (a load and
+        // a pointer comparison when nothing changed).
+        if !Arc::ptr_eq(&self.current, &*self.config.load()) {
+            self.current = self.config.load_full();
+            self.engine.set_config(Arc::clone(&self.current));
+        }
         self.take_settled();
         // With a state directory, the store's changes of the whole batch are covered by one
         // wait here, before the backend sends any of the batch's answers (durable before
@@ -254,7 +273,12 @@ impl Handler for ShardHandler {
                 .record(u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX));
             match outcome {
                 Outcome::Discard(_) | Outcome::Pending => {}
-                Outcome::Answer(a) => answer.send(a.len),
+                Outcome::Answer(a) => {
+                    if let Some(audit) = &self.audit {
+                        audit.radius_answer(d.data, d.source, &a);
+                    }
+                    answer.send(a.len)
+                }
                 Outcome::Replay { len } => answer.send(len),
             }
         }
@@ -352,6 +376,8 @@ pub struct Server {
     stats_interval: Duration,
     /// With actions: where settled answers go (each shard's queue, the sockets' handles).
     delivery: Option<Delivery>,
+    /// The configuration every shard runs with ([`Server::config`]).
+    config: SharedConfig,
 }
 
 /// Binds every socket and starts every shard. Returns once all shards are receiving.
@@ -364,17 +390,19 @@ pub fn start(
     store: Arc<dyn SessionStore>,
     actions: Option<Arc<dyn ActionSink>>,
 ) -> Result<Server, StartError> {
-    start_at(settings, config, store, actions, None)
+    start_at(settings, config, store, actions, None, None)
 }
 
 /// [`start`] with the monotonic clock counting from `base` (a server with a state
-/// directory starts it a tombstone window early, so restored tombstones have times).
+/// directory starts it a tombstone window early, so restored tombstones have times), and
+/// fresh answers written to `audit` (`--audit-log`).
 pub fn start_at(
     settings: &Settings,
     config: Arc<EngineConfig>,
     store: Arc<dyn SessionStore>,
     actions: Option<Arc<dyn ActionSink>>,
     base: Option<Instant>,
+    audit: Option<Arc<crate::audit::AuditLog>>,
 ) -> Result<Server, StartError> {
     let io = choose_backend(settings.io)?;
     if settings.gso && io == IoKind::Uring {
@@ -425,6 +453,7 @@ pub fn start_at(
         local_addrs.push(bound);
     }
     let base = base.unwrap_or_else(Instant::now);
+    let shared_config: SharedConfig = Arc::new(ArcSwap::new(Arc::clone(&config)));
     let mut delivery = None;
     if actions.is_some() {
         let first = listeners.first().map(Vec::as_slice).unwrap_or_default();
@@ -462,6 +491,8 @@ pub fn start_at(
             settled = Some(rx);
         }
         let shard_stop = Arc::clone(&stop);
+        let shard_config = Arc::clone(&shared_config);
+        let shard_audit = audit.clone();
         let batch = settings.batch;
         let gso = settings.gso;
         let spawned = thread::Builder::new()
@@ -497,7 +528,17 @@ pub fn start_at(
                         return;
                     }
                 };
-                run_shard(index, backend, engine, settled, base, &shard_stop, &report);
+                let handler = ShardHandler {
+                    engine,
+                    now: clock(base),
+                    base,
+                    decision_latency: LatencyHistogram::default(),
+                    settled,
+                    current: shard_config.load_full(),
+                    config: shard_config,
+                    audit: shard_audit,
+                };
+                run_shard(index, backend, handler, &shard_stop, &report);
             });
         match spawned {
             Ok(t) => threads.push(t),
@@ -536,15 +577,43 @@ pub fn start_at(
         reports,
         stats_interval: Duration::from_secs(settings.stats_interval_secs),
         delivery,
+        config: shared_config,
     })
 }
 
-fn totals_of(reports: &[Arc<Mutex<ShardReport>>]) -> Totals {
+/// Every shard's report summed, per-client counters keyed by `current`'s client list (a
+/// shard that has not yet picked up a reload publishes under the old list: its counters are
+/// re-indexed by client network first).
+fn totals_of(reports: &[Arc<Mutex<ShardReport>>], current: &EngineConfig) -> Totals {
     let mut totals = Totals::default();
     for r in reports {
-        totals.add(&r.lock().unwrap_or_else(|p| p.into_inner()));
+        let r = r.lock().unwrap_or_else(|p| p.into_inner());
+        match &r.config {
+            Some(c) if !std::ptr::eq(&**c, current) => {
+                let mut remapped = r.clone();
+                remapped.counters = r.counters.reindexed(current.clients.len(), |i| {
+                    c.clients
+                        .get(dynauth_proto::client::ClientId(i as u32))
+                        .and_then(|client| current.clients.position_of(client.network))
+                        .map(|id| id.0 as usize)
+                });
+                totals.add(&remapped);
+            }
+            _ => totals.add(&r),
+        }
     }
     totals
+}
+
+/// The per-client label values for `config`'s clients, and one for the counts of clients a
+/// reload removed (the slot after the last client).
+fn client_names(config: &EngineConfig) -> Vec<String> {
+    config
+        .clients
+        .iter()
+        .map(|c| c.name.clone())
+        .chain(core::iter::once("(removed by a reload)".to_string()))
+        .collect()
 }
 
 /// The engine's counters plus the runtime's I/O and duplicate-cache counters.
@@ -670,21 +739,19 @@ fn answer_http(mut stream: std::net::TcpStream, body: &str) -> std::io::Result<(
 fn run_shard(
     index: usize,
     mut backend: Backend,
-    engine: Engine,
-    settled: Option<Receiver<ShardNotice>>,
-    base: Instant,
+    mut handler: ShardHandler,
     stop: &AtomicBool,
     report: &Mutex<ShardReport>,
 ) {
-    let mut handler = ShardHandler {
-        engine,
-        now: clock(base),
-        base,
-        decision_latency: LatencyHistogram::default(),
-        settled,
-    };
     let publish = |handler: &ShardHandler, backend: &Backend| {
         let mut r = report.lock().unwrap_or_else(|p| p.into_inner());
+        if !r
+            .config
+            .as_ref()
+            .is_some_and(|c| Arc::ptr_eq(c, &handler.current))
+        {
+            r.config = Some(Arc::clone(&handler.current));
+        }
         r.counters.clone_from(handler.engine.counters());
         r.io = backend.stats();
         r.dedup = handler.engine.dedup_stats();
@@ -722,7 +789,13 @@ impl Server {
     }
 
     fn totals(&self) -> Totals {
-        totals_of(&self.reports)
+        totals_of(&self.reports, &self.config.load())
+    }
+
+    /// The configuration the shards run with: a reload stores a new one here, and every
+    /// shard picks it up at the start of its next batch.
+    pub fn config(&self) -> SharedConfig {
+        Arc::clone(&self.config)
     }
 
     /// Serves Prometheus text on `addr` (any path, HTTP/1.0) from a thread of its own until
@@ -730,7 +803,6 @@ impl Server {
     pub fn serve_metrics(
         &self,
         addr: SocketAddr,
-        client_names: Vec<String>,
         extra: Vec<MetricsSource>,
     ) -> Result<SocketAddr, StartError> {
         let listener = std::net::TcpListener::bind(addr).map_err(|e| bind_error(addr, e))?;
@@ -740,14 +812,17 @@ impl Server {
             .map_err(|e| bind_error(addr, e))?;
         let reports = self.reports.clone();
         let stop = Arc::clone(&self.stop);
+        let config = Arc::clone(&self.config);
         thread::Builder::new()
             .name("dynauthd-metrics".into())
             .spawn(move || {
-                let names: Vec<&str> = client_names.iter().map(String::as_str).collect();
                 while !stop.load(Ordering::Relaxed) {
                     match listener.accept() {
                         Ok((stream, _)) => {
-                            let mut body = prometheus_text(&totals_of(&reports), &names);
+                            let current = config.load();
+                            let owned = client_names(&current);
+                            let names: Vec<&str> = owned.iter().map(String::as_str).collect();
+                            let mut body = prometheus_text(&totals_of(&reports, &current), &names);
                             per_shard_prometheus(&reports, &mut body);
                             for source in &extra {
                                 source(&mut body);
@@ -768,10 +843,17 @@ impl Server {
     /// Runs until `shutdown` is set, logging a stats line every interval; then stops reading,
     /// answers what is in flight, joins the shards and returns the totals.
     pub fn run_until(self, shutdown: &AtomicBool) -> Totals {
+        self.run_until_with(shutdown, &mut || {})
+    }
+
+    /// [`Server::run_until`], calling `tick` about every 50 ms on this thread (a reload
+    /// requested by SIGHUP, the systemd watchdog).
+    pub fn run_until_with(self, shutdown: &AtomicBool, tick: &mut dyn FnMut()) -> Totals {
         let mut last = Instant::now();
         let mut last_received = 0u64;
         while !shutdown.load(Ordering::SeqCst) {
             thread::sleep(Duration::from_millis(50));
+            tick();
             if let Some(dead) = self.threads.iter().position(|t| t.is_finished()) {
                 tracing::error!(
                     "shard {dead} stopped unexpectedly; shutting down so that a supervisor restarts dynauthd"

@@ -119,6 +119,13 @@ fn router(redis: &Redis, extra: &[&str]) -> Daemon {
     args.extend_from_slice(extra);
     let d = start_ok(&args);
     assert!(d.banner.contains("role=router"), "{}", d.banner);
+    // Following the invalidation channel (subscribing clears the cache: wait for that, so
+    // a test's first lookups stay cached).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(&d, "dynauth_router_invalidations_followed") < 1.0 {
+        assert!(Instant::now() < deadline, "the router never subscribed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     d
 }
 

@@ -28,12 +28,13 @@
 #![forbid(unsafe_code)]
 
 use core::net::SocketAddr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use crate::answer;
 use crate::change::SubscriberCommand;
-use crate::client::ClientId;
+use crate::client::{Cidr, ClientId};
 use crate::counters::{Discard, RequestKind};
 use crate::dedup::DuplicateKey;
 use crate::dict::ErrorCause;
@@ -95,9 +96,12 @@ pub trait ActionSink: Send + Sync {
 pub struct QueueFull;
 
 /// An authenticated request whose sessions were selected, waiting for the data plane. It
-/// owns a copy of the datagram, so the answer is built from the very bytes that verified.
+/// owns a copy of the datagram, so the answer is built from the very bytes that verified, and
+/// the configuration it verified under (a reload while it waits changes neither its client,
+/// its secret nor its NAS identity: it is answered as it was verified).
 #[derive(Debug, Clone)]
 pub struct PendingRequest {
+    pub(crate) config: Arc<EngineConfig>,
     pub(crate) shard: usize,
     pub(crate) kind: ActionKind,
     pub(crate) sessions: Vec<Session>,
@@ -134,6 +138,9 @@ pub struct Settled {
     /// not acknowledged: the dispatcher undoes them (all or none).
     pub compensate: Vec<usize>,
     pub(crate) client_id: ClientId,
+    /// The client's network: its identity across a reload (`client_id` is an index into the
+    /// configuration the request verified under).
+    pub(crate) client_network: Cidr,
     pub(crate) kind: RequestKind,
     pub(crate) ack: bool,
     pub(crate) authorize_only: bool,
@@ -175,6 +182,7 @@ pub enum Reselected {
 impl PendingRequest {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
+        config: Arc<EngineConfig>,
         shard: usize,
         request: &Authenticated<'_>,
         operation: Operation,
@@ -185,6 +193,7 @@ impl PendingRequest {
         answer_expires_ms: u64,
     ) -> Self {
         PendingRequest {
+            config,
             shard,
             kind: ActionKind::of(operation),
             sessions,
@@ -228,16 +237,22 @@ impl PendingRequest {
         self.deadline_ms
     }
 
-    /// The client it came from.
+    /// The client it came from (an index into [`PendingRequest::config`]).
     pub fn client_id(&self) -> ClientId {
         self.client_id
     }
 
+    /// The configuration it verified under; it is settled with this one, whatever was
+    /// reloaded since.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
     /// What the data plane must do, session by session: for a CoA the new authorization and
     /// the ordered steps that reach it, and any Cisco `subscriber:command`.
-    pub fn plan(&self, config: &EngineConfig) -> Result<ActionPlan, Discard> {
-        let request = self.reopen(config)?;
-        let prepared = self.prepare(&request, config)?;
+    pub fn plan(&self) -> Result<ActionPlan, Discard> {
+        let request = self.reopen()?;
+        let prepared = self.prepare(&request)?;
         let sessions = self
             .sessions
             .iter()
@@ -267,15 +282,14 @@ impl PendingRequest {
     /// sessions finished: two requests for one session are serialized).
     pub fn reselect(
         &mut self,
-        config: &EngineConfig,
         store: &dyn SessionStore,
         now: Now,
         out: &mut [u8],
     ) -> Result<Reselected, Discard> {
         let mut sessions = Vec::new();
         let settled = {
-            let request = self.reopen(config)?;
-            let prepared = self.prepare_at(&request, config, now.monotonic_ms)?;
+            let request = self.reopen()?;
+            let prepared = self.prepare_at(&request, now.monotonic_ms)?;
             let selected = store.select(
                 &prepared.lookup,
                 prepared.operation == Operation::Disconnect,
@@ -304,14 +318,13 @@ impl PendingRequest {
     /// `out`.
     pub fn settle(
         &self,
-        config: &EngineConfig,
         store: &dyn SessionStore,
         results: &[Option<SessionResult>],
         now: Now,
         out: &mut [u8],
     ) -> Result<Settled, Discard> {
-        let request = self.reopen(config)?;
-        let prepared = self.prepare(&request, config)?;
+        let request = self.reopen()?;
+        let prepared = self.prepare(&request)?;
         let result_of = |i: usize| results.get(i).copied().flatten();
         let with = |want: fn(&SessionResult) -> bool| -> Vec<Session> {
             self.sessions
@@ -407,6 +420,7 @@ impl PendingRequest {
             sessions: verdict.sessions,
             compensate,
             client_id: self.client_id,
+            client_network: request.client().network,
             kind: request.kind(),
             ack: verdict.ack,
             authorize_only: verdict.echo_authorize_only,
@@ -416,23 +430,17 @@ impl PendingRequest {
     }
 
     /// NAK with `cause`, without asking the data plane (no agent for a session, queue full).
-    pub fn refuse(
-        &self,
-        config: &EngineConfig,
-        cause: ErrorCause,
-        out: &mut [u8],
-    ) -> Result<Settled, Discard> {
-        let request = self.reopen(config)?;
+    pub fn refuse(&self, cause: ErrorCause, out: &mut [u8]) -> Result<Settled, Discard> {
+        let request = self.reopen()?;
         self.finish(&request, &Verdict::nak(cause), Vec::new(), out)
     }
 
-    /// The request again, from its own bytes, as verified when it arrived (the same secret,
-    /// the same clock reading, so the same checks pass).
-    pub(crate) fn reopen<'c>(
-        &'c self,
-        config: &'c EngineConfig,
-    ) -> Result<Authenticated<'c>, Discard> {
-        let client = config
+    /// The request again, from its own bytes, as verified when it arrived (the same
+    /// configuration, so the same client and secret; the same clock reading, so the same
+    /// checks pass).
+    pub(crate) fn reopen(&self) -> Result<Authenticated<'_>, Discard> {
+        let client = self
+            .config
             .clients
             .get(self.client_id)
             .ok_or(Discard::UnknownClient)?;
@@ -450,22 +458,17 @@ impl PendingRequest {
         )
     }
 
-    fn prepare<'r>(
-        &self,
-        request: &Authenticated<'r>,
-        config: &EngineConfig,
-    ) -> Result<Prepared<'r>, Discard> {
-        self.prepare_at(request, config, self.arrived.monotonic_ms)
+    fn prepare<'r>(&self, request: &Authenticated<'r>) -> Result<Prepared<'r>, Discard> {
+        self.prepare_at(request, self.arrived.monotonic_ms)
     }
 
     fn prepare_at<'r>(
         &self,
         request: &Authenticated<'r>,
-        config: &EngineConfig,
         now_ms: u64,
     ) -> Result<Prepared<'r>, Discard> {
         // It passed every rule when it arrived; the same bytes pass them again.
-        rules::prepare(request, &config.nas, self.destination.ip(), now_ms)
+        rules::prepare(request, &self.config.nas, self.destination.ip(), now_ms)
             .map_err(|_| Discard::Malformed)
     }
 }

@@ -306,6 +306,14 @@ impl ClientTable {
         self.clients.get(id.0 as usize)
     }
 
+    /// The client configured for exactly this network (a client's identity across a reload).
+    pub fn position_of(&self, network: Cidr) -> Option<ClientId> {
+        self.clients
+            .iter()
+            .position(|c| c.network == network)
+            .map(|i| ClientId(i as u32))
+    }
+
     pub fn len(&self) -> usize {
         self.clients.len()
     }

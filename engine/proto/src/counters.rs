@@ -182,6 +182,24 @@ impl Counters {
         }
     }
 
+    /// These counters for another client list of `to_len` clients: old client `i` becomes
+    /// `to_index(i)`; the counts of a client with no new index (removed) are summed into the
+    /// slot after the last client (index `to_len`), so totals never go down.
+    pub fn reindexed(&self, to_len: usize, to_index: impl Fn(usize) -> Option<usize>) -> Counters {
+        let mut out = Counters::new(to_len);
+        for (i, c) in self.per_client.iter().enumerate() {
+            let at = to_index(i).filter(|&j| j < to_len).unwrap_or(to_len);
+            if out.per_client.len() <= at {
+                out.per_client.resize(at + 1, ClientCounters::default());
+            }
+            if let Some(slot) = out.per_client.get_mut(at) {
+                slot.add(c);
+            }
+        }
+        out.unknown_client = self.unknown_client;
+        out
+    }
+
     /// Every client's counters summed.
     pub fn totals(&self) -> ClientCounters {
         let mut t = ClientCounters::default();

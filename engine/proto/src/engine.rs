@@ -150,11 +150,21 @@ impl Engine {
     pub fn settle(&mut self, settled: &Settled, answer: &[u8], now_ms: u64) {
         self.dedup
             .complete_key(settled.key, answer, now_ms, settled.answer_expires_ms);
-        if let Some(c) = self
-            .counters
-            .per_client
-            .get_mut(settled.client_id.0 as usize)
-        {
+        // Counted under its client's network: the configuration may have been reloaded since
+        // the request verified (then `client_id` indexes the old client list).
+        let clients = &self.config.clients;
+        let index = match clients.get(settled.client_id) {
+            Some(c) if c.network == settled.client_network => settled.client_id.0 as usize,
+            _ => clients
+                .position_of(settled.client_network)
+                .map_or(clients.len(), |id| id.0 as usize),
+        };
+        if self.counters.per_client.len() <= index {
+            self.counters
+                .per_client
+                .resize(index + 1, crate::counters::ClientCounters::default());
+        }
+        if let Some(c) = self.counters.per_client.get_mut(index) {
             count_answer(
                 c,
                 settled.kind,
@@ -178,6 +188,22 @@ impl Engine {
 
     pub fn config(&self) -> &EngineConfig {
         &self.config
+    }
+
+    /// Runs with `config` from now on (a reload; the caller swaps between batches). The
+    /// duplicate cache is kept as it is (its sizing is fixed at start), so are the counters,
+    /// re-indexed by client network: a client that stays keeps its counts, a new one starts
+    /// at zero, and the counts of a removed one move to the slot after the last client (so
+    /// totals never go down). Requests already handed to the data plane keep the
+    /// configuration they verified under ([`PendingRequest::config`]).
+    pub fn set_config(&mut self, config: Arc<EngineConfig>) {
+        let (old, new) = (&self.config.clients, &config.clients);
+        self.counters = self.counters.reindexed(new.len(), |i| {
+            old.get(crate::client::ClientId(i as u32))
+                .and_then(|c| new.position_of(c.network))
+                .map(|id| id.0 as usize)
+        });
+        self.config = config;
     }
 
     pub fn store(&self) -> &Arc<dyn SessionStore> {
@@ -242,7 +268,7 @@ impl Engine {
 /// What one call of `Engine::handle` works with: the shared parts by reference, this shard's
 /// duplicate cache and counters mutably.
 struct Shard<'a> {
-    config: &'a EngineConfig,
+    config: &'a Arc<EngineConfig>,
     store: &'a dyn SessionStore,
     actions: Option<&'a dyn ActionSink>,
     route: bool,
@@ -391,6 +417,7 @@ impl Shard<'_> {
             return Err(unavailable);
         }
         let pending = PendingRequest::new(
+            Arc::clone(self.config),
             self.shard,
             request,
             operation,
@@ -432,4 +459,198 @@ fn count_answer(c: &mut crate::counters::ClientCounters, kind: RequestKind, verd
 fn answer_expiry(request: &Authenticated<'_>, now: Now) -> u64 {
     let window_ms = u64::from(request.client().policy.event_timestamp_window_secs) * 1000;
     now.monotonic_ms.saturating_add(window_ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::action::QueueFull;
+    use crate::auth::{self, ResponseCheck, Secret};
+    use crate::client::{Cidr, Client, ClientId};
+    use crate::codec::{MAX_PACKET_LEN, Packet, PacketWriter};
+    use crate::dict::{attr, code};
+    use crate::store::MemoryStore;
+    use std::sync::Mutex;
+
+    const NOW: Now = Now {
+        unix_secs: 1_700_000_000,
+        monotonic_ms: 1_000,
+    };
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn config(clients: Vec<Client>) -> Arc<EngineConfig> {
+        Arc::new(EngineConfig {
+            clients: ClientTable::new(clients).unwrap(),
+            ..EngineConfig::default()
+        })
+    }
+
+    fn client(net: &str, secret: &str, previous: Option<&str>) -> Client {
+        let mut c = Client::new(net.parse::<Cidr>().unwrap(), Secret::new(secret).unwrap());
+        c.previous_secret = previous.map(|p| Secret::new(p).unwrap());
+        c
+    }
+
+    fn disconnect(id: u8, session: &str, secret: &str) -> Vec<u8> {
+        let mut buf = [0u8; 512];
+        let mut w = PacketWriter::new(&mut buf, code::DISCONNECT_REQUEST, id, &[0; 16]).unwrap();
+        w.push(attr::ACCT_SESSION_ID, session.as_bytes()).unwrap();
+        let p = w.finish();
+        auth::sign_request(p, None, &Secret::new(secret).unwrap());
+        p.to_vec()
+    }
+
+    fn check(answer: &[u8], request: &[u8], secret: &str) -> ResponseCheck {
+        let a = Packet::parse(answer).unwrap();
+        let r = Packet::parse(request).unwrap();
+        auth::verify_response(&a, r.authenticator(), &Secret::new(secret).unwrap())
+    }
+
+    fn store() -> Arc<dyn SessionStore> {
+        Arc::new(MemoryStore::with_sessions(crate::synth::sessions(1, 4)))
+    }
+
+    fn session_id(i: u64) -> String {
+        crate::synth::acct_session_id(1, i)
+    }
+
+    /// RFC 5176 §3.5 / RFC 2865 §3 with two live secrets (CONFORMANCE 3.1): either verifies,
+    /// and the answer's Response Authenticator is computed with the one that did.
+    #[test]
+    fn both_secrets_verify_and_the_answer_is_signed_with_the_verifying_one() {
+        let cfg = config(vec![client("127.0.0.1", "new", Some("old"))]);
+        let mut engine = Engine::new(cfg, store());
+        let mut out = [0u8; MAX_PACKET_LEN];
+        for (id, secret, other) in [(1, "new", "old"), (2, "old", "new")] {
+            let req = disconnect(id, &session_id(id.into()), secret);
+            let Outcome::Answer(a) = engine.handle(
+                &req,
+                addr("127.0.0.1:5000"),
+                addr("127.0.0.1:3799"),
+                NOW,
+                &mut out,
+            ) else {
+                panic!("signed with {secret}: answered");
+            };
+            assert_eq!(a.code, code::DISCONNECT_ACK);
+            assert_eq!(check(&out[..a.len], &req, secret), ResponseCheck::Valid);
+            assert_eq!(
+                check(&out[..a.len], &req, other),
+                ResponseCheck::BadResponseAuthenticator,
+                "not signed with {other}"
+            );
+        }
+        let req = disconnect(3, &session_id(3), "neither");
+        assert_eq!(
+            engine.handle(
+                &req,
+                addr("127.0.0.1:5000"),
+                addr("127.0.0.1:3799"),
+                NOW,
+                &mut out
+            ),
+            Outcome::Discard(Discard::BadRequestAuthenticator)
+        );
+    }
+
+    struct Capture(Mutex<Vec<PendingRequest>>);
+
+    impl ActionSink for Capture {
+        fn submit(&self, request: PendingRequest) -> Result<(), QueueFull> {
+            self.0.lock().unwrap().push(request);
+            Ok(())
+        }
+    }
+
+    /// A reload while a request waits for the data plane: it is answered with the secret
+    /// (and client) it verified under, and counted under its client's network.
+    #[test]
+    fn a_pending_request_is_settled_with_the_config_it_verified_under() {
+        let before = config(vec![
+            client("127.0.0.1", "old", None),
+            client("10.0.0.0/8", "x", None),
+        ]);
+        // The new list drops the secret the request used and reorders the clients.
+        let after = config(vec![
+            client("10.0.0.0/8", "x", None),
+            client("127.0.0.1", "new", None),
+        ]);
+        let sink = Arc::new(Capture(Mutex::new(Vec::new())));
+        let store = store();
+        let mut engine = Engine::new(before, Arc::clone(&store)).with_actions(0, sink.clone());
+        let mut out = [0u8; MAX_PACKET_LEN];
+        let req = disconnect(7, &session_id(1), "old");
+        let src = addr("127.0.0.1:5000");
+        assert_eq!(
+            engine.handle(&req, src, addr("127.0.0.1:3799"), NOW, &mut out),
+            Outcome::Pending
+        );
+        engine.set_config(after);
+        let pending = sink.0.lock().unwrap().pop().unwrap();
+        assert_eq!(pending.client_id(), ClientId(0));
+        let settled = pending
+            .settle(
+                &*store,
+                &[Some(crate::action::SessionResult::Committed)],
+                NOW,
+                &mut out,
+            )
+            .unwrap();
+        assert_eq!(settled.code, code::DISCONNECT_ACK);
+        let answer = out[..settled.len].to_vec();
+        assert_eq!(check(&answer, &req, "old"), ResponseCheck::Valid);
+        engine.settle(&settled, &answer, NOW.monotonic_ms);
+        // Counted under 127.0.0.1, which is client 1 now; client 0 (10/8) saw nothing.
+        let c = engine.counters();
+        assert_eq!(c.per_client[1].acks[RequestKind::Disconnect as usize], 1);
+        assert_eq!(
+            c.per_client[1].requests[RequestKind::Disconnect as usize],
+            1
+        );
+        assert_eq!(c.per_client[0], Default::default());
+        // The new secret works for new requests; the old one no longer does.
+        let fresh = disconnect(8, &session_id(2), "old");
+        assert_eq!(
+            engine.handle(&fresh, src, addr("127.0.0.1:3799"), NOW, &mut out),
+            Outcome::Discard(Discard::BadRequestAuthenticator)
+        );
+    }
+
+    #[test]
+    fn a_reload_keeps_counters_by_network_and_totals_of_removed_clients() {
+        let mut engine = Engine::new(
+            config(vec![
+                client("127.0.0.1", "s", None),
+                client("127.0.0.2", "s", None),
+            ]),
+            store(),
+        );
+        let mut out = [0u8; MAX_PACKET_LEN];
+        for (id, src) in [(1u8, "127.0.0.1:1"), (2, "127.0.0.2:1"), (3, "127.0.0.2:1")] {
+            let req = disconnect(id, &session_id(id.into()), "s");
+            assert!(matches!(
+                engine.handle(&req, addr(src), addr("127.0.0.1:3799"), NOW, &mut out),
+                Outcome::Answer(_)
+            ));
+        }
+        let total = |e: &Engine| e.counters().totals().requests[0];
+        assert_eq!(total(&engine), 3);
+        // 127.0.0.2 removed, 127.0.0.3 added before 127.0.0.1.
+        engine.set_config(config(vec![
+            client("127.0.0.3", "s", None),
+            client("127.0.0.1", "s", None),
+        ]));
+        let c = engine.counters();
+        assert_eq!(c.per_client.len(), 3);
+        assert_eq!(c.per_client[0].requests[0], 0);
+        assert_eq!(c.per_client[1].requests[0], 1);
+        assert_eq!(
+            c.per_client[2].requests[0], 2,
+            "the removed client's counts"
+        );
+        assert_eq!(total(&engine), 3);
+    }
 }

@@ -20,7 +20,6 @@ use crate::auth::{self, Authenticator, ResponseCheck, Secret};
 use crate::codec::{self, Packet, PacketWriter};
 use crate::counters::{Discard, RequestKind};
 use crate::dict::{ErrorCause, attr, code, service_type};
-use crate::engine::EngineConfig;
 use crate::rules;
 use crate::session::{Key, KeyValue, Role, Session, SessionQuery};
 
@@ -148,8 +147,8 @@ pub enum RelayError {
 
 impl PendingRequest {
     /// The routing keys and NAS hints of this request (the router role).
-    pub fn route(&self, config: &EngineConfig) -> Result<RouteRequest, Discard> {
-        let request = self.reopen(config)?;
+    pub fn route(&self) -> Result<RouteRequest, Discard> {
+        let request = self.reopen()?;
         let prepared = rules::prepare_route(&request, self.arrived.monotonic_ms)
             .map_err(|_| Discard::Malformed)?;
         let nas = prepared.nas;
@@ -170,13 +169,12 @@ impl PendingRequest {
     /// costs 18 octets), signed with the owner's `secret` under `identifier`.
     pub fn forward(
         &self,
-        config: &EngineConfig,
         identifier: u8,
         proxy_state: &[u8],
         secret: &Secret,
         out: &mut [u8],
     ) -> Result<Forwarded, Discard> {
-        let request = self.reopen(config)?;
+        let request = self.reopen()?;
         let packet = request.packet();
         let mut w = PacketWriter::new(out, packet.code(), identifier, &[0; 16])
             .map_err(|_| Discard::AnswerTooLarge)?;
@@ -212,7 +210,6 @@ impl PendingRequest {
     /// policy wants one).
     pub fn relay(
         &self,
-        config: &EngineConfig,
         answer: &[u8],
         forwarded: &Forwarded,
         owner_secret: &Secret,
@@ -251,7 +248,7 @@ impl PendingRequest {
             Some((i, true)) => i,
             _ => return Err(RelayError::MissingProxyState),
         };
-        let request = self.reopen(config).map_err(RelayError::Request)?;
+        let request = self.reopen().map_err(RelayError::Request)?;
         let dac = request.packet();
         let mut w = PacketWriter::new(out, owner.code(), dac.identifier(), dac.authenticator())
             .map_err(|_| RelayError::TooLarge)?;
@@ -295,6 +292,7 @@ impl PendingRequest {
             sessions: 0,
             compensate: Vec::new(),
             client_id: self.client_id,
+            client_network: request.client().network,
             kind: request.kind(),
             ack: owner.code() == ack,
             authorize_only,
@@ -317,7 +315,7 @@ mod tests {
     use crate::action::{ActionSink, QueueFull};
     use crate::client::{Client, ClientTable};
     use crate::codec::Ipv6Prefix;
-    use crate::engine::{Engine, Now, Outcome};
+    use crate::engine::{Engine, EngineConfig, Now, Outcome};
     use crate::store::MemoryStore;
     use std::sync::{Arc, Mutex};
 
@@ -431,8 +429,7 @@ mod tests {
         let (outcome, _, pending, _) = route(&req);
         assert_eq!(outcome, Outcome::Pending);
         let pending = pending.expect("handed to the router");
-        let cfg = config();
-        let keys = pending.route(&cfg).unwrap().keys;
+        let keys = pending.route().unwrap().keys;
         assert_eq!(
             keys,
             [b"acct_session_id=S1".to_vec(), b"user_name=alice".to_vec()]
@@ -441,7 +438,7 @@ mod tests {
         let owner_secret = Secret::new(OWNER_SECRET).unwrap();
         let mut fwd = vec![0; codec::MAX_PACKET_LEN];
         let f = pending
-            .forward(&cfg, 200, b"rt-1", &owner_secret, &mut fwd)
+            .forward(200, b"rt-1", &owner_secret, &mut fwd)
             .unwrap();
         let fwd = &fwd[..f.len];
         let packet = Packet::parse(fwd).unwrap();
@@ -456,7 +453,7 @@ mod tests {
         let answer = owner_answer(fwd, code::DISCONNECT_NAK, Some(503), OWNER_SECRET);
         let mut out = vec![0; codec::MAX_PACKET_LEN];
         let settled = pending
-            .relay(&cfg, &answer, &f, &owner_secret, b"rt-1", &mut out)
+            .relay(&answer, &f, &owner_secret, b"rt-1", &mut out)
             .unwrap();
         let relayed = &out[..settled.len];
         let relayed_packet = Packet::parse(relayed).unwrap();
@@ -484,17 +481,16 @@ mod tests {
         let req = dac_request(code::COA_REQUEST, &[(attr::ACCT_SESSION_ID, b"S1")], false);
         let (_, _, pending, _) = route(&req);
         let pending = pending.unwrap();
-        let cfg = config();
         let owner_secret = Secret::new(OWNER_SECRET).unwrap();
         let mut fwd = vec![0; codec::MAX_PACKET_LEN];
         let f = pending
-            .forward(&cfg, 9, b"rt-2", &owner_secret, &mut fwd)
+            .forward(9, b"rt-2", &owner_secret, &mut fwd)
             .unwrap();
         let fwd = fwd[..f.len].to_vec();
         let mut out = vec![0; codec::MAX_PACKET_LEN];
         let mut relay = |answer: &[u8], token: &[u8]| {
             pending
-                .relay(&cfg, answer, &f, &owner_secret, token, &mut out)
+                .relay(answer, &f, &owner_secret, token, &mut out)
                 .map(|s| s.code)
         };
         let good = owner_answer(&fwd, code::COA_ACK, None, OWNER_SECRET);
@@ -529,7 +525,7 @@ mod tests {
         );
         let (outcome, _, pending, _) = route(&req);
         assert_eq!(outcome, Outcome::Pending);
-        let hints = pending.unwrap().route(&config()).unwrap().nas;
+        let hints = pending.unwrap().route().unwrap().nas;
         assert_eq!(hints.identifier.as_deref(), Some(&b"bng-7"[..]));
         assert_eq!(hints.operator_name.as_deref(), Some(&b"1example.net"[..]));
         // A rule the router still applies: no identification attribute is NAK 402.

@@ -21,7 +21,7 @@
 //! - `uring.rs`: the io_uring backend and its probe.
 //! - `late.rs`: answers sent outside a receive batch (settled by the data plane later).
 //! - `lock.rs`: exclusive file locks (one dynauthd per state directory).
-//! - `signals.rs`: SIGINT/SIGTERM for graceful shutdown.
+//! - `signals.rs`: SIGINT/SIGTERM for graceful shutdown, SIGHUP for a configuration reload.
 //! - [`cpu`]: CPU lists shared by every tool; [`dac`]: the DAC side (load generator, echo
 //!   server, bench clients): batched send/receive, ppoll, CPU time.
 #![allow(unsafe_code)]

@@ -43,6 +43,9 @@ enum Top {
     },
     /// The server's session and feed counters.
     Stats,
+    /// Makes dynauthd read its configuration file again (as SIGHUP does) and reports whether
+    /// it was applied or, if not, the error (the old configuration keeps running).
+    Reload,
 }
 
 #[derive(Debug, Subcommand)]
@@ -245,6 +248,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let r = c.call(json!({"v": 1, "op": "disconnect", "query": query(&keys)?,
                 "max_sessions": max_sessions}))?;
             println!("{} session(s) disconnected", r["disconnected"]);
+        }
+        Top::Reload => {
+            let r = c
+                .call(json!({"v": 1, "op": "reload"}))
+                .context("the configuration was not reloaded (the old one keeps running)")?;
+            println!(
+                "{}",
+                r["summary"].as_str().unwrap_or("configuration reloaded")
+            );
         }
         Top::Stats => {
             let r = c.call(json!({"v": 1, "op": "stats"}))?;

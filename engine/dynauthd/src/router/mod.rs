@@ -347,6 +347,8 @@ pub struct RouterStats {
     pub send_errors: AtomicU64,
     pub in_flight: AtomicU64,
     pub cache_entries: AtomicU64,
+    /// 1 while the invalidation channel is followed.
+    pub subscribed: AtomicU64,
 }
 
 /// Upper bounds of the Redis latency histogram, microseconds.
@@ -479,6 +481,11 @@ impl RouterStats {
             out,
             "# HELP dynauth_router_cache_entries Routing keys in the local affinity cache.\n# TYPE dynauth_router_cache_entries gauge\ndynauth_router_cache_entries {}",
             get(&self.cache_entries)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP dynauth_router_invalidations_followed 1 while the invalidation channel is followed (0: the cache is not kept fresh by owners).\n# TYPE dynauth_router_invalidations_followed gauge\ndynauth_router_invalidations_followed {}",
+            get(&self.subscribed)
         );
         let _ = writeln!(
             out,

@@ -19,7 +19,6 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam::channel::{self, Receiver, Sender};
-use dynauth_proto::EngineConfig;
 use dynauth_proto::action::{ActionSink, PendingRequest, QueueFull, Settled};
 use dynauth_proto::auth::Secret;
 use dynauth_proto::codec::{self, Packet};
@@ -76,7 +75,6 @@ impl ActionSink for RouteSink {
 
 /// What the worker needs from the daemon.
 pub struct RouterSetup {
-    pub config: Arc<EngineConfig>,
     pub settings: RouterSettings,
     pub delivery: Delivery,
     /// The shards' monotonic clock origin (deadlines are in its milliseconds).
@@ -86,7 +84,12 @@ pub struct RouterSetup {
 
 /// The running router: the worker, the forwarding sockets' readers, the subscriber.
 pub struct Router {
+    /// Tells the worker to finish: no new requests come (the shards have stopped); what is
+    /// in flight is settled by its owner's answer or its deadline.
+    drain: Arc<AtomicBool>,
+    /// Stops the readers and the subscriber, once the worker is done.
     stop: Arc<AtomicBool>,
+    worker: Option<thread::JoinHandle<()>>,
     threads: Vec<thread::JoinHandle<()>>,
     local: Vec<SocketAddr>,
 }
@@ -130,22 +133,24 @@ impl Router {
             let tx = inbox.tx.clone();
             let stop = Arc::clone(&stop);
             let settings = setup.settings.affinity.clone();
+            let stats = Arc::clone(&setup.stats);
             threads.push(
                 thread::Builder::new()
                     .name("dynauthd-router-sub".into())
-                    .spawn(move || subscribe(&settings, &tx, &stop))?,
+                    .spawn(move || subscribe(&settings, &stats, &tx, &stop))?,
             );
         }
-        let worker_stop = Arc::clone(&stop);
+        let drain = Arc::new(AtomicBool::new(false));
+        let worker_drain = Arc::clone(&drain);
         let RouterInbox { tx, rx } = inbox;
         drop(tx);
-        threads.push(
-            thread::Builder::new()
-                .name("dynauthd-router".into())
-                .spawn(move || Worker::new(setup, sockets).run(&rx, &worker_stop))?,
-        );
+        let worker = thread::Builder::new()
+            .name("dynauthd-router".into())
+            .spawn(move || Worker::new(setup, sockets).run(&rx, &worker_drain))?;
         Ok(Router {
+            drain,
             stop,
+            worker: Some(worker),
             threads,
             local,
         })
@@ -156,8 +161,14 @@ impl Router {
         &self.local
     }
 
-    /// Stops every thread (after the shards): requests still in flight are answered NAK 505.
-    pub fn stop(self) {
+    /// Stops (after the shards): requests in flight still get their owner's answer relayed,
+    /// or NAK 505 (or nothing, with `--on-owner-timeout drop`) at their deadline; then every
+    /// thread ends. Bounded by `--forward-timeout`.
+    pub fn stop(mut self) {
+        self.drain.store(true, Ordering::Release);
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
         self.stop.store(true, Ordering::Release);
         for t in self.threads {
             let _ = t.join();
@@ -195,7 +206,12 @@ fn read_answers(socket: &UdpSocket, tx: &Sender<Input>, stop: &AtomicBool) {
 /// invalidation may have been published while the router was not listening. While Redis is
 /// unreachable the cache is kept: owners cannot change the affinity then either, so cached
 /// routes are as good as Redis's own (and a stale one costs a NAK 503 and a re-lookup).
-fn subscribe(settings: &affinity::AffinitySettings, tx: &Sender<Input>, stop: &AtomicBool) {
+fn subscribe(
+    settings: &affinity::AffinitySettings,
+    stats: &RouterStats,
+    tx: &Sender<Input>,
+    stop: &AtomicBool,
+) {
     let channel_name = affinity::channel(&settings.prefix);
     let mut logged_down = false;
     while !stop.load(Ordering::Acquire) {
@@ -211,6 +227,7 @@ fn subscribe(settings: &affinity::AffinitySettings, tx: &Sender<Input>, stop: &A
             }
             // Anything cached before this subscription may have missed an invalidation.
             let _ = tx.send(Input::ClearCache);
+            stats.subscribed.store(1, Ordering::Release);
             while !stop.load(Ordering::Acquire) {
                 match pubsub.get_message() {
                     Ok(msg) => {
@@ -226,6 +243,7 @@ fn subscribe(settings: &affinity::AffinitySettings, tx: &Sender<Input>, stop: &A
             }
             Ok(())
         })();
+        stats.subscribed.store(0, Ordering::Release);
         if let Err(e) = result {
             if !logged_down {
                 tracing::warn!(
@@ -260,7 +278,6 @@ enum Route {
 }
 
 struct Worker {
-    config: Arc<EngineConfig>,
     settings: RouterSettings,
     delivery: Delivery,
     base: Instant,
@@ -282,7 +299,6 @@ struct Worker {
 impl Worker {
     fn new(setup: RouterSetup, sockets: Vec<UdpSocket>) -> Self {
         let RouterSetup {
-            config,
             settings,
             delivery,
             base,
@@ -303,7 +319,6 @@ impl Worker {
             [b[0] ^ b[4], b[1] ^ b[5], b[2] ^ b[6], b[3] ^ b[7]]
         };
         Worker {
-            config,
             settings,
             delivery,
             base,
@@ -327,10 +342,10 @@ impl Worker {
         u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    fn run(mut self, inbox: &Receiver<Input>, stop: &AtomicBool) {
+    fn run(mut self, inbox: &Receiver<Input>, drain: &AtomicBool) {
         let mut burst = Vec::new();
         loop {
-            if stop.load(Ordering::Acquire) {
+            if drain.load(Ordering::Acquire) && self.in_flight.is_empty() && inbox.is_empty() {
                 break;
             }
             let wait = self
@@ -359,13 +374,6 @@ impl Worker {
             self.stats
                 .cache_entries
                 .store(self.cache.len() as u64, Ordering::Relaxed);
-        }
-        // Stopping: nothing in flight is left without an answer the DAC can act on.
-        let tokens: Vec<u64> = self.in_flight.keys().copied().collect();
-        for token in tokens {
-            if let Some(f) = self.in_flight.remove(&token) {
-                self.refuse(&f.pending, ErrorCause::OtherProxyProcessingError);
-            }
         }
         self.send_ready();
     }
@@ -400,7 +408,7 @@ impl Worker {
         let mut missing: Vec<Vec<u8>> = Vec::new();
         let mut missing_set: HashSet<Vec<u8>> = HashSet::new();
         for (pending, fresh) in burst {
-            let Ok(route) = pending.route(&self.config) else {
+            let Ok(route) = pending.route() else {
                 // Its own bytes no longer verify: cannot happen for a request the shard
                 // verified; answer nothing rather than something unauthenticated.
                 continue;
@@ -669,15 +677,14 @@ impl Worker {
         let identifier = token as u8;
         let socket_index = ((token >> 8) as usize) % self.sockets.len().max(1);
         let mut buf = vec![0u8; codec::MAX_PACKET_LEN];
-        let forwarded =
-            match pending.forward(&self.config, identifier, &proxy_state, &secret, &mut buf) {
-                Ok(f) => f,
-                Err(_) => {
-                    // Our Proxy-State and Message-Authenticator do not fit in 4096 octets.
-                    self.refuse(&pending, ErrorCause::OtherProxyProcessingError);
-                    return;
-                }
-            };
+        let forwarded = match pending.forward(identifier, &proxy_state, &secret, &mut buf) {
+            Ok(f) => f,
+            Err(_) => {
+                // Our Proxy-State and Message-Authenticator do not fit in 4096 octets.
+                self.refuse(&pending, ErrorCause::OtherProxyProcessingError);
+                return;
+            }
+        };
         let sent = self
             .sockets
             .get(socket_index)
@@ -724,7 +731,6 @@ impl Worker {
             return None;
         }
         let relayed = flight.pending.relay(
-            &self.config,
             bytes,
             &flight.forwarded,
             &flight.secret,
@@ -812,7 +818,7 @@ impl Worker {
     }
 
     fn refuse(&mut self, pending: &PendingRequest, cause: ErrorCause) {
-        if let Ok(settled) = pending.refuse(&self.config, cause, &mut self.out) {
+        if let Ok(settled) = pending.refuse(cause, &mut self.out) {
             self.deliver(settled);
         }
     }

@@ -31,8 +31,14 @@ pub enum Started {
 }
 
 pub fn start(args: &[&str]) -> Started {
+    start_env(args, &[])
+}
+
+/// [`start`] with more environment variables (e.g. NOTIFY_SOCKET).
+pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Started {
     let mut child = Command::new(BIN)
         .args(args)
+        .envs(env.iter().copied())
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -101,6 +107,43 @@ impl Daemon {
             .split_whitespace()
             .find_map(|w| w.strip_prefix(prefix.as_str())?.parse().ok())
             .unwrap_or_else(|| panic!("the banner names {key}: {}", self.banner))
+    }
+
+    /// Sends `signal` (e.g. `-HUP`) to the process.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(signal)
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal}");
+    }
+
+    /// Waits (at most `limit`) for the process to exit by itself; its status, the rest of
+    /// stdout and stderr. Panics (after killing it) when it does not exit in time.
+    pub fn wait_exit(mut self, limit: Duration) -> (std::process::ExitStatus, String, String) {
+        let mut child = self.child.take().unwrap();
+        let deadline = std::time::Instant::now() + limit;
+        let status = loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("dynauthd did not exit within {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut out = String::new();
+        while let Ok(line) = self.stdout.recv_timeout(Duration::from_secs(2)) {
+            out.push_str(&line);
+            out.push('\n');
+        }
+        let err = std::mem::replace(&mut self.stderr, std::thread::spawn(String::new))
+            .join()
+            .unwrap_or_default();
+        (status, out, err)
     }
 
     /// SIGTERM, wait (bounded), and return the rest of stdout (the totals line) and stderr.

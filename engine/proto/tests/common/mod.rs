@@ -129,12 +129,8 @@ impl ActionSink for RecordingAgent {
 
 impl RecordingAgent {
     /// Commits every session of `request` (except a refused removal) and records it.
-    pub fn results(
-        &self,
-        request: &PendingRequest,
-        config: &EngineConfig,
-    ) -> Vec<Option<SessionResult>> {
-        let plan = request.plan(config).expect("a pending request re-reads");
+    pub fn results(&self, request: &PendingRequest) -> Vec<Option<SessionResult>> {
+        let plan = request.plan().expect("a pending request re-reads");
         let refused = self.refuse_removal_of.lock().unwrap().clone();
         let id = |s: &Session| s.acct_session_id.clone().unwrap_or_else(|| "?".into());
         let mut results = Vec::new();
@@ -266,7 +262,7 @@ impl Fixture {
             let pending = self
                 .take_pending()
                 .expect("a pending request was submitted");
-            let results = self.data_plane.results(&pending, self.engine.config());
+            let results = self.data_plane.results(&pending);
             let settled = self.settle(&pending, &results, now);
             outcome = Outcome::Answer(Answer {
                 len: settled.len,
@@ -348,13 +344,7 @@ impl Fixture {
         now: Now,
     ) -> Settled {
         let settled = pending
-            .settle(
-                self.engine.config(),
-                &*self.store,
-                results,
-                now,
-                &mut self.out,
-            )
+            .settle(&*self.store, results, now, &mut self.out)
             .expect("a pending request settles");
         let bytes = self.out[..settled.len].to_vec();
         self.engine.settle(&settled, &bytes, now.monotonic_ms);
