@@ -359,3 +359,121 @@ impl Agent {
         reply["result"].clone()
     }
 }
+
+/// A private redis-server on a free loopback port (no persistence); killed when dropped.
+/// For the affinity tests (owners publishing) and the router tests (routers reading).
+pub struct Redis {
+    child: Option<Child>,
+    port: u16,
+}
+
+impl Redis {
+    /// Starts one on a free loopback port; returns once it answers PING (bounded).
+    pub fn start() -> Redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free loopback port")
+            .port();
+        Redis::start_on(port)
+    }
+
+    /// Starts one on `port` (a restart after `kill`: the same address, an empty store).
+    pub fn start_on(port: u16) -> Redis {
+        let dir = temp_path(&format!("redis-{port}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--dir", dir.to_str().unwrap()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server not found: apt-get install redis-server");
+        let mut redis = Redis {
+            child: Some(child),
+            port,
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while redis.try_cli(&["PING"]).as_deref() != Some("PONG") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server on port {port} did not answer PING within 10 s"
+            );
+            if let Some(c) = redis.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                panic!("redis-server on port {port} exited with {status}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        redis
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// `redis-cli --raw` with `args`: its stdout without the final newline (one line per
+    /// element of an array reply). Panics when redis-cli fails.
+    pub fn cli(&self, args: &[&str]) -> String {
+        self.try_cli(args)
+            .unwrap_or_else(|| panic!("redis-cli {args:?} on port {} failed", self.port))
+    }
+
+    /// The lines of `cli(args)`, sorted (HKEYS, KEYS, SMEMBERS).
+    pub fn lines(&self, args: &[&str]) -> Vec<String> {
+        let mut l: Vec<String> = self.cli(args).lines().map(str::to_owned).collect();
+        l.sort();
+        l
+    }
+
+    fn try_cli(&self, args: &[&str]) -> Option<String> {
+        let out = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "--raw"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).trim_end().to_string();
+        (out.status.success() && !text.starts_with("Could not connect")).then_some(text)
+    }
+
+    /// A connection of the redis crate (binary-safe commands, SUBSCRIBE).
+    pub fn connection(&self) -> redis::Connection {
+        let c = redis::Client::open(self.url()).unwrap();
+        let con = c
+            .get_connection_with_timeout(Duration::from_secs(5))
+            .expect("connect to the test redis-server");
+        con.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        con
+    }
+
+    /// SIGKILL (an outage); `start_on(self.port())` brings an empty one back.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls `f` every 20 ms until it holds; panics with `what` after `within`.
+pub fn wait_until(within: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + within;
+    while !f() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
