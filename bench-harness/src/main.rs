@@ -120,15 +120,15 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 .dynauthd
                 .clone()
                 .or_else(|| suite::sibling("dynauthd"));
-            if let Some(d) = &dynauthd {
-                if !machine::is_executable(d) {
-                    anyhow::bail!("--dynauthd {}: not an executable file", d.display());
-                }
+            if let Some(d) = &dynauthd
+                && !machine::is_executable(d)
+            {
+                anyhow::bail!("--dynauthd {}: not an executable file", d.display());
             }
-            if let Some(f) = &cli.run.freeradius {
-                if !machine::is_executable(f) {
-                    anyhow::bail!("--freeradius {}: not an executable file", f.display());
-                }
+            if let Some(f) = &cli.run.freeradius
+                && !machine::is_executable(f)
+            {
+                anyhow::bail!("--freeradius {}: not an executable file", f.display());
             }
             let freeradius = if plan.targets.iter().any(|t| t == "freeradius") {
                 cli.run.freeradius.clone().or_else(freeradius::find)

@@ -734,7 +734,7 @@ impl Worker {
         // ports most have nothing in flight), except every 64th round, so that late and
         // stray answers queued on them are still read and counted.
         self.rounds = self.rounds.wrapping_add(1);
-        let every_socket = self.rounds % 64 == 0;
+        let every_socket = self.rounds.is_multiple_of(64);
         for s in 0..self.socks.len() {
             if polled.is_some() && !self.poller.readable(s) {
                 continue;

@@ -101,7 +101,7 @@ fn dropped_answers_stay_in_the_percentiles_as_timeouts() {
     let mut n = 0u64;
     let hook = Box::new(move |_: &[u8], _: &mut Vec<u8>| {
         n += 1;
-        n % 20 != 0
+        !n.is_multiple_of(20)
     });
     let target = engine_target(1000, hook);
     let report = run(&args(

@@ -129,15 +129,15 @@ fn main() -> anyhow::Result<()> {
         codes[45],
         answers - codes[44] - codes[45]
     );
-    if let (Some(pid), Some(before)) = (pid, ticks_before) {
-        if let Some(after) = cpu_ticks(pid) {
-            // USER_HZ is 100 on Linux.
-            let cpu_s = (after - before) as f64 / 100.0;
-            println!(
-                "server pid {pid}: {cpu_s:.2} CPU s, {:.2} us CPU per answer",
-                cpu_s * 1e6 / measured.max(1) as f64
-            );
-        }
+    if let (Some(pid), Some(before)) = (pid, ticks_before)
+        && let Some(after) = cpu_ticks(pid)
+    {
+        // USER_HZ is 100 on Linux.
+        let cpu_s = (after - before) as f64 / 100.0;
+        println!(
+            "server pid {pid}: {cpu_s:.2} CPU s, {:.2} us CPU per answer",
+            cpu_s * 1e6 / measured.max(1) as f64
+        );
     }
     Ok(())
 }

@@ -106,10 +106,10 @@ impl Listener {
     }
 
     fn join_thread(&mut self) {
-        if let Some(thread) = self.thread.take() {
-            if thread.join().is_err() {
-                tracing::error!("the accounting listener thread panicked");
-            }
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            tracing::error!("the accounting listener thread panicked");
         }
     }
 }
@@ -236,10 +236,10 @@ fn serve(
                 }
             }
         };
-        if let Some(n) = reply {
-            if let Err(e) = socket.send_to(answer.get(..n).unwrap_or_default(), peer) {
-                tracing::debug!(%peer, "accounting answer not sent: {e}");
-            }
+        if let Some(n) = reply
+            && let Err(e) = socket.send_to(answer.get(..n).unwrap_or_default(), peer)
+        {
+            tracing::debug!(%peer, "accounting answer not sent: {e}");
         }
         stats.set(accounting.stats());
     }

@@ -682,10 +682,10 @@ fn session(packet: &Packet<'_>, scan: &Scan<'_>) -> Result<Session, Refused> {
                 a.classes.push(attribute.value.to_vec());
             }
             attr::FILTER_ID => {
-                if let Ok(text) = core::str::from_utf8(attribute.value) {
-                    if !text.is_empty() {
-                        a.filter_ids.push(text.to_owned());
-                    }
+                if let Ok(text) = core::str::from_utf8(attribute.value)
+                    && !text.is_empty()
+                {
+                    a.filter_ids.push(text.to_owned());
                 }
             }
             _ => {}

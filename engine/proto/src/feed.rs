@@ -132,11 +132,11 @@ impl Feed {
     ) -> Result<FeedOutcome, FeedError> {
         let Sequenced { nas, seq, event } = event;
         let state = self.nases.entry(nas.clone()).or_default();
-        if let (Some(seq), Some(last)) = (seq, state.last_seq) {
-            if seq <= last {
-                self.stats.stale += 1;
-                return Ok(FeedOutcome::Stale { last });
-            }
+        if let (Some(seq), Some(last)) = (seq, state.last_seq)
+            && seq <= last
+        {
+            self.stats.stale += 1;
+            return Ok(FeedOutcome::Stale { last });
         }
         let outcome = match event {
             FeedEvent::Upsert { mut session, mode } => {

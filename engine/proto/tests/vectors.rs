@@ -167,10 +167,10 @@ fn session_for(request: &Packet<'_>) -> Option<Session> {
             attr::VENDOR_SPECIFIC => {
                 let vsa = a.vendor_specific()?;
                 for sub in vsa.sub_attributes().map_while(Result::ok) {
-                    if vsa.vendor_id == vendor::CISCO {
-                        if let Some(id) = sub.value.strip_prefix(b"audit-session-id=") {
-                            s.audit_session_id = Some(String::from_utf8(id.to_vec()).ok()?);
-                        }
+                    if vsa.vendor_id == vendor::CISCO
+                        && let Some(id) = sub.value.strip_prefix(b"audit-session-id=")
+                    {
+                        s.audit_session_id = Some(String::from_utf8(id.to_vec()).ok()?);
                     }
                 }
             }

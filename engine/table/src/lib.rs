@@ -554,10 +554,10 @@ impl<I: KeyIndex> SessionTable<I> {
         self.id_bound
             .store(Arena::id_bound(&w.arena), Ordering::Release);
         self.entries(&keys, |ix, hash| ix.insert(hash, id));
-        if w.tombstones.len() >= policy.capacity {
-            if let Some((_, old)) = w.tombstones.pop_front() {
-                self.purge(w, old);
-            }
+        if w.tombstones.len() >= policy.capacity
+            && let Some((_, old)) = w.tombstones.pop_front()
+        {
+            self.purge(w, old);
         }
         w.tombstones.push_back((removed_at, id));
         self.note_oldest(w);
@@ -773,17 +773,17 @@ impl<I: KeyIndex> SessionTable<I> {
             rec, enc, arena, ..
         } = &mut *w;
         let mut kept = false;
-        if policy.capacity > 0 {
-            if let Some(k) = self.read_keys(id, rec) {
-                record::encode_parts(&k, k.authorization, Some(now_ms), enc);
-                kept = self.arena.store(arena, id, enc).is_ok();
-            }
+        if policy.capacity > 0
+            && let Some(k) = self.read_keys(id, rec)
+        {
+            record::encode_parts(&k, k.authorization, Some(now_ms), enc);
+            kept = self.arena.store(arena, id, enc).is_ok();
         }
         if kept {
-            if w.tombstones.len() >= policy.capacity {
-                if let Some((_, old)) = w.tombstones.pop_front() {
-                    self.purge(w, old);
-                }
+            if w.tombstones.len() >= policy.capacity
+                && let Some((_, old)) = w.tombstones.pop_front()
+            {
+                self.purge(w, old);
             }
             w.tombstones.push_back((now_ms, id));
         } else {

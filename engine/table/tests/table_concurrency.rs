@@ -379,7 +379,7 @@ fn feed_session(n: usize, i: usize, v: u32) -> Session {
             i as u8,
             1 + (v % 2) as u8,
         )),
-        calling_station_id: (v % 3 != 0).then(|| format!("02-00-00-00-{n:02X}-{i:02X}")),
+        calling_station_id: (!v.is_multiple_of(3)).then(|| format!("02-00-00-00-{n:02X}-{i:02X}")),
         nas_port: Some(v),
         nas: Some(FEED_NASES[n].into()),
         ..Session::default()

@@ -283,10 +283,10 @@ fn run<I: KeyIndex>(ops: &[Op]) -> Result<(), TestCaseError> {
         };
         // A query with no identification (e.g. 3GPP-NSAPI without IMSI) never reaches a
         // store: the engine answers NAK 402 first (SPEC §6.2), so both stores may differ there.
-        if let Op::Disconnect(q, ..) | Op::Change(q, ..) | Op::Reauthorize(q, ..) = op {
-            if query(q).is_empty() {
-                continue;
-            }
+        if let Op::Disconnect(q, ..) | Op::Change(q, ..) | Op::Reauthorize(q, ..) = op
+            && query(q).is_empty()
+        {
+            continue;
         }
         match op {
             Op::Insert(s) => {

@@ -336,12 +336,12 @@ impl UringBackend {
             .nsec(timeout.subsec_nanos());
         let args = SubmitArgs::new().timespec(&ts);
         let runnable = !self.pending.is_empty() && !self.free_slots.is_empty();
-        if !runnable && self.ring.completion().is_empty() {
-            if let Err(e) = self.ring.submitter().submit_with_args(1, &args) {
-                if !is_transient(&e) {
-                    return Err(e);
-                }
-            }
+        if !runnable
+            && self.ring.completion().is_empty()
+            && let Err(e) = self.ring.submitter().submit_with_args(1, &args)
+            && !is_transient(&e)
+        {
+            return Err(e);
         }
         let n = self.drain(handler)?;
         self.ring.submit()?;
@@ -459,12 +459,12 @@ impl UringBackend {
         for (k, b) in buffers.iter().enumerate() {
             let (s, bid, slot_index, info) = self.batch_meta[k];
             let answer = b.answer_len().map(|len| (len, datagrams[k].source));
-            if outcome.is_ok() {
-                if let Some((len, to)) = answer {
-                    outcome = self.submit_answer(s, slot_index, to, info, len);
-                    self.give_buffer(bid);
-                    continue;
-                }
+            if outcome.is_ok()
+                && let Some((len, to)) = answer
+            {
+                outcome = self.submit_answer(s, slot_index, to, info, len);
+                self.give_buffer(bid);
+                continue;
             }
             self.free_slots.push(slot_index);
             self.give_buffer(bid);
