@@ -387,3 +387,63 @@ fn owner_flags_are_checked_at_start() {
         daemon::Started::Failed(err) => panic!("an unreachable Redis stopped the start: {err}"),
     }
 }
+
+#[test]
+fn removals_dropped_by_a_full_queue_are_swept_after_the_resync() {
+    let redis = Redis::start();
+    let (d, path) = owner(&redis, "aff-drops.sock", "o1", &[]);
+    let mut agent = Agent::connect(&path);
+    for i in 0..10u32 {
+        upsert(
+            &mut agent,
+            "bng1",
+            u64::from(i) + 1,
+            json!({"acct_session_id": format!("x-{i}"), "user_name": format!("gone{i}")}),
+        );
+    }
+    wait_until(WAIT, "x-0..x-9 published", || {
+        (0..10).all(|i| hkeys(&redis, &format!("user_name=gone{i}")).len() == 1)
+    });
+    // Redis hangs: the publisher's queue (65,536 changes) fills and overflows.
+    redis.pause();
+    let mut seq = 100u64;
+    for chunk in 0..75u32 {
+        let events: Vec<_> = (0..1000u32)
+            .map(|i| {
+                seq += 1;
+                json!({"op": "upsert", "nas": "bng1", "seq": seq,
+                    "session": {"acct_session_id": format!("f-{}", chunk * 1000 + i)}})
+            })
+            .collect();
+        let r = agent.ok(json!({"v": 1, "op": "batch", "events": events}));
+        assert_eq!(r["applied"], json!(1000));
+    }
+    // These removals find the queue full: dropped, and the index keeps their fields.
+    for i in 0..10u32 {
+        seq += 1;
+        let r = agent.ok(json!({"v": 1, "op": "delete", "nas": "bng1", "seq": seq,
+            "acct_session_id": format!("x-{i}")}));
+        assert_eq!(r["deleted"], json!(true));
+    }
+    assert!(metric(&d, "dynauth_affinity_dropped_total") > 10);
+    redis.resume();
+    // The resync walk publishes every live session, then the sweep removes the stale fields.
+    wait_until(Duration::from_secs(40), "the stale fields swept", || {
+        (0..10).all(|i| {
+            hkeys(&redis, &format!("user_name=gone{i}")).is_empty()
+                && hkeys(&redis, &format!("acct_session_id=x-{i}")).is_empty()
+        })
+    });
+    let (_, err) = d.stop();
+    assert!(
+        err.contains("stale field(s) of this owner removed"),
+        "{err}"
+    );
+    for i in [0, 37_123, 74_999] {
+        assert_eq!(
+            hkeys(&redis, &format!("acct_session_id=f-{i}")),
+            [format!("o1|bng1|a:f-{i}")]
+        );
+    }
+    drop(agent);
+}

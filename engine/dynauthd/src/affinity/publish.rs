@@ -221,6 +221,8 @@ impl core::fmt::Debug for PublishingStore {
 /// The publisher's end of the queue (handed to [`Publisher::start`]).
 pub struct Changes {
     rx: Receiver<Change>,
+    /// The wrapped store (the sweep checks what it still holds).
+    store: Arc<dyn SessionStore>,
     shared: Arc<Shared>,
 }
 
@@ -247,12 +249,19 @@ impl PublishingStore {
         let (tx, rx) = mpsc::sync_channel(capacity);
         let shared = Arc::new(Shared::default());
         let store = Arc::new(PublishingStore {
-            inner,
+            inner: Arc::clone(&inner),
             owner: owner.into(),
             tx,
             shared: Arc::clone(&shared),
         });
-        (store, Changes { rx, shared })
+        (
+            store,
+            Changes {
+                rx,
+                store: inner,
+                shared,
+            },
+        )
     }
 
     /// The counters (for `/metrics`: `stats().write_prometheus(out)`).
@@ -279,46 +288,71 @@ impl PublishingStore {
             }
         }
     }
+}
 
-    /// The live session that is `store::same_session` as `s` (found by its Acct-Session-Id,
-    /// else its audit-session-id or CUI), through the wrapped store's `select`.
-    fn current(&self, s: &Session) -> Option<Session> {
-        let by = |query: SessionQuery<'_>| {
-            let lookup = Lookup {
-                query,
-                scope: MatchScope {
-                    vrf: None,
-                    max_sessions: u32::MAX,
-                },
-                now_ms: 0,
-            };
-            let mut out = Vec::new();
-            match self.inner.select(&lookup, false, &mut out) {
-                Ok(Applied::Sessions(_)) => out.into_iter().find(|c| store::same_session(c, s)),
-                _ => None,
-            }
+/// The live session of `store` that is `store::same_session` as `s` (found by its
+/// Acct-Session-Id, else its audit-session-id or CUI), through `select`.
+fn current(store: &dyn SessionStore, s: &Session) -> Option<Session> {
+    let by = |query: SessionQuery<'_>| {
+        let lookup = Lookup {
+            query,
+            scope: MatchScope {
+                vrf: None,
+                max_sessions: u32::MAX,
+            },
+            now_ms: 0,
         };
-        if let Some(id) = &s.acct_session_id {
-            return by(SessionQuery {
-                acct_session_id: Some(id.as_bytes()),
-                ..SessionQuery::default()
-            });
+        let mut out = Vec::new();
+        match store.select(&lookup, false, &mut out) {
+            Ok(Applied::Sessions(_)) => out.into_iter().find(|c| store::same_session(c, s)),
+            _ => None,
         }
-        let audit = s.audit_session_id.as_ref().and_then(|id| {
-            by(SessionQuery {
-                audit_session_id: Some(id.as_bytes()),
-                ..SessionQuery::default()
-            })
+    };
+    if let Some(id) = &s.acct_session_id {
+        return by(SessionQuery {
+            acct_session_id: Some(id.as_bytes()),
+            ..SessionQuery::default()
         });
-        audit.or_else(|| {
-            s.cui.as_ref().and_then(|cui| {
-                by(SessionQuery {
-                    cui: Some(cui.as_bytes()),
-                    ..SessionQuery::default()
-                })
+    }
+    let audit = s.audit_session_id.as_ref().and_then(|id| {
+        by(SessionQuery {
+            audit_session_id: Some(id.as_bytes()),
+            ..SessionQuery::default()
+        })
+    });
+    audit.or_else(|| {
+        s.cui.as_ref().and_then(|cui| {
+            by(SessionQuery {
+                cui: Some(cui.as_bytes()),
+                ..SessionQuery::default()
             })
         })
-    }
+    })
+}
+
+/// Whether `store` holds a live session whose identity is `identity` (`NAS|a:ID`, `NAS|s:ID`,
+/// `NAS|c:CUI`; a NAS name may itself hold `|`, so every split is tried) and whose routing
+/// keys include `route_key`.
+fn backs(store: &dyn SessionStore, identity: &str, route_key: &[u8]) -> bool {
+    identity.match_indices('|').any(|(i, _)| {
+        let (nas, rest) = (&identity[..i], &identity[i + 1..]);
+        let mut s = Session {
+            nas: (!nas.is_empty()).then(|| nas.to_owned()),
+            ..Session::default()
+        };
+        match rest.split_at_checked(2) {
+            Some(("a:", v)) => s.acct_session_id = Some(v.to_owned()),
+            Some(("s:", v)) => s.audit_session_id = Some(v.to_owned()),
+            Some(("c:", v)) => s.cui = Some(v.to_owned()),
+            _ => return false,
+        }
+        current(store, &s).is_some_and(|live| {
+            route::session_identity(&live) == identity
+                && route::session_route_keys(&live)
+                    .iter()
+                    .any(|k| k == route_key)
+        })
+    })
 }
 
 impl SessionStore for PublishingStore {
@@ -367,7 +401,8 @@ impl SessionStore for PublishingStore {
         now_ms: u64,
     ) -> Result<u32, Refusal> {
         // The copies were selected earlier: the live record may have other keys by now.
-        let live: Vec<Option<Session>> = sessions.iter().map(|s| self.current(s)).collect();
+        let live: Vec<Option<Session>> =
+            sessions.iter().map(|s| current(&*self.inner, s)).collect();
         let result = self.inner.remove_sessions(sessions, tombstone, now_ms);
         if matches!(result, Ok(n) if n > 0) {
             for (given, live) in sessions.iter().zip(&live) {
@@ -408,7 +443,7 @@ impl SessionStore for PublishingStore {
         mode: UpsertMode,
         now_ms: u64,
     ) -> Result<Upserted, UpsertError> {
-        let old = self.current(&session);
+        let old = current(&*self.inner, &session);
         let changes = diff(&self.owner, old.as_ref(), Some(&session));
         let result = self.inner.upsert(session, mode, now_ms);
         if let Ok(Upserted::Inserted | Upserted::Replaced) = result {
@@ -425,7 +460,7 @@ impl SessionStore for PublishingStore {
             acct_session_id: Some(acct_session_id.to_owned()),
             ..Session::default()
         };
-        let old = self.current(&wanted);
+        let old = current(&*self.inner, &wanted);
         let deleted = self.inner.delete(nas, acct_session_id, now_ms);
         if deleted && let Some(old) = &old {
             self.enqueue(Some(old), None);
@@ -538,6 +573,7 @@ impl Publisher {
             next_heartbeat: Instant::now(),
             next_refresh: None,
             retry: Vec::new(),
+            swept_drops: 0,
             changes,
             walk,
             stop: Arc::clone(&stop),
@@ -589,6 +625,8 @@ struct Worker {
     next_heartbeat: Instant,
     /// When the next walk is due (`None`: now).
     next_refresh: Option<Instant>,
+    /// `dropped` when the last sweep ran (a sweep follows the walk after new drops).
+    swept_drops: u64,
     /// A burst whose pipeline failed: written again first after reconnecting.
     retry: Vec<Change>,
     changes: Changes,
@@ -620,7 +658,10 @@ impl Worker {
             }
             let due = self.next_refresh.is_none_or(|t| Instant::now() >= t);
             if due || self.changes.shared.resync.swap(false, Ordering::AcqRel) {
-                self.resync();
+                let dropped = self.stats().dropped.load(Ordering::Relaxed);
+                if self.resync() && dropped > self.swept_drops && self.sweep() {
+                    self.swept_drops = dropped;
+                }
                 continue;
             }
             self.serve_changes(Duration::from_millis(100));
@@ -805,7 +846,7 @@ impl Worker {
     /// Re-publishes every live session (idempotent HSETs), in paced chunks; between chunks
     /// the heartbeat and the change stream are served. A chunk written before the changes
     /// queued after it was read keeps the order: the index ends as the table is.
-    fn resync(&mut self) {
+    fn resync(&mut self) -> bool {
         let started = Instant::now();
         self.stats().resyncs.fetch_add(1, Ordering::Relaxed);
         let walk = Arc::clone(&self.walk);
@@ -846,13 +887,118 @@ impl Worker {
         if aborted {
             // Walked again once Redis is back (`connected` asks for it).
             self.next_refresh = None;
-            return;
+            return false;
         }
         self.next_refresh = Some(Instant::now() + self.refresh);
         tracing::info!(
             "affinity: published {sessions} session(s) to Redis in {:.1?}",
             started.elapsed()
         );
+        true
+    }
+
+    /// After dropped changes (a removal among them would leave its fields behind until they
+    /// expire): scans the index and removes this owner's fields that no live session backs.
+    /// Each chunk is read, checked against the table and cleaned before any queued change is
+    /// written, so a session added meanwhile (its HSET queued after the check) stays.
+    fn sweep(&mut self) -> bool {
+        let started = Instant::now();
+        let pattern = format!("{}:{{k:*", self.index_prefix);
+        let head = format!("{}:{{k:", self.index_prefix).into_bytes();
+        let mine = format!("{}|", self.owner_id).into_bytes();
+        let pace = Duration::from_secs_f64(WALK_CHUNK as f64 / WALK_RATE as f64);
+        let (mut cursor, mut removed) = (0u64, 0u64);
+        loop {
+            let Some(conn) = self.conn.as_mut() else {
+                return false;
+            };
+            let scanned: redis::RedisResult<(u64, Vec<Vec<u8>>)> = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(WALK_CHUNK)
+                .query(conn);
+            let (next, keys) = match scanned {
+                Ok(v) => v,
+                Err(e) => {
+                    self.failed(&e);
+                    return false;
+                }
+            };
+            let mut read = redis::pipe();
+            for k in &keys {
+                read.cmd("HKEYS").arg(k);
+            }
+            let fields: Vec<Vec<Vec<u8>>> = if keys.is_empty() {
+                Vec::new()
+            } else {
+                match read.query(conn) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        self.failed(&e);
+                        return false;
+                    }
+                }
+            };
+            let mut clean = redis::pipe();
+            let mut touched = Vec::new();
+            {
+                // One durability wait per chunk, not per lookup (a durable store's reads).
+                let _scope = crate::state::defer_commits();
+                for (key, fields) in keys.iter().zip(fields) {
+                    let Some(route_key) = key
+                        .strip_prefix(head.as_slice())
+                        .and_then(|k| k.strip_suffix(b"}"))
+                    else {
+                        continue;
+                    };
+                    for f in fields {
+                        let Some(identity) = f.strip_prefix(mine.as_slice()) else {
+                            continue;
+                        };
+                        let backed = core::str::from_utf8(identity)
+                            .is_ok_and(|id| backs(&*self.changes.store, id, route_key));
+                        if !backed {
+                            clean.cmd("HDEL").arg(key).arg(&f).ignore();
+                            touched.push(route_key.to_vec());
+                        }
+                    }
+                }
+            }
+            if !touched.is_empty() {
+                let n = touched.len() as u64;
+                touched.dedup();
+                clean
+                    .cmd("PUBLISH")
+                    .arg(&self.channel)
+                    .arg(super::encode_invalidation(&touched))
+                    .ignore();
+                if !self.query(&clean) {
+                    return false;
+                }
+                removed += n;
+                self.stats().removed.fetch_add(n, Ordering::Relaxed);
+            }
+            cursor = next;
+            if cursor == 0 || self.stopping() {
+                break;
+            }
+            // Between chunks the change stream is served (a chunk is whole: read, checked
+            // and cleaned), then the pace.
+            let chunk_done = Instant::now();
+            self.heartbeat_if_due();
+            self.serve_changes(Duration::ZERO);
+            if self.conn.is_none() {
+                return false;
+            }
+            thread::sleep(pace.saturating_sub(chunk_done.elapsed()));
+        }
+        tracing::info!(
+            "affinity: swept the index after dropped changes: {removed} stale field(s) of this owner removed in {:.1?}",
+            started.elapsed()
+        );
+        true
     }
 
     fn write_chunk(&mut self, chunk: &[(String, Vec<Vec<u8>>)]) -> bool {
@@ -1039,6 +1185,29 @@ mod tests {
         assert!(changes.shared.resync.load(Ordering::Acquire));
         assert_eq!(drain(&changes).len(), 2);
         assert_eq!(changes.stats().queued.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn the_sweep_keeps_exactly_the_fields_a_live_session_backs() {
+        let (inner, store, _changes) = wrapped(64);
+        store
+            .upsert(s("a|b", "S|1", "alice"), UpsertMode::Create, 0)
+            .unwrap();
+        let inner: &dyn SessionStore = &*inner;
+        assert!(
+            backs(inner, "a|b|a:S|1", b"user_name=alice"),
+            "| in NAS and id"
+        );
+        assert!(
+            !backs(inner, "a|b|a:S|1", b"user_name=bob"),
+            "a key it lost"
+        );
+        assert!(
+            !backs(inner, "a|b|a:S2", b"user_name=alice"),
+            "another session"
+        );
+        assert!(!backs(inner, "x|a:S|1", b"user_name=alice"), "another NAS");
+        assert!(!backs(inner, "garbage", b"user_name=alice"));
     }
 
     #[test]

@@ -454,6 +454,27 @@ impl Redis {
         con
     }
 
+    /// SIGSTOP: Redis hangs (connections open, nothing answered) until `resume`.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after `pause`.
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let ok = Command::new("kill")
+                .arg(sig)
+                .arg(c.id().to_string())
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "kill {sig} redis-server");
+        }
+    }
+
     /// SIGKILL (an outage); `start_on(self.port())` brings an empty one back.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -465,6 +486,8 @@ impl Redis {
 
 impl Drop for Redis {
     fn drop(&mut self) {
+        // A paused one would not die of SIGKILL any slower, but resume it for tidiness.
+        self.resume();
         self.kill();
     }
 }
