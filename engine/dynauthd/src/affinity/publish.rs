@@ -10,8 +10,15 @@
 //! - [`Publisher`], one thread: writes the queued changes in pipelines (one round trip per
 //!   burst, then one invalidation message per burst), heartbeats the owner key, and walks the
 //!   whole table at start, after every reconnection or drop, and every `ttl / 4` (re-publishing
-//!   every live session, which also refreshes the TTLs). Redis down or slow: it reconnects with
-//!   backoff, logs once per outage, keeps the queue; it never panics and never stops the feed.
+//!   every live session, which also refreshes the TTLs); after dropped changes the walk is
+//!   followed by a sweep that removes this owner's fields no live session backs (a dropped
+//!   removal). Redis down or slow: it reconnects with backoff, logs once per outage, keeps the
+//!   queue (a failed burst is written again first); it never panics and never stops the feed.
+//!
+//! Order: the publisher is the only writer of this owner's fields, and a walk or sweep chunk
+//! is written before any change queued after it was read, so the index ends as the table is.
+//! Not atomic with the table: a table-mode Disconnect selects, then removes; a session
+//! inserted between the two and removed by it keeps its fields until a sweep or the TTL.
 //!
 //! Owns: the queue, the publisher's Redis connection, the affinity metrics.
 //! Must not touch: decisions (the wrapped store answers exactly as without it), the layout
