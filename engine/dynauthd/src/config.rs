@@ -996,6 +996,47 @@ mod tests {
     }
 
     #[test]
+    fn affinity_in_the_file_and_flags_override_it() {
+        let dir = std::env::temp_dir().join(format!("dynauthd-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("affinity.toml");
+        std::fs::write(
+            &path,
+            "[affinity]\nredis = \"redis://:pw@10.0.0.5:6379/0\"\nowner_id = \"bng-a\"\n\
+             owner_address = \"192.0.2.10:3799\"\nprefix = \"dyn2\"\nttl = \"2h\"\n\
+             [[client]]\nnetwork = \"127.0.0.1/32\"\nsecret = \"x\"\n",
+        )
+        .unwrap();
+        let p = path.to_str().unwrap();
+        let a = settings_from(&Cli::parse_from(["dynauthd", "--config", p]))
+            .unwrap()
+            .affinity
+            .unwrap();
+        assert_eq!(a.settings.url, "redis://:pw@10.0.0.5:6379/0");
+        assert_eq!(a.settings.prefix, "dyn2");
+        assert_eq!(a.settings.ttl, Duration::from_secs(7200));
+        assert_eq!(a.owner_id, "bng-a");
+        assert_eq!(a.owner_address, Some("192.0.2.10:3799".parse().unwrap()));
+        let a = settings_from(&Cli::parse_from([
+            "dynauthd",
+            "--config",
+            p,
+            "--owner-id",
+            "bng-b",
+            "--affinity-ttl",
+            "60s",
+        ]))
+        .unwrap()
+        .affinity
+        .unwrap();
+        assert_eq!(
+            (a.owner_id.as_str(), a.settings.ttl),
+            ("bng-b", Duration::from_secs(60))
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn line_numbers() {
         assert_eq!(line_of("a\nb\nc", 0), 1);
         assert_eq!(line_of("a\nb\nc", 2), 2);
