@@ -447,3 +447,96 @@ fn removals_dropped_by_a_full_queue_are_swept_after_the_resync() {
     }
     drop(agent);
 }
+
+#[test]
+fn an_accounting_stop_and_an_agents_committed_disconnect_remove_their_fields() {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    let redis = Redis::start();
+    // Agent mode (the default with --control): a Disconnect removes what the agent committed.
+    let url = redis.url();
+    let (d, path) = daemon::start_with_control(
+        "aff-agent.sock",
+        SECRET,
+        &[
+            "--accounting-listen",
+            "127.0.0.1:0",
+            "--affinity-redis",
+            &url,
+            "--owner-id",
+            "o1",
+        ],
+    );
+    // Accounting: a Start publishes, the Stop removes.
+    let acct = d.banner_addr("accounting");
+    let session = "Acct-Session-Id = \"acct-1\"\nUser-Name = \"fay\"\nNAS-Identifier = \"bng-r\"\n";
+    for status in ["Start", "Stop"] {
+        let out = daemon::run_radclient(
+            acct,
+            "acct",
+            SECRET,
+            &format!("Acct-Status-Type = {status}\n{session}"),
+        );
+        assert!(out.contains("Received Accounting-Response"), "{out}");
+        if status == "Start" {
+            wait_until(WAIT, "the Start published", || {
+                hkeys(&redis, "user_name=fay") == ["o1|bng-r|a:acct-1"]
+            });
+        }
+    }
+    wait_until(WAIT, "the Stop removed it", || {
+        hkeys(&redis, "user_name=fay").is_empty()
+            && hkeys(&redis, "acct_session_id=acct-1").is_empty()
+    });
+    // An agent that commits actions.
+    let stream = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut line = |msg: Option<serde_json::Value>| -> serde_json::Value {
+        if let Some(m) = msg {
+            writeln!(writer, "{m}").unwrap();
+        }
+        let mut text = String::new();
+        reader.read_line(&mut text).expect("a line");
+        serde_json::from_str(&text).unwrap()
+    };
+    line(Some(
+        json!({"v": 1, "op": "hello", "agent": "a", "nas": ["bng1"], "actions": true}),
+    ));
+    let r = line(Some(
+        json!({"v": 1, "op": "upsert", "nas": "bng1", "seq": 1,
+        "session": {"acct_session_id": "g-1", "user_name": "gus"}}),
+    ));
+    assert_eq!(r["ok"], json!(true), "{r}");
+    wait_until(WAIT, "gus published", || {
+        hkeys(&redis, "user_name=gus") == ["o1|bng1|a:g-1"]
+    });
+    let to = d.addr();
+    let dac = std::thread::spawn(move || daemon::disconnect(to, SECRET, 9, &[(1, b"gus")]));
+    let action = line(None);
+    assert_eq!(action["type"], json!("action"), "{action}");
+    assert_eq!(
+        hkeys(&redis, "user_name=gus"),
+        ["o1|bng1|a:g-1"],
+        "nothing removed before the commit"
+    );
+    let results: Vec<_> = action["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| json!({"index": s["index"], "result": "committed"}))
+        .collect();
+    writeln!(
+        writer,
+        "{}",
+        json!({"v": 1, "op": "action_result", "action": action["action"], "results": results})
+    )
+    .unwrap();
+    assert_eq!(dac.join().unwrap(), (41, None), "Disconnect-ACK");
+    wait_until(WAIT, "gus removed at the commit", || {
+        hkeys(&redis, "user_name=gus").is_empty() && hkeys(&redis, "acct_session_id=g-1").is_empty()
+    });
+    d.stop();
+}
