@@ -527,6 +527,7 @@ fn affinity_owner(
             }
         }
     }
+    crate::affinity::publish::check_url(&url).map_err(|e| ConfigError::Other(e.to_string()))?;
     let mut settings = crate::affinity::AffinitySettings::new(url);
     if let Some(p) = cli.affinity_prefix.clone().or(file.prefix.clone()) {
         if p.is_empty() || p.contains(['{', '}']) {

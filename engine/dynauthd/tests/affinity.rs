@@ -386,6 +386,25 @@ fn owner_flags_are_checked_at_start() {
         }
         daemon::Started::Failed(err) => panic!("an unreachable Redis stopped the start: {err}"),
     }
+    match daemon::start(&[
+        "--client",
+        "127.0.0.1/32=x",
+        "--listen",
+        "127.0.0.1:0",
+        "--affinity-redis",
+        "nope://:hunter2@127.0.0.1:1",
+        "--owner-id",
+        "o1",
+    ]) {
+        daemon::Started::Failed(err) => {
+            assert!(
+                err.contains("--affinity-redis nope://***@127.0.0.1:1"),
+                "{err}"
+            );
+            assert!(!err.contains("hunter2"), "{err}");
+        }
+        daemon::Started::Running(_) => panic!("a URL that is not redis:// was accepted"),
+    }
 }
 
 #[test]

@@ -531,6 +531,14 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// Checks that `url` is one the redis client takes (no connection is made).
+pub fn check_url(url: &str) -> Result<redis::Client, AffinityError> {
+    redis::Client::open(url).map_err(|e| AffinityError::BadUrl {
+        url: redact_url(url),
+        message: e.to_string(),
+    })
+}
+
 /// Who this owner is and where routers reach it.
 #[derive(Debug, Clone)]
 pub struct OwnerConfig {
@@ -554,12 +562,7 @@ impl Publisher {
         changes: Changes,
         walk: Walk,
     ) -> Result<Publisher, AffinityError> {
-        let client = redis::Client::open(config.settings.url.as_str()).map_err(|e| {
-            AffinityError::BadUrl {
-                url: redact_url(&config.settings.url),
-                message: e.to_string(),
-            }
-        })?;
+        let client = check_url(&config.settings.url)?;
         let stop = Arc::new(AtomicBool::new(false));
         let ttl = config.settings.ttl.max(Duration::from_secs(1));
         let worker = Worker {
@@ -1032,10 +1035,14 @@ impl Worker {
             self.write_burst(burst);
         }
         while Instant::now() < deadline && self.conn.is_some() {
-            if self.changes.rx.try_recv().map_or(true, |c| {
-                self.stats().queued.fetch_sub(1, Ordering::Relaxed);
-                !self.write_burst(vec![c])
-            }) {
+            let burst: Vec<Change> = self.changes.rx.try_iter().take(BURST).collect();
+            if burst.is_empty() {
+                break;
+            }
+            self.stats()
+                .queued
+                .fetch_sub(burst.len() as u64, Ordering::Relaxed);
+            if !self.write_burst(burst) {
                 break;
             }
         }
