@@ -12,6 +12,7 @@ use dynauth_proto::store::{Lookup, MatchScope, SessionStore};
 use dynauth_proto::synth;
 use dynauth_table::{SessionTable, TableConfig, load};
 use dynauthd::actions;
+use dynauthd::affinity::publish::{self, PublishingStore};
 use dynauthd::config::{self, Cli, Command, DEMO_SECRET, DEMO_SESSIONS, DataPlaneMode};
 use dynauthd::control::ControlServer;
 use dynauthd::feed::SessionFeed;
@@ -228,6 +229,22 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
         Some(d) => Arc::clone(d) as Arc<dyn SessionStore>,
         None => Arc::clone(&table) as Arc<dyn SessionStore>,
     };
+    // --affinity-redis: every change is published for the routers (after the restore, so a
+    // restored table is re-published by the publisher's first walk).
+    let mut affinity = None;
+    let store = match &settings.affinity {
+        Some(a) => {
+            let (publishing, changes) =
+                PublishingStore::new(store, a.owner_id.clone(), publish::QUEUE_CAPACITY);
+            let walked = Arc::clone(&table);
+            let walk: publish::Walk = Arc::new(move |f: &mut dyn FnMut(&Session)| {
+                walked.for_each_session(|s| f(s));
+            });
+            affinity = Some((Arc::clone(&publishing), changes, walk));
+            publishing as Arc<dyn SessionStore>
+        }
+        None => store,
+    };
     let snapshot_stop = Arc::new(AtomicBool::new(false));
     let snapshots = match &durable {
         Some(d) => Some(
@@ -263,6 +280,23 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
         settings.clone(),
         server.config(),
     ));
+    let mut publisher = None;
+    let mut affinity_stats = None;
+    if let (Some((publishing, changes, walk)), Some(a)) = (affinity, &settings.affinity) {
+        let address = a.owner_address.unwrap_or(server.local_addrs[0]);
+        let config = publish::OwnerConfig {
+            settings: a.settings.clone(),
+            owner_id: a.owner_id.clone(),
+            address,
+        };
+        publisher = Some(publish::Publisher::start(config, changes, walk)?);
+        tracing::info!(
+            "affinity: owner {} at {address}, publishing to {}",
+            a.owner_id,
+            publish::redact_url(&a.settings.url)
+        );
+        affinity_stats = Some(publishing);
+    }
     let mut dispatcher = None;
     let mut submitter = None;
     if let Some((s, inbox)) = queue {
@@ -386,6 +420,12 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
                 stats.write_prometheus(out)
             }));
         }
+        if let Some(p) = &affinity_stats {
+            let p = Arc::clone(p);
+            extra.push(Arc::new(move |out: &mut String| {
+                p.stats().write_prometheus(out)
+            }));
+        }
         if durable.is_some() {
             let stats = Arc::clone(&state_stats);
             extra.push(Arc::new(move |out: &mut String| {
@@ -449,6 +489,10 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
     accounting_stop.store(true, std::sync::atomic::Ordering::Release);
     for a in accounting {
         a.join();
+    }
+    if let Some(p) = publisher {
+        // After every writer: what they queued is written, then the owner key goes.
+        p.stop();
     }
     snapshot_stop.store(true, std::sync::atomic::Ordering::Release);
     if let Some(t) = snapshots {
@@ -515,7 +559,7 @@ fn serve_router(
     let stats = Arc::new(router::RouterStats::default());
     tracing::info!(
         "role: router: affinity from {} (prefix {}), owner timeout {} ms ({:?}), {} NAS route(s)",
-        dynauthd::affinity::redacted(&router.affinity.url),
+        dynauthd::affinity::publish::redact_url(&router.affinity.url),
         router.affinity.prefix,
         router.forward_timeout.as_millis(),
         router.on_owner_timeout,

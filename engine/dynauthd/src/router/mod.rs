@@ -93,7 +93,10 @@ pub struct RouterSettings {
 impl fmt::Debug for RouterSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RouterSettings")
-            .field("redis", &crate::affinity::redacted(&self.affinity.url))
+            .field(
+                "redis",
+                &crate::affinity::publish::redact_url(&self.affinity.url),
+            )
             .field("prefix", &self.affinity.prefix)
             .field("nas_routes", &self.nas_routes)
             .field("forward_timeout", &self.forward_timeout)
@@ -133,12 +136,6 @@ pub struct RouterArgs {
     /// docs/SCALE_OUT.md).
     #[arg(long, value_name = "das|router", value_parser = parse_role)]
     pub role: Option<Role>,
-    /// The affinity store, `redis://HOST:PORT[/DB]` (Redis 7 or Valkey).
-    #[arg(long, value_name = "URL")]
-    pub affinity_redis: Option<String>,
-    /// Prefix of every affinity key (several deployments can share one Redis).
-    #[arg(long, value_name = "PREFIX")]
-    pub affinity_prefix: Option<String>,
     /// Router: the file holding the secret shared with every owner and NAS route (each of
     /// them lists the router's address as a client with this secret).
     #[arg(long, value_name = "FILE")]
@@ -208,8 +205,11 @@ pub enum RouterConfigError {
     NoRedis,
     #[error("--role router needs --owner-secret-file FILE (the secret shared with the owners)")]
     NoOwnerSecret,
+    /// A secret file or the Redis URL that cannot be used.
     #[error("{0}")]
     Secret(String),
+    #[error("--{0} does not apply to --role router (a router reads affinity, it owns none)")]
+    OwnerFlag(&'static str),
     #[error("--{0} applies to --role router only")]
     NotARouter(&'static str),
     #[error("--{0} does not apply to --role router (a router owns no sessions)")]
@@ -219,8 +219,12 @@ pub enum RouterConfigError {
 impl RouterArgs {
     /// The router settings, or `None` for the DAS role. `listen` picks the default
     /// forwarding address family.
+    ///
+    /// `affinity` is `--affinity-redis` and `--affinity-prefix` (the owners' flags: on a
+    /// router they say where to read).
     pub fn settings(
         &self,
+        affinity: (Option<String>, Option<String>),
         listen: &[SocketAddr],
     ) -> Result<Option<RouterSettings>, RouterConfigError> {
         if self.role.unwrap_or_default() != Role::Router {
@@ -241,18 +245,18 @@ impl RouterArgs {
             }
             return Ok(None);
         }
-        let url = self
-            .affinity_redis
-            .clone()
-            .ok_or(RouterConfigError::NoRedis)?;
+        let (url, prefix) = affinity;
+        let url = url.ok_or(RouterConfigError::NoRedis)?;
+        crate::affinity::publish::check_url(&url)
+            .map_err(|e| RouterConfigError::Secret(e.to_string()))?;
         let path = self
             .owner_secret_file
             .as_ref()
             .ok_or(RouterConfigError::NoOwnerSecret)?;
         let owner_secret = read_secret_file(path).map_err(RouterConfigError::Secret)?;
         let mut affinity = AffinitySettings::new(url);
-        if let Some(p) = &self.affinity_prefix {
-            affinity.prefix = p.clone();
+        if let Some(p) = prefix {
+            affinity.prefix = p;
         }
         let v6 = listen.first().is_some_and(SocketAddr::is_ipv6);
         let any: IpAddr = if v6 {
