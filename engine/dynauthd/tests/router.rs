@@ -640,3 +640,57 @@ fn rfc5176_s3_5_a_retried_disconnect_after_the_session_went_reaches_its_owner_20
     let (code, cause, _) = ask(r.addr(), 43, 3, "T1").expect("an answer");
     assert_eq!((code, cause), (45, Some(503)));
 }
+
+#[test]
+fn rfc8559_sessions_learnt_from_accounting_go_to_their_nas_das() {
+    // The zero-integration DAS proxy: a dynauthd learns sessions from the NASes' Accounting
+    // (radclient here) and publishes them as owner "learner"; the router sends a Disconnect
+    // for one (by Acct-Session-Id alone) to the DAS of the NAS that reported it.
+    let redis = Redis::start();
+    let nas_das = owner("nas-7-das", &[session("bng-7", "L1", "lena")], &[]);
+    let url = redis.url();
+    let learner = start_ok(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--client",
+        "127.0.0.1/32=acct-secret",
+        "--accounting-listen",
+        "127.0.0.1:0",
+        "--io",
+        "mmsg",
+        "--shards",
+        "1",
+        "--affinity-redis",
+        &url,
+        "--owner-id",
+        "learner",
+    ]);
+    let out = daemon::run_radclient(
+        learner.banner_addr("accounting"),
+        "acct",
+        "acct-secret",
+        "Acct-Status-Type = Start\nAcct-Session-Id = \"L1\"\nUser-Name = \"lena\"\nNAS-Identifier = \"bng-7\"\n",
+    );
+    assert!(out.contains("Received Accounting-Response"), "{out}");
+    daemon::wait_until(
+        Duration::from_secs(5),
+        "the learnt session in Redis",
+        || {
+            redis.cli(&[
+                "HGET",
+                "dynauth:{k:acct_session_id=L1}",
+                "learner|bng-7|a:L1",
+            ]) == "1"
+        },
+    );
+    let route = format!("nas_identifier=bng-7@{}", nas_das.addr());
+    let r = router(&redis, &["--learner", "learner", "--nas-route", &route]);
+    let (code, cause, _) = ask(r.addr(), 40, 1, "L1").expect("an answer");
+    assert_eq!((code, cause), (41, None));
+    assert_eq!(sessions_of(&nas_das), 0.0, "the NAS's own DAS acted");
+    assert_eq!(metric(&r, "dynauth_router_forwarded_total"), 1.0);
+    // Without a route for that NAS: 502.
+    let r2 = router(&redis, &["--learner", "learner"]);
+    let (code, cause, _) = ask(r2.addr(), 40, 2, "L1").expect("an answer");
+    assert_eq!((code, cause), (42, Some(502)));
+}

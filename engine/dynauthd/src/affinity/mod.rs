@@ -116,6 +116,14 @@ pub fn field_owner(field: &[u8]) -> Option<&[u8]> {
     field.split(|&b| b == b'|').next().filter(|o| !o.is_empty())
 }
 
+/// The NAS a field names (`OWNER|NAS|ID`; the NAS may itself hold `|`).
+pub fn field_nas(field: &[u8]) -> Option<&str> {
+    let text = core::str::from_utf8(field).ok()?;
+    let (_, rest) = text.split_once('|')?;
+    let (nas, _) = rest.rsplit_once('|')?;
+    (!nas.is_empty()).then_some(nas)
+}
+
 /// Why an owner id is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("owner id {0:?} must be 1 to 64 characters of [A-Za-z0-9._-]")]
@@ -182,6 +190,8 @@ mod tests {
         assert!(check_owner_id("bng-a.1_x").is_ok());
         assert!(check_owner_id("a|b").is_err());
         assert!(check_owner_id("").is_err());
+        assert_eq!(field_nas(b"learner|bng|7|a:S1"), Some("bng|7"));
+        assert_eq!(field_nas(b"learner||a:S1"), None);
         assert_eq!(field_state(b"1", 5), Some(true));
         assert_eq!(
             field_state(tombstone_value(1_000).as_bytes(), 1_000 + 299_999),

@@ -81,6 +81,10 @@ pub struct RouterSettings {
     /// client with it).
     pub owner_secret: Secret,
     pub nas_routes: Vec<NasRoute>,
+    /// Owners that only learn sessions (from the NASes' RADIUS Accounting) and act on none:
+    /// a session they published goes to its NAS's DAS by `nas_routes` (the zero-integration
+    /// DAS proxy).
+    pub learners: Vec<String>,
     pub forward_timeout: Duration,
     pub on_owner_timeout: OnOwnerTimeout,
     /// The local address forwarded requests leave from (port 0: any).
@@ -152,6 +156,12 @@ pub struct RouterArgs {
     /// (RFC 8559); repeatable, the first match wins.
     #[arg(long, value_name = "MATCH@ADDR:PORT", value_parser = parse_nas_route)]
     pub nas_route: Vec<(NasMatch, SocketAddr)>,
+    /// Router: an owner id whose sessions were learnt from RADIUS Accounting (a dynauthd
+    /// with --accounting-listen publishing them) and are acted on by their NAS itself: a
+    /// request for one goes to that NAS's --nas-route (by its NAS-Identifier or address);
+    /// repeatable.
+    #[arg(long, value_name = "OWNER_ID")]
+    pub learner: Vec<String>,
     /// Router: the local address forwarded requests leave from (default: any, port 0).
     #[arg(long, value_name = "ADDR:PORT")]
     pub forward_bind: Option<SocketAddr>,
@@ -228,11 +238,12 @@ impl RouterArgs {
         listen: &[SocketAddr],
     ) -> Result<Option<RouterSettings>, RouterConfigError> {
         if self.role.unwrap_or_default() != Role::Router {
-            let router_only: [(&'static str, bool); 7] = [
+            let router_only: [(&'static str, bool); 8] = [
                 ("owner-secret-file", self.owner_secret_file.is_some()),
                 ("forward-timeout", self.forward_timeout.is_some()),
                 ("on-owner-timeout", self.on_owner_timeout.is_some()),
                 ("nas-route", !self.nas_route.is_empty()),
+                ("learner", !self.learner.is_empty()),
                 ("forward-bind", self.forward_bind.is_some()),
                 ("affinity-cache-ttl", self.affinity_cache_ttl.is_some()),
                 (
@@ -276,6 +287,7 @@ impl RouterArgs {
                 })
                 .collect(),
             owner_secret,
+            learners: self.learner.clone(),
             forward_timeout: self.forward_timeout.unwrap_or(DEFAULT_FORWARD_TIMEOUT),
             on_owner_timeout: self.on_owner_timeout.unwrap_or_default(),
             forward_bind: self.forward_bind.unwrap_or(SocketAddr::new(any, 0)),

@@ -39,6 +39,9 @@ const FORWARD_SOCKETS: usize = 4;
 /// The router's Proxy-State: a tag, this process's nonce, the request's token.
 const PROXY_STATE_TAG: &[u8; 4] = b"dyrt";
 const PROXY_STATE_LEN: usize = 16;
+/// Marks an owner that stands for "the DAS of this NAS" (a learner's session); owner ids
+/// cannot hold it.
+const LEARNT_AT: &str = "@";
 /// How long an owner's address is trusted before it is read again (its heartbeat period).
 const OWNER_ADDRESS_TTL_MS: u64 = 1_000;
 /// Redis commands time out after this (the request then gets NAK 505).
@@ -488,7 +491,14 @@ impl Worker {
             } else if owners.len() > 1 {
                 Route::MultipleOwners
             } else if let Some(owner) = owners.into_iter().next() {
-                Route::Owner(owner)
+                match owner.strip_prefix(LEARNT_AT) {
+                    // Learnt from the NAS's Accounting by a --learner: its own DAS acts.
+                    Some(nas) => match self.nas_route_by_identity(nas) {
+                        Some(i) => Route::Nas(i),
+                        None => Route::NotRoutable,
+                    },
+                    None => Route::Owner(owner),
+                }
             } else {
                 match self.nas_route(&route.nas) {
                     Some(i) => Route::Nas(i),
@@ -548,6 +558,20 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// The first `--nas-route` for a NAS identity as a learner published it (the session's
+    /// `nas`: its NAS-Identifier, or its NAS-IP-Address / NAS-IPv6-Address as text).
+    fn nas_route_by_identity(&self, nas: &str) -> Option<usize> {
+        let ip = nas.parse::<std::net::IpAddr>().ok();
+        self.settings
+            .nas_routes
+            .iter()
+            .position(|r| match &r.matcher {
+                NasMatch::Identifier(id) => id == nas,
+                NasMatch::Ip(addr) => Some(*addr) == ip,
+                NasMatch::OperatorName(_) => false,
+            })
     }
 
     /// The first `--nas-route` matching the NAS the request names.
@@ -614,6 +638,7 @@ impl Worker {
             pipe.cmd("HGETALL").arg(affinity::index_key(&prefix, k));
         }
         let now_wall = crate::state::wall_ms();
+        let learners = self.settings.learners.clone();
         let started = Instant::now();
         let result: redis::RedisResult<Vec<Vec<Vec<u8>>>> = match self.connection() {
             Some(conn) => pipe.query(conn),
@@ -635,6 +660,17 @@ impl Worker {
                                 if let Some(o) = affinity::field_owner(f)
                                     && let Ok(o) = core::str::from_utf8(o)
                                 {
+                                    // A learner's session goes to its NAS: "@NAS" stands for it.
+                                    let learnt;
+                                    let o = if learners.iter().any(|l| l == o) {
+                                        let Some(nas) = affinity::field_nas(f) else {
+                                            continue;
+                                        };
+                                        learnt = format!("{LEARNT_AT}{nas}");
+                                        learnt.as_str()
+                                    } else {
+                                        o
+                                    };
                                     match owners.iter_mut().find(|(x, _)| x == o) {
                                         Some((_, l)) => *l |= live,
                                         None => owners.push((o.to_owned(), live)),
