@@ -6,31 +6,13 @@
 //! `dynauthd` is another package's binary: `cargo test --workspace` builds it into the same
 //! target folder as this test.
 
-use std::io::{BufRead, BufReader};
+mod dynauthd;
+
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn dynauthd() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(|deps| deps.parent()).unwrap();
-    let bin = dir.join("dynauthd");
-    assert!(
-        bin.exists(),
-        "{} is missing: run `cargo test --workspace` or `cargo build --bin dynauthd` first",
-        bin.display()
-    );
-    bin
-}
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use dynauthd::Killed;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -47,26 +29,6 @@ fn redis_cli(port: u16, args: &[&str]) -> String {
         .output()
         .expect("redis-cli not found: apt-get install redis-server (.ci/run installs it)");
     String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// Starts dynauthd with `args`; returns it and its first listen address.
-fn dynauthd_started(args: &[&str]) -> (Killed, String) {
-    let mut child = Command::new(dynauthd())
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut banner = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut banner)
-        .unwrap();
-    let addr = banner
-        .split_whitespace()
-        .find(|w| w.starts_with("127.0.0.1:"))
-        .unwrap_or_else(|| panic!("no listen address in {banner:?}"))
-        .to_string();
-    (Killed(child), addr)
 }
 
 fn run(loadgen: &str, router: &str, sessions: &PathBuf, mix: &str) -> serde_json::Value {
@@ -125,7 +87,7 @@ fn loadgen_through_a_router_every_answer_verified() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let url = format!("redis://127.0.0.1:{rport}");
-    let (_owner, owner_addr) = dynauthd_started(&[
+    let (_owner, owner_addr) = dynauthd::start(&[
         "--listen",
         "127.0.0.1:0",
         "--client",
@@ -163,7 +125,7 @@ fn loadgen_through_a_router_every_answer_verified() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let (_router, router_addr) = dynauthd_started(&[
+    let (_router, router_addr) = dynauthd::start(&[
         "--role",
         "router",
         "--listen",

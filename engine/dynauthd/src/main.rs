@@ -453,21 +453,7 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
         server.shards
     );
     // Sockets bound, state restored, the banner out: systemd may start what depends on us.
-    notifier.notify("READY=1");
-    if let Some(every) = notifier.watchdog_interval() {
-        tracing::info!("systemd watchdog: a ping every {} ms", every.as_millis());
-    }
-    let totals = server.run_until_with(shutdown, &mut || {
-        notifier.watchdog_tick();
-        if reload_requested.swap(false, std::sync::atomic::Ordering::SeqCst) {
-            notifier.notify("RELOADING=1");
-            tracing::info!("SIGHUP: reloading the configuration");
-            // Logged and counted by the reloader either way.
-            let _ = reloader.reload();
-            notifier.notify("READY=1");
-        }
-    });
-    notifier.notify("STOPPING=1");
+    let totals = run_until_stopped(server, shutdown, reload_requested, &mut notifier, &reloader);
     // The shards have stopped reading. Actions already with the data plane finish (their
     // answers still go out), each bounded by its deadline; the control socket stays open
     // meanwhile, since that is where the agents report.
@@ -610,17 +596,7 @@ fn serve_router(
         server.io.name(),
         server.shards
     );
-    notifier.notify("READY=1");
-    let totals = server.run_until_with(shutdown, &mut || {
-        notifier.watchdog_tick();
-        if reload_requested.swap(false, std::sync::atomic::Ordering::SeqCst) {
-            notifier.notify("RELOADING=1");
-            tracing::info!("SIGHUP: reloading the configuration");
-            let _ = reloader.reload();
-            notifier.notify("READY=1");
-        }
-    });
-    notifier.notify("STOPPING=1");
+    let totals = run_until_stopped(server, shutdown, reload_requested, &mut notifier, &reloader);
     // The shards have stopped reading; what is in flight gets its owner's answer or its
     // deadline's NAK 505 (at most --forward-timeout).
     running.stop();
@@ -633,4 +609,31 @@ fn serve_router(
         );
     }
     Ok(())
+}
+
+/// Tells systemd we are ready, serves until SIGINT/SIGTERM (SIGHUP reloads, watchdog pings
+/// meanwhile), and tells systemd we are stopping.
+fn run_until_stopped(
+    server: runtime::Server,
+    shutdown: &std::sync::atomic::AtomicBool,
+    reload_requested: &std::sync::atomic::AtomicBool,
+    notifier: &mut dynauthd::notify::Notifier,
+    reloader: &dynauthd::reload::Reloader,
+) -> runtime::Totals {
+    notifier.notify("READY=1");
+    if let Some(every) = notifier.watchdog_interval() {
+        tracing::info!("systemd watchdog: a ping every {} ms", every.as_millis());
+    }
+    let totals = server.run_until_with(shutdown, &mut || {
+        notifier.watchdog_tick();
+        if reload_requested.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            notifier.notify("RELOADING=1");
+            tracing::info!("SIGHUP: reloading the configuration");
+            // Logged and counted by the reloader either way.
+            let _ = reloader.reload();
+            notifier.notify("READY=1");
+        }
+    });
+    notifier.notify("STOPPING=1");
+    totals
 }

@@ -147,33 +147,10 @@ impl Daemon {
     }
 
     /// SIGTERM, wait (bounded), and return the rest of stdout (the totals line) and stderr.
-    pub fn stop(mut self) -> (String, String) {
-        let mut child = self.child.take().unwrap();
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(child.id().to_string())
-            .status();
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                assert!(status.success(), "dynauthd exited with {status}");
-                break;
-            }
-            if std::time::Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("dynauthd did not stop within 10 s of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let mut out = String::new();
-        while let Ok(line) = self.stdout.recv_timeout(Duration::from_secs(2)) {
-            out.push_str(&line);
-            out.push('\n');
-        }
-        let err = std::mem::replace(&mut self.stderr, std::thread::spawn(String::new))
-            .join()
-            .unwrap_or_default();
+    pub fn stop(self) -> (String, String) {
+        self.signal("-TERM");
+        let (status, out, err) = self.wait_exit(Duration::from_secs(10));
+        assert!(status.success(), "dynauthd exited with {status}:\n{err}");
         (out, err)
     }
 }
