@@ -114,7 +114,9 @@ LA=$!
 load 127.0.0.1:$R2 dac-secret 32 "$TMP/r2b.json"
 wait $LA
 echo "== through one router, no cache (--affinity-cache-ttl 0s)"
-kill "${PIDS[-1]}" 2>/dev/null || true   # router 2
+R2PID=${PIDS[-1]}   # router 2: stopped, then started again without a cache
+kill "$R2PID" 2>/dev/null || true
+wait "$R2PID" 2>/dev/null || true
 router $R2 19803 --affinity-cache-ttl 0s
 load 127.0.0.1:$R2 dac-secret 64 "$TMP/nocache.json"
 NC_REQ=$(scrape 19803 dynauth_router_forwarded_total)
