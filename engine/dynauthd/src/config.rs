@@ -32,6 +32,10 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:3799";
 pub const DEFAULT_RECV_BUFFER: usize = 32 << 20;
 pub const DEFAULT_SEND_BUFFER: usize = 8 << 20;
 pub const DEFAULT_BATCH: usize = 64;
+/// With `--state-dir` every batch waits for the fsync that covers it, so a batch should hold
+/// as many requests as a storm has in flight: one fsync then covers them all
+/// (docs/BENCHMARKS.md, "Durable state").
+pub const DEFAULT_DURABLE_BATCH: usize = 1024;
 pub const DEFAULT_STATS_INTERVAL_SECS: u64 = 10;
 
 /// dynauthd: an RFC 5176 Dynamic Authorization Server (Disconnect and CoA).
@@ -71,7 +75,8 @@ pub struct Cli {
     /// I/O backend: `auto` picks io_uring when the kernel allows it, else recvmmsg/sendmmsg.
     #[arg(long, value_enum, value_name = "auto|uring|mmsg")]
     pub io: Option<IoChoice>,
-    /// Most datagrams received and answered per batch.
+    /// Most datagrams received and answered per batch (default 64; 1024 with --state-dir,
+    /// where each batch waits for one fsync).
     #[arg(long, value_name = "N")]
     pub batch: Option<usize>,
     /// Demo mode: loopback 127.0.0.1:3799, client 127.0.0.1 and ::1 with the public secret
@@ -861,7 +866,12 @@ fn combine(loaded: Loaded, cli: &Cli) -> Result<Settings, ConfigError> {
         max_in_flight: file.dedup.max_in_flight.unwrap_or(defaults.max_in_flight),
     };
     let sessions = cli.sessions.clone().or(file.sessions.clone());
-    let batch = cli.batch.or(file.batch).unwrap_or(DEFAULT_BATCH);
+    let default_batch = if cli.state_dir.is_some() {
+        DEFAULT_DURABLE_BATCH
+    } else {
+        DEFAULT_BATCH
+    };
+    let batch = cli.batch.or(file.batch).unwrap_or(default_batch);
     if !(1..=1024).contains(&batch) {
         return Err(ConfigError::Other(format!(
             "batch {batch} is out of range: use 1 to 1024"
@@ -1016,6 +1026,24 @@ mod tests {
         assert!(parse_client_flag("10.0.0.0/33=x").is_err());
         assert!(parse_client_flag("10.0.0.0/8=").is_err());
         assert!(parse_client_flag("10.0.0.0/8").is_err());
+    }
+
+    #[test]
+    fn durable_state_defaults_to_the_largest_batch() {
+        let settings = |args: &[&str]| {
+            let mut all = vec!["dynauthd", "--client", "127.0.0.1/32=x"];
+            all.extend_from_slice(args);
+            settings_from(&Cli::parse_from(all)).unwrap()
+        };
+        assert_eq!(settings(&[]).batch, DEFAULT_BATCH);
+        assert_eq!(
+            settings(&["--state-dir", "/tmp/x"]).batch,
+            DEFAULT_DURABLE_BATCH
+        );
+        assert_eq!(
+            settings(&["--state-dir", "/tmp/x", "--batch", "32"]).batch,
+            32
+        );
     }
 
     #[test]
