@@ -327,7 +327,14 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
             "data plane: the session table only (--data-plane table): a Disconnect-ACK removes the session from the table and tears nothing down"
         );
     }
-    let feed = Arc::new(SessionFeed::new(Arc::clone(&store), server.base));
+    // The feed's per-NAS order as the state directory recorded it: an agent's old event
+    // replayed after a restart stays ignored.
+    let feed_seqs = durable.as_ref().map(|d| d.feed_seqs()).unwrap_or_default();
+    let feed = Arc::new(SessionFeed::with_seqs(
+        Arc::clone(&store),
+        server.base,
+        feed_seqs,
+    ));
     let control = match &settings.control {
         Some(config) => {
             let reader = Arc::new(move |query: &Session| {

@@ -517,6 +517,10 @@ impl SessionStore for PublishingStore {
         n
     }
 
+    fn feed_seq(&self, nas: Option<&str>, seq: u64) {
+        self.inner.feed_seq(nas, seq);
+    }
+
     fn len(&self) -> usize {
         self.inner.len()
     }

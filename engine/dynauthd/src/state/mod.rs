@@ -14,6 +14,7 @@
 pub mod codec;
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Read as _, Write as _};
 use std::path::{Path, PathBuf};
@@ -507,6 +508,9 @@ pub struct DurableStore {
     writer: Mutex<Option<thread::JoinHandle<()>>>,
     snapshot_lock: Mutex<()>,
     window_ms: u64,
+    /// The session feed's last sequence number per NAS (journaled with each event,
+    /// written into every snapshot).
+    feed_seqs: Mutex<HashMap<Option<String>, u64>>,
     /// The state directory's lock, for as long as this store lives.
     _dir_lock: Option<Arc<fs::File>>,
 }
@@ -561,8 +565,19 @@ impl DurableStore {
             writer: Mutex::new(Some(handle)),
             snapshot_lock: Mutex::new(()),
             window_ms,
+            feed_seqs: Mutex::new(restored.feed_seqs.clone()),
             _dir_lock: restored.lock.clone(),
         }))
+    }
+
+    /// The session feed's last sequence number of each NAS, as restored and since recorded.
+    pub fn feed_seqs(&self) -> Vec<(Option<String>, u64)> {
+        self.feed_seqs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(n, s)| (n.clone(), *s))
+            .collect()
     }
 
     pub fn table(&self) -> &Arc<SessionTable> {
@@ -717,6 +732,10 @@ impl DurableStore {
                 &mut scratch,
             );
         }
+        // The feed's order too: an event older than the snapshot stays ignored after it.
+        for (nas, seq) in self.feed_seqs() {
+            codec::encode(&Record::Seq { at_ms, nas, seq }, &mut frames, &mut scratch);
+        }
         codec::encode(
             &Record::End {
                 sessions,
@@ -774,6 +793,21 @@ impl core::fmt::Display for SnapshotReport {
 }
 
 impl SessionStore for DurableStore {
+    fn feed_seq(&self, nas: Option<&str>, seq: u64) {
+        // Journaled after the event's own records, under the same commit scope: the feed's
+        // reply waits for both.
+        self.commit(|_, records| {
+            records.push(Record::Seq {
+                at_ms: wall_ms(),
+                nas: nas.map(str::to_owned),
+                seq,
+            });
+        });
+        let mut seqs = self.feed_seqs.lock().unwrap_or_else(|p| p.into_inner());
+        let last = seqs.entry(nas.map(str::to_owned)).or_insert(seq);
+        *last = (*last).max(seq);
+    }
+
     fn disconnect(&self, lookup: &Lookup<'_>) -> Result<Applied, Refusal> {
         self.commit(|table, records| {
             let mut selected = Vec::new();
@@ -982,6 +1016,8 @@ pub struct Restored {
     pub clock: Clock,
     /// The state directory's lock, held from the restore on (the durable store keeps it).
     pub lock: Option<Arc<fs::File>>,
+    /// The session feed's last sequence number of each NAS.
+    pub feed_seqs: HashMap<Option<String>, u64>,
 }
 
 impl core::fmt::Display for Restored {
@@ -1036,19 +1072,24 @@ fn read_file(path: &Path) -> Result<Vec<u8>, StateError> {
 }
 
 /// Applies one snapshot to a fresh table; `None` when it is not a complete, valid snapshot.
+/// A snapshot's table, counts of sessions, tombstones and refused records, and the feed's
+/// sequence numbers.
+type SnapshotContents = (SessionTable, u64, u64, u64, HashMap<Option<String>, u64>);
+
 fn load_snapshot(
     path: &Path,
     base: u64,
     clock: &Clock,
     now_mono: u64,
     window_ms: u64,
-) -> Result<Option<(SessionTable, u64, u64, u64)>, StateError> {
+) -> Result<Option<SnapshotContents>, StateError> {
     let bytes = read_file(path)?;
     if codec::parse_header(codec::SNAPSHOT_MAGIC, &bytes) != Some(base) {
         return Ok(None);
     }
     let table = SessionTable::default();
     let (mut sessions, mut tombs, mut conflicts) = (0u64, 0u64, 0u64);
+    let mut seqs = HashMap::new();
     let mut end = None;
     let mut progress = Progress {
         last: Instant::now(),
@@ -1072,6 +1113,9 @@ fn load_snapshot(
                     conflicts += 1;
                 }
             }
+            Record::Seq { nas, seq, .. } if end.is_none() => {
+                seqs.insert(nas, seq);
+            }
             Record::End {
                 sessions: s,
                 tombstones: t,
@@ -1083,7 +1127,7 @@ fn load_snapshot(
     });
     match (cut, end) {
         (None, Some((s, t, at))) if s == sessions && t == tombs && at == body.len() => {
-            Ok(Some((table, sessions, tombs, conflicts)))
+            Ok(Some((table, sessions, tombs, conflicts, seqs)))
         }
         _ => Ok(None),
     }
@@ -1146,6 +1190,7 @@ pub fn restore(
         next_segment: 1,
         elapsed: Duration::ZERO,
         clock,
+        feed_seqs: HashMap::new(),
     };
     let mut table = None;
     let mut from = 0u64;
@@ -1153,7 +1198,8 @@ pub fn restore(
         let path = dir.join(snapshot_name(n));
         tracing::info!("restore: loading {}", path.display());
         match load_snapshot(&path, n, &clock, now_mono, window_ms)? {
-            Some((t, s, tombs, conflicts)) => {
+            Some((t, s, tombs, conflicts, seqs)) => {
+                restored.feed_seqs = seqs;
                 table = Some(t);
                 from = n;
                 restored.snapshot = Some(path);
@@ -1208,9 +1254,13 @@ pub fn restore(
             let mut conflicts = 0;
             let body = &bytes[codec::HEADER_LEN..];
             let mut count = 0;
+            let seqs = &mut restored.feed_seqs;
             let result = codec::for_each(body, |r, at| {
                 count += 1;
-                if !apply(&table, &clock, r) {
+                if let Record::Seq { nas, seq, .. } = r {
+                    let last = seqs.entry(nas).or_insert(seq);
+                    *last = (*last).max(seq);
+                } else if !apply(&table, &clock, r) {
                     conflicts += 1;
                 }
                 progress.tick(at as u64, count);
@@ -1298,7 +1348,7 @@ fn apply(table: &SessionTable, clock: &Clock, r: Record) -> bool {
         } => table
             .remove_sessions(&identities, tombstone, clock.mono(at_ms))
             .is_ok(),
-        Record::Tomb { .. } | Record::End { .. } => false,
+        Record::Tomb { .. } | Record::End { .. } | Record::Seq { .. } => false,
     }
 }
 
