@@ -28,7 +28,7 @@ use dynauth_proto::session::Session;
 use dynauth_proto::store::{
     Applied, Lookup, Refusal, SessionStore, UpsertError, UpsertMode, Upserted,
 };
-use dynauth_table::SessionTable;
+use dynauth_table::{SessionTable, TableConfig};
 
 use codec::{Cut, Record};
 
@@ -1087,30 +1087,58 @@ fn load_snapshot(
     if codec::parse_header(codec::SNAPSHOT_MAGIC, &bytes) != Some(base) {
         return Ok(None);
     }
+    let body = &bytes[codec::HEADER_LEN..];
+    // Fast path: the sessions go into a bulk build (every index built in one sorted pass
+    // at the end), the way `--sessions FILE` loads; a snapshot this process did not write
+    // whole (two records with one unique key) is read again record by record.
+    if let Some(contents) = read_snapshot(path, body, clock, now_mono, window_ms, true) {
+        return Ok(contents);
+    }
+    tracing::warn!(
+        "restore: snapshot {} holds conflicting sessions: reading it again one by one",
+        path.display()
+    );
+    Ok(read_snapshot(path, body, clock, now_mono, window_ms, false).flatten())
+}
+
+/// One pass over a snapshot's records. `None`: the bulk build found two records with one
+/// unique key (only with `bulk`). `Some(None)`: not a complete snapshot.
+fn read_snapshot(
+    path: &Path,
+    body: &[u8],
+    clock: &Clock,
+    now_mono: u64,
+    window_ms: u64,
+    bulk: bool,
+) -> Option<Option<SnapshotContents>> {
+    let mut loader = bulk.then(|| dynauth_table::load::BulkLoader::new(TableConfig::default()));
     let table = SessionTable::default();
     let (mut sessions, mut tombs, mut conflicts) = (0u64, 0u64, 0u64);
+    let mut tombstones = Vec::new();
     let mut seqs = HashMap::new();
     let mut end = None;
     let mut progress = Progress {
         last: Instant::now(),
         what: format!("snapshot {}", path.display()),
-        total: bytes.len() as u64,
+        total: body.len() as u64,
     };
-    let body = &bytes[codec::HEADER_LEN..];
     let (_, cut) = codec::for_each(body, |r, at| {
         match r {
             Record::Put { session, .. } if end.is_none() => {
                 sessions += 1;
-                if !table.insert(session) {
+                let stored = match loader.as_mut() {
+                    Some(l) => l.push(&session).is_ok(),
+                    None => table.insert(session),
+                };
+                if !stored {
                     conflicts += 1;
                 }
             }
             Record::Tomb { at_ms, session } if end.is_none() => {
                 tombs += 1;
                 let t = clock.mono(at_ms);
-                if t.saturating_add(window_ms) >= now_mono && !table.restore_tombstone(&session, t)
-                {
-                    conflicts += 1;
+                if t.saturating_add(window_ms) >= now_mono {
+                    tombstones.push((session, t));
                 }
             }
             Record::Seq { nas, seq, .. } if end.is_none() => {
@@ -1125,12 +1153,24 @@ fn load_snapshot(
         }
         progress.tick(at as u64, sessions + tombs);
     });
-    match (cut, end) {
-        (None, Some((s, t, at))) if s == sessions && t == tombs && at == body.len() => {
-            Ok(Some((table, sessions, tombs, conflicts, seqs)))
-        }
-        _ => Ok(None),
+    let complete = matches!(
+        (cut, end),
+        (None, Some((s, t, at))) if s == sessions && t == tombs && at == body.len()
+    );
+    if !complete {
+        return Some(None);
     }
+    let table = match loader {
+        Some(l) => l.finish().ok()?,
+        None => table,
+    };
+    // Tombstones once the indexes exist (one may not shadow a live session).
+    for (session, t) in tombstones {
+        if !table.restore_tombstone(&session, t) {
+            conflicts += 1;
+        }
+    }
+    Some(Some((table, sessions, tombs, conflicts, seqs)))
 }
 
 /// Restores the state in `options.dir` (created when missing) into a table. The newest
