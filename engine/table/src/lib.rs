@@ -121,6 +121,9 @@ pub enum InsertError {
     /// ([`SessionTable::is_poisoned`]), so no write is accepted any more.
     #[error("session table poisoned by a panicked writer")]
     Unavailable,
+    /// Bytes that `encode_session` did not write (a bulk load of encoded records).
+    #[error("not an encoded session")]
+    Malformed,
 }
 
 /// Sizes, for reports and memory accounting.
@@ -336,6 +339,33 @@ impl<I: KeyIndex> SessionTable<I> {
         self.id_bound
             .store(Arena::id_bound(arena), Ordering::Release);
         self.numbered_entries(&record::keys_of(session), |n, _, hash| {
+            bulk.entries[n].push(u64::from(index::stored_hash(hash)) << 32 | u64::from(id));
+        });
+        self.live.fetch_add(1, Ordering::Relaxed);
+        Ok(id)
+    }
+
+    /// [`SessionTable::bulk_push`] of a record already encoded (`encode_session`'s bytes, as
+    /// a snapshot holds them): no decode into a `Session`, no encode again.
+    pub(crate) fn bulk_push_encoded(
+        &self,
+        rec: &[u8],
+        bulk: &mut Bulk,
+    ) -> Result<u32, InsertError> {
+        let keys = record::decode(rec).ok_or(InsertError::Malformed)?;
+        if rec.len() > arena::MAX_RECORD {
+            return Err(InsertError::TooLarge(rec.len()));
+        }
+        let mut w = self.lock().map_err(|_| InsertError::Unavailable)?;
+        let Writer { arena, .. } = &mut *w;
+        let id = self.arena.alloc_id(arena).map_err(|_| InsertError::Full)?;
+        if self.arena.store(arena, id, rec).is_err() {
+            self.arena.free_id(arena, id);
+            return Err(InsertError::Full);
+        }
+        self.id_bound
+            .store(Arena::id_bound(arena), Ordering::Release);
+        self.numbered_entries(&keys, |n, _, hash| {
             bulk.entries[n].push(u64::from(index::stored_hash(hash)) << 32 | u64::from(id));
         });
         self.live.fetch_add(1, Ordering::Relaxed);
@@ -1145,7 +1175,9 @@ impl<I: KeyIndex> SessionStore for SessionTable<I> {
         match self.insert_locked(w, &session) {
             Ok(_) => Ok(Upserted::Inserted),
             Err(InsertError::Duplicate { key, .. }) => Err(UpsertError::KeyTaken(key)),
-            Err(InsertError::TooLarge(_) | InsertError::Full) => Err(UpsertError::TooLarge),
+            Err(InsertError::TooLarge(_) | InsertError::Full | InsertError::Malformed) => {
+                Err(UpsertError::TooLarge)
+            }
             Err(InsertError::Unavailable) => Err(UpsertError::Unavailable),
         }
     }

@@ -332,6 +332,12 @@ impl<I: KeyIndex> BulkLoader<I> {
         self.table.bulk_push(session, &mut self.bulk)
     }
 
+    /// Stores one session given as `encode_session` wrote it (a snapshot's record), without
+    /// decoding it into a `Session`.
+    pub fn push_encoded(&mut self, record: &[u8]) -> Result<u32, InsertError> {
+        self.table.bulk_push_encoded(record, &mut self.bulk)
+    }
+
     /// Builds the indexes. `Err((key, first, later))`: two records (ids) hold one value of a
     /// unique key; the table is unusable then and is dropped.
     pub fn finish(mut self) -> Result<SessionTable<I>, (&'static str, u32, u32)> {
@@ -359,6 +365,21 @@ mod tests {
         }
         let table = loader.finish().unwrap();
         assert_eq!(table.len(), sessions.len());
+        // The same from encoded records (a snapshot's bytes).
+        let mut encoded = BulkLoader::<FlatIndex>::new(TableConfig::default());
+        let mut buf = Vec::new();
+        for s in &sessions {
+            crate::encode_session(s, &mut buf);
+            encoded.push_encoded(&buf).unwrap();
+        }
+        assert_eq!(encoded.push_encoded(b"\xff"), Err(InsertError::Malformed));
+        let from_bytes = encoded.finish().unwrap();
+        assert_eq!(from_bytes.len(), sessions.len());
+        let mut a = Vec::new();
+        let mut b = Vec::new();
+        table.for_each_session(|s| a.push(s.clone()));
+        from_bytes.for_each_session(|s| b.push(s.clone()));
+        assert_eq!(a, b);
         for s in sessions.iter().step_by(97) {
             let q = dynauth_proto::session::SessionQuery::from(s);
             let found = table.matching(&dynauth_proto::store::Lookup {

@@ -1113,7 +1113,12 @@ fn read_snapshot(
 ) -> Option<Option<SnapshotContents>> {
     let mut loader = bulk.then(|| dynauth_table::load::BulkLoader::new(TableConfig::default()));
     let table = SessionTable::default();
-    let (mut sessions, mut tombs, mut conflicts) = (0u64, 0u64, 0u64);
+    let mut tombs = 0u64;
+    // Counted by both record callbacks of the bulk path.
+    let conflicts = std::cell::Cell::new(0u64);
+    let puts = std::cell::Cell::new(0u64);
+    let ended = std::cell::Cell::new(false);
+    let mut malformed = false;
     let mut tombstones = Vec::new();
     let mut seqs = HashMap::new();
     let mut end = None;
@@ -1122,18 +1127,8 @@ fn read_snapshot(
         what: format!("snapshot {}", path.display()),
         total: body.len() as u64,
     };
-    let (_, cut) = codec::for_each(body, |r, at| {
+    let mut other = |r: Record, at: usize| {
         match r {
-            Record::Put { session, .. } if end.is_none() => {
-                sessions += 1;
-                let stored = match loader.as_mut() {
-                    Some(l) => l.push(&session).is_ok(),
-                    None => table.insert(session),
-                };
-                if !stored {
-                    conflicts += 1;
-                }
-            }
             Record::Tomb { at_ms, session } if end.is_none() => {
                 tombs += 1;
                 let t = clock.mono(at_ms);
@@ -1147,16 +1142,54 @@ fn read_snapshot(
             Record::End {
                 sessions: s,
                 tombstones: t,
-            } if end.is_none() => end = Some((s, t, at)),
+            } if end.is_none() => {
+                end = Some((s, t, at));
+                ended.set(true);
+            }
+            Record::Put { session, .. } if end.is_none() => {
+                puts.set(puts.get() + 1);
+                if !table.insert(session) {
+                    conflicts.set(conflicts.get() + 1);
+                }
+            }
             // Anything after the end, or a journal record here: not a snapshot we wrote.
             _ => end = Some((u64::MAX, u64::MAX, 0)),
         }
-        progress.tick(at as u64, sessions + tombs);
-    });
-    let complete = matches!(
-        (cut, end),
-        (None, Some((s, t, at))) if s == sessions && t == tombs && at == body.len()
-    );
+        progress.tick(at as u64, puts.get() + tombs);
+    };
+    let cut = match loader.as_mut() {
+        // The sessions stay encoded: stored as they are, indexed at the end.
+        Some(l) => {
+            let (_, cut) = codec::for_each_put_raw(
+                body,
+                |rec, _| {
+                    puts.set(puts.get() + 1);
+                    match l.push_encoded(rec) {
+                        // A session after the end: not a snapshot we wrote.
+                        _ if ended.get() => malformed = true,
+                        Ok(_) => {}
+                        Err(dynauth_table::InsertError::Malformed) => malformed = true,
+                        Err(_) => conflicts.set(conflicts.get() + 1),
+                    }
+                },
+                &mut other,
+            );
+            cut
+        }
+        None => {
+            let workers = thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+                .clamp(1, 8);
+            codec::for_each_parallel(body, 4 << 20, workers, &mut other).1
+        }
+    };
+    let (sessions, mut conflicts) = (puts.get(), conflicts.get());
+    let complete = !malformed
+        && matches!(
+            (cut, end),
+            (None, Some((s, t, at))) if s == sessions && t == tombs && at == body.len()
+        );
     if !complete {
         return Some(None);
     }
