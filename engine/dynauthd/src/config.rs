@@ -132,6 +132,10 @@ pub struct Cli {
     /// Time between periodic snapshots, e.g. 300s (0: only at a clean shutdown).
     #[arg(long, value_name = "DURATION", value_parser = parse_millis_or_zero, requires = "state_dir")]
     pub snapshot_interval: Option<u64>,
+    /// Also take a snapshot once the journal has grown by this many octets since the last
+    /// one (0: by time only; default 1 GiB).
+    #[arg(long, value_name = "BYTES", requires = "state_dir")]
+    pub snapshot_journal_bytes: Option<u64>,
     #[command(flatten)]
     pub router: crate::router::RouterArgs,
     /// Write one JSON line per decided Disconnect/CoA and operator disconnect to this file
@@ -992,6 +996,9 @@ fn combine(loaded: Loaded, cli: &Cli) -> Result<Settings, ConfigError> {
                     crate::state::DEFAULT_SNAPSHOT_INTERVAL,
                     Duration::from_millis,
                 ),
+                snapshot_journal_bytes: cli
+                    .snapshot_journal_bytes
+                    .unwrap_or(crate::state::DEFAULT_SNAPSHOT_JOURNAL_BYTES),
             }),
         router,
         audit: cli

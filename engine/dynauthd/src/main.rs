@@ -254,6 +254,10 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
                     .state
                     .as_ref()
                     .map_or(std::time::Duration::ZERO, |s| s.snapshot_interval),
+                settings
+                    .state
+                    .as_ref()
+                    .map_or(0, |s| s.snapshot_journal_bytes),
                 Arc::clone(&snapshot_stop),
             )
             .context("starting the snapshot thread")?,

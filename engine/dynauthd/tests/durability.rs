@@ -487,3 +487,49 @@ fn feed_sequence_numbers_survive_a_restart_so_old_events_stay_ignored() {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+/// A snapshot is also taken by journal size (`--snapshot-journal-bytes`), not only by time:
+/// a storm between two periodic snapshots cannot grow the journal (and the next restore's
+/// replay) without bound.
+#[test]
+fn a_snapshot_is_taken_once_the_journal_has_grown_past_its_limit() {
+    let dir = fresh_dir("by-size");
+    let socket = temp_path("by-size.sock");
+    let d = start(
+        &dir,
+        &socket,
+        &[
+            "--snapshot-interval",
+            "0",
+            "--snapshot-journal-bytes",
+            "20000",
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+    );
+    let snapshots = |dir: &Path| {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".snap"))
+            .count()
+    };
+    assert_eq!(snapshots(&dir), 0, "a fresh state has none");
+    let mut agent = Agent::connect(&socket);
+    agent.ok(json!({"v":1,"op":"hello","agent":"a","nas":["bng-a"]}));
+    for i in 0..400u64 {
+        agent.ok(json!({"v":1,"op":"upsert","nas":"bng-a","seq":i + 1,
+                        "session":{"acct_session_id": format!("J{i}"), "user_name": format!("u{i}")}}));
+    }
+    daemon::wait_until(Duration::from_secs(10), "a snapshot by size", || {
+        snapshots(&dir) >= 1
+    });
+    assert!(
+        metric(&d, "dynauth_snapshots_total").unwrap_or(0) >= 1,
+        "counted"
+    );
+    drop(agent);
+    let (_, err) = d.stop();
+    assert!(err.contains("the journal grew by"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

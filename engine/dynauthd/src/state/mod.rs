@@ -81,7 +81,14 @@ pub struct StateOptions {
     pub commit_window: Duration,
     /// Time between periodic snapshots (zero: only at a clean shutdown).
     pub snapshot_interval: Duration,
+    /// A snapshot also once the journal has grown by this many octets since the last one
+    /// (zero: by time only), so a storm cannot grow the journal, and the next restore's
+    /// replay, without bound between two periodic snapshots.
+    pub snapshot_journal_bytes: u64,
 }
+
+/// The default `snapshot_journal_bytes`: 1 GiB of journal since the last snapshot.
+pub const DEFAULT_SNAPSHOT_JOURNAL_BYTES: u64 = 1 << 30;
 
 /// Wall-clock milliseconds since the Unix epoch.
 pub fn wall_ms() -> u64 {
@@ -1429,18 +1436,31 @@ fn apply(table: &SessionTable, clock: &Clock, r: Record) -> bool {
 pub fn spawn_snapshots(
     store: Arc<DurableStore>,
     interval: Duration,
+    journal_bytes: u64,
     stop: Arc<AtomicBool>,
 ) -> io::Result<thread::JoinHandle<()>> {
     thread::Builder::new()
         .name("dynauthd-snapshot".into())
         .spawn(move || {
             let mut last = Instant::now();
+            let written = || store.shared.stats.bytes.load(Ordering::Relaxed);
+            let mut at_last = written();
             while !stop.load(Ordering::Acquire) {
                 thread::sleep(Duration::from_millis(100));
-                if interval.is_zero() || last.elapsed() < interval {
+                let by_time = !interval.is_zero() && last.elapsed() >= interval;
+                let by_size =
+                    journal_bytes > 0 && written().saturating_sub(at_last) >= journal_bytes;
+                if !by_time && !by_size {
                     continue;
                 }
+                if by_size && !by_time {
+                    tracing::info!(
+                        "state: the journal grew by {} octets since the last snapshot: taking one",
+                        written().saturating_sub(at_last)
+                    );
+                }
                 last = Instant::now();
+                at_last = written();
                 match store.snapshot() {
                     Ok(r) => tracing::info!("state: {r}"),
                     Err(e) => tracing::error!("state: snapshot failed: {e}"),
