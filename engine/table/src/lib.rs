@@ -165,6 +165,11 @@ struct Writer {
     enc: Vec<u8>,
     rec: Box<RecBuf>,
     ids: Vec<u32>,
+    /// A CoA's new versions, staged before any is published (`change_ids`): record id and
+    /// encoding; the encodings' buffers are kept for the next CoA.
+    staged: Vec<(u32, Vec<u8>)>,
+    /// The authorization's JSON while a record is encoded (`record::encode_reusing`).
+    json: Vec<u8>,
 }
 
 impl<I: KeyIndex> core::fmt::Debug for SessionTable<I> {
@@ -939,6 +944,9 @@ pub(crate) struct Bulk {
     entries: [Vec<u64>; Key::INDEXED],
 }
 
+/// The capacity a CoA's staging buffer starts with (records are usually under 100 octets).
+const STAGED_RECORD: usize = 256;
+
 impl<I: KeyIndex> SessionTable<I> {
     /// Applies `change` to live records `ids`, all or none (writer lock held).
     fn change_ids(
@@ -947,26 +955,33 @@ impl<I: KeyIndex> SessionTable<I> {
         ids: &[u32],
         change: &AuthorizationChange<'_>,
     ) -> Result<(), Refusal> {
-        // Phase one: every new record is built and checked before any is published.
-        let mut staged = Vec::with_capacity(ids.len());
+        // Phase one: every new record is built and checked before any is published (into
+        // the writer's staging buffers, kept from one CoA to the next).
+        let mut n = 0;
         for &id in ids {
             let Some(k) = self.read_keys(id, &mut w.rec) else {
                 continue;
             };
             let mut session = k.to_session();
             change.apply_to(&mut session.authorization);
-            let mut bytes = Vec::new();
-            record::encode(&session, &mut bytes);
-            if bytes.len() > arena::MAX_RECORD {
+            if w.staged.len() <= n {
+                // Room for a usual record, so that later CoAs reuse it without growing it.
+                w.staged.push((id, Vec::with_capacity(STAGED_RECORD)));
+            }
+            let slot = &mut w.staged[n];
+            slot.0 = id;
+            record::encode_reusing(&session, &mut w.json, &mut slot.1);
+            if slot.1.len() > arena::MAX_RECORD {
                 return Err(Refusal::Unavailable);
             }
-            staged.push((id, bytes));
+            n += 1;
         }
+        let staged = &w.staged[..n];
         // Phase two: storage for every new version is reserved before any is published; when
         // one cannot be had (the arena is exhausted) every reservation is given back and no
         // record has changed (all or none, RFC 5176 §3).
         let mut reserved = Vec::with_capacity(staged.len());
-        for (id, bytes) in &staged {
+        for (id, bytes) in staged {
             match self.arena.reserve(&mut w.arena, *id, bytes.len()) {
                 Ok(r) => reserved.push(r),
                 Err(_) => {
