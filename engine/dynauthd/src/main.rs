@@ -302,6 +302,7 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
                     scope: MatchScope {
                         vrf: query.vrf.as_deref(),
                         max_sessions: u32::MAX,
+                        tombstone_window_ms: dynauth_proto::store::NO_CLIENT_WINDOW,
                     },
                     now_ms: 0,
                 })

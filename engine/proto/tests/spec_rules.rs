@@ -470,6 +470,36 @@ fn spec_4_cache_window_equals_event_timestamp_window() {
     assert_eq!(f.events(), vec!["changed sess-1", "changed sess-1"]);
 }
 
+// SPEC §4.6 (RFC 5176 §3.5, Error-Cause 201): a tombstone answers a client's late retry for
+// that client's replay window (its Event-Timestamp window, also its duplicate-cache window),
+// not for the store's own 300 s: with a 10 s window, a retry 9 s after the removal gets ACK
+// 201 and one 11 s after gets NAK 503 (the store alone would still say 201).
+#[test]
+fn spec_4_6_tombstone_window_follows_the_client_window_rfc5176_s3_5() {
+    let policy = ClientPolicy {
+        event_timestamp_window_secs: 10,
+        ..ClientPolicy::default()
+    };
+    let mut f = Fixture::new(policy, sess1());
+    assert_eq!(f.answer(&dm_sess1(1)).code, code::DISCONNECT_ACK);
+    let at = |secs: u64| Now {
+        unix_secs: NOW.unix_secs + secs,
+        monotonic_ms: NOW.monotonic_ms + secs * 1000,
+    };
+    // New Identifiers: new requests, not copies from the duplicate cache.
+    let (_, within) = f.handle_at(&dm_sess1(2), source(), at(9));
+    let within = within.expect("an answer within the window");
+    assert_eq!(within.code, code::DISCONNECT_ACK);
+    assert_eq!(
+        within.error_cause(),
+        Some(ErrorCause::ResidualSessionContextRemoved)
+    );
+    let (_, after) = f.handle_at(&dm_sess1(3), source(), at(11));
+    let after = after.expect("an answer after the window");
+    assert_eq!(after.code, code::DISCONNECT_NAK);
+    assert_eq!(after.error_cause(), Some(ErrorCause::SessionContextNotFound));
+}
+
 // ---------------------------------------------------------------- §5 NAS identification
 
 fn nas() -> NasIdentity {

@@ -151,6 +151,11 @@ pub struct SessionTable<I: KeyIndex = FlatIndex> {
     poison_logged: AtomicBool,
     /// Writes refused because the table is poisoned.
     poison_refusals: AtomicU64,
+    /// Tombstones that left at the end of their window.
+    tombstones_expired: AtomicU64,
+    /// Tombstones evicted within their window at capacity (SPEC §4.6: a late retry of those
+    /// gets NAK 503 instead of ACK 201; the operator sees the window was cut short).
+    tombstones_evicted_early: AtomicU64,
     config: TableConfig,
 }
 
@@ -228,6 +233,8 @@ impl<I: KeyIndex> SessionTable<I> {
             oldest_tombstone: AtomicU64::new(u64::MAX),
             poison_logged: AtomicBool::new(false),
             poison_refusals: AtomicU64::new(0),
+            tombstones_expired: AtomicU64::new(0),
+            tombstones_evicted_early: AtomicU64::new(0),
             config,
         }
     }
@@ -421,7 +428,9 @@ impl<I: KeyIndex> SessionTable<I> {
             }
             match k.removed_at {
                 Some(t) => {
-                    if t.saturating_add(window) >= lookup.now_ms && lookup.query.matches(&k) {
+                    if lookup.scope.tombstone_visible(t, lookup.now_ms, window)
+                        && lookup.query.matches(&k)
+                    {
                         sel.tombstone = true;
                     }
                 }
@@ -559,11 +568,7 @@ impl<I: KeyIndex> SessionTable<I> {
         self.id_bound
             .store(Arena::id_bound(&w.arena), Ordering::Release);
         self.entries(&keys, |ix, hash| ix.insert(hash, id));
-        if w.tombstones.len() >= policy.capacity
-            && let Some((_, old)) = w.tombstones.pop_front()
-        {
-            self.purge(w, old);
-        }
+        self.evict_for_one_more(w, removed_at);
         w.tombstones.push_back((removed_at, id));
         self.note_oldest(w);
         true
@@ -692,8 +697,34 @@ impl<I: KeyIndex> SessionTable<I> {
             }
             w.tombstones.pop_front();
             self.purge(w, id);
+            self.tombstones_expired.fetch_add(1, Ordering::Relaxed);
         }
         self.note_oldest(w);
+    }
+
+    /// At capacity, evicts the oldest tombstone to make room for one removed at `now_ms`,
+    /// counted as early when it was still within the window (writer lock held).
+    fn evict_for_one_more(&self, w: &mut Writer, now_ms: u64) {
+        let policy = self.config.tombstones;
+        if w.tombstones.len() >= policy.capacity
+            && let Some((t, old)) = w.tombstones.pop_front()
+        {
+            self.purge(w, old);
+            let counter = if t.saturating_add(policy.window_ms) >= now_ms {
+                &self.tombstones_evicted_early
+            } else {
+                &self.tombstones_expired
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// How many tombstones expired and how many were evicted early.
+    pub fn tombstone_stats(&self) -> dynauth_proto::store::TombstoneStats {
+        dynauth_proto::store::TombstoneStats {
+            expired: self.tombstones_expired.load(Ordering::Relaxed),
+            evicted_early: self.tombstones_evicted_early.load(Ordering::Relaxed),
+        }
     }
 
     fn note_oldest(&self, w: &Writer) {
@@ -785,11 +816,7 @@ impl<I: KeyIndex> SessionTable<I> {
             kept = self.arena.store(arena, id, enc).is_ok();
         }
         if kept {
-            if w.tombstones.len() >= policy.capacity
-                && let Some((_, old)) = w.tombstones.pop_front()
-            {
-                self.purge(w, old);
-            }
+            self.evict_for_one_more(w, now_ms);
             w.tombstones.push_back((now_ms, id));
         } else {
             self.purge(w, id);
@@ -1227,6 +1254,10 @@ impl<I: KeyIndex> SessionStore for SessionTable<I> {
 
     fn len(&self) -> usize {
         self.live.load(Ordering::Relaxed)
+    }
+
+    fn tombstone_stats(&self) -> dynauth_proto::store::TombstoneStats {
+        SessionTable::tombstone_stats(self)
     }
 }
 

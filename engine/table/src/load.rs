@@ -376,6 +376,7 @@ mod tests {
                     scope: MatchScope {
                         vrf: None,
                         max_sessions: 4,
+                        tombstone_window_ms: dynauth_proto::store::NO_CLIENT_WINDOW,
                     },
                     now_ms: 0,
                 };
@@ -389,6 +390,7 @@ mod tests {
                 scope: MatchScope {
                     vrf: None,
                     max_sessions: 4,
+                    tombstone_window_ms: dynauth_proto::store::NO_CLIENT_WINDOW,
                 },
                 now_ms: 0,
             };
