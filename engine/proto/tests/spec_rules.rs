@@ -1625,6 +1625,73 @@ impl SessionStore for Overloaded {
     }
 }
 
+// SPEC §9.8 (RFC 5176 §3.5, issue #14): a request shed under overload is authenticated, then
+// answered NAK 506 without any store call or hand-off (the session is still there, the data
+// plane saw nothing), and the 506 is not cached (after the overload the same request is
+// decided afresh); an authenticated copy of an answered request still gets its cached
+// answer; bytes that fail authentication get nothing.
+#[test]
+fn spec_9_8_a_shed_request_gets_506_without_touching_the_store_rfc5176_s3_5() {
+    let mut sessions = sess1();
+    sessions.push(session("sess-2"));
+    let mut f = Fixture::new(ClientPolicy::default(), sessions);
+    let answered = dm_sess1(1);
+    let first = f.answer(&answered);
+    assert_eq!(first.code, code::DISCONNECT_ACK);
+    let events = f.events();
+    f.shed = true;
+    let (outcome, copy) = f.handle(&answered);
+    assert!(matches!(outcome, Outcome::Replay { .. }), "{outcome:?}");
+    assert_eq!(copy.unwrap().bytes, first.bytes);
+    let dm2 = request(
+        DM,
+        2,
+        &[
+            (attr::ACCT_SESSION_ID, b"sess-2"),
+            (attr::PROXY_STATE, b"ps1"),
+            (attr::PROXY_STATE, b"ps2"),
+        ],
+        true,
+    );
+    let coa2 = request(
+        COA,
+        3,
+        &[
+            (attr::ACCT_SESSION_ID, b"sess-2"),
+            (attr::SESSION_TIMEOUT, &60u32.to_be_bytes()),
+        ],
+        false,
+    );
+    for (packet, nak) in [(&dm2, code::DISCONNECT_NAK), (&coa2, code::COA_NAK)] {
+        let reply = f.answer(packet);
+        assert_eq!(reply.code, nak);
+        assert_eq!(reply.error_cause(), Some(ErrorCause::ResourcesUnavailable));
+        // The fixture checked the Identifier and the authenticators; the echo:
+        assert_eq!(
+            reply.values(attr::PROXY_STATE),
+            if packet == &dm2 {
+                vec![b"ps1".to_vec(), b"ps2".to_vec()]
+            } else {
+                vec![]
+            }
+        );
+    }
+    let mut forged = dm2.clone();
+    forged[4] ^= 1;
+    assert!(matches!(f.handle(&forged), (Outcome::Discard(_), None)));
+    assert_eq!(f.events(), events, "the data plane saw nothing shed");
+    assert!(
+        f.store.sessions().iter().any(|s| s.acct_session_id.as_deref() == Some("sess-2")),
+        "the shed Disconnect removed nothing"
+    );
+    // After the overload: the same request is decided afresh (the 506 was not cached), and
+    // it removes the session (no tombstone was left by the shed one: an ACK without 201).
+    f.shed = false;
+    let later = f.answer(&dm2);
+    assert_eq!(later.code, code::DISCONNECT_ACK);
+    assert_eq!(later.error_cause(), None);
+}
+
 #[test]
 fn spec_9_overload_gives_506_once_the_request_is_parsed_rfc5176_s3_5() {
     let mut f = default_fixture();
