@@ -129,6 +129,8 @@ pub struct Cli {
     pub snapshot_interval: Option<u64>,
     #[command(flatten)]
     pub router: crate::router::RouterArgs,
+    #[command(flatten)]
+    pub overload: crate::overload::OverloadArgs,
     /// Write one JSON line per decided Disconnect/CoA and operator disconnect to this file
     /// (`-`: standard output). Off by default. See docs/RUNNING.md, "Audit log".
     #[arg(long, value_name = "PATH|-")]
@@ -338,6 +340,10 @@ struct FileConfig {
     #[serde(default)]
     dedup: DedupFile,
     #[serde(default)]
+    overload: crate::overload::OverloadFile,
+    #[serde(default)]
+    tombstones: crate::overload::TombstonesFile,
+    #[serde(default)]
     client: Vec<ClientFile>,
 }
 
@@ -434,6 +440,8 @@ pub struct Settings {
     pub router: Option<crate::router::RouterSettings>,
     /// `--audit-log`: the audit log, if any.
     pub audit: Option<crate::audit::AuditOptions>,
+    /// Shedding under overload and the tombstones' size (`crate::overload`).
+    pub overload: crate::overload::OverloadSettings,
 }
 
 impl Settings {
@@ -763,7 +771,14 @@ fn combine(loaded: Loaded, cli: &Cli) -> Result<Settings, ConfigError> {
             ));
         }
     }
+    let overload = crate::overload::OverloadSettings::combine(
+        &cli.overload,
+        &file.overload,
+        &file.tombstones,
+        &clients,
+    );
     Ok(Settings {
+        overload,
         listen,
         shards: cli.shards.or(file.shards).unwrap_or_default(),
         cpus: cli.cpus.clone().or(file.cpus.clone()),
@@ -817,6 +832,7 @@ fn combine(loaded: Loaded, cli: &Cli) -> Result<Settings, ConfigError> {
             .state_dir
             .as_ref()
             .map(|dir| crate::state::StateOptions {
+                table: overload.table_config(),
                 dir: dir.clone(),
                 commit_window: cli
                     .journal_commit_window

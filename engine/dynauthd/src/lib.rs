@@ -28,6 +28,7 @@ pub mod config;
 pub mod control;
 pub mod feed;
 pub mod notify;
+pub mod overload;
 pub mod reload;
 pub mod router;
 pub mod runtime;

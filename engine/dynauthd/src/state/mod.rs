@@ -76,6 +76,8 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StateError + '_ {
 #[derive(Debug, Clone)]
 pub struct StateOptions {
     pub dir: PathBuf,
+    /// The restored table's settings (its tombstones: `--tombstones`, the clients' window).
+    pub table: dynauth_table::TableConfig,
     /// The writer fsyncs at most once per window (0: as fast as the disk allows).
     pub commit_window: Duration,
     /// Time between periodic snapshots (zero: only at a clean shutdown).
@@ -1042,12 +1044,13 @@ fn load_snapshot(
     clock: &Clock,
     now_mono: u64,
     window_ms: u64,
+    config: dynauth_table::TableConfig,
 ) -> Result<Option<(SessionTable, u64, u64, u64)>, StateError> {
     let bytes = read_file(path)?;
     if codec::parse_header(codec::SNAPSHOT_MAGIC, &bytes) != Some(base) {
         return Ok(None);
     }
-    let table = SessionTable::default();
+    let table = SessionTable::new(config);
     let (mut sessions, mut tombs, mut conflicts) = (0u64, 0u64, 0u64);
     let mut end = None;
     let mut progress = Progress {
@@ -1114,7 +1117,7 @@ pub fn restore(
     }
     let clock = Clock::new(base);
     let now_mono = u64::try_from(base.elapsed().as_millis()).unwrap_or(0);
-    let window_ms = dynauth_table::TableConfig::default().tombstones.window_ms;
+    let window_ms = options.table.tombstones.window_ms;
     let mut snapshots = Vec::new();
     let mut segments = Vec::new();
     for e in fs::read_dir(dir).map_err(io_err(dir))? {
@@ -1152,7 +1155,7 @@ pub fn restore(
     for &n in &snapshots {
         let path = dir.join(snapshot_name(n));
         tracing::info!("restore: loading {}", path.display());
-        match load_snapshot(&path, n, &clock, now_mono, window_ms)? {
+        match load_snapshot(&path, n, &clock, now_mono, window_ms, options.table)? {
             Some((t, s, tombs, conflicts)) => {
                 table = Some(t);
                 from = n;
@@ -1171,7 +1174,7 @@ pub fn restore(
             }
         }
     }
-    let table: SessionTable = table.unwrap_or_default();
+    let table: SessionTable = table.unwrap_or_else(|| SessionTable::new(options.table));
     let replay: Vec<u64> = segments.iter().copied().filter(|&n| n >= from).collect();
     if restored.snapshot.is_none()
         && let Some(&first) = replay.first()
