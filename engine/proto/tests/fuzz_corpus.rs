@@ -80,6 +80,9 @@ fn fuzz_sequence_corpus_replays_without_panic() {
         files += 1;
     }
     assert!(files >= 10, "seed corpus too small: {files} files");
-    assert!(answers > 20, "the seeds reach the decisions: {answers} answers");
+    assert!(
+        answers > 20,
+        "the seeds reach the decisions: {answers} answers"
+    );
     assert!(replays > 5, "and the duplicate cache: {replays} replays");
 }

@@ -497,7 +497,10 @@ fn spec_4_6_tombstone_window_follows_the_client_window_rfc5176_s3_5() {
     let (_, after) = f.handle_at(&dm_sess1(3), source(), at(11));
     let after = after.expect("an answer after the window");
     assert_eq!(after.code, code::DISCONNECT_NAK);
-    assert_eq!(after.error_cause(), Some(ErrorCause::SessionContextNotFound));
+    assert_eq!(
+        after.error_cause(),
+        Some(ErrorCause::SessionContextNotFound)
+    );
 }
 
 // ---------------------------------------------------------------- §5 NAS identification
@@ -1681,7 +1684,10 @@ fn spec_9_8_a_shed_request_gets_506_without_touching_the_store_rfc5176_s3_5() {
     assert!(matches!(f.handle(&forged), (Outcome::Discard(_), None)));
     assert_eq!(f.events(), events, "the data plane saw nothing shed");
     assert!(
-        f.store.sessions().iter().any(|s| s.acct_session_id.as_deref() == Some("sess-2")),
+        f.store
+            .sessions()
+            .iter()
+            .any(|s| s.acct_session_id.as_deref() == Some("sess-2")),
         "the shed Disconnect removed nothing"
     );
     // After the overload: the same request is decided afresh (the 506 was not cached), and

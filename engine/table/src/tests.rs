@@ -155,7 +155,10 @@ fn spec_4_6_storm_larger_than_the_old_cap_keeps_201_for_the_earliest() {
     assert_eq!(late("s99999", start + window), Ok(Applied::AlreadyRemoved));
     assert_eq!(t.tombstone_stats().evicted_early, 0);
     assert_eq!(late("s0", start + window + 1), Err(Refusal::NotFound));
-    assert_eq!(late("s99999", start + 1000 + window + 1), Err(Refusal::NotFound));
+    assert_eq!(
+        late("s99999", start + 1000 + window + 1),
+        Err(Refusal::NotFound)
+    );
     assert_eq!(t.stats().tombstones, 0);
     assert_eq!(t.tombstone_stats().expired, n);
 }

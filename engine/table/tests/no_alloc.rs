@@ -158,15 +158,43 @@ fn spec_3_7_table_disconnect_and_coa_paths_allocate_nothing() {
     // were 5 more allocations per CoA before).
     const COA_FOUND: usize = 2;
     let cases = [
-        ("disconnect found", disconnect(10, b"sess-10", false), code::DISCONNECT_ACK),
-        ("disconnect found, signed", disconnect(11, b"sess-11", true), code::DISCONNECT_ACK),
-        ("disconnect not found", disconnect(12, b"no-such-2", true), code::DISCONNECT_NAK),
+        (
+            "disconnect found",
+            disconnect(10, b"sess-10", false),
+            code::DISCONNECT_ACK,
+        ),
+        (
+            "disconnect found, signed",
+            disconnect(11, b"sess-11", true),
+            code::DISCONNECT_ACK,
+        ),
+        (
+            "disconnect not found",
+            disconnect(12, b"no-such-2", true),
+            code::DISCONNECT_NAK,
+        ),
         // A late retry with a new authenticator: the tombstone answers ACK (201).
-        ("disconnect tombstone", disconnect(13, b"sess-10", true), code::DISCONNECT_ACK),
+        (
+            "disconnect tombstone",
+            disconnect(13, b"sess-10", true),
+            code::DISCONNECT_ACK,
+        ),
         ("coa found", coa(14, b"sess-20", 600, false), code::COA_ACK),
-        ("coa found, signed", coa(15, b"sess-21", 700, true), code::COA_ACK),
-        ("coa found, same session again", coa(16, b"sess-20", 800, true), code::COA_ACK),
-        ("coa not found", coa(17, b"no-such-3", 1, true), code::COA_NAK),
+        (
+            "coa found, signed",
+            coa(15, b"sess-21", 700, true),
+            code::COA_ACK,
+        ),
+        (
+            "coa found, same session again",
+            coa(16, b"sess-20", 800, true),
+            code::COA_ACK,
+        ),
+        (
+            "coa not found",
+            coa(17, b"no-such-3", 1, true),
+            code::COA_NAK,
+        ),
     ];
     for (what, packet, expected) in &cases {
         let (outcome, allocations) = count(|| {
@@ -177,7 +205,11 @@ fn spec_3_7_table_disconnect_and_coa_paths_allocate_nothing() {
             matches!(outcome, Outcome::Answer(a) if a.code == *expected),
             "{what}: {outcome:?}"
         );
-        let known = if *expected == code::COA_ACK { COA_FOUND } else { 0 };
+        let known = if *expected == code::COA_ACK {
+            COA_FOUND
+        } else {
+            0
+        };
         assert_eq!(allocations, known, "allocations on the path: {what}");
     }
     // The changes happened (the test would pass vacuously on a table that did nothing).

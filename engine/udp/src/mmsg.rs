@@ -532,7 +532,8 @@ mod tests {
 
     impl Handler for Times {
         fn batch(&mut self, batch: &mut Batch<'_, '_>) {
-            self.0.extend(batch.datagrams().iter().map(|d| d.received_ns));
+            self.0
+                .extend(batch.datagrams().iter().map(|d| d.received_ns));
         }
     }
 
