@@ -54,7 +54,7 @@ pub struct OverloadArgs {
     #[arg(long, value_enum, value_name = "nak|drop")]
     pub shed_action: Option<ShedAction>,
     /// How many tombstones (removed sessions remembered for Error-Cause 201) the table keeps
-    /// at most (default 4194304; each costs about 170 octets). See docs/RUNNING.md,
+    /// at most (default 4194304; each costs about 250 octets resident). See docs/RUNNING.md,
     /// "Tombstones".
     #[arg(long, value_name = "N")]
     pub tombstones: Option<usize>,

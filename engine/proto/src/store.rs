@@ -225,8 +225,8 @@ pub enum UpsertError {
 /// `capacity` tombstones are newer: then the oldest is evicted early, and counted
 /// ([`TombstoneStats::evicted_early`]), because a late Disconnect retry for it now gets
 /// NAK 503 instead of ACK 201. Size `capacity` for the storm rate you must ride out:
-/// rate x window (100,000 Disconnects/s over 300 s is 30M); see docs/RUNNING.md for the
-/// memory each costs.
+/// rate x window (100,000 Disconnects/s over 300 s is 30M); each costs about 250 octets in
+/// the session table (docs/RUNNING.md, "Tombstones").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TombstonePolicy {
     pub window_ms: u64,
