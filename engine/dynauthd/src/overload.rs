@@ -237,15 +237,17 @@ impl Shedder {
         self.decided = 0;
     }
 
-    /// Whether `d` waited too long: its age is the wall clock now minus the kernel's receive
-    /// time, or (no receive time) the time since its batch began to be decided. Counts the
-    /// shed datagram under the action the caller then applies.
-    pub fn should_shed(&mut self, d: &Received<'_>) -> bool {
+    /// Whether `d` waited too long at `now` (the caller's clock read for this datagram): its
+    /// age is the wall clock now minus the kernel's receive time, or (no receive time) the
+    /// time since its batch began to be decided. Counts the shed datagram under the action
+    /// the caller then applies.
+    pub fn should_shed(&mut self, d: &Received<'_>, now: Instant) -> bool {
         let Some(after) = self.after_ns else {
             self.decided += 1;
             return false;
         };
-        let elapsed = u64::try_from(self.batch_started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let elapsed = u64::try_from(now.saturating_duration_since(self.batch_started).as_nanos())
+            .unwrap_or(u64::MAX);
         let age = match d.received_ns {
             // The batch's wall-clock start plus the time since: one clock read per batch.
             Some(at) => self
@@ -323,19 +325,19 @@ mod tests {
         let mut s = Shedder::new(&settings);
         s.start_batch();
         let now = wall_ns();
-        assert!(!s.should_shed(&datagram(Some(now))));
-        assert!(!s.should_shed(&datagram(Some(now - 400_000_000))));
-        assert!(s.should_shed(&datagram(Some(now - 600_000_000))));
+        assert!(!s.should_shed(&datagram(Some(now)), Instant::now()));
+        assert!(!s.should_shed(&datagram(Some(now - 400_000_000)), Instant::now()));
+        assert!(s.should_shed(&datagram(Some(now - 600_000_000)), Instant::now()));
         assert_eq!(s.stats.nak, 1);
         settings.shed_action = ShedAction::Drop;
         let mut s = Shedder::new(&settings);
         s.start_batch();
-        assert!(s.should_shed(&datagram(Some(now - 2_000_000_000))));
+        assert!(s.should_shed(&datagram(Some(now - 2_000_000_000)), Instant::now()));
         assert_eq!((s.stats.nak, s.stats.drop), (0, 1));
         settings.shed_after = None;
         let mut s = Shedder::new(&settings);
         s.start_batch();
-        assert!(!s.should_shed(&datagram(Some(0))));
+        assert!(!s.should_shed(&datagram(Some(0)), Instant::now()));
     }
 
     // Without a kernel receive time, a datagram is aged by its batch (the time since the
@@ -348,9 +350,9 @@ mod tests {
         };
         let mut s = Shedder::new(&settings);
         s.start_batch();
-        assert!(!s.should_shed(&datagram(None)));
+        assert!(!s.should_shed(&datagram(None), Instant::now()));
         std::thread::sleep(Duration::from_millis(30));
-        assert!(s.should_shed(&datagram(None)));
+        assert!(s.should_shed(&datagram(None), Instant::now()));
         assert_eq!(s.stats.without_timestamp, 2);
     }
 

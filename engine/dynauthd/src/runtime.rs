@@ -275,11 +275,11 @@ impl Handler for ShardHandler {
         for (d, answer) in batch.iter_mut() {
             // RFC 5176 §3.5 under overload: a request that waited past --shed-after is shed
             // here, before the engine or the store sees it (docs/RUNNING.md, "Overload").
-            let shed = self.shedder.should_shed(d);
+            let started = Instant::now();
+            let shed = self.shedder.should_shed(d, started);
             if shed && self.shedder.action == crate::overload::ShedAction::Drop {
                 continue;
             }
-            let started = Instant::now();
             let outcome = if shed {
                 self.engine
                     .shed(d.data, d.source, d.destination, self.now, answer.buffer())

@@ -552,6 +552,10 @@ mod tests {
                 .unwrap()
                 .as_nanos() as u64
         };
+        // The kernel turns receive stamping on for the whole stack lazily (a static key set
+        // from a work queue when the first socket asks); until then a datagram is stamped
+        // when it is read. Give it a moment, as a running server has had.
+        std::thread::sleep(Duration::from_millis(200));
         let before = wall_ns();
         c.send_to(&[1; 20], addr).unwrap();
         c.send_to(&[2; 20], addr).unwrap();
