@@ -6,6 +6,9 @@
 #   scripts/bench-durable.sh storm SESSIONS     # a Disconnect storm, without then with --state-dir
 #   scripts/bench-durable.sh restart SESSIONS   # start-up: --sessions FILE vs restore from the state dir
 #
+# Environment: WINDOW (loadgen's outstanding requests, default 128), BATCH (dynauthd --batch
+# for both runs, default its own).
+#
 # dynauthd: one shard pinned to CPU 1, table-only data plane; loadgen on CPU 0, closed loop,
 # 128 outstanding, every session disconnected once.
 set -euo pipefail
@@ -28,7 +31,7 @@ serve() {
     rm -f /tmp/bench-durable.out
     local t0; t0=$(date +%s.%N)
     target/release/dynauthd --listen 127.0.0.1:$PORT --client 127.0.0.1/32=bench-secret \
-        --shards 1 --cpus 1 --io mmsg --stats-interval 0 "$@" \
+        --shards 1 --cpus 1 --io mmsg --stats-interval 0 ${BATCH:+--batch "$BATCH"} "$@" \
         > /tmp/bench-durable.out 2>/tmp/bench-durable.err &
     DPID=$!
     for _ in $(seq 1200); do grep -q "dynauthd listening" /tmp/bench-durable.out 2>/dev/null && break; sleep 0.05; done
@@ -37,7 +40,7 @@ serve() {
 stop() { kill -TERM $DPID; wait $DPID 2>/dev/null || true; DPID=""; }
 storm() {
     target/release/loadgen --target 127.0.0.1:$PORT --secret bench-secret --synthetic "$N" \
-        --profile mass-disconnect --window 128 --threads 1 --cpus 0
+        --profile mass-disconnect --window "${WINDOW:-128}" --threads 1 --cpus 0
 }
 
 case "$WHAT" in

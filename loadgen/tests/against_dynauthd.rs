@@ -5,49 +5,11 @@
 //! `dynauthd` is another package's binary: `cargo test --workspace` builds it (the engine's
 //! own tests need it) into the same target folder as this test.
 
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+mod dynauthd;
 
-fn dynauthd() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(|deps| deps.parent()).unwrap();
-    let bin = dir.join("dynauthd");
-    assert!(
-        bin.exists(),
-        "{} is missing: run `cargo test --workspace` or `cargo build --bin dynauthd` first",
-        bin.display()
-    );
-    bin
-}
+use std::process::Command;
 
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start(args: &[&str]) -> (Server, String) {
-    let mut child = Command::new(dynauthd())
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut banner = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut banner)
-        .unwrap();
-    let addr = banner
-        .split_whitespace()
-        .find(|w| w.starts_with("127.0.0.1:"))
-        .unwrap_or_else(|| panic!("no listen address in {banner:?}"))
-        .to_string();
-    (Server(child), addr)
-}
+use dynauthd::start;
 
 #[test]
 fn bounded_run_against_dynauthd_verifies_every_answer() {

@@ -32,6 +32,10 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:3799";
 pub const DEFAULT_RECV_BUFFER: usize = 32 << 20;
 pub const DEFAULT_SEND_BUFFER: usize = 8 << 20;
 pub const DEFAULT_BATCH: usize = 64;
+/// With `--state-dir` every batch waits for the fsync that covers it, so a batch should hold
+/// as many requests as a storm has in flight: one fsync then covers them all
+/// (docs/BENCHMARKS.md, "Durable state").
+pub const DEFAULT_DURABLE_BATCH: usize = 1024;
 pub const DEFAULT_STATS_INTERVAL_SECS: u64 = 10;
 
 /// dynauthd: an RFC 5176 Dynamic Authorization Server (Disconnect and CoA).
@@ -71,7 +75,8 @@ pub struct Cli {
     /// I/O backend: `auto` picks io_uring when the kernel allows it, else recvmmsg/sendmmsg.
     #[arg(long, value_enum, value_name = "auto|uring|mmsg")]
     pub io: Option<IoChoice>,
-    /// Most datagrams received and answered per batch.
+    /// Most datagrams received and answered per batch (default 64; 1024 with --state-dir,
+    /// where each batch waits for one fsync).
     #[arg(long, value_name = "N")]
     pub batch: Option<usize>,
     /// Demo mode: loopback 127.0.0.1:3799, client 127.0.0.1 and ::1 with the public secret
@@ -141,6 +146,46 @@ pub struct Cli {
     /// Rotated audit log files kept (PATH.1 ... PATH.N; default 5).
     #[arg(long, value_name = "N", requires = "audit_log")]
     pub audit_log_keep: Option<usize>,
+    /// Publish this instance's session affinity to Redis for the routers
+    /// (redis://[:PASSWORD@]HOST:PORT[/DB]; docs/SCALE_OUT.md). Needs --owner-id.
+    #[arg(long, value_name = "URL")]
+    pub affinity_redis: Option<String>,
+    /// This instance's owner id in the affinity index (1-64 of [A-Za-z0-9._-]).
+    #[arg(long, value_name = "ID")]
+    pub owner_id: Option<String>,
+    /// The DAS address routers forward to (default: the first listen address).
+    #[arg(long, value_name = "IP:PORT")]
+    pub owner_address: Option<SocketAddr>,
+    /// Key prefix in Redis (default `dynauth`).
+    #[arg(long, value_name = "PREFIX")]
+    pub affinity_prefix: Option<String>,
+    /// How long an index entry lives after its last write, e.g. 24h, 90m, 3600s (default 24h).
+    #[arg(long, value_name = "DURATION", value_parser = parse_ttl)]
+    pub affinity_ttl: Option<Duration>,
+}
+
+/// `--affinity-ttl`: the other flags' syntax (`3s`, `500ms`, milliseconds) plus `m` and
+/// `h`; at least a second.
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let scaled = |n: &str, unit: u64| {
+        n.trim()
+            .parse::<u64>()
+            .ok()
+            .and_then(|n| n.checked_mul(unit))
+            .ok_or_else(|| format!("{s:?}: expected a duration such as 24h, 90m or 3600s"))
+    };
+    let ms = if let Some(n) = t.strip_suffix('h') {
+        scaled(n, 3_600_000)?
+    } else if let Some(n) = t.strip_suffix('m') {
+        scaled(n, 60_000)?
+    } else {
+        parse_millis(t)?
+    };
+    if ms < 1000 {
+        return Err(format!("{s:?}: at least 1s"));
+    }
+    Ok(Duration::from_millis(ms))
 }
 
 /// A duration such as `2ms` or `300s`, zero allowed (at most a day).
@@ -345,6 +390,18 @@ struct FileConfig {
     tombstones: crate::overload::TombstonesFile,
     #[serde(default)]
     client: Vec<ClientFile>,
+    affinity: Option<AffinityFile>,
+}
+
+/// `[affinity]`: the `--affinity-*` and `--owner-*` flags.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AffinityFile {
+    redis: Option<String>,
+    owner_id: Option<String>,
+    owner_address: Option<SocketAddr>,
+    prefix: Option<String>,
+    ttl: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -440,8 +497,86 @@ pub struct Settings {
     pub router: Option<crate::router::RouterSettings>,
     /// `--audit-log`: the audit log, if any.
     pub audit: Option<crate::audit::AuditOptions>,
+    /// `--affinity-redis`: publish this owner's sessions for the routers.
+    pub affinity: Option<AffinityOwner>,
     /// Shedding under overload and the tombstones' size (`crate::overload`).
     pub overload: crate::overload::OverloadSettings,
+}
+
+/// Publishing affinity (`--affinity-redis`).
+#[derive(Debug, Clone)]
+pub struct AffinityOwner {
+    pub settings: crate::affinity::AffinitySettings,
+    pub owner_id: String,
+    /// `None`: the first listen address as bound (it may be port 0 until then).
+    pub owner_address: Option<SocketAddr>,
+}
+
+fn affinity_owner(
+    file: Option<&AffinityFile>,
+    cli: &Cli,
+    listen: &[SocketAddr],
+) -> Result<Option<AffinityOwner>, ConfigError> {
+    let none = AffinityFile::default();
+    let file = file.unwrap_or(&none);
+    let Some(url) = cli.affinity_redis.clone().or(file.redis.clone()) else {
+        let stray = cli.owner_id.is_some()
+            || cli.owner_address.is_some()
+            || cli.affinity_prefix.is_some()
+            || cli.affinity_ttl.is_some();
+        if stray {
+            return Err(ConfigError::Other(
+                "--owner-id, --owner-address, --affinity-prefix and --affinity-ttl need --affinity-redis URL".into(),
+            ));
+        }
+        return Ok(None);
+    };
+    let owner_id = cli.owner_id.clone().or(file.owner_id.clone()).ok_or_else(|| {
+        ConfigError::Other(
+            "--affinity-redis needs --owner-id ID: the name this instance's sessions are published under (unique per instance)".into(),
+        )
+    })?;
+    crate::affinity::check_owner_id(&owner_id)
+        .map_err(|e| ConfigError::Other(format!("--owner-id: {e}")))?;
+    let owner_address = cli.owner_address.or(file.owner_address);
+    match owner_address {
+        Some(a) if a.ip().is_unspecified() || a.port() == 0 => {
+            return Err(ConfigError::Other(format!(
+                "--owner-address {a}: routers need an address they can reach: give a specific IP and port"
+            )));
+        }
+        Some(_) => {}
+        None => {
+            if let Some(first) = listen.first()
+                && first.ip().is_unspecified()
+            {
+                return Err(ConfigError::Other(format!(
+                    "--affinity-redis: the first listen address {first} is unspecified, so routers cannot be told where to forward: give --owner-address IP:PORT"
+                )));
+            }
+        }
+    }
+    crate::affinity::publish::check_url(&url).map_err(|e| ConfigError::Other(e.to_string()))?;
+    let mut settings = crate::affinity::AffinitySettings::new(url);
+    if let Some(p) = cli.affinity_prefix.clone().or(file.prefix.clone()) {
+        if p.is_empty() || p.contains(['{', '}']) {
+            return Err(ConfigError::Other(format!(
+                "--affinity-prefix {p:?}: must be non-empty, without braces"
+            )));
+        }
+        settings.prefix = p;
+    }
+    if let Some(ttl) = cli.affinity_ttl {
+        settings.ttl = ttl;
+    } else if let Some(ttl) = &file.ttl {
+        settings.ttl =
+            parse_ttl(ttl).map_err(|e| ConfigError::Other(format!("affinity.ttl: {e}")))?;
+    }
+    Ok(Some(AffinityOwner {
+        settings,
+        owner_id,
+        owner_address,
+    }))
 }
 
 impl Settings {
@@ -739,7 +874,12 @@ fn combine(loaded: Loaded, cli: &Cli) -> Result<Settings, ConfigError> {
         max_in_flight: file.dedup.max_in_flight.unwrap_or(defaults.max_in_flight),
     };
     let sessions = cli.sessions.clone().or(file.sessions.clone());
-    let batch = cli.batch.or(file.batch).unwrap_or(DEFAULT_BATCH);
+    let default_batch = if cli.state_dir.is_some() {
+        DEFAULT_DURABLE_BATCH
+    } else {
+        DEFAULT_BATCH
+    };
+    let batch = cli.batch.or(file.batch).unwrap_or(default_batch);
     if !(1..=1024).contains(&batch) {
         return Err(ConfigError::Other(format!(
             "batch {batch} is out of range: use 1 to 1024"
@@ -754,7 +894,17 @@ fn combine(loaded: Loaded, cli: &Cli) -> Result<Settings, ConfigError> {
     }
     let router = cli
         .router
-        .settings(&listen)
+        .settings(
+            (
+                cli.affinity_redis
+                    .clone()
+                    .or(file.affinity.as_ref().and_then(|a| a.redis.clone())),
+                cli.affinity_prefix
+                    .clone()
+                    .or(file.affinity.as_ref().and_then(|a| a.prefix.clone())),
+            ),
+            &listen,
+        )
         .map_err(|e| ConfigError::Other(e.to_string()))?;
     if router.is_some() {
         let das_only: [(&str, bool); 6] = [
@@ -777,8 +927,25 @@ fn combine(loaded: Loaded, cli: &Cli) -> Result<Settings, ConfigError> {
         &file.tombstones,
         &clients,
     );
+    // A router reads the affinity (`--affinity-redis` is where); only an owner publishes.
+    let affinity = if router.is_some() {
+        let owner_only: [(&'static str, bool); 3] = [
+            ("owner-id", cli.owner_id.is_some()),
+            ("owner-address", cli.owner_address.is_some()),
+            ("affinity-ttl", cli.affinity_ttl.is_some()),
+        ];
+        if let Some((flag, _)) = owner_only.iter().find(|(_, set)| *set) {
+            return Err(ConfigError::Other(
+                crate::router::RouterConfigError::OwnerFlag(flag).to_string(),
+            ));
+        }
+        None
+    } else {
+        affinity_owner(file.affinity.as_ref(), cli, &listen)?
+    };
     Ok(Settings {
         overload,
+        affinity,
         listen,
         shards: cli.shards.or(file.shards).unwrap_or_default(),
         cpus: cli.cpus.clone().or(file.cpus.clone()),
@@ -875,6 +1042,117 @@ mod tests {
         assert!(parse_client_flag("10.0.0.0/33=x").is_err());
         assert!(parse_client_flag("10.0.0.0/8=").is_err());
         assert!(parse_client_flag("10.0.0.0/8").is_err());
+    }
+
+    #[test]
+    fn durable_state_defaults_to_the_largest_batch() {
+        let settings = |args: &[&str]| {
+            let mut all = vec!["dynauthd", "--client", "127.0.0.1/32=x"];
+            all.extend_from_slice(args);
+            settings_from(&Cli::parse_from(all)).unwrap()
+        };
+        assert_eq!(settings(&[]).batch, DEFAULT_BATCH);
+        assert_eq!(
+            settings(&["--state-dir", "/tmp/x"]).batch,
+            DEFAULT_DURABLE_BATCH
+        );
+        assert_eq!(
+            settings(&["--state-dir", "/tmp/x", "--batch", "32"]).batch,
+            32
+        );
+    }
+
+    #[test]
+    fn affinity_flags() {
+        let settings = |args: &[&str]| {
+            let mut all = vec!["dynauthd", "--client", "127.0.0.1/32=x"];
+            all.extend_from_slice(args);
+            settings_from(&Cli::parse_from(all))
+        };
+        let s = settings(&[
+            "--affinity-redis",
+            "redis://127.0.0.1:6379",
+            "--owner-id",
+            "bng-a",
+        ])
+        .unwrap();
+        let a = s.affinity.unwrap();
+        assert_eq!(a.settings.prefix, "dynauth");
+        assert_eq!(a.settings.ttl, Duration::from_secs(86_400));
+        assert_eq!(a.owner_address, None);
+        let err = settings(&["--affinity-redis", "redis://h"]).unwrap_err();
+        assert!(err.to_string().contains("--owner-id"), "{err}");
+        let err = settings(&[
+            "--affinity-redis",
+            "redis://h",
+            "--owner-id",
+            "a",
+            "--listen",
+            "0.0.0.0:3799",
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("--owner-address"), "{err}");
+        let err = settings(&[
+            "--affinity-redis",
+            "redis://h",
+            "--owner-id",
+            "a",
+            "--owner-address",
+            "0.0.0.0:3799",
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("specific IP"), "{err}");
+        assert!(
+            settings(&["--owner-id", "a"]).is_err(),
+            "owner flags need the URL"
+        );
+        assert!(settings(&["--affinity-redis", "redis://h", "--owner-id", "a|b"]).is_err());
+        assert_eq!(parse_ttl("90m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_ttl("3600s"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_ttl("2h"), Ok(Duration::from_secs(7200)));
+        assert!(parse_ttl("500ms").is_err(), "at least a second");
+        assert!(parse_ttl("soon").is_err());
+    }
+
+    #[test]
+    fn affinity_in_the_file_and_flags_override_it() {
+        let dir = std::env::temp_dir().join(format!("dynauthd-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("affinity.toml");
+        std::fs::write(
+            &path,
+            "[affinity]\nredis = \"redis://:pw@10.0.0.5:6379/0\"\nowner_id = \"bng-a\"\n\
+             owner_address = \"192.0.2.10:3799\"\nprefix = \"dyn2\"\nttl = \"2h\"\n\
+             [[client]]\nnetwork = \"127.0.0.1/32\"\nsecret = \"x\"\n",
+        )
+        .unwrap();
+        let p = path.to_str().unwrap();
+        let a = settings_from(&Cli::parse_from(["dynauthd", "--config", p]))
+            .unwrap()
+            .affinity
+            .unwrap();
+        assert_eq!(a.settings.url, "redis://:pw@10.0.0.5:6379/0");
+        assert_eq!(a.settings.prefix, "dyn2");
+        assert_eq!(a.settings.ttl, Duration::from_secs(7200));
+        assert_eq!(a.owner_id, "bng-a");
+        assert_eq!(a.owner_address, Some("192.0.2.10:3799".parse().unwrap()));
+        let a = settings_from(&Cli::parse_from([
+            "dynauthd",
+            "--config",
+            p,
+            "--owner-id",
+            "bng-b",
+            "--affinity-ttl",
+            "60s",
+        ]))
+        .unwrap()
+        .affinity
+        .unwrap();
+        assert_eq!(
+            (a.owner_id.as_str(), a.settings.ttl),
+            ("bng-b", Duration::from_secs(60))
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

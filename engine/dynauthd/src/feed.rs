@@ -32,8 +32,18 @@ impl SessionFeed {
     /// `base` is the instant the shards measure monotonic milliseconds from
     /// (`runtime::Server::base`).
     pub fn new(store: Arc<dyn SessionStore>, base: Instant) -> Self {
+        SessionFeed::with_seqs(store, base, Vec::new())
+    }
+
+    /// [`SessionFeed::new`] remembering each NAS's last sequence number (restored from the
+    /// state directory).
+    pub fn with_seqs(
+        store: Arc<dyn SessionStore>,
+        base: Instant,
+        seqs: Vec<(Option<String>, u64)>,
+    ) -> Self {
         SessionFeed {
-            feed: Mutex::new(Feed::new()),
+            feed: Mutex::new(Feed::with_seqs(seqs)),
             store,
             base,
         }

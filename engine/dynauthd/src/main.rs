@@ -12,6 +12,7 @@ use dynauth_proto::store::{Lookup, MatchScope, SessionStore};
 use dynauth_proto::synth;
 use dynauth_table::{SessionTable, TableConfig, load};
 use dynauthd::actions;
+use dynauthd::affinity::publish::{self, PublishingStore};
 use dynauthd::config::{self, Cli, Command, DEMO_SECRET, DEMO_SESSIONS, DataPlaneMode};
 use dynauthd::control::ControlServer;
 use dynauthd::feed::SessionFeed;
@@ -228,6 +229,22 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
         Some(d) => Arc::clone(d) as Arc<dyn SessionStore>,
         None => Arc::clone(&table) as Arc<dyn SessionStore>,
     };
+    // --affinity-redis: every change is published for the routers (after the restore, so a
+    // restored table is re-published by the publisher's first walk).
+    let mut affinity = None;
+    let store = match &settings.affinity {
+        Some(a) => {
+            let (publishing, changes) =
+                PublishingStore::new(store, a.owner_id.clone(), publish::QUEUE_CAPACITY);
+            let walked = Arc::clone(&table);
+            let walk: publish::Walk = Arc::new(move |f: &mut dyn FnMut(&Session)| {
+                walked.for_each_session(|s| f(s));
+            });
+            affinity = Some((Arc::clone(&publishing), changes, walk));
+            publishing as Arc<dyn SessionStore>
+        }
+        None => store,
+    };
     let snapshot_stop = Arc::new(AtomicBool::new(false));
     let snapshots = match &durable {
         Some(d) => Some(
@@ -263,6 +280,23 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
         settings.clone(),
         server.config(),
     ));
+    let mut publisher = None;
+    let mut affinity_stats = None;
+    if let (Some((publishing, changes, walk)), Some(a)) = (affinity, &settings.affinity) {
+        let address = a.owner_address.unwrap_or(server.local_addrs[0]);
+        let config = publish::OwnerConfig {
+            settings: a.settings.clone(),
+            owner_id: a.owner_id.clone(),
+            address,
+        };
+        publisher = Some(publish::Publisher::start(config, changes, walk)?);
+        tracing::info!(
+            "affinity: owner {} at {address}, publishing to {}",
+            a.owner_id,
+            publish::redact_url(&a.settings.url)
+        );
+        affinity_stats = Some(publishing);
+    }
     let mut dispatcher = None;
     let mut submitter = None;
     if let Some((s, inbox)) = queue {
@@ -293,7 +327,14 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
             "data plane: the session table only (--data-plane table): a Disconnect-ACK removes the session from the table and tears nothing down"
         );
     }
-    let feed = Arc::new(SessionFeed::new(Arc::clone(&store), server.base));
+    // The feed's per-NAS order as the state directory recorded it: an agent's old event
+    // replayed after a restart stays ignored.
+    let feed_seqs = durable.as_ref().map(|d| d.feed_seqs()).unwrap_or_default();
+    let feed = Arc::new(SessionFeed::with_seqs(
+        Arc::clone(&store),
+        server.base,
+        feed_seqs,
+    ));
     let control = match &settings.control {
         Some(config) => {
             let reader = Arc::new(move |query: &Session| {
@@ -391,6 +432,12 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
                 stats.write_prometheus(out)
             }));
         }
+        if let Some(p) = &affinity_stats {
+            let p = Arc::clone(p);
+            extra.push(Arc::new(move |out: &mut String| {
+                p.stats().write_prometheus(out)
+            }));
+        }
         if durable.is_some() {
             let stats = Arc::clone(&state_stats);
             extra.push(Arc::new(move |out: &mut String| {
@@ -418,21 +465,7 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
         server.shards
     );
     // Sockets bound, state restored, the banner out: systemd may start what depends on us.
-    notifier.notify("READY=1");
-    if let Some(every) = notifier.watchdog_interval() {
-        tracing::info!("systemd watchdog: a ping every {} ms", every.as_millis());
-    }
-    let totals = server.run_until_with(shutdown, &mut || {
-        notifier.watchdog_tick();
-        if reload_requested.swap(false, std::sync::atomic::Ordering::SeqCst) {
-            notifier.notify("RELOADING=1");
-            tracing::info!("SIGHUP: reloading the configuration");
-            // Logged and counted by the reloader either way.
-            let _ = reloader.reload();
-            notifier.notify("READY=1");
-        }
-    });
-    notifier.notify("STOPPING=1");
+    let totals = run_until_stopped(server, shutdown, reload_requested, &mut notifier, &reloader);
     // The shards have stopped reading. Actions already with the data plane finish (their
     // answers still go out), each bounded by its deadline; the control socket stays open
     // meanwhile, since that is where the agents report.
@@ -454,6 +487,10 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
     accounting_stop.store(true, std::sync::atomic::Ordering::Release);
     for a in accounting {
         a.join();
+    }
+    if let Some(p) = publisher {
+        // After every writer: what they queued is written, then the owner key goes.
+        p.stop();
     }
     snapshot_stop.store(true, std::sync::atomic::Ordering::Release);
     if let Some(t) = snapshots {
@@ -520,7 +557,7 @@ fn serve_router(
     let stats = Arc::new(router::RouterStats::default());
     tracing::info!(
         "role: router: affinity from {} (prefix {}), owner timeout {} ms ({:?}), {} NAS route(s)",
-        dynauthd::affinity::redacted(&router.affinity.url),
+        dynauthd::affinity::publish::redact_url(&router.affinity.url),
         router.affinity.prefix,
         router.forward_timeout.as_millis(),
         router.on_owner_timeout,
@@ -571,17 +608,7 @@ fn serve_router(
         server.io.name(),
         server.shards
     );
-    notifier.notify("READY=1");
-    let totals = server.run_until_with(shutdown, &mut || {
-        notifier.watchdog_tick();
-        if reload_requested.swap(false, std::sync::atomic::Ordering::SeqCst) {
-            notifier.notify("RELOADING=1");
-            tracing::info!("SIGHUP: reloading the configuration");
-            let _ = reloader.reload();
-            notifier.notify("READY=1");
-        }
-    });
-    notifier.notify("STOPPING=1");
+    let totals = run_until_stopped(server, shutdown, reload_requested, &mut notifier, &reloader);
     // The shards have stopped reading; what is in flight gets its owner's answer or its
     // deadline's NAK 505 (at most --forward-timeout).
     running.stop();
@@ -594,4 +621,31 @@ fn serve_router(
         );
     }
     Ok(())
+}
+
+/// Tells systemd we are ready, serves until SIGINT/SIGTERM (SIGHUP reloads, watchdog pings
+/// meanwhile), and tells systemd we are stopping.
+fn run_until_stopped(
+    server: runtime::Server,
+    shutdown: &std::sync::atomic::AtomicBool,
+    reload_requested: &std::sync::atomic::AtomicBool,
+    notifier: &mut dynauthd::notify::Notifier,
+    reloader: &dynauthd::reload::Reloader,
+) -> runtime::Totals {
+    notifier.notify("READY=1");
+    if let Some(every) = notifier.watchdog_interval() {
+        tracing::info!("systemd watchdog: a ping every {} ms", every.as_millis());
+    }
+    let totals = server.run_until_with(shutdown, &mut || {
+        notifier.watchdog_tick();
+        if reload_requested.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            notifier.notify("RELOADING=1");
+            tracing::info!("SIGHUP: reloading the configuration");
+            // Logged and counted by the reloader either way.
+            let _ = reloader.reload();
+            notifier.notify("READY=1");
+        }
+    });
+    notifier.notify("STOPPING=1");
+    totals
 }

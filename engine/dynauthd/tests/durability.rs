@@ -437,3 +437,53 @@ fn a_second_server_on_the_same_state_directory_is_refused() {
     let again = start(&dir, &temp_path("state-lock-2.sock"), &[]);
     again.stop();
 }
+
+/// The feed's per-NAS order survives a restart, from the journal (kill -9) and from the
+/// snapshot (clean stop): an agent that replays old events after the restart gets them
+/// ignored as stale, so a session it deleted does not come back (issue 12: nothing removed
+/// ever comes back; docs/CONTROL.md, "seq").
+#[test]
+fn feed_sequence_numbers_survive_a_restart_so_old_events_stay_ignored() {
+    for clean in [false, true] {
+        let dir = fresh_dir(&format!("seq-{clean}"));
+        let socket = temp_path(&format!("seq-{clean}.sock"));
+        let d = start(&dir, &socket, &[]);
+        let mut agent = Agent::connect(&socket);
+        agent.ok(json!({"v":1,"op":"hello","agent":"a","nas":["bng-a"]}));
+        let upsert = |seq: u64| {
+            json!({"v":1,"op":"upsert","nas":"bng-a","seq":seq,
+                   "session":{"acct_session_id":"Q1","user_name":"quinn"}})
+        };
+        agent.ok(upsert(1));
+        agent.ok(json!({"v":1,"op":"delete","nas":"bng-a","seq":2,"acct_session_id":"Q1"}));
+        drop(agent);
+        if clean {
+            d.stop();
+        } else {
+            kill9(&d);
+            drop(d);
+        }
+        let d = start(&dir, &socket, &[]);
+        let mut agent = Agent::connect(&socket);
+        agent.ok(json!({"v":1,"op":"hello","agent":"a","nas":["bng-a"]}));
+        // The upsert of seq 1 again (an agent replaying its log from an old position).
+        let replayed = agent.ok(upsert(1));
+        assert_eq!(replayed["stale"], json!(true), "clean={clean}: {replayed}");
+        assert_eq!(replayed["last_seq"], json!(2), "clean={clean}: {replayed}");
+        assert_eq!(
+            agent.ok(json!({"v":1,"op":"sessions_count"}))["sessions"],
+            json!(0),
+            "clean={clean}: the deleted session did not come back"
+        );
+        // A newer event is applied.
+        let fresh = agent.ok(upsert(3));
+        assert_ne!(fresh["stale"], json!(true), "{fresh}");
+        assert_eq!(
+            agent.ok(json!({"v":1,"op":"sessions_count"}))["sessions"],
+            json!(1)
+        );
+        drop(agent);
+        d.stop();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -58,10 +58,37 @@ fn owner(name: &str, sessions: &[Session], extra: &[&str]) -> Daemon {
     start_ok(&args)
 }
 
-/// Writes what an owner publishes (docs/SCALE_OUT.md, "Layout"): its address and, for each
-/// session, one field under each routing key.
+/// An owner that publishes its own affinity (`--affinity-redis`, docs/SCALE_OUT.md), once
+/// Redis has its address and every routing key of its sessions.
+fn publishing_owner(name: &str, redis: &Redis, owner_id: &str, sessions: &[Session]) -> Daemon {
+    let url = redis.url();
+    let d = owner(
+        name,
+        sessions,
+        &["--affinity-redis", &url, "--owner-id", owner_id],
+    );
+    let owner_key = dynauthd::affinity::owner_key("dynauth", owner_id);
+    daemon::wait_until(
+        Duration::from_secs(10),
+        "the owner's affinity in Redis",
+        || {
+            let published = sessions.iter().all(|s| {
+                dynauth_proto::route::session_route_keys(s).iter().all(|k| {
+                    let key =
+                        String::from_utf8(dynauthd::affinity::index_key("dynauth", k)).unwrap();
+                    !redis.cli(&["HKEYS", &key]).is_empty()
+                })
+            });
+            published && redis.cli(&["GET", &owner_key]) == d.addr().to_string()
+        },
+    );
+    d
+}
+
+/// Writes what an owner publishes (docs/SCALE_OUT.md, "What is in Redis"), for the tests
+/// that need a state no live owner would leave (a stale entry, a silent owner).
 fn publish(redis: &Redis, owner_id: &str, addr: SocketAddr, sessions: &[Session]) {
-    let mut c = redis.connection().unwrap();
+    let mut c = redis.connection();
     let mut pipe = redis::pipe();
     pipe.cmd("SET")
         .arg(dynauthd::affinity::owner_key("dynauth", owner_id))
@@ -80,7 +107,7 @@ fn publish(redis: &Redis, owner_id: &str, addr: SocketAddr, sessions: &[Session]
 
 /// Removes a session's fields for `owner_id` (what an owner does when it loses the session).
 fn unpublish(redis: &Redis, owner_id: &str, s: &Session) {
-    let mut c = redis.connection().unwrap();
+    let mut c = redis.connection();
     let field = dynauthd::affinity::field(owner_id, &dynauth_proto::route::session_identity(s));
     for k in dynauth_proto::route::session_route_keys(s) {
         let _: i64 = redis::cmd("HDEL")
@@ -168,10 +195,8 @@ fn rfc5176_s3_1_disconnect_and_coa_reach_the_owner_through_either_router() {
         session("bng-a", "A2", "ann"),
     ];
     let b_sessions = [session("bng-b", "B1", "bob"), session("bng-b", "B2", "bea")];
-    let owner_a = owner("owner-a", &a_sessions, &[]);
-    let owner_b = owner("owner-b", &b_sessions, &[]);
-    publish(&redis, "own-a", owner_a.addr(), &a_sessions);
-    publish(&redis, "own-b", owner_b.addr(), &b_sessions);
+    let owner_a = publishing_owner("owner-a", &redis, "own-a", &a_sessions);
+    let owner_b = publishing_owner("owner-b", &redis, "own-b", &b_sessions);
     let r1 = router(&redis, &[]);
     let r2 = router(&redis, &[]);
 
@@ -215,10 +240,8 @@ fn rfc5176_s3_5_unknown_session_is_502_and_two_owners_508() {
     // The same User-Name on two owners: a request by it alone cannot go to one owner.
     let a = [session("bng-a", "A1", "shared")];
     let b = [session("bng-b", "B1", "shared")];
-    let owner_a = owner("o502-a", &a, &[]);
-    let owner_b = owner("o502-b", &b, &[]);
-    publish(&redis, "own-a", owner_a.addr(), &a);
-    publish(&redis, "own-b", owner_b.addr(), &b);
+    let owner_a = publishing_owner("o502-a", &redis, "own-a", &a);
+    let owner_b = publishing_owner("o502-b", &redis, "own-b", &b);
     let r = router(&redis, &[]);
     let (code, cause, proxy) = ask(r.addr(), 40, 1, "nobody").expect("an answer");
     assert_eq!((code, cause), (42, Some(502)));
@@ -248,12 +271,11 @@ fn rfc5176_s3_5_owner_stopped_is_505() {
         session("bng-a", "A1", "alice"),
         session("bng-a", "A2", "ann"),
     ];
-    let owner_a = owner("o505", &a, &[]);
-    publish(&redis, "own-a", owner_a.addr(), &a);
+    let owner_a = publishing_owner("o505", &redis, "own-a", &a);
     let r = router(&redis, &["--forward-timeout", "400ms"]);
     assert_eq!(ask(r.addr(), 40, 1, "A1").unwrap().0, 41);
-    // Killed: its address is still published (it had no time to withdraw it), so the
-    // request is forwarded and times out.
+    // Killed (SIGKILL): its address is still published for up to 3 s (it had no time to
+    // withdraw it), so the request is forwarded and times out.
     drop(owner_a);
     let started = Instant::now();
     let (code, cause, _) = ask(r.addr(), 40, 2, "A2").expect("an answer");
@@ -264,9 +286,11 @@ fn rfc5176_s3_5_owner_stopped_is_505() {
         started.elapsed()
     );
     assert_eq!(metric(&r, "dynauth_router_owner_timeouts_total"), 1.0);
-    // Its address gone (expired, or withdrawn at a clean stop): NAK 505 at once. The router
-    // trusts a read address for a second.
-    let _: i64 = redis.cmd(&["DEL", "dynauth:owner:{own-a}"]);
+    // Its address gone (it expires 3 s after the last heartbeat): NAK 505 at once. The
+    // router trusts a read address for a second.
+    daemon::wait_until(Duration::from_secs(5), "the owner key to expire", || {
+        redis.cli(&["EXISTS", "dynauth:owner:{own-a}"]) == "0"
+    });
     std::thread::sleep(Duration::from_millis(1_100));
     let started = Instant::now();
     let (code, cause, _) = ask(r.addr(), 40, 3, "A2").expect("an answer");
@@ -416,7 +440,7 @@ fn invalidations_evict_and_redis_down_keeps_cached_routes() {
     let message = dynauthd::affinity::encode_invalidation(&[b"acct_session_id=C1".to_vec()]);
     let deadline = Instant::now() + Duration::from_secs(5);
     while metric(&r, "dynauth_router_cache_invalidations_total") < 1.0 {
-        let mut c = redis.connection().unwrap();
+        let mut c = redis.connection();
         let _: i64 = redis::cmd("PUBLISH")
             .arg("dynauth:inv")
             .arg(&message)
@@ -477,10 +501,8 @@ fn a_router_killed_mid_storm_loses_nothing_the_dac_retries_to_the_other() {
         .partition(|(i, _)| i % 2 == 0);
     let even: Vec<Session> = even.into_iter().map(|(_, s)| s).collect();
     let odd: Vec<Session> = odd.into_iter().map(|(_, s)| s).collect();
-    let owner_a = owner("storm-a", &even, &[]);
-    let owner_b = owner("storm-b", &odd, &[]);
-    publish(&redis, "own-a", owner_a.addr(), &even);
-    publish(&redis, "own-b", owner_b.addr(), &odd);
+    let owner_a = publishing_owner("storm-a", &redis, "own-a", &even);
+    let owner_b = publishing_owner("storm-b", &redis, "own-b", &odd);
     let r1 = router(&redis, &[]);
     let r2 = router(&redis, &[]);
     let (r1_addr, r2_addr) = (r1.addr(), r2.addr());
@@ -563,4 +585,112 @@ fn a_router_killed_mid_storm_loses_nothing_the_dac_retries_to_the_other() {
     assert_eq!(sessions_of(&owner_a), 0.0);
     assert_eq!(sessions_of(&owner_b), 0.0);
     drop(sock);
+}
+
+#[test]
+fn rfc5176_s3_5_an_owner_stopped_cleanly_is_505_at_once() {
+    let redis = Redis::start();
+    let a = [session("bng-a", "A1", "alice")];
+    let owner_a = publishing_owner("o505-clean", &redis, "own-a", &a);
+    let r = router(&redis, &["--forward-timeout", "2s"]);
+    // SIGTERM: the owner withdraws its address before it exits.
+    owner_a.stop();
+    assert_eq!(redis.cli(&["EXISTS", "dynauth:owner:{own-a}"]), "0");
+    let started = Instant::now();
+    let (code, cause, _) = ask(r.addr(), 40, 1, "A1").expect("an answer");
+    assert_eq!((code, cause), (42, Some(505)));
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "no forward to a withdrawn owner: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(metric(&r, "dynauth_router_owner_gone_total"), 1.0);
+}
+
+#[test]
+fn rfc5176_s3_5_a_retried_disconnect_after_the_session_went_reaches_its_owner_201() {
+    // The DAC's first answer was lost: the owner removed the session (and its affinity is
+    // now a tombstone), the retry through a router still reaches it and gets ACK 201.
+    let redis = Redis::start();
+    let a = [session("bng-a", "T1", "tina")];
+    let owner_a = publishing_owner("o201", &redis, "own-a", &a);
+    let r = router(&redis, &["--affinity-cache-ttl", "0s"]);
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let direct = request(
+        40,
+        1,
+        &[(44, b"T1")],
+        true,
+        &Secret::new(OWNER_SECRET).unwrap(),
+    );
+    let (answer, _) = exchange(&sock, owner_a.addr(), &direct, Duration::from_secs(3)).unwrap();
+    assert_eq!(answer[0], 41, "removed at the owner");
+    daemon::wait_until(
+        Duration::from_secs(5),
+        "the field to become a tombstone",
+        || {
+            redis
+                .cli(&["HGET", "dynauth:{k:acct_session_id=T1}", "own-a|bng-a|a:T1"])
+                .starts_with("t:")
+        },
+    );
+    let (code, cause, _) = ask(r.addr(), 40, 2, "T1").expect("an answer");
+    assert_eq!((code, cause), (41, Some(201)));
+    // A CoA for it is the owner's 503, relayed (SPEC §4: a tombstone answers Disconnects).
+    let (code, cause, _) = ask(r.addr(), 43, 3, "T1").expect("an answer");
+    assert_eq!((code, cause), (45, Some(503)));
+}
+
+#[test]
+fn rfc8559_sessions_learnt_from_accounting_go_to_their_nas_das() {
+    // The zero-integration DAS proxy: a dynauthd learns sessions from the NASes' Accounting
+    // (radclient here) and publishes them as owner "learner"; the router sends a Disconnect
+    // for one (by Acct-Session-Id alone) to the DAS of the NAS that reported it.
+    let redis = Redis::start();
+    let nas_das = owner("nas-7-das", &[session("bng-7", "L1", "lena")], &[]);
+    let url = redis.url();
+    let learner = start_ok(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--client",
+        "127.0.0.1/32=acct-secret",
+        "--accounting-listen",
+        "127.0.0.1:0",
+        "--io",
+        "mmsg",
+        "--shards",
+        "1",
+        "--affinity-redis",
+        &url,
+        "--owner-id",
+        "learner",
+    ]);
+    let out = daemon::run_radclient(
+        learner.banner_addr("accounting"),
+        "acct",
+        "acct-secret",
+        "Acct-Status-Type = Start\nAcct-Session-Id = \"L1\"\nUser-Name = \"lena\"\nNAS-Identifier = \"bng-7\"\n",
+    );
+    assert!(out.contains("Received Accounting-Response"), "{out}");
+    daemon::wait_until(
+        Duration::from_secs(5),
+        "the learnt session in Redis",
+        || {
+            redis.cli(&[
+                "HGET",
+                "dynauth:{k:acct_session_id=L1}",
+                "learner|bng-7|a:L1",
+            ]) == "1"
+        },
+    );
+    let route = format!("nas_identifier=bng-7@{}", nas_das.addr());
+    let r = router(&redis, &["--learner", "learner", "--nas-route", &route]);
+    let (code, cause, _) = ask(r.addr(), 40, 1, "L1").expect("an answer");
+    assert_eq!((code, cause), (41, None));
+    assert_eq!(sessions_of(&nas_das), 0.0, "the NAS's own DAS acted");
+    assert_eq!(metric(&r, "dynauth_router_forwarded_total"), 1.0);
+    // Without a route for that NAS: 502.
+    let r2 = router(&redis, &["--learner", "learner"]);
+    let (code, cause, _) = ask(r2.addr(), 40, 2, "L1").expect("an answer");
+    assert_eq!((code, cause), (42, Some(502)));
 }

@@ -112,6 +112,16 @@ impl Feed {
         Feed::default()
     }
 
+    /// A feed that remembers the last sequence number of each NAS (from a durable store's
+    /// restore: `SessionStore::feed_seq` recorded them).
+    pub fn with_seqs(seqs: impl IntoIterator<Item = (Option<String>, u64)>) -> Self {
+        let mut feed = Feed::default();
+        for (nas, seq) in seqs {
+            feed.nases.entry(nas).or_default().last_seq = Some(seq);
+        }
+        feed
+    }
+
     pub fn stats(&self) -> FeedStats {
         self.stats
     }
@@ -190,6 +200,7 @@ impl Feed {
             Ok(_) => {
                 if let Some(seq) = seq {
                     state.last_seq = Some(seq);
+                    store.feed_seq(nas.as_deref(), seq);
                 }
             }
             Err(_) => self.stats.refused += 1,

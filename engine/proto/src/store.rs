@@ -175,6 +175,11 @@ pub trait SessionStore: Send + Sync {
         now_ms: u64,
     ) -> usize;
 
+    /// The session feed applied event `seq` of `nas` (after the event's own changes): a
+    /// durable store records it, so the feed's per-NAS order survives a restart (an old or
+    /// repeated event stays ignored, and nothing it removed comes back). Wrappers pass it on.
+    fn feed_seq(&self, _nas: Option<&str>, _seq: u64) {}
+
     /// Live sessions.
     fn len(&self) -> usize;
 

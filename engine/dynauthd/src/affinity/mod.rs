@@ -8,7 +8,7 @@
 //!
 //! | key | type | what |
 //! |---|---|---|
-//! | `P:{k:ROUTEKEY}` | hash | one field per session holding this routing key: `OWNER\|NAS\|ID` → `1`; expires `ttl` after its last write |
+//! | `P:{k:ROUTEKEY}` | hash | one field per session holding this routing key: `OWNER\|NAS\|ID` → `1` while live, `t:MS` for [`TOMBSTONE_WINDOW`] after its removal at wall-clock MS; expires `ttl` after its last write |
 //! | `P:owner:{OWNER}` | string | the owner's DAS address (`ip:port`), written every heartbeat, expires after 3 missed ones |
 //! | `P:inv` | channel | routing keys whose owners changed (netstrings `LEN:BYTES`), for the routers' caches |
 //!
@@ -58,6 +58,34 @@ pub const HEARTBEAT: Duration = Duration::from_secs(1);
 /// An owner whose address was not written for this long is gone (three missed heartbeats).
 pub const OWNER_TTL: Duration = Duration::from_secs(3);
 
+/// A field's value while its session is live.
+pub const LIVE: &str = "1";
+/// A removed session's field holds this prefix and the wall-clock milliseconds of its
+/// removal, for [`TOMBSTONE_WINDOW`]: a retried Disconnect still reaches the owner that
+/// removed it (which answers ACK 201 from its own tombstone, SPEC §4).
+pub const TOMBSTONE_PREFIX: &str = "t:";
+/// How long a tombstone field routes (the session table's default tombstone window).
+pub const TOMBSTONE_WINDOW: Duration = Duration::from_secs(300);
+
+/// The value of a tombstone field removed at `wall_ms`.
+pub fn tombstone_value(wall_ms: u64) -> String {
+    format!("{TOMBSTONE_PREFIX}{wall_ms}")
+}
+
+/// What a field's value says at `now_wall_ms`: `Some(true)` live, `Some(false)` a tombstone
+/// within its window, `None` an expired tombstone or a value that is neither.
+pub fn field_state(value: &[u8], now_wall_ms: u64) -> Option<bool> {
+    if value == LIVE.as_bytes() {
+        return Some(true);
+    }
+    let at: u64 = core::str::from_utf8(value.strip_prefix(TOMBSTONE_PREFIX.as_bytes())?)
+        .ok()?
+        .parse()
+        .ok()?;
+    let window = u64::try_from(TOMBSTONE_WINDOW.as_millis()).unwrap_or(u64::MAX);
+    (now_wall_ms.saturating_sub(at) < window).then_some(false)
+}
+
 /// The index key of one routing key.
 pub fn index_key(prefix: &str, route_key: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(prefix.len() + route_key.len() + 5);
@@ -88,18 +116,12 @@ pub fn field_owner(field: &[u8]) -> Option<&[u8]> {
     field.split(|&b| b == b'|').next().filter(|o| !o.is_empty())
 }
 
-/// A Redis URL with any password replaced by `***`, for logs.
-pub fn redacted(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    match rest.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-            format!("{scheme}://{user}:***@{host}")
-        }
-        None => url.to_string(),
-    }
+/// The NAS a field names (`OWNER|NAS|ID`; the NAS may itself hold `|`).
+pub fn field_nas(field: &[u8]) -> Option<&str> {
+    let text = core::str::from_utf8(field).ok()?;
+    let (_, rest) = text.split_once('|')?;
+    let (nas, _) = rest.rsplit_once('|')?;
+    (!nas.is_empty()).then_some(nas)
 }
 
 /// Why an owner id is refused.
@@ -168,9 +190,18 @@ mod tests {
         assert!(check_owner_id("bng-a.1_x").is_ok());
         assert!(check_owner_id("a|b").is_err());
         assert!(check_owner_id("").is_err());
-        assert_eq!(redacted("redis://u:pw@h:1/0"), "redis://u:***@h:1/0");
-        assert_eq!(redacted("redis://:pw@h:1"), "redis://:***@h:1");
-        assert_eq!(redacted("redis://h:1"), "redis://h:1");
+        assert_eq!(field_nas(b"learner|bng|7|a:S1"), Some("bng|7"));
+        assert_eq!(field_nas(b"learner||a:S1"), None);
+        assert_eq!(field_state(b"1", 5), Some(true));
+        assert_eq!(
+            field_state(tombstone_value(1_000).as_bytes(), 1_000 + 299_999),
+            Some(false)
+        );
+        assert_eq!(
+            field_state(tombstone_value(1_000).as_bytes(), 1_000 + 300_000),
+            None
+        );
+        assert_eq!(field_state(b"t:x", 0), None);
     }
 
     #[test]

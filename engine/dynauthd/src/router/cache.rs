@@ -6,8 +6,9 @@
 
 use std::collections::{HashMap, VecDeque};
 
-/// Owners of one routing key, as Redis had them.
-pub type Owners = Vec<String>;
+/// Owners of one routing key, as Redis had them: (owner id, live). Not live: the owner
+/// removed the session within the tombstone window (a retried Disconnect goes there).
+pub type Owners = Vec<(String, bool)>;
 
 struct Entry {
     owners: Owners,
@@ -109,7 +110,7 @@ mod tests {
     use super::*;
 
     fn owners(o: &[&str]) -> Owners {
-        o.iter().map(|s| s.to_string()).collect()
+        o.iter().map(|s| (s.to_string(), true)).collect()
     }
 
     #[test]

@@ -81,6 +81,10 @@ pub struct RouterSettings {
     /// client with it).
     pub owner_secret: Secret,
     pub nas_routes: Vec<NasRoute>,
+    /// Owners that only learn sessions (from the NASes' RADIUS Accounting) and act on none:
+    /// a session they published goes to its NAS's DAS by `nas_routes` (the zero-integration
+    /// DAS proxy).
+    pub learners: Vec<String>,
     pub forward_timeout: Duration,
     pub on_owner_timeout: OnOwnerTimeout,
     /// The local address forwarded requests leave from (port 0: any).
@@ -93,7 +97,10 @@ pub struct RouterSettings {
 impl fmt::Debug for RouterSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RouterSettings")
-            .field("redis", &crate::affinity::redacted(&self.affinity.url))
+            .field(
+                "redis",
+                &crate::affinity::publish::redact_url(&self.affinity.url),
+            )
             .field("prefix", &self.affinity.prefix)
             .field("nas_routes", &self.nas_routes)
             .field("forward_timeout", &self.forward_timeout)
@@ -133,12 +140,6 @@ pub struct RouterArgs {
     /// docs/SCALE_OUT.md).
     #[arg(long, value_name = "das|router", value_parser = parse_role)]
     pub role: Option<Role>,
-    /// The affinity store, `redis://HOST:PORT[/DB]` (Redis 7 or Valkey).
-    #[arg(long, value_name = "URL")]
-    pub affinity_redis: Option<String>,
-    /// Prefix of every affinity key (several deployments can share one Redis).
-    #[arg(long, value_name = "PREFIX")]
-    pub affinity_prefix: Option<String>,
     /// Router: the file holding the secret shared with every owner and NAS route (each of
     /// them lists the router's address as a client with this secret).
     #[arg(long, value_name = "FILE")]
@@ -155,6 +156,12 @@ pub struct RouterArgs {
     /// (RFC 8559); repeatable, the first match wins.
     #[arg(long, value_name = "MATCH@ADDR:PORT", value_parser = parse_nas_route)]
     pub nas_route: Vec<(NasMatch, SocketAddr)>,
+    /// Router: an owner id whose sessions were learnt from RADIUS Accounting (a dynauthd
+    /// with --accounting-listen publishing them) and are acted on by their NAS itself: a
+    /// request for one goes to that NAS's --nas-route (by its NAS-Identifier or address);
+    /// repeatable.
+    #[arg(long, value_name = "OWNER_ID")]
+    pub learner: Vec<String>,
     /// Router: the local address forwarded requests leave from (default: any, port 0).
     #[arg(long, value_name = "ADDR:PORT")]
     pub forward_bind: Option<SocketAddr>,
@@ -208,8 +215,11 @@ pub enum RouterConfigError {
     NoRedis,
     #[error("--role router needs --owner-secret-file FILE (the secret shared with the owners)")]
     NoOwnerSecret,
+    /// A secret file or the Redis URL that cannot be used.
     #[error("{0}")]
     Secret(String),
+    #[error("--{0} does not apply to --role router (a router reads affinity, it owns none)")]
+    OwnerFlag(&'static str),
     #[error("--{0} applies to --role router only")]
     NotARouter(&'static str),
     #[error("--{0} does not apply to --role router (a router owns no sessions)")]
@@ -219,16 +229,21 @@ pub enum RouterConfigError {
 impl RouterArgs {
     /// The router settings, or `None` for the DAS role. `listen` picks the default
     /// forwarding address family.
+    ///
+    /// `affinity` is `--affinity-redis` and `--affinity-prefix` (the owners' flags: on a
+    /// router they say where to read).
     pub fn settings(
         &self,
+        affinity: (Option<String>, Option<String>),
         listen: &[SocketAddr],
     ) -> Result<Option<RouterSettings>, RouterConfigError> {
         if self.role.unwrap_or_default() != Role::Router {
-            let router_only: [(&'static str, bool); 7] = [
+            let router_only: [(&'static str, bool); 8] = [
                 ("owner-secret-file", self.owner_secret_file.is_some()),
                 ("forward-timeout", self.forward_timeout.is_some()),
                 ("on-owner-timeout", self.on_owner_timeout.is_some()),
                 ("nas-route", !self.nas_route.is_empty()),
+                ("learner", !self.learner.is_empty()),
                 ("forward-bind", self.forward_bind.is_some()),
                 ("affinity-cache-ttl", self.affinity_cache_ttl.is_some()),
                 (
@@ -241,18 +256,18 @@ impl RouterArgs {
             }
             return Ok(None);
         }
-        let url = self
-            .affinity_redis
-            .clone()
-            .ok_or(RouterConfigError::NoRedis)?;
+        let (url, prefix) = affinity;
+        let url = url.ok_or(RouterConfigError::NoRedis)?;
+        crate::affinity::publish::check_url(&url)
+            .map_err(|e| RouterConfigError::Secret(e.to_string()))?;
         let path = self
             .owner_secret_file
             .as_ref()
             .ok_or(RouterConfigError::NoOwnerSecret)?;
         let owner_secret = read_secret_file(path).map_err(RouterConfigError::Secret)?;
         let mut affinity = AffinitySettings::new(url);
-        if let Some(p) = &self.affinity_prefix {
-            affinity.prefix = p.clone();
+        if let Some(p) = prefix {
+            affinity.prefix = p;
         }
         let v6 = listen.first().is_some_and(SocketAddr::is_ipv6);
         let any: IpAddr = if v6 {
@@ -272,6 +287,7 @@ impl RouterArgs {
                 })
                 .collect(),
             owner_secret,
+            learners: self.learner.clone(),
             forward_timeout: self.forward_timeout.unwrap_or(DEFAULT_FORWARD_TIMEOUT),
             on_owner_timeout: self.on_owner_timeout.unwrap_or_default(),
             forward_bind: self.forward_bind.unwrap_or(SocketAddr::new(any, 0)),

@@ -39,6 +39,9 @@ const FORWARD_SOCKETS: usize = 4;
 /// The router's Proxy-State: a tag, this process's nonce, the request's token.
 const PROXY_STATE_TAG: &[u8; 4] = b"dyrt";
 const PROXY_STATE_LEN: usize = 16;
+/// Marks an owner that stands for "the DAS of this NAS" (a learner's session); owner ids
+/// cannot hold it.
+const LEARNT_AT: &str = "@";
 /// How long an owner's address is trusted before it is read again (its heartbeat period).
 const OWNER_ADDRESS_TTL_MS: u64 = 1_000;
 /// Redis commands time out after this (the request then gets NAK 505).
@@ -248,7 +251,7 @@ fn subscribe(
             if !logged_down {
                 tracing::warn!(
                     "router: invalidation channel on {} lost ({e}); the cache is cleared and retried",
-                    affinity::redacted(&settings.url)
+                    affinity::publish::redact_url(&settings.url)
                 );
                 logged_down = true;
             }
@@ -439,7 +442,10 @@ impl Worker {
         let mut decided = Vec::with_capacity(requests.len());
         let mut need_addresses = Vec::new();
         for (pending, route, fresh) in requests {
-            let mut owners: Option<HashSet<&str>> = None;
+            // Per key: the owners holding the session live, and those holding it or its
+            // tombstone; the request's owners are the intersections (live first).
+            let mut live: Option<HashSet<&str>> = None;
+            let mut any: Option<HashSet<&str>> = None;
             let mut cached_keys = Vec::new();
             let mut unavailable = false;
             for k in &route.keys {
@@ -458,23 +464,41 @@ impl Worker {
                     unavailable = true;
                     break;
                 };
-                let set: HashSet<&str> = set.iter().map(String::as_str).collect();
-                owners = Some(match owners {
-                    None => set,
-                    Some(prev) => prev.intersection(&set).copied().collect(),
+                let live_here: HashSet<&str> = set
+                    .iter()
+                    .filter(|(_, l)| *l)
+                    .map(|(o, _)| o.as_str())
+                    .collect();
+                let any_here: HashSet<&str> = set.iter().map(|(o, _)| o.as_str()).collect();
+                live = Some(match live {
+                    None => live_here,
+                    Some(prev) => prev.intersection(&live_here).copied().collect(),
+                });
+                any = Some(match any {
+                    None => any_here,
+                    Some(prev) => prev.intersection(&any_here).copied().collect(),
                 });
             }
-            let owners: Vec<String> = owners
-                .unwrap_or_default()
-                .into_iter()
-                .map(str::to_owned)
-                .collect();
+            let live = live.unwrap_or_default();
+            let chosen = if live.is_empty() {
+                any.unwrap_or_default()
+            } else {
+                live
+            };
+            let owners: Vec<String> = chosen.into_iter().map(str::to_owned).collect();
             let choice = if unavailable {
                 Route::StoreUnavailable
             } else if owners.len() > 1 {
                 Route::MultipleOwners
             } else if let Some(owner) = owners.into_iter().next() {
-                Route::Owner(owner)
+                match owner.strip_prefix(LEARNT_AT) {
+                    // Learnt from the NAS's Accounting by a --learner: its own DAS acts.
+                    Some(nas) => match self.nas_route_by_identity(nas) {
+                        Some(i) => Route::Nas(i),
+                        None => Route::NotRoutable,
+                    },
+                    None => Route::Owner(owner),
+                }
             } else {
                 match self.nas_route(&route.nas) {
                     Some(i) => Route::Nas(i),
@@ -536,6 +560,20 @@ impl Worker {
         }
     }
 
+    /// The first `--nas-route` for a NAS identity as a learner published it (the session's
+    /// `nas`: its NAS-Identifier, or its NAS-IP-Address / NAS-IPv6-Address as text).
+    fn nas_route_by_identity(&self, nas: &str) -> Option<usize> {
+        let ip = nas.parse::<std::net::IpAddr>().ok();
+        self.settings
+            .nas_routes
+            .iter()
+            .position(|r| match &r.matcher {
+                NasMatch::Identifier(id) => id == nas,
+                NasMatch::Ip(addr) => Some(*addr) == ip,
+                NasMatch::OperatorName(_) => false,
+            })
+    }
+
     /// The first `--nas-route` matching the NAS the request names.
     fn nas_route(&self, nas: &NasHints) -> Option<usize> {
         self.settings
@@ -567,7 +605,7 @@ impl Worker {
                     if self.redis_logged_down {
                         tracing::info!(
                             "router: affinity store {} reachable again",
-                            affinity::redacted(&url)
+                            affinity::publish::redact_url(&url)
                         );
                         self.redis_logged_down = false;
                     }
@@ -586,19 +624,21 @@ impl Worker {
         if !self.redis_logged_down {
             tracing::warn!(
                 "router: affinity store {} unavailable ({e}); requests that need it get NAK 505 until it is back",
-                affinity::redacted(&self.settings.affinity.url)
+                affinity::publish::redact_url(&self.settings.affinity.url)
             );
             self.redis_logged_down = true;
         }
     }
 
-    /// One pipelined `HKEYS` per key; `None` when Redis cannot be read.
+    /// One pipelined `HGETALL` per key; `None` when Redis cannot be read.
     fn lookup_keys(&mut self, keys: &[Vec<u8>]) -> Option<HashMap<Vec<u8>, Owners>> {
         let prefix = self.settings.affinity.prefix.clone();
         let mut pipe = redis::pipe();
         for k in keys {
-            pipe.cmd("HKEYS").arg(affinity::index_key(&prefix, k));
+            pipe.cmd("HGETALL").arg(affinity::index_key(&prefix, k));
         }
+        let now_wall = crate::state::wall_ms();
+        let learners = self.settings.learners.clone();
         let started = Instant::now();
         let result: redis::RedisResult<Vec<Vec<Vec<u8>>>> = match self.connection() {
             Some(conn) => pipe.query(conn),
@@ -610,14 +650,31 @@ impl Worker {
                 Some(
                     keys.iter()
                         .cloned()
-                        .zip(fields.into_iter().map(|fields| {
+                        .zip(fields.into_iter().map(|pairs| {
                             let mut owners: Owners = Vec::new();
-                            for f in &fields {
+                            for pair in pairs.chunks_exact(2) {
+                                let [f, v] = pair else { continue };
+                                let Some(live) = affinity::field_state(v, now_wall) else {
+                                    continue; // an expired tombstone
+                                };
                                 if let Some(o) = affinity::field_owner(f)
                                     && let Ok(o) = core::str::from_utf8(o)
-                                    && !owners.iter().any(|x| x == o)
                                 {
-                                    owners.push(o.to_owned());
+                                    // A learner's session goes to its NAS: "@NAS" stands for it.
+                                    let learnt;
+                                    let o = if learners.iter().any(|l| l == o) {
+                                        let Some(nas) = affinity::field_nas(f) else {
+                                            continue;
+                                        };
+                                        learnt = format!("{LEARNT_AT}{nas}");
+                                        learnt.as_str()
+                                    } else {
+                                        o
+                                    };
+                                    match owners.iter_mut().find(|(x, _)| x == o) {
+                                        Some((_, l)) => *l |= live,
+                                        None => owners.push((o.to_owned(), live)),
+                                    }
                                 }
                             }
                             owners

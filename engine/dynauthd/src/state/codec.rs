@@ -32,6 +32,7 @@ const PUT: u8 = 1;
 const REMOVE: u8 = 2;
 const TOMB: u8 = 3;
 const END: u8 = 4;
+const SEQ: u8 = 5;
 
 /// One record of a journal segment or a snapshot.
 #[derive(Debug, Clone, PartialEq)]
@@ -49,6 +50,13 @@ pub enum Record {
     Tomb { at_ms: u64, session: Session },
     /// The end of a complete snapshot.
     End { sessions: u64, tombstones: u64 },
+    /// The session feed applied the event numbered `seq` of `nas` (the control plane's
+    /// per-NAS order survives a restart: an old or repeated event stays ignored).
+    Seq {
+        at_ms: u64,
+        nas: Option<String>,
+        seq: u64,
+    },
 }
 
 /// Why bytes are not a record. Every one is a cut when it is found in a file.
@@ -127,6 +135,18 @@ pub fn encode(record: &Record, out: &mut Vec<u8>, scratch: &mut Vec<u8>) {
                 out.extend_from_slice(scratch);
             }
         }
+        Record::Seq { at_ms, nas, seq } => {
+            out.push(SEQ);
+            out.extend_from_slice(&at_ms.to_le_bytes());
+            out.extend_from_slice(&seq.to_le_bytes());
+            match nas {
+                None => out.push(0),
+                Some(n) => {
+                    out.push(1);
+                    out.extend_from_slice(n.as_bytes());
+                }
+            }
+        }
         Record::End {
             sessions,
             tombstones,
@@ -185,6 +205,15 @@ fn payload_record(p: &[u8]) -> Option<Record> {
             at_ms,
             session: dynauth_table::decode_session(rest)?,
         }),
+        SEQ => {
+            let seq = u64::from_le_bytes(rest.get(..8)?.try_into().ok()?);
+            let nas = match *rest.get(8)? {
+                0 if rest.len() == 9 => None,
+                1 => Some(String::from_utf8(rest.get(9..)?.to_vec()).ok()?),
+                _ => return None,
+            };
+            Some(Record::Seq { at_ms, nas, seq })
+        }
         TOMB => Some(Record::Tomb {
             at_ms,
             session: dynauth_table::decode_session(rest)?,
@@ -291,6 +320,16 @@ mod tests {
                 at_ms: 7,
                 session: sessions[5].clone(),
             },
+            Record::Seq {
+                at_ms: 9,
+                nas: Some("bng-a|1".into()),
+                seq: 42,
+            },
+            Record::Seq {
+                at_ms: 10,
+                nas: None,
+                seq: u64::MAX,
+            },
             Record::End {
                 sessions: 10,
                 tombstones: 2,
@@ -321,10 +360,11 @@ mod tests {
     fn a_torn_tail_is_cut_at_the_last_whole_record() {
         let rs = records();
         let bytes = encode_all(&rs);
-        let whole = encode_all(&rs[..4]).len();
+        let kept = rs.len() - 1;
+        let whole = encode_all(&rs[..kept]).len();
         for len in whole + 1..bytes.len() {
             let (n, cut) = for_each(&bytes[..len], |_, _| {});
-            assert_eq!(n, 4, "cut at {len}");
+            assert_eq!(n, kept as u64, "cut at {len}");
             let cut = cut.expect("a cut");
             assert_eq!(cut.offset, whole);
             assert_eq!(cut.dropped, len - whole);

@@ -14,6 +14,7 @@
 pub mod codec;
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Read as _, Write as _};
 use std::path::{Path, PathBuf};
@@ -27,7 +28,7 @@ use dynauth_proto::session::Session;
 use dynauth_proto::store::{
     Applied, Lookup, Refusal, SessionStore, UpsertError, UpsertMode, Upserted,
 };
-use dynauth_table::SessionTable;
+use dynauth_table::{SessionTable, TableConfig};
 
 use codec::{Cut, Record};
 
@@ -509,6 +510,9 @@ pub struct DurableStore {
     writer: Mutex<Option<thread::JoinHandle<()>>>,
     snapshot_lock: Mutex<()>,
     window_ms: u64,
+    /// The session feed's last sequence number per NAS (journaled with each event,
+    /// written into every snapshot).
+    feed_seqs: Mutex<HashMap<Option<String>, u64>>,
     /// The state directory's lock, for as long as this store lives.
     _dir_lock: Option<Arc<fs::File>>,
 }
@@ -563,8 +567,19 @@ impl DurableStore {
             writer: Mutex::new(Some(handle)),
             snapshot_lock: Mutex::new(()),
             window_ms,
+            feed_seqs: Mutex::new(restored.feed_seqs.clone()),
             _dir_lock: restored.lock.clone(),
         }))
+    }
+
+    /// The session feed's last sequence number of each NAS, as restored and since recorded.
+    pub fn feed_seqs(&self) -> Vec<(Option<String>, u64)> {
+        self.feed_seqs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(n, s)| (n.clone(), *s))
+            .collect()
     }
 
     pub fn table(&self) -> &Arc<SessionTable> {
@@ -719,6 +734,10 @@ impl DurableStore {
                 &mut scratch,
             );
         }
+        // The feed's order too: an event older than the snapshot stays ignored after it.
+        for (nas, seq) in self.feed_seqs() {
+            codec::encode(&Record::Seq { at_ms, nas, seq }, &mut frames, &mut scratch);
+        }
         codec::encode(
             &Record::End {
                 sessions,
@@ -776,6 +795,21 @@ impl core::fmt::Display for SnapshotReport {
 }
 
 impl SessionStore for DurableStore {
+    fn feed_seq(&self, nas: Option<&str>, seq: u64) {
+        // Journaled after the event's own records, under the same commit scope: the feed's
+        // reply waits for both.
+        self.commit(|_, records| {
+            records.push(Record::Seq {
+                at_ms: wall_ms(),
+                nas: nas.map(str::to_owned),
+                seq,
+            });
+        });
+        let mut seqs = self.feed_seqs.lock().unwrap_or_else(|p| p.into_inner());
+        let last = seqs.entry(nas.map(str::to_owned)).or_insert(seq);
+        *last = (*last).max(seq);
+    }
+
     fn disconnect(&self, lookup: &Lookup<'_>) -> Result<Applied, Refusal> {
         self.commit(|table, records| {
             let mut selected = Vec::new();
@@ -984,6 +1018,8 @@ pub struct Restored {
     pub clock: Clock,
     /// The state directory's lock, held from the restore on (the durable store keeps it).
     pub lock: Option<Arc<fs::File>>,
+    /// The session feed's last sequence number of each NAS.
+    pub feed_seqs: HashMap<Option<String>, u64>,
 }
 
 impl core::fmt::Display for Restored {
@@ -1038,42 +1074,79 @@ fn read_file(path: &Path) -> Result<Vec<u8>, StateError> {
 }
 
 /// Applies one snapshot to a fresh table; `None` when it is not a complete, valid snapshot.
+/// A snapshot's table, counts of sessions, tombstones and refused records, and the feed's
+/// sequence numbers.
+type SnapshotContents = (SessionTable, u64, u64, u64, HashMap<Option<String>, u64>);
+
 fn load_snapshot(
     path: &Path,
     base: u64,
     clock: &Clock,
     now_mono: u64,
     window_ms: u64,
-    config: dynauth_table::TableConfig,
-) -> Result<Option<(SessionTable, u64, u64, u64)>, StateError> {
+    config: TableConfig,
+) -> Result<Option<SnapshotContents>, StateError> {
     let bytes = read_file(path)?;
     if codec::parse_header(codec::SNAPSHOT_MAGIC, &bytes) != Some(base) {
         return Ok(None);
     }
+    let body = &bytes[codec::HEADER_LEN..];
+    // Fast path: the sessions go into a bulk build (every index built in one sorted pass
+    // at the end), the way `--sessions FILE` loads; a snapshot this process did not write
+    // whole (two records with one unique key) is read again record by record.
+    if let Some(contents) = read_snapshot(path, body, clock, now_mono, window_ms, config, true) {
+        return Ok(contents);
+    }
+    tracing::warn!(
+        "restore: snapshot {} holds conflicting sessions: reading it again one by one",
+        path.display()
+    );
+    Ok(read_snapshot(path, body, clock, now_mono, window_ms, config, false).flatten())
+}
+
+/// One pass over a snapshot's records. `None`: the bulk build found two records with one
+/// unique key (only with `bulk`). `Some(None)`: not a complete snapshot.
+fn read_snapshot(
+    path: &Path,
+    body: &[u8],
+    clock: &Clock,
+    now_mono: u64,
+    window_ms: u64,
+    config: TableConfig,
+    bulk: bool,
+) -> Option<Option<SnapshotContents>> {
+    let mut loader = bulk.then(|| dynauth_table::load::BulkLoader::new(config));
     let table = SessionTable::new(config);
     let (mut sessions, mut tombs, mut conflicts) = (0u64, 0u64, 0u64);
+    let mut tombstones = Vec::new();
+    let mut seqs = HashMap::new();
     let mut end = None;
     let mut progress = Progress {
         last: Instant::now(),
         what: format!("snapshot {}", path.display()),
-        total: bytes.len() as u64,
+        total: body.len() as u64,
     };
-    let body = &bytes[codec::HEADER_LEN..];
     let (_, cut) = codec::for_each(body, |r, at| {
         match r {
             Record::Put { session, .. } if end.is_none() => {
                 sessions += 1;
-                if !table.insert(session) {
+                let stored = match loader.as_mut() {
+                    Some(l) => l.push(&session).is_ok(),
+                    None => table.insert(session),
+                };
+                if !stored {
                     conflicts += 1;
                 }
             }
             Record::Tomb { at_ms, session } if end.is_none() => {
                 tombs += 1;
                 let t = clock.mono(at_ms);
-                if t.saturating_add(window_ms) >= now_mono && !table.restore_tombstone(&session, t)
-                {
-                    conflicts += 1;
+                if t.saturating_add(window_ms) >= now_mono {
+                    tombstones.push((session, t));
                 }
+            }
+            Record::Seq { nas, seq, .. } if end.is_none() => {
+                seqs.insert(nas, seq);
             }
             Record::End {
                 sessions: s,
@@ -1084,12 +1157,24 @@ fn load_snapshot(
         }
         progress.tick(at as u64, sessions + tombs);
     });
-    match (cut, end) {
-        (None, Some((s, t, at))) if s == sessions && t == tombs && at == body.len() => {
-            Ok(Some((table, sessions, tombs, conflicts)))
-        }
-        _ => Ok(None),
+    let complete = matches!(
+        (cut, end),
+        (None, Some((s, t, at))) if s == sessions && t == tombs && at == body.len()
+    );
+    if !complete {
+        return Some(None);
     }
+    let table = match loader {
+        Some(l) => l.finish().ok()?,
+        None => table,
+    };
+    // Tombstones once the indexes exist (one may not shadow a live session).
+    for (session, t) in tombstones {
+        if !table.restore_tombstone(&session, t) {
+            conflicts += 1;
+        }
+    }
+    Some(Some((table, sessions, tombs, conflicts, seqs)))
 }
 
 /// Restores the state in `options.dir` (created when missing) into a table. The newest
@@ -1149,6 +1234,7 @@ pub fn restore(
         next_segment: 1,
         elapsed: Duration::ZERO,
         clock,
+        feed_seqs: HashMap::new(),
     };
     let mut table = None;
     let mut from = 0u64;
@@ -1156,7 +1242,8 @@ pub fn restore(
         let path = dir.join(snapshot_name(n));
         tracing::info!("restore: loading {}", path.display());
         match load_snapshot(&path, n, &clock, now_mono, window_ms, options.table)? {
-            Some((t, s, tombs, conflicts)) => {
+            Some((t, s, tombs, conflicts, seqs)) => {
+                restored.feed_seqs = seqs;
                 table = Some(t);
                 from = n;
                 restored.snapshot = Some(path);
@@ -1211,9 +1298,13 @@ pub fn restore(
             let mut conflicts = 0;
             let body = &bytes[codec::HEADER_LEN..];
             let mut count = 0;
+            let seqs = &mut restored.feed_seqs;
             let result = codec::for_each(body, |r, at| {
                 count += 1;
-                if !apply(&table, &clock, r) {
+                if let Record::Seq { nas, seq, .. } = r {
+                    let last = seqs.entry(nas).or_insert(seq);
+                    *last = (*last).max(seq);
+                } else if !apply(&table, &clock, r) {
                     conflicts += 1;
                 }
                 progress.tick(at as u64, count);
@@ -1301,7 +1392,7 @@ fn apply(table: &SessionTable, clock: &Clock, r: Record) -> bool {
         } => table
             .remove_sessions(&identities, tombstone, clock.mono(at_ms))
             .is_ok(),
-        Record::Tomb { .. } | Record::End { .. } => false,
+        Record::Tomb { .. } | Record::End { .. } | Record::Seq { .. } => false,
     }
 }
 

@@ -147,33 +147,10 @@ impl Daemon {
     }
 
     /// SIGTERM, wait (bounded), and return the rest of stdout (the totals line) and stderr.
-    pub fn stop(mut self) -> (String, String) {
-        let mut child = self.child.take().unwrap();
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(child.id().to_string())
-            .status();
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                assert!(status.success(), "dynauthd exited with {status}");
-                break;
-            }
-            if std::time::Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("dynauthd did not stop within 10 s of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let mut out = String::new();
-        while let Ok(line) = self.stdout.recv_timeout(Duration::from_secs(2)) {
-            out.push_str(&line);
-            out.push('\n');
-        }
-        let err = std::mem::replace(&mut self.stderr, std::thread::spawn(String::new))
-            .join()
-            .unwrap_or_default();
+    pub fn stop(self) -> (String, String) {
+        self.signal("-TERM");
+        let (status, out, err) = self.wait_exit(Duration::from_secs(10));
+        assert!(status.success(), "dynauthd exited with {status}:\n{err}");
         (out, err)
     }
 }
@@ -403,80 +380,122 @@ impl Agent {
     }
 }
 
-/// A real redis-server (Debian package `redis-server`) on a free loopback port, with no
-/// persistence; killed when dropped.
+/// A private redis-server on a free loopback port (no persistence); killed when dropped.
+/// For the affinity tests (owners publishing) and the router tests (routers reading).
 pub struct Redis {
     child: Option<Child>,
     port: u16,
 }
 
 impl Redis {
-    /// Starts one and waits (bounded) until it answers PING.
+    /// Starts one on a free loopback port; returns once it answers PING (bounded).
     pub fn start() -> Redis {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
+            .and_then(|l| l.local_addr())
+            .expect("a free loopback port")
             .port();
         Redis::start_on(port)
     }
 
-    /// Starts one on `port` (a restart on the same port).
+    /// Starts one on `port` (a restart after `kill`: the same address, an empty store).
     pub fn start_on(port: u16) -> Redis {
+        let dir = temp_path(&format!("redis-{port}"));
+        std::fs::create_dir_all(&dir).unwrap();
         let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--save", "", "--appendonly", "no"])
+            .args(["--port", &port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--dir", dir.to_str().unwrap()])
+            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("redis-server not found: apt-get install redis-server (.ci/run installs it)");
-        let redis = Redis {
+            .expect("redis-server not found: apt-get install redis-server");
+        let mut redis = Redis {
             child: Some(child),
             port,
         };
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(mut c) = redis.connection() {
-                let pong: redis::RedisResult<String> = redis::cmd("PING").query(&mut c);
-                if pong.is_ok() {
-                    return redis;
-                }
-            }
+        while redis.try_cli(&["PING"]).as_deref() != Some("PONG") {
             assert!(
                 std::time::Instant::now() < deadline,
-                "redis-server did not answer PING on port {port} within 10 s"
+                "redis-server on port {port} did not answer PING within 10 s"
             );
+            if let Some(c) = redis.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                panic!("redis-server on port {port} exited with {status}");
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
+        redis
     }
 
     pub fn port(&self) -> u16 {
         self.port
     }
 
+    /// `redis://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    pub fn connection(&self) -> redis::RedisResult<redis::Connection> {
-        let c = redis::Client::open(self.url())?;
-        let conn = c.get_connection_with_timeout(Duration::from_secs(2))?;
-        conn.set_read_timeout(Some(Duration::from_secs(2)))?;
-        Ok(conn)
+    /// `redis-cli --raw` with `args`: its stdout without the final newline (one line per
+    /// element of an array reply). Panics when redis-cli fails.
+    pub fn cli(&self, args: &[&str]) -> String {
+        self.try_cli(args)
+            .unwrap_or_else(|| panic!("redis-cli {args:?} on port {} failed", self.port))
     }
 
-    /// Runs one command; panics on a Redis error.
-    pub fn cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> T {
-        let mut c = self.connection().unwrap();
-        let mut cmd = redis::cmd(args[0]);
-        for a in &args[1..] {
-            cmd.arg(*a);
+    /// The lines of `cli(args)`, sorted (HKEYS, KEYS, SMEMBERS).
+    pub fn lines(&self, args: &[&str]) -> Vec<String> {
+        let mut l: Vec<String> = self.cli(args).lines().map(str::to_owned).collect();
+        l.sort();
+        l
+    }
+
+    fn try_cli(&self, args: &[&str]) -> Option<String> {
+        let out = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "--raw"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).trim_end().to_string();
+        (out.status.success() && !text.starts_with("Could not connect")).then_some(text)
+    }
+
+    /// A connection of the redis crate (binary-safe commands, SUBSCRIBE).
+    pub fn connection(&self) -> redis::Connection {
+        let c = redis::Client::open(self.url()).unwrap();
+        let con = c
+            .get_connection_with_timeout(Duration::from_secs(5))
+            .expect("connect to the test redis-server");
+        con.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        con
+    }
+
+    /// SIGSTOP: Redis hangs (connections open, nothing answered) until `resume`.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after `pause`.
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let ok = Command::new("kill")
+                .arg(sig)
+                .arg(c.id().to_string())
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "kill {sig} redis-server");
         }
-        cmd.query(&mut c)
-            .unwrap_or_else(|e| panic!("redis {args:?}: {e}"))
     }
 
-    /// Kills the server (SIGKILL).
+    /// SIGKILL (an outage); `start_on(self.port())` brings an empty one back.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -487,6 +506,17 @@ impl Redis {
 
 impl Drop for Redis {
     fn drop(&mut self) {
+        // A paused one would not die of SIGKILL any slower, but resume it for tidiness.
+        self.resume();
         self.kill();
+    }
+}
+
+/// Polls `f` every 20 ms until it holds; panics with `what` after `within`.
+pub fn wait_until(within: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + within;
+    while !f() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
