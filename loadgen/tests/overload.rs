@@ -11,42 +11,25 @@
 //! it fail (every answer then waits behind seconds of queue and arrives late).
 //!
 //! `dynauthd` is another package's binary: `cargo test --workspace` builds it into the same
-//! target folder as this test.
+//! target folder as this test (`tests/dynauthd`).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-fn dynauthd() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(|deps| deps.parent()).unwrap();
-    let bin = dir.join("dynauthd");
-    assert!(
-        bin.exists(),
-        "{} is missing: run `cargo test --workspace` or `cargo build --bin dynauthd` first",
-        bin.display()
-    );
-    bin
-}
+mod dynauthd;
 
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+/// The server under test, killed when dropped.
+struct Server(dynauthd::Killed);
 
 impl Server {
     fn alive(&mut self) -> bool {
-        matches!(self.0.try_wait(), Ok(None))
+        matches!(self.0.0.try_wait(), Ok(None))
     }
 
     fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0.id())).unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0.0.id())).unwrap();
         status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -57,7 +40,7 @@ impl Server {
 
 /// Starts dynauthd; returns it, its listen address and its metrics address.
 fn start(args: &[&str]) -> (Server, String, SocketAddr) {
-    let mut child = Command::new(dynauthd())
+    let mut child = Command::new(dynauthd::binary())
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -78,7 +61,7 @@ fn start(args: &[&str]) -> (Server, String, SocketAddr) {
         .unwrap_or_else(|| panic!("no metrics address in {banner:?}"))
         .parse()
         .unwrap();
-    (Server(child), addr, metrics)
+    (Server(dynauthd::Killed(child)), addr, metrics)
 }
 
 fn scrape(metrics: SocketAddr, name: &str) -> u64 {
