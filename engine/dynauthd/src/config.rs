@@ -138,6 +138,8 @@ pub struct Cli {
     pub snapshot_journal_bytes: Option<u64>,
     #[command(flatten)]
     pub router: crate::router::RouterArgs,
+    #[command(flatten)]
+    pub overload: crate::overload::OverloadArgs,
     /// Write one JSON line per decided Disconnect/CoA and operator disconnect to this file
     /// (`-`: standard output). Off by default. See docs/RUNNING.md, "Audit log".
     #[arg(long, value_name = "PATH|-")]
@@ -387,6 +389,10 @@ struct FileConfig {
     #[serde(default)]
     dedup: DedupFile,
     #[serde(default)]
+    overload: crate::overload::OverloadFile,
+    #[serde(default)]
+    tombstones: crate::overload::TombstonesFile,
+    #[serde(default)]
     client: Vec<ClientFile>,
     affinity: Option<AffinityFile>,
 }
@@ -497,6 +503,8 @@ pub struct Settings {
     pub audit: Option<crate::audit::AuditOptions>,
     /// `--affinity-redis`: publish this owner's sessions for the routers.
     pub affinity: Option<AffinityOwner>,
+    /// Shedding under overload and the tombstones' size (`crate::overload`).
+    pub overload: crate::overload::OverloadSettings,
 }
 
 /// Publishing affinity (`--affinity-redis`).
@@ -917,6 +925,12 @@ fn combine(loaded: Loaded, cli: &Cli) -> Result<Settings, ConfigError> {
             ));
         }
     }
+    let overload = crate::overload::OverloadSettings::combine(
+        &cli.overload,
+        &file.overload,
+        &file.tombstones,
+        &clients,
+    );
     // A router reads the affinity (`--affinity-redis` is where); only an owner publishes.
     let affinity = if router.is_some() {
         let owner_only: [(&'static str, bool); 3] = [
@@ -934,6 +948,7 @@ fn combine(loaded: Loaded, cli: &Cli) -> Result<Settings, ConfigError> {
         affinity_owner(file.affinity.as_ref(), cli, &listen)?
     };
     Ok(Settings {
+        overload,
         affinity,
         listen,
         shards: cli.shards.or(file.shards).unwrap_or_default(),
@@ -988,6 +1003,7 @@ fn combine(loaded: Loaded, cli: &Cli) -> Result<Settings, ConfigError> {
             .state_dir
             .as_ref()
             .map(|dir| crate::state::StateOptions {
+                table: overload.table_config(),
                 dir: dir.clone(),
                 commit_window: cli
                     .journal_commit_window

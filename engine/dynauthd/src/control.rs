@@ -1007,6 +1007,7 @@ impl Connection<'_> {
             scope: MatchScope {
                 vrf: query.vrf.as_deref(),
                 max_sessions,
+                tombstone_window_ms: dynauth_proto::store::NO_CLIENT_WINDOW,
             },
             now_ms: self.shared.feed.now_ms(),
         };

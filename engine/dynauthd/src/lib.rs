@@ -16,6 +16,8 @@
 //! - [`reload`]: SIGHUP / `dynauthctl reload`: the configuration again, without a restart.
 //! - [`audit`]: `--audit-log`: one JSON line per decided Disconnect or CoA.
 //! - [`notify`]: systemd's `sd_notify` (READY, RELOADING, STOPPING, WATCHDOG).
+//! - [`overload`]: shedding by age under overload (`--shed-after`, NAK 506 or drop) and
+//!   the tombstones' size (`--tombstones`).
 //!
 //! Must not touch: syscalls (they are `dynauth_udp`'s) or protocol rules (`dynauth_proto`'s).
 #![forbid(unsafe_code)]
@@ -28,6 +30,7 @@ pub mod config;
 pub mod control;
 pub mod feed;
 pub mod notify;
+pub mod overload;
 pub mod reload;
 pub mod router;
 pub mod runtime;

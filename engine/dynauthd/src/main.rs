@@ -80,10 +80,10 @@ fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
 
 /// Loads the session file into a fresh table: all of it or nothing, with a progress bar on a
 /// terminal and the count and time at the end.
-fn load_sessions(path: &std::path::Path) -> anyhow::Result<SessionTable> {
+fn load_sessions(path: &std::path::Path, config: TableConfig) -> anyhow::Result<SessionTable> {
     let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     let bar = load::progress_bar(size, std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    let loaded = load::load_jsonl_file(path, TableConfig::default(), &mut |p| {
+    let loaded = load::load_jsonl_file(path, config, &mut |p| {
         if let Some(bar) = &bar {
             bar.set_position(p.bytes);
         }
@@ -119,9 +119,7 @@ fn open_state(
     stats: &Arc<state::StateStats>,
 ) -> anyhow::Result<(Arc<state::DurableStore>, std::time::Instant)> {
     use std::sync::atomic::Ordering::Relaxed;
-    let window = std::time::Duration::from_millis(
-        dynauth_proto::store::TombstonePolicy::default().window_ms,
-    );
+    let window = std::time::Duration::from_millis(settings.overload.tombstones.window_ms);
     let base = state::clock_base(window);
     tracing::info!(
         "state: restoring {} (no socket is bound until the restore is done)",
@@ -147,7 +145,7 @@ fn open_state(
     let mut imported = None;
     if restored.empty {
         if let Some(path) = &settings.sessions {
-            table = load_sessions(path)?;
+            table = load_sessions(path, options.table)?;
             imported = Some(path.display().to_string());
         } else if settings.demo_sessions {
             insert_demo_sessions(&table);
@@ -183,8 +181,8 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
     let table = match &settings.state {
         None => {
             let table = Arc::new(match &settings.sessions {
-                Some(path) => load_sessions(path)?,
-                None => SessionTable::new(TableConfig::default()),
+                Some(path) => load_sessions(path, settings.overload.table_config())?,
+                None => SessionTable::new(settings.overload.table_config()),
             });
             if settings.demo_sessions {
                 insert_demo_sessions(&table);
@@ -199,6 +197,8 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
             table
         }
     };
+    // For the tombstone metrics (dynauth_tombstones_evicted_total).
+    let tombstone_table = Arc::clone(&table);
     if settings.nas.identifiers.is_empty() {
         tracing::info!(
             "no --nas-identifier configured: a request carrying NAS-Identifier gets NAK 403 (NAS-IP-Address / NAS-IPv6-Address default to the address a request arrived on)"
@@ -347,6 +347,7 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
                     scope: MatchScope {
                         vrf: query.vrf.as_deref(),
                         max_sessions: u32::MAX,
+                        tombstone_window_ms: dynauth_proto::store::NO_CLIENT_WINDOW,
                     },
                     now_ms: 0,
                 })
@@ -417,9 +418,13 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
     if let Some(addr) = settings.metrics {
         let feed_metrics = Arc::clone(&feed);
         let reload_metrics = Arc::clone(&reloader);
+        let tombstone_table = Arc::clone(&tombstone_table);
         let mut extra: Vec<runtime::MetricsSource> = vec![
             Arc::new(move |out: &mut String| feed_metrics.write_prometheus(out)),
             Arc::new(move |out: &mut String| reload_metrics.write_prometheus(out)),
+            Arc::new(move |out: &mut String| {
+                dynauthd::overload::write_tombstone_prometheus(&tombstone_table, out)
+            }),
         ];
         if let Some(log) = &audit_log {
             let log = Arc::clone(log);

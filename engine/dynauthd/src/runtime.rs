@@ -117,6 +117,8 @@ pub struct ShardReport {
     pub dedup: DedupStats,
     /// Time `Engine::handle` took per datagram (SPEC §10 latency histogram).
     pub decision_latency: LatencyHistogram,
+    /// Requests shed under overload (`crate::overload`).
+    pub shed: crate::overload::ShedStats,
 }
 
 /// Every shard's reports summed.
@@ -126,6 +128,7 @@ pub struct Totals {
     pub io: IoStats,
     pub dedup: DedupStats,
     pub decision_latency: LatencyHistogram,
+    pub shed: crate::overload::ShedStats,
     /// Shards that stopped on their own (a panic): the server then shuts down.
     pub failed_shards: usize,
 }
@@ -140,6 +143,7 @@ impl Totals {
         self.dedup.too_large += r.dedup.too_large;
         self.dedup.in_flight_full += r.dedup.in_flight_full;
         self.decision_latency.merge(&r.decision_latency);
+        self.shed.add(&r.shed);
     }
 
     /// One line: answers, NAKs by Error-Cause, discards by reason, kernel drops.
@@ -186,7 +190,7 @@ impl Totals {
             None => ">100ms".to_string(),
         };
         format!(
-            "received {} ack {} nak {} [{}] duplicates {} discards {} [{}] kernel_drops {} send_errors {} out_of_buffers {} gso_messages {} decision p50 {} p99 {}",
+            "received {} ack {} nak {} [{}] duplicates {} discards {} [{}] shed {} kernel_drops {} send_errors {} out_of_buffers {} gso_messages {} decision p50 {} p99 {}",
             self.io.received,
             acks,
             nak_total,
@@ -194,6 +198,7 @@ impl Totals {
             dups,
             discard_total,
             discards,
+            self.shed.nak + self.shed.drop,
             self.io.kernel_drops,
             self.io.send_errors,
             self.io.out_of_buffers,
@@ -217,6 +222,8 @@ struct ShardHandler {
     current: Arc<EngineConfig>,
     /// Where answers are audited (`--audit-log`); `None`: nothing is built per packet.
     audit: Option<Arc<crate::audit::AuditLog>>,
+    /// Sheds requests that waited too long (`--shed-after`), before the engine sees them.
+    shedder: crate::overload::Shedder,
 }
 
 impl ShardHandler {
@@ -264,11 +271,22 @@ impl Handler for ShardHandler {
         // wait here, before the backend sends any of the batch's answers (durable before
         // acknowledged, docs/DURABILITY.md).
         let scope = crate::state::defer_commits();
+        self.shedder.start_batch();
         for (d, answer) in batch.iter_mut() {
+            // RFC 5176 §3.5 under overload: a request that waited past --shed-after is shed
+            // here, before the engine or the store sees it (docs/RUNNING.md, "Overload").
             let started = Instant::now();
-            let outcome =
+            let shed = self.shedder.should_shed(d, started);
+            if shed && self.shedder.action == crate::overload::ShedAction::Drop {
+                continue;
+            }
+            let outcome = if shed {
                 self.engine
-                    .handle(d.data, d.source, d.destination, self.now, answer.buffer());
+                    .shed(d.data, d.source, d.destination, self.now, answer.buffer())
+            } else {
+                self.engine
+                    .handle(d.data, d.source, d.destination, self.now, answer.buffer())
+            };
             self.decision_latency
                 .record(u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX));
             match outcome {
@@ -282,6 +300,7 @@ impl Handler for ShardHandler {
                 Outcome::Replay { len } => answer.send(len),
             }
         }
+        self.shedder.end_batch();
         scope.wait();
     }
 }
@@ -495,6 +514,7 @@ pub fn start_at(
         let shard_audit = audit.clone();
         let batch = settings.batch;
         let gso = settings.gso;
+        let shedder = crate::overload::Shedder::new(&settings.overload);
         let spawned = thread::Builder::new()
             .name(format!("dynauthd-shard-{index}"))
             .spawn(move || {
@@ -537,6 +557,7 @@ pub fn start_at(
                     current: shard_config.load_full(),
                     config: shard_config,
                     audit: shard_audit,
+                    shedder,
                 };
                 run_shard(index, backend, handler, &shard_stop, &report);
             });
@@ -694,6 +715,7 @@ pub fn prometheus_text(totals: &Totals, client_names: &[&str]) -> String {
         "Time to decide and encode one datagram (Engine::handle), per datagram",
         &mut out,
     );
+    totals.shed.write_prometheus(&mut out);
     out
 }
 
@@ -756,6 +778,7 @@ fn run_shard(
         r.io = backend.stats();
         r.dedup = handler.engine.dedup_stats();
         r.decision_latency = handler.decision_latency;
+        r.shed = handler.shedder.stats;
     };
     let mut last_publish = Instant::now();
     let mut errors = 0u32;

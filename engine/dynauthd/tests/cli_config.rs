@@ -54,6 +54,13 @@ max_entries = 1000
 arena_bytes = 1048576
 max_in_flight = 128
 
+[overload]
+shed_after_ms = 250
+shed_action = "drop"
+
+[tombstones]
+max = 1000000
+
 [[client]]
 name = "bng-a"
 network = "192.0.2.0/24"

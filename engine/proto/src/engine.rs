@@ -221,6 +221,36 @@ impl Engine {
         now: Now,
         out: &mut [u8],
     ) -> Outcome {
+        self.handle_as(datagram, source, destination, now, out, false)
+    }
+
+    /// Sheds one datagram under overload (RFC 5176 §3.5: NAK 506 Resources Unavailable,
+    /// rather than an answer that arrives after the DAC gave up): the request is
+    /// authenticated like any other (nothing answers bytes that fail, and a discard keeps
+    /// its reason), an authenticated copy of an answered request still gets its cached
+    /// answer, and any other gets NAK 506, counted as an answer. The session store is never
+    /// called, so a shed request has changed nothing, and the 506 is not cached: a
+    /// retransmission after the overload is decided afresh.
+    pub fn shed(
+        &mut self,
+        datagram: &[u8],
+        source: SocketAddr,
+        destination: SocketAddr,
+        now: Now,
+        out: &mut [u8],
+    ) -> Outcome {
+        self.handle_as(datagram, source, destination, now, out, true)
+    }
+
+    fn handle_as(
+        &mut self,
+        datagram: &[u8],
+        source: SocketAddr,
+        destination: SocketAddr,
+        now: Now,
+        out: &mut [u8],
+        shed: bool,
+    ) -> Outcome {
         // Split borrows: the shared configuration is read while this shard's cache and counters
         // are written, without touching the `Arc`'s reference count (a cache line every shard
         // would otherwise bounce on every packet).
@@ -253,7 +283,7 @@ impl Engine {
             client_id,
             client,
         });
-        match arrival.and_then(|a| shard.handle(a, destination, now, out)) {
+        match arrival.and_then(|a| shard.handle(a, destination, now, out, shed)) {
             Ok(outcome) => outcome,
             Err(reason) => {
                 if let Some(c) = counters.per_client.get_mut(client_id.0 as usize) {
@@ -284,6 +314,7 @@ impl Shard<'_> {
         destination: SocketAddr,
         now: Now,
         out: &mut [u8],
+        shed: bool,
     ) -> Result<Outcome, Discard> {
         let ci = arrival.client_id.0 as usize;
         let kind = arrival.kind;
@@ -303,6 +334,11 @@ impl Shard<'_> {
                 }
                 return Ok(Outcome::Replay { len });
             }
+        }
+        if shed {
+            // Before any store call or hand-off: nothing changes, nothing is cached.
+            let verdict = Verdict::nak(ErrorCause::ResourcesUnavailable);
+            return self.answer_with(&request, &verdict, now, out, false);
         }
         if self.route
             && let Some(sink) = self.actions
@@ -370,10 +406,22 @@ impl Shard<'_> {
         now: Now,
         out: &mut [u8],
     ) -> Result<Outcome, Discard> {
+        self.answer_with(request, verdict, now, out, true)
+    }
+
+    /// Encodes and counts an answer, and caches it when `cache`.
+    fn answer_with(
+        &mut self,
+        request: &Authenticated<'_>,
+        verdict: &Verdict,
+        now: Now,
+        out: &mut [u8],
+        cache: bool,
+    ) -> Result<Outcome, Discard> {
         let ci = request.client_id().0 as usize;
         let kind = request.kind();
         let len = answer::encode(out, request, verdict).map_err(|_| Discard::AnswerTooLarge)?;
-        if let Some(bytes) = out.get(..len) {
+        if cache && let Some(bytes) = out.get(..len) {
             self.dedup.complete(
                 request,
                 bytes,

@@ -145,11 +145,12 @@ fn check_outcome<'o>(request: &[u8], outcome: Outcome, out: &'o [u8]) -> Option<
 }
 
 /// Runs a sequence of datagrams through one fresh engine: each is a 2-octet big-endian
-/// length, a 2-octet clock step in seconds, then that many octets (signed with
-/// [`FUZZ_SECRET`] when they parse, so that sequences reach the decisions and the duplicate
-/// cache). Besides the per-answer oracle, a replay must be the first answer's bytes and may
-/// come only within the answer window. Returns what happened, for tests that must know the
-/// sequence reached the cache.
+/// length, a 2-octet clock step in seconds (its top bit set: the datagram goes through the
+/// overload path, `Engine::shed`), then that many octets (signed with [`FUZZ_SECRET`] when
+/// they parse, so that sequences reach the decisions and the duplicate cache). Besides the
+/// per-answer oracle, a replay must be the first answer's bytes and may come only within the
+/// answer window, and a shed datagram's fresh answer is a NAK 506 that is never replayed.
+/// Returns what happened, for tests that must know the sequence reached the cache.
 pub fn decide_sequence(data: &[u8]) -> SequenceStats {
     let mut stats = SequenceStats::default();
     let mut engine = engine();
@@ -159,7 +160,9 @@ pub fn decide_sequence(data: &[u8]) -> SequenceStats {
     let mut rest = data;
     while let [l0, l1, s0, s1, tail @ ..] = rest {
         let len = usize::from(u16::from_be_bytes([*l0, *l1])).min(tail.len());
-        let step = u64::from(u16::from_be_bytes([*s0, *s1]));
+        let step = u16::from_be_bytes([*s0, *s1]);
+        let shed = step & 0x8000 != 0;
+        let step = u64::from(step & 0x7fff);
         let (datagram, after) = tail.split_at(len);
         rest = after;
         now.unix_secs += step;
@@ -176,14 +179,24 @@ pub fn decide_sequence(data: &[u8]) -> SequenceStats {
             auth::sign_request(&mut request, ma, &secret);
         }
         let mut out = [0u8; MAX_PACKET_LEN];
-        let outcome = engine.handle(
-            &request,
+        let (from, to) = (
             "127.0.0.1:40000".parse().expect("valid address"),
             "127.0.0.1:3799".parse().expect("valid address"),
-            now,
-            &mut out,
         );
+        let outcome = if shed {
+            engine.shed(&request, from, to, now, &mut out)
+        } else {
+            engine.handle(&request, from, to, now, &mut out)
+        };
         let replay = matches!(outcome, Outcome::Replay { .. });
+        if shed && let Outcome::Answer(a) = outcome {
+            assert_eq!(
+                a.error_cause,
+                Some(crate::dict::ErrorCause::ResourcesUnavailable),
+                "a shed request is answered NAK 506"
+            );
+            assert_eq!(a.sessions, 0, "a shed request changes nothing");
+        }
         let Some(bytes) = check_outcome(&request, outcome, &out) else {
             continue;
         };
@@ -202,7 +215,7 @@ pub fn decide_sequence(data: &[u8]) -> SequenceStats {
                 first.as_slice(),
                 "a replay is the first answer, byte for byte"
             );
-        } else if first_answers.len() < 256 {
+        } else if !shed && first_answers.len() < 256 {
             first_answers.push((key.to_vec(), bytes.to_vec(), now.monotonic_ms));
         }
     }

@@ -127,6 +127,8 @@ fn prepare_with<'a>(
         scope: MatchScope {
             vrf: policy.vrf.as_deref(),
             max_sessions: policy.multi_session.max_sessions(),
+            // SPEC §4.6: a tombstone answers this client's retries for its replay window.
+            tombstone_window_ms: u64::from(policy.event_timestamp_window_secs) * 1000,
         },
         now_ms,
     };

@@ -22,7 +22,16 @@ pub struct MatchScope<'a> {
     pub vrf: Option<&'a str>,
     /// The most sessions one request may act on; more gives NAK 508 (SPEC §6.6).
     pub max_sessions: u32,
+    /// How long after its removal a tombstone still answers this request (Disconnect-ACK
+    /// with Error-Cause 201, SPEC §4.6): the client's replay window, its Event-Timestamp
+    /// window, which is also how long its answers stay in the duplicate cache. Never more
+    /// than the store keeps tombstones ([`TombstonePolicy::window_ms`]); [`NO_CLIENT_WINDOW`]
+    /// for a lookup that is no client's (the control plane, tools): the store's window.
+    pub tombstone_window_ms: u64,
 }
+
+/// [`MatchScope::tombstone_window_ms`] of a lookup made for no client: the store's window.
+pub const NO_CLIENT_WINDOW: u64 = u64::MAX;
 
 impl MatchScope<'_> {
     /// Whether `session` is visible in this scope.
@@ -31,6 +40,12 @@ impl MatchScope<'_> {
             None => true,
             Some(vrf) => session.vrf.as_deref() == Some(vrf),
         }
+    }
+
+    /// Whether a tombstone removed at `removed_at` still answers in this scope at `now_ms`,
+    /// in a store that keeps tombstones for `store_window_ms`.
+    pub fn tombstone_visible(&self, removed_at: u64, now_ms: u64, store_window_ms: u64) -> bool {
+        removed_at.saturating_add(self.tombstone_window_ms.min(store_window_ms)) >= now_ms
     }
 }
 
@@ -127,6 +142,12 @@ pub trait SessionStore: Send + Sync {
     /// is already taken.
     fn insert(&self, session: Session) -> bool;
 
+    /// How many tombstones expired and how many were evicted early (none for a store that
+    /// keeps none).
+    fn tombstone_stats(&self) -> TombstoneStats {
+        TombstoneStats::default()
+    }
+
     /// The session feed's insert-or-replace (`feed::FeedEvent::Upsert`): the live session of
     /// the same NAS with the same Acct-Session-Id (a session without one: the same
     /// audit-session-id, else the same CUI) is replaced by `session`, atomically for readers
@@ -202,20 +223,46 @@ pub enum UpsertError {
     Unavailable,
 }
 
-/// How long and how many tombstones a store keeps (SPEC §4).
+/// How long and how many tombstones a store keeps (SPEC §4.6).
+///
+/// A tombstone is kept for `window_ms` (dynauthd: the longest replay window of its clients,
+/// see [`MatchScope::tombstone_window_ms`] for the window each request sees) unless
+/// `capacity` tombstones are newer: then the oldest is evicted early, and counted
+/// ([`TombstoneStats::evicted_early`]), because a late Disconnect retry for it now gets
+/// NAK 503 instead of ACK 201. Size `capacity` for the storm rate you must ride out:
+/// rate x window (100,000 Disconnects/s over 300 s is 30M); each costs about 250 octets in
+/// the session table (docs/RUNNING.md, "Tombstones").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TombstonePolicy {
     pub window_ms: u64,
     pub capacity: usize,
 }
 
+/// The default tombstone capacity: 2^22, a whole 300 s window up to ~14,000 removals/s, and
+/// 42 s of a 100,000/s storm (longer than a DAC's retry schedule).
+pub const DEFAULT_TOMBSTONES: usize = 1 << 22;
+
+/// The default tombstone window: the default Event-Timestamp window (300 s).
+pub const DEFAULT_TOMBSTONE_WINDOW_MS: u64 = 300_000;
+
 impl Default for TombstonePolicy {
     fn default() -> Self {
         TombstonePolicy {
-            window_ms: 300_000,
-            capacity: 65_536,
+            window_ms: DEFAULT_TOMBSTONE_WINDOW_MS,
+            capacity: DEFAULT_TOMBSTONES,
         }
     }
+}
+
+/// What became of tombstones (counted by the store, exported by dynauthd as
+/// `dynauth_tombstones_evicted_total{reason}`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TombstoneStats {
+    /// Left at the end of their window.
+    pub expired: u64,
+    /// Evicted within their window to make room (the capacity was too small for the removal
+    /// rate): a late retry of those Disconnects gets NAK 503, not ACK 201.
+    pub evicted_early: u64,
 }
 
 /// A small store whose correctness can be read at a glance: one mutex around a vector,
@@ -231,6 +278,7 @@ struct MemoryInner {
     sessions: Vec<Session>,
     /// Removed sessions with their removal time, oldest first.
     tombstones: VecDeque<(u64, Session)>,
+    stats: TombstoneStats,
 }
 
 impl MemoryStore {
@@ -239,6 +287,7 @@ impl MemoryStore {
             inner: Mutex::new(MemoryInner {
                 sessions: Vec::new(),
                 tombstones: VecDeque::new(),
+                stats: TombstoneStats::default(),
             }),
             tombstones,
         }
@@ -298,7 +347,7 @@ impl SessionStore for MemoryStore {
         self.expire(&mut inner, lookup.now_ms);
         let count = match select(&inner.sessions, lookup) {
             Ok(count) => count,
-            Err(Refusal::NotFound) if inner.tombstones.iter().any(|(_, s)| is_match(s, lookup)) => {
+            Err(Refusal::NotFound) if self.tombstone_answers(&inner, lookup) => {
                 return Ok(Applied::AlreadyRemoved);
             }
             Err(refusal) => return Err(refusal),
@@ -338,9 +387,7 @@ impl SessionStore for MemoryStore {
         self.expire(&mut inner, lookup.now_ms);
         let count = match select(&inner.sessions, lookup) {
             Ok(count) => count,
-            Err(Refusal::NotFound)
-                if tombstones && inner.tombstones.iter().any(|(_, s)| is_match(s, lookup)) =>
-            {
+            Err(Refusal::NotFound) if tombstones && self.tombstone_answers(&inner, lookup) => {
                 return Ok(Applied::AlreadyRemoved);
             }
             Err(refusal) => return Err(refusal),
@@ -421,6 +468,7 @@ impl SessionStore for MemoryStore {
         let MemoryInner {
             sessions,
             tombstones,
+            ..
         } = &mut *guard;
         let window = self.tombstones.window_ms;
         let live_tombstone = |t: &u64| t.saturating_add(window) >= now_ms;
@@ -490,6 +538,10 @@ impl SessionStore for MemoryStore {
     fn len(&self) -> usize {
         self.lock().sessions.len()
     }
+
+    fn tombstone_stats(&self) -> TombstoneStats {
+        self.lock().stats
+    }
 }
 
 impl MemoryStore {
@@ -502,15 +554,30 @@ impl MemoryStore {
             .is_some_and(|(t, _)| t.saturating_add(window) < now_ms)
         {
             inner.tombstones.pop_front();
+            inner.stats.expired += 1;
         }
+    }
+
+    /// Whether a tombstone within the lookup's window matches it.
+    fn tombstone_answers(&self, inner: &MemoryInner, lookup: &Lookup<'_>) -> bool {
+        let window = self.tombstones.window_ms;
+        inner.tombstones.iter().any(|(t, s)| {
+            lookup.scope.tombstone_visible(*t, lookup.now_ms, window) && is_match(s, lookup)
+        })
     }
 
     fn bury(&self, inner: &mut MemoryInner, session: Session, now_ms: u64) {
         if self.tombstones.capacity == 0 {
             return;
         }
-        if inner.tombstones.len() >= self.tombstones.capacity {
-            inner.tombstones.pop_front();
+        if inner.tombstones.len() >= self.tombstones.capacity
+            && let Some((t, _)) = inner.tombstones.pop_front()
+        {
+            if t.saturating_add(self.tombstones.window_ms) >= now_ms {
+                inner.stats.evicted_early += 1;
+            } else {
+                inner.stats.expired += 1;
+            }
         }
         inner.tombstones.push_back((now_ms, session));
     }
@@ -566,6 +633,7 @@ mod tests {
             scope: MatchScope {
                 vrf: None,
                 max_sessions: max,
+                tombstone_window_ms: NO_CLIENT_WINDOW,
             },
             now_ms: 1_000,
         }

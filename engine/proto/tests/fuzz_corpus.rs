@@ -59,3 +59,30 @@ fn fuzz_corpus_replays_as_sequences() {
     );
     assert!(replays > 30, "and the duplicate cache: {replays} replays");
 }
+
+/// The seed corpus of the sequence target (engine/proto/fuzz/corpus/decide_sequence: each
+/// file several datagrams with clock steps, `decide_sequence`'s format) replays through the
+/// sequence oracle, every file whole and cut short; together they reach the decisions and the
+/// duplicate cache (a seed set that never replays would not exercise the replay and expiry
+/// checks).
+#[test]
+fn fuzz_sequence_corpus_replays_without_panic() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/decide_sequence");
+    let (mut files, mut answers, mut replays) = (0, 0, 0);
+    for entry in std::fs::read_dir(&dir).expect("the corpus folder exists") {
+        let data = std::fs::read(entry.unwrap().path()).unwrap();
+        let stats = decide_sequence(&data);
+        answers += stats.answers;
+        replays += stats.replays;
+        for end in (0..data.len()).step_by(97) {
+            decide_sequence(&data[..end]);
+        }
+        files += 1;
+    }
+    assert!(files >= 10, "seed corpus too small: {files} files");
+    assert!(
+        answers > 20,
+        "the seeds reach the decisions: {answers} answers"
+    );
+    assert!(replays > 5, "and the duplicate cache: {replays} replays");
+}

@@ -470,6 +470,39 @@ fn spec_4_cache_window_equals_event_timestamp_window() {
     assert_eq!(f.events(), vec!["changed sess-1", "changed sess-1"]);
 }
 
+// SPEC §4.6 (RFC 5176 §3.5, Error-Cause 201): a tombstone answers a client's late retry for
+// that client's replay window (its Event-Timestamp window, also its duplicate-cache window),
+// not for the store's own 300 s: with a 10 s window, a retry 9 s after the removal gets ACK
+// 201 and one 11 s after gets NAK 503 (the store alone would still say 201).
+#[test]
+fn spec_4_6_tombstone_window_follows_the_client_window_rfc5176_s3_5() {
+    let policy = ClientPolicy {
+        event_timestamp_window_secs: 10,
+        ..ClientPolicy::default()
+    };
+    let mut f = Fixture::new(policy, sess1());
+    assert_eq!(f.answer(&dm_sess1(1)).code, code::DISCONNECT_ACK);
+    let at = |secs: u64| Now {
+        unix_secs: NOW.unix_secs + secs,
+        monotonic_ms: NOW.monotonic_ms + secs * 1000,
+    };
+    // New Identifiers: new requests, not copies from the duplicate cache.
+    let (_, within) = f.handle_at(&dm_sess1(2), source(), at(9));
+    let within = within.expect("an answer within the window");
+    assert_eq!(within.code, code::DISCONNECT_ACK);
+    assert_eq!(
+        within.error_cause(),
+        Some(ErrorCause::ResidualSessionContextRemoved)
+    );
+    let (_, after) = f.handle_at(&dm_sess1(3), source(), at(11));
+    let after = after.expect("an answer after the window");
+    assert_eq!(after.code, code::DISCONNECT_NAK);
+    assert_eq!(
+        after.error_cause(),
+        Some(ErrorCause::SessionContextNotFound)
+    );
+}
+
 // ---------------------------------------------------------------- §5 NAS identification
 
 fn nas() -> NasIdentity {
@@ -1593,6 +1626,76 @@ impl SessionStore for Overloaded {
     fn len(&self) -> usize {
         0
     }
+}
+
+// SPEC §9.8 (RFC 5176 §3.5, issue #14): a request shed under overload is authenticated, then
+// answered NAK 506 without any store call or hand-off (the session is still there, the data
+// plane saw nothing), and the 506 is not cached (after the overload the same request is
+// decided afresh); an authenticated copy of an answered request still gets its cached
+// answer; bytes that fail authentication get nothing.
+#[test]
+fn spec_9_8_a_shed_request_gets_506_without_touching_the_store_rfc5176_s3_5() {
+    let mut sessions = sess1();
+    sessions.push(session("sess-2"));
+    let mut f = Fixture::new(ClientPolicy::default(), sessions);
+    let answered = dm_sess1(1);
+    let first = f.answer(&answered);
+    assert_eq!(first.code, code::DISCONNECT_ACK);
+    let events = f.events();
+    f.shed = true;
+    let (outcome, copy) = f.handle(&answered);
+    assert!(matches!(outcome, Outcome::Replay { .. }), "{outcome:?}");
+    assert_eq!(copy.unwrap().bytes, first.bytes);
+    let dm2 = request(
+        DM,
+        2,
+        &[
+            (attr::ACCT_SESSION_ID, b"sess-2"),
+            (attr::PROXY_STATE, b"ps1"),
+            (attr::PROXY_STATE, b"ps2"),
+        ],
+        true,
+    );
+    let coa2 = request(
+        COA,
+        3,
+        &[
+            (attr::ACCT_SESSION_ID, b"sess-2"),
+            (attr::SESSION_TIMEOUT, &60u32.to_be_bytes()),
+        ],
+        false,
+    );
+    for (packet, nak) in [(&dm2, code::DISCONNECT_NAK), (&coa2, code::COA_NAK)] {
+        let reply = f.answer(packet);
+        assert_eq!(reply.code, nak);
+        assert_eq!(reply.error_cause(), Some(ErrorCause::ResourcesUnavailable));
+        // The fixture checked the Identifier and the authenticators; the echo:
+        assert_eq!(
+            reply.values(attr::PROXY_STATE),
+            if packet == &dm2 {
+                vec![b"ps1".to_vec(), b"ps2".to_vec()]
+            } else {
+                vec![]
+            }
+        );
+    }
+    let mut forged = dm2.clone();
+    forged[4] ^= 1;
+    assert!(matches!(f.handle(&forged), (Outcome::Discard(_), None)));
+    assert_eq!(f.events(), events, "the data plane saw nothing shed");
+    assert!(
+        f.store
+            .sessions()
+            .iter()
+            .any(|s| s.acct_session_id.as_deref() == Some("sess-2")),
+        "the shed Disconnect removed nothing"
+    );
+    // After the overload: the same request is decided afresh (the 506 was not cached), and
+    // it removes the session (no tombstone was left by the shed one: an ACK without 201).
+    f.shed = false;
+    let later = f.answer(&dm2);
+    assert_eq!(later.code, code::DISCONNECT_ACK);
+    assert_eq!(later.error_cause(), None);
 }
 
 #[test]

@@ -46,6 +46,7 @@ fn lookup(id: &[u8]) -> Lookup<'_> {
         scope: MatchScope {
             vrf: None,
             max_sessions: 16,
+            tombstone_window_ms: dynauth_proto::store::NO_CLIENT_WINDOW,
         },
         now_ms: 1,
     }

@@ -154,6 +154,11 @@ pub struct SessionTable<I: KeyIndex = FlatIndex> {
     poison_logged: AtomicBool,
     /// Writes refused because the table is poisoned.
     poison_refusals: AtomicU64,
+    /// Tombstones that left at the end of their window.
+    tombstones_expired: AtomicU64,
+    /// Tombstones evicted within their window at capacity (SPEC §4.6: a late retry of those
+    /// gets NAK 503 instead of ACK 201; the operator sees the window was cut short).
+    tombstones_evicted_early: AtomicU64,
     config: TableConfig,
 }
 
@@ -168,6 +173,11 @@ struct Writer {
     enc: Vec<u8>,
     rec: Box<RecBuf>,
     ids: Vec<u32>,
+    /// A CoA's new versions, staged before any is published (`change_ids`): record id and
+    /// encoding; the encodings' buffers are kept for the next CoA.
+    staged: Vec<(u32, Vec<u8>)>,
+    /// The authorization's JSON while a record is encoded (`record::encode_reusing`).
+    json: Vec<u8>,
 }
 
 impl<I: KeyIndex> core::fmt::Debug for SessionTable<I> {
@@ -226,6 +236,8 @@ impl<I: KeyIndex> SessionTable<I> {
             oldest_tombstone: AtomicU64::new(u64::MAX),
             poison_logged: AtomicBool::new(false),
             poison_refusals: AtomicU64::new(0),
+            tombstones_expired: AtomicU64::new(0),
+            tombstones_evicted_early: AtomicU64::new(0),
             config,
         }
     }
@@ -446,7 +458,9 @@ impl<I: KeyIndex> SessionTable<I> {
             }
             match k.removed_at {
                 Some(t) => {
-                    if t.saturating_add(window) >= lookup.now_ms && lookup.query.matches(&k) {
+                    if lookup.scope.tombstone_visible(t, lookup.now_ms, window)
+                        && lookup.query.matches(&k)
+                    {
                         sel.tombstone = true;
                     }
                 }
@@ -584,11 +598,7 @@ impl<I: KeyIndex> SessionTable<I> {
         self.id_bound
             .store(Arena::id_bound(&w.arena), Ordering::Release);
         self.entries(&keys, |ix, hash| ix.insert(hash, id));
-        if w.tombstones.len() >= policy.capacity
-            && let Some((_, old)) = w.tombstones.pop_front()
-        {
-            self.purge(w, old);
-        }
+        self.evict_for_one_more(w, removed_at);
         w.tombstones.push_back((removed_at, id));
         self.note_oldest(w);
         true
@@ -717,8 +727,34 @@ impl<I: KeyIndex> SessionTable<I> {
             }
             w.tombstones.pop_front();
             self.purge(w, id);
+            self.tombstones_expired.fetch_add(1, Ordering::Relaxed);
         }
         self.note_oldest(w);
+    }
+
+    /// At capacity, evicts the oldest tombstone to make room for one removed at `now_ms`,
+    /// counted as early when it was still within the window (writer lock held).
+    fn evict_for_one_more(&self, w: &mut Writer, now_ms: u64) {
+        let policy = self.config.tombstones;
+        if w.tombstones.len() >= policy.capacity
+            && let Some((t, old)) = w.tombstones.pop_front()
+        {
+            self.purge(w, old);
+            let counter = if t.saturating_add(policy.window_ms) >= now_ms {
+                &self.tombstones_evicted_early
+            } else {
+                &self.tombstones_expired
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// How many tombstones expired and how many were evicted early.
+    pub fn tombstone_stats(&self) -> dynauth_proto::store::TombstoneStats {
+        dynauth_proto::store::TombstoneStats {
+            expired: self.tombstones_expired.load(Ordering::Relaxed),
+            evicted_early: self.tombstones_evicted_early.load(Ordering::Relaxed),
+        }
     }
 
     fn note_oldest(&self, w: &Writer) {
@@ -810,11 +846,7 @@ impl<I: KeyIndex> SessionTable<I> {
             kept = self.arena.store(arena, id, enc).is_ok();
         }
         if kept {
-            if w.tombstones.len() >= policy.capacity
-                && let Some((_, old)) = w.tombstones.pop_front()
-            {
-                self.purge(w, old);
-            }
+            self.evict_for_one_more(w, now_ms);
             w.tombstones.push_back((now_ms, id));
         } else {
             self.purge(w, id);
@@ -969,6 +1001,9 @@ pub(crate) struct Bulk {
     entries: [Vec<u64>; Key::INDEXED],
 }
 
+/// The capacity a CoA's staging buffer starts with (records are usually under 100 octets).
+const STAGED_RECORD: usize = 256;
+
 impl<I: KeyIndex> SessionTable<I> {
     /// Applies `change` to live records `ids`, all or none (writer lock held).
     fn change_ids(
@@ -977,26 +1012,33 @@ impl<I: KeyIndex> SessionTable<I> {
         ids: &[u32],
         change: &AuthorizationChange<'_>,
     ) -> Result<(), Refusal> {
-        // Phase one: every new record is built and checked before any is published.
-        let mut staged = Vec::with_capacity(ids.len());
+        // Phase one: every new record is built and checked before any is published (into
+        // the writer's staging buffers, kept from one CoA to the next).
+        let mut n = 0;
         for &id in ids {
             let Some(k) = self.read_keys(id, &mut w.rec) else {
                 continue;
             };
             let mut session = k.to_session();
             change.apply_to(&mut session.authorization);
-            let mut bytes = Vec::new();
-            record::encode(&session, &mut bytes);
-            if bytes.len() > arena::MAX_RECORD {
+            if w.staged.len() <= n {
+                // Room for a usual record, so that later CoAs reuse it without growing it.
+                w.staged.push((id, Vec::with_capacity(STAGED_RECORD)));
+            }
+            let slot = &mut w.staged[n];
+            slot.0 = id;
+            record::encode_reusing(&session, &mut w.json, &mut slot.1);
+            if slot.1.len() > arena::MAX_RECORD {
                 return Err(Refusal::Unavailable);
             }
-            staged.push((id, bytes));
+            n += 1;
         }
+        let staged = &w.staged[..n];
         // Phase two: storage for every new version is reserved before any is published; when
         // one cannot be had (the arena is exhausted) every reservation is given back and no
         // record has changed (all or none, RFC 5176 §3).
         let mut reserved = Vec::with_capacity(staged.len());
-        for (id, bytes) in &staged {
+        for (id, bytes) in staged {
             match self.arena.reserve(&mut w.arena, *id, bytes.len()) {
                 Ok(r) => reserved.push(r),
                 Err(_) => {
@@ -1244,6 +1286,10 @@ impl<I: KeyIndex> SessionStore for SessionTable<I> {
 
     fn len(&self) -> usize {
         self.live.load(Ordering::Relaxed)
+    }
+
+    fn tombstone_stats(&self) -> dynauth_proto::store::TombstoneStats {
+        SessionTable::tombstone_stats(self)
     }
 }
 

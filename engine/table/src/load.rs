@@ -387,6 +387,7 @@ mod tests {
                 scope: dynauth_proto::store::MatchScope {
                     vrf: s.vrf.as_deref(),
                     max_sessions: 10,
+                    tombstone_window_ms: dynauth_proto::store::NO_CLIENT_WINDOW,
                 },
                 now_ms: 0,
             });
@@ -457,6 +458,7 @@ mod tests {
                     scope: MatchScope {
                         vrf: None,
                         max_sessions: 4,
+                        tombstone_window_ms: dynauth_proto::store::NO_CLIENT_WINDOW,
                     },
                     now_ms: 0,
                 };
@@ -470,6 +472,7 @@ mod tests {
                 scope: MatchScope {
                     vrf: None,
                     max_sessions: 4,
+                    tombstone_window_ms: dynauth_proto::store::NO_CLIENT_WINDOW,
                 },
                 now_ms: 0,
             };

@@ -133,9 +133,17 @@ fn put_text(out: &mut Vec<u8>, v: &[u8]) {
 
 /// Encodes `s` (a live record) into `out`, which is cleared first.
 pub(crate) fn encode(s: &Session, out: &mut Vec<u8>) {
-    let auth = (s.authorization != Authorization::default())
-        .then(|| serde_json::to_vec(&s.authorization).unwrap_or_default());
-    encode_parts(&keys_of(s), auth.as_deref(), None, out);
+    encode_reusing(s, &mut Vec::new(), out);
+}
+
+/// [`encode`] with the authorization's JSON written into `json` (cleared first), a buffer
+/// the caller keeps, so that a warm writer allocates nothing for it.
+pub(crate) fn encode_reusing(s: &Session, json: &mut Vec<u8>, out: &mut Vec<u8>) {
+    json.clear();
+    let auth = (s.authorization != Authorization::default()
+        && serde_json::to_writer(&mut *json, &s.authorization).is_ok())
+    .then_some(json.as_slice());
+    encode_parts(&keys_of(s), auth, None, out);
 }
 
 /// Borrowed keys of a `Session`.

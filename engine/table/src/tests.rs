@@ -19,6 +19,7 @@ fn lookup(query: SessionQuery<'_>, max: u32, now_ms: u64) -> Lookup<'_> {
         scope: MatchScope {
             vrf: None,
             max_sessions: max,
+            tombstone_window_ms: dynauth_proto::store::NO_CLIENT_WINDOW,
         },
         now_ms,
     }
@@ -123,6 +124,117 @@ fn spec_4_tombstones_expire_and_are_bounded() {
     assert_eq!(t.stats().tombstones, 0);
     assert_eq!(t.stats().index_entries, 0);
     assert_eq!(t.stats().record_bytes, 0);
+}
+
+// SPEC §4.6 (issue #14, defect 6): a storm larger than the old fixed cap of 65,536 keeps
+// every tombstone within the window with the default capacity: at 100,000 Disconnects/s,
+// the earliest of 100,000 still gets ACK 201 at the end of the 300 s window, nothing is
+// evicted early; then all expire.
+#[test]
+fn spec_4_6_storm_larger_than_the_old_cap_keeps_201_for_the_earliest() {
+    let n = 100_000u64;
+    assert!(TombstonePolicy::default().capacity as u64 > n && n > 65_536);
+    let t = SessionTable::<FlatIndex>::new(TableConfig::default());
+    for i in 0..n {
+        t.insert(s(&format!("s{i}"), "u"));
+    }
+    let start = 1_000;
+    for i in 0..n {
+        let id = format!("s{i}");
+        // 100 per millisecond: 100,000/s.
+        let now = start + i / 100;
+        assert_eq!(
+            t.disconnect(&lookup(acct(&id), 9, now)),
+            Ok(Applied::Sessions(1))
+        );
+    }
+    assert_eq!(t.stats().tombstones, n as usize);
+    let window = TombstonePolicy::default().window_ms;
+    let late = |id: &str, now| t.disconnect(&lookup(acct(id), 9, now));
+    assert_eq!(late("s0", start + window), Ok(Applied::AlreadyRemoved));
+    assert_eq!(late("s99999", start + window), Ok(Applied::AlreadyRemoved));
+    assert_eq!(t.tombstone_stats().evicted_early, 0);
+    assert_eq!(late("s0", start + window + 1), Err(Refusal::NotFound));
+    assert_eq!(
+        late("s99999", start + 1000 + window + 1),
+        Err(Refusal::NotFound)
+    );
+    assert_eq!(t.stats().tombstones, 0);
+    assert_eq!(t.tombstone_stats().expired, n);
+}
+
+// SPEC §4.6: when the capacity is too small for the removal rate, the window is cut short in
+// a counted way: each tombstone evicted within its window is `evicted_early` (and a late
+// retry for it is NAK 503); one evicted after its window is counted as expired.
+#[test]
+fn spec_4_6_early_eviction_is_counted() {
+    let t = SessionTable::<FlatIndex>::new(TableConfig {
+        tombstones: TombstonePolicy {
+            window_ms: 1_000,
+            capacity: 3,
+        },
+        ..TableConfig::default()
+    });
+    for i in 0..10 {
+        t.insert(s(&format!("s{i}"), "u"));
+    }
+    for i in 0..8u64 {
+        let id = format!("s{i}");
+        assert_eq!(
+            t.disconnect(&lookup(acct(&id), 9, 100 + i)),
+            Ok(Applied::Sessions(1))
+        );
+    }
+    assert_eq!(
+        t.tombstone_stats(),
+        dynauth_proto::store::TombstoneStats {
+            expired: 0,
+            evicted_early: 5
+        }
+    );
+    assert_eq!(
+        t.disconnect(&lookup(acct("s0"), 9, 200)),
+        Err(Refusal::NotFound)
+    );
+    assert_eq!(
+        t.disconnect(&lookup(acct("s7"), 9, 200)),
+        Ok(Applied::AlreadyRemoved)
+    );
+    // After the window: expiry, counted as such.
+    assert_eq!(
+        t.disconnect(&lookup(acct("s8"), 9, 5_000)),
+        Ok(Applied::Sessions(1))
+    );
+    let stats = t.tombstone_stats();
+    assert_eq!((stats.expired, stats.evicted_early), (3, 5));
+    // The reference store counts the same way.
+    let m = MemoryStore::new(TombstonePolicy {
+        window_ms: 1_000,
+        capacity: 3,
+    });
+    for i in 0..8u64 {
+        let id = format!("s{i}");
+        m.insert(s(&id, "u"));
+        m.disconnect(&lookup(acct(&id), 9, 100 + i)).unwrap();
+    }
+    assert_eq!(m.tombstone_stats().evicted_early, 5);
+}
+
+// SPEC §4.6: the table honours each request's window (the client's) within its own.
+#[test]
+fn spec_4_6_tombstone_window_follows_the_lookup_scope() {
+    let t = SessionTable::<FlatIndex>::with_sessions([s("a", "u")]);
+    t.disconnect(&lookup(acct("a"), 9, 1_000)).unwrap();
+    let with_window = |window_ms, now_ms| {
+        let mut l = lookup(acct("a"), 9, now_ms);
+        l.scope.tombstone_window_ms = window_ms;
+        t.peek(&l)
+    };
+    assert_eq!(with_window(10_000, 11_000), Ok(Applied::AlreadyRemoved));
+    assert_eq!(with_window(10_000, 11_001), Err(Refusal::NotFound));
+    // A client window longer than the table's is capped by the table's (300 s).
+    assert_eq!(with_window(600_000, 301_000), Ok(Applied::AlreadyRemoved));
+    assert_eq!(with_window(600_000, 301_001), Err(Refusal::NotFound));
 }
 
 // RFC 5176 §2.1 (ACK after commit): `select` changes nothing (lock-free); the commit

@@ -35,6 +35,7 @@ fn lookup<'a>(query: SessionQuery<'a>, now_ms: u64) -> Lookup<'a> {
         scope: MatchScope {
             vrf: None,
             max_sessions: 1000,
+            tombstone_window_ms: dynauth_proto::store::NO_CLIENT_WINDOW,
         },
         now_ms,
     }

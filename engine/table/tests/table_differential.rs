@@ -280,6 +280,7 @@ fn run<I: KeyIndex>(ops: &[Op]) -> Result<(), TestCaseError> {
         let scope = |vrf, max| MatchScope {
             vrf,
             max_sessions: max,
+            tombstone_window_ms: dynauth_proto::store::NO_CLIENT_WINDOW,
         };
         // A query with no identification (e.g. 3GPP-NSAPI without IMSI) never reaches a
         // store: the engine answers NAK 402 first (SPEC §6.2), so both stores may differ there.
@@ -510,6 +511,7 @@ fn spec_4_and_6_fixed_scenario_matches_reference() {
         scope: MatchScope {
             vrf: None,
             max_sessions: 5,
+            tombstone_window_ms: dynauth_proto::store::NO_CLIENT_WINDOW,
         },
         now_ms: 0,
     };

@@ -21,6 +21,9 @@ pub struct Received<'a> {
     pub source: SocketAddr,
     /// The local address and port it was sent to; the answer leaves from here.
     pub destination: SocketAddr,
+    /// When the kernel received it (SO_TIMESTAMPNS: CLOCK_REALTIME nanoseconds since the
+    /// Unix epoch), when the kernel said; the runtime sheds by this age under overload.
+    pub received_ns: Option<u64>,
 }
 
 /// The buffer one datagram's answer is written into, and whether there is one to send.
@@ -225,6 +228,7 @@ mod tests {
             data: &data,
             source: SocketAddr::from(([127, 0, 0, 1], 1)),
             destination: SocketAddr::from(([127, 0, 0, 1], 2)),
+            received_ns: None,
         });
         let ptr = v.as_ptr() as usize;
         let v: Vec<Received<'static>> = recycle(v);
@@ -242,11 +246,13 @@ mod tests {
                 data: &a,
                 source,
                 destination: source,
+                received_ns: None,
             },
             Received {
                 data: &b,
                 source,
                 destination: source,
+                received_ns: None,
             },
         ];
         let mut out = [[0u8; 8]; 2];

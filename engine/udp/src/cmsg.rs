@@ -1,5 +1,5 @@
 //! Socket addresses and control messages (IP_PKTINFO / IPV6_PKTINFO, SO_RXQ_OVFL,
-//! UDP_SEGMENT) read and written as bytes, in safe code.
+//! SO_TIMESTAMPNS, UDP_SEGMENT) read and written as bytes, in safe code.
 #![forbid(unsafe_code)]
 
 use core::mem::size_of;
@@ -89,6 +89,9 @@ pub(crate) struct PacketInfo {
     pub(crate) ifindex: u32,
     /// The socket's cumulative drop counter (SO_RXQ_OVFL), when the kernel sent it.
     pub(crate) drops: Option<u32>,
+    /// When the kernel received the datagram (SCM_TIMESTAMPNS: CLOCK_REALTIME nanoseconds
+    /// since the Unix epoch), when it sent the time.
+    pub(crate) received_ns: Option<u64>,
 }
 
 pub(crate) fn parse_control(ctrl: &[u8]) -> PacketInfo {
@@ -121,6 +124,20 @@ pub(crate) fn parse_control(ctrl: &[u8]) -> PacketInfo {
             }
             (libc::SOL_SOCKET, libc::SO_RXQ_OVFL) if data.len() >= 4 => {
                 info.drops = read_u32_ne(data, 0);
+            }
+            // struct timespec: tv_sec and tv_nsec, each a native long (64-bit targets).
+            (libc::SOL_SOCKET, libc::SCM_TIMESTAMPNS) if data.len() >= 16 => {
+                let word = |at: usize| {
+                    data.get(at..at + 8)
+                        .and_then(|b| b.try_into().ok())
+                        .map(i64::from_ne_bytes)
+                };
+                if let (Some(secs), Some(nanos)) = (word(0), word(8)) {
+                    info.received_ns = u64::try_from(secs)
+                        .ok()
+                        .zip(u64::try_from(nanos).ok())
+                        .map(|(s, n)| s.saturating_mul(1_000_000_000).saturating_add(n));
+                }
             }
             _ => {}
         }

@@ -310,6 +310,7 @@ impl MmsgBackend {
                 data: &self.rx_data[i * MAX_DATAGRAM..i * MAX_DATAGRAM + len],
                 source,
                 destination: SocketAddr::new(info.local.unwrap_or(local.ip()), local.port()),
+                received_ns: info.received_ns,
             });
             buffers.push(AnswerBuffer::new(out));
         }
@@ -524,6 +525,53 @@ mod tests {
             assert_eq!(answer(&c2), vec![round + 100; 24]);
         }
         assert_eq!(b.stats().sent, 6);
+    }
+
+    /// Records each datagram's kernel receive time.
+    struct Times(Vec<Option<u64>>);
+
+    impl Handler for Times {
+        fn batch(&mut self, batch: &mut Batch<'_, '_>) {
+            self.0
+                .extend(batch.datagrams().iter().map(|d| d.received_ns));
+        }
+    }
+
+    // RFC 5176 §3.5 overload shedding needs each datagram's age: the kernel's receive time
+    // (SO_TIMESTAMPNS) comes with every datagram, in the control area beside the packet info
+    // (none is cut), and it is the receive time, not the decision time.
+    #[test]
+    fn kernel_receive_time_comes_with_each_datagram() {
+        let l = listener();
+        let addr = l.local;
+        let mut b = MmsgBackend::new(vec![l], 16);
+        let c = client();
+        let wall_ns = || {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        };
+        // The kernel turns receive stamping on for the whole stack lazily (a static key set
+        // from a work queue when the first socket asks); until then a datagram is stamped
+        // when it is read. Give it a moment, as a running server has had.
+        std::thread::sleep(Duration::from_millis(200));
+        let before = wall_ns();
+        c.send_to(&[1; 20], addr).unwrap();
+        c.send_to(&[2; 20], addr).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let mut times = Times(Vec::new());
+        while times.0.len() < 2 {
+            b.poll_batch(Duration::from_secs(5), &mut times).unwrap();
+        }
+        let after = wall_ns();
+        assert_eq!(b.stats().control_truncated, 0);
+        for t in times.0 {
+            let t = t.expect("a kernel receive time");
+            assert!(t >= before && t <= after, "{before} <= {t} <= {after}");
+            // Received before the 50 ms wait, not when read.
+            assert!(after - t >= 40_000_000, "age {} ns", after - t);
+        }
     }
 
     // Several listeners: a call after an idle one waits in poll first, then reads only the

@@ -1,4 +1,4 @@
-//! UDP sockets: binding with SO_REUSEPORT, buffer sizes, and the options dynauthd asks for (IP_PKTINFO, SO_RXQ_OVFL).
+//! UDP sockets: binding with SO_REUSEPORT, buffer sizes, and the options dynauthd asks for (IP_PKTINFO, SO_RXQ_OVFL, SO_TIMESTAMPNS).
 
 use core::mem::size_of;
 use std::io;
@@ -65,6 +65,9 @@ pub fn bind_udp(addr: SocketAddr, sizes: BufferSizes) -> io::Result<Listener> {
     }
     socket.set_reuse_port(true)?;
     setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RXQ_OVFL, 1)?;
+    // Kernel receive times (SCM_TIMESTAMPNS), for shedding by age under overload. Optional:
+    // without them the runtime falls back to the batch's age.
+    let _ = setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 1);
     // Ask for the sizes; with CAP_NET_ADMIN the FORCE variants pass net.core.*mem_max.
     let clamp = |n: usize| libc::c_int::try_from(n).unwrap_or(libc::c_int::MAX);
     if setsockopt_int(

@@ -437,6 +437,7 @@ impl UringBackend {
                             info.local.unwrap_or(local.ip()),
                             local.port(),
                         ),
+                        received_ns: info.received_ns,
                     });
                     // SAFETY: the slot was free (its previous send completed, or it was never
                     // used), so the kernel holds no reference to it; it was just taken off the

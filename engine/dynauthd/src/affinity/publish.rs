@@ -324,6 +324,7 @@ fn current(store: &dyn SessionStore, s: &Session) -> Option<Session> {
             scope: MatchScope {
                 vrf: None,
                 max_sessions: u32::MAX,
+                tombstone_window_ms: dynauth_proto::store::NO_CLIENT_WINDOW,
             },
             now_ms: 0,
         };
@@ -1247,6 +1248,7 @@ mod tests {
             scope: MatchScope {
                 vrf: None,
                 max_sessions: 10,
+                tombstone_window_ms: dynauth_proto::store::NO_CLIENT_WINDOW,
             },
             now_ms: 0,
         };

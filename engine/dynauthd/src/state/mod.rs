@@ -77,6 +77,8 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StateError + '_ {
 #[derive(Debug, Clone)]
 pub struct StateOptions {
     pub dir: PathBuf,
+    /// The restored table's settings (its tombstones: `--tombstones`, the clients' window).
+    pub table: dynauth_table::TableConfig,
     /// The writer fsyncs at most once per window (0: as fast as the disk allows).
     pub commit_window: Duration,
     /// Time between periodic snapshots (zero: only at a clean shutdown).
@@ -1089,6 +1091,7 @@ fn load_snapshot(
     clock: &Clock,
     now_mono: u64,
     window_ms: u64,
+    config: TableConfig,
 ) -> Result<Option<SnapshotContents>, StateError> {
     let bytes = read_file(path)?;
     if codec::parse_header(codec::SNAPSHOT_MAGIC, &bytes) != Some(base) {
@@ -1098,14 +1101,14 @@ fn load_snapshot(
     // Fast path: the sessions go into a bulk build (every index built in one sorted pass
     // at the end), the way `--sessions FILE` loads; a snapshot this process did not write
     // whole (two records with one unique key) is read again record by record.
-    if let Some(contents) = read_snapshot(path, body, clock, now_mono, window_ms, true) {
+    if let Some(contents) = read_snapshot(path, body, clock, now_mono, window_ms, config, true) {
         return Ok(contents);
     }
     tracing::warn!(
         "restore: snapshot {} holds conflicting sessions: reading it again one by one",
         path.display()
     );
-    Ok(read_snapshot(path, body, clock, now_mono, window_ms, false).flatten())
+    Ok(read_snapshot(path, body, clock, now_mono, window_ms, config, false).flatten())
 }
 
 /// One pass over a snapshot's records. `None`: the bulk build found two records with one
@@ -1116,10 +1119,11 @@ fn read_snapshot(
     clock: &Clock,
     now_mono: u64,
     window_ms: u64,
+    config: TableConfig,
     bulk: bool,
 ) -> Option<Option<SnapshotContents>> {
-    let mut loader = bulk.then(|| dynauth_table::load::BulkLoader::new(TableConfig::default()));
-    let table = SessionTable::default();
+    let mut loader = bulk.then(|| dynauth_table::load::BulkLoader::new(config));
+    let table = SessionTable::new(config);
     let mut tombs = 0u64;
     // Counted by both record callbacks of the bulk path.
     let conflicts = std::cell::Cell::new(0u64);
@@ -1238,7 +1242,7 @@ pub fn restore(
     }
     let clock = Clock::new(base);
     let now_mono = u64::try_from(base.elapsed().as_millis()).unwrap_or(0);
-    let window_ms = dynauth_table::TableConfig::default().tombstones.window_ms;
+    let window_ms = options.table.tombstones.window_ms;
     let mut snapshots = Vec::new();
     let mut segments = Vec::new();
     for e in fs::read_dir(dir).map_err(io_err(dir))? {
@@ -1277,7 +1281,7 @@ pub fn restore(
     for &n in &snapshots {
         let path = dir.join(snapshot_name(n));
         tracing::info!("restore: loading {}", path.display());
-        match load_snapshot(&path, n, &clock, now_mono, window_ms)? {
+        match load_snapshot(&path, n, &clock, now_mono, window_ms, options.table)? {
             Some((t, s, tombs, conflicts, seqs)) => {
                 restored.feed_seqs = seqs;
                 table = Some(t);
@@ -1297,7 +1301,7 @@ pub fn restore(
             }
         }
     }
-    let table: SessionTable = table.unwrap_or_default();
+    let table: SessionTable = table.unwrap_or_else(|| SessionTable::new(options.table));
     let replay: Vec<u64> = segments.iter().copied().filter(|&n| n >= from).collect();
     if restored.snapshot.is_none()
         && let Some(&first) = replay.first()

@@ -171,6 +171,8 @@ pub struct Fixture {
     pub store: Arc<Store>,
     pub data_plane: Arc<RecordingAgent>,
     pub out: Vec<u8>,
+    /// Datagrams go through `Engine::shed` (the overload path) instead of `Engine::handle`.
+    pub shed: bool,
 }
 
 /// A parsed, authenticator-checked answer.
@@ -246,6 +248,7 @@ impl Fixture {
             store,
             data_plane,
             out: vec![0; MAX_PACKET_LEN],
+            shed: false,
         }
     }
 
@@ -255,9 +258,13 @@ impl Fixture {
         from: SocketAddr,
         now: Now,
     ) -> (Outcome, Option<Reply>) {
-        let mut outcome = self
-            .engine
-            .handle(packet, from, destination(), now, &mut self.out);
+        let mut outcome = if self.shed {
+            self.engine
+                .shed(packet, from, destination(), now, &mut self.out)
+        } else {
+            self.engine
+                .handle(packet, from, destination(), now, &mut self.out)
+        };
         if outcome == Outcome::Pending && !self.data_plane.hold.load(Ordering::Relaxed) {
             let pending = self
                 .take_pending()
