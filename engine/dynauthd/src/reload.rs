@@ -128,7 +128,7 @@ fn restart_only_changes(old: &Settings, new: &Settings) -> Vec<&'static str> {
     let differs =
         |a: &dyn core::fmt::Debug, b: &dyn core::fmt::Debug| format!("{a:?}") != format!("{b:?}");
     let mut changed = Vec::new();
-    let fields: [(&'static str, &dyn core::fmt::Debug, &dyn core::fmt::Debug); 13] = [
+    let fields: [(&'static str, &dyn core::fmt::Debug, &dyn core::fmt::Debug); 14] = [
         ("listen", &old.listen, &new.listen),
         ("shards", &old.shards, &new.shards),
         ("cpus", &old.cpus, &new.cpus),
@@ -145,6 +145,7 @@ fn restart_only_changes(old: &Settings, new: &Settings) -> Vec<&'static str> {
         ("gso", &old.gso, &new.gso),
         ("metrics", &old.metrics, &new.metrics),
         ("dedup", &old.dedup, &new.dedup),
+        ("[overload] / [tombstones]", &old.overload, &new.overload),
         (
             "state_dir",
             &old.state.as_ref().map(|s| &s.dir),
