@@ -7,6 +7,10 @@
 #   cargo build --release -p dynauthd -p dynauth-loadgen --bins
 #   scripts/bench-router.sh [SESSIONS] [SECONDS]
 #
+# WINDOW (environment, default 64): requests outstanding per path (two generators of half
+# that for the two-router path). A closed loop with few outstanding measures the path's
+# latency as much as its capacity: raise it to compare capacities.
+#
 # CPU 1: the owner (one shard), the router(s) (one shard each), redis-server. CPU 0: loadgen
 # (closed loop, 64 outstanding per generator; with two routers, two generators of 32 each).
 # The owner publishes its sessions to Redis itself (--affinity-redis).
@@ -101,24 +105,25 @@ EOF
 scrape() { curl -s "127.0.0.1:$1/metrics" | grep -E "^$2 " | awk '{print $2}'; }
 
 echo "== direct to the owner"
-load 127.0.0.1:$OWNER owner-secret 64 "$TMP/direct.json"
+W=${WINDOW:-64}
+load 127.0.0.1:$OWNER owner-secret "$W" "$TMP/direct.json"
 echo "== through one router (cache on)"
-load 127.0.0.1:$R1 dac-secret 64 "$TMP/r1.json"
+load 127.0.0.1:$R1 dac-secret "$W" "$TMP/r1.json"
 R1_REQ=$(scrape 19802 dynauth_router_forwarded_total)
 R1_RT=$(scrape 19802 dynauth_router_redis_round_trips_total)
 R1_US=$(scrape 19802 dynauth_router_redis_seconds_sum)
 R1_HIT=$(scrape 19802 dynauth_router_cache_hit_ratio)
 echo "== through two routers at once (two generators, 32 outstanding each)"
-load 127.0.0.1:$R1 dac-secret 32 "$TMP/r2a.json" &
+load 127.0.0.1:$R1 dac-secret $((W / 2)) "$TMP/r2a.json" &
 LA=$!
-load 127.0.0.1:$R2 dac-secret 32 "$TMP/r2b.json"
+load 127.0.0.1:$R2 dac-secret $((W / 2)) "$TMP/r2b.json"
 wait $LA
 echo "== through one router, no cache (--affinity-cache-ttl 0s)"
 R2PID=${PIDS[-1]}   # router 2: stopped, then started again without a cache
 kill "$R2PID" 2>/dev/null || true
 wait "$R2PID" 2>/dev/null || true
 router $R2 19803 --affinity-cache-ttl 0s
-load 127.0.0.1:$R2 dac-secret 64 "$TMP/nocache.json"
+load 127.0.0.1:$R2 dac-secret "$W" "$TMP/nocache.json"
 NC_REQ=$(scrape 19803 dynauth_router_forwarded_total)
 NC_RT=$(scrape 19803 dynauth_router_redis_round_trips_total)
 NC_US=$(scrape 19803 dynauth_router_redis_seconds_sum)
