@@ -577,6 +577,38 @@ fn spec_5_absent_nas_identification_means_this_nas_unless_required() {
     assert_eq!(reply.error_cause(), Some(ErrorCause::MissingAttribute));
 }
 
+#[test]
+fn spec_5_5_operator_name_is_accepted_and_not_checked_rfc8559_s3_1() {
+    // Operator-Name (126) names the NAS's operator; a DAS has no operator name of its own to
+    // compare, so it neither fails the request (401) nor counts as NAS identification for a
+    // client that must send one (a router routes by it: docs/SCALE_OUT.md).
+    let mut f = Fixture::with_nas(ClientPolicy::default(), sess1(), nas());
+    let p = request(
+        DM,
+        1,
+        &[
+            (attr::OPERATOR_NAME, b"1example.net"),
+            (attr::ACCT_SESSION_ID, b"sess-1"),
+        ],
+        false,
+    );
+    assert_eq!(f.answer(&p).code, code::DISCONNECT_ACK);
+    // Malformed (empty): NAK 407, like any attribute with a bad value.
+    let p = request(
+        DM,
+        2,
+        &[
+            (attr::OPERATOR_NAME, b""),
+            (attr::ACCT_SESSION_ID, b"sess-1"),
+        ],
+        false,
+    );
+    assert_eq!(
+        f.answer(&p).error_cause(),
+        Some(ErrorCause::InvalidAttributeValue)
+    );
+}
+
 // ---------------------------------------------------------------- §6 identification
 
 #[test]
