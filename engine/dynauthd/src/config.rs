@@ -194,14 +194,29 @@ fn parse_ttl(s: &str) -> Result<Duration, String> {
 
 /// A duration such as `2ms` or `300s`, zero allowed (at most a day).
 fn parse_millis_or_zero(s: &str) -> Result<u64, String> {
-    if s.trim().trim_end_matches("ms").trim_end_matches('s') == "0" {
-        return Ok(0);
-    }
-    parse_millis(s).and_then(|ms| {
+    parse_duration_ms(s).and_then(|ms| {
         (ms <= 86_400_000)
             .then_some(ms)
             .ok_or_else(|| format!("{s:?}: at most a day (86400s)"))
     })
+}
+
+/// The one duration syntax of every flag: `3s`, `500ms`, or a number of milliseconds; zero
+/// allowed (callers that need more than zero, or a bound, say so).
+pub(crate) fn parse_duration_ms(s: &str) -> Result<u64, String> {
+    let (number, scale) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1000)
+    } else {
+        (s, 1)
+    };
+    number
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or_else(|| format!("{s:?}: expected a duration such as 3s or 500ms"))
 }
 
 /// Who carries out Disconnects and CoAs.
@@ -221,20 +236,10 @@ fn parse_data_plane(s: &str) -> Result<DataPlaneMode, String> {
     }
 }
 
-/// `3s`, `500ms`, or a number of milliseconds.
+/// `3s`, `500ms`, or a number of milliseconds, more than zero.
 fn parse_millis(s: &str) -> Result<u64, String> {
-    let (number, scale) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 1)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1000)
-    } else {
-        (s, 1)
-    };
-    number
-        .trim()
-        .parse::<u64>()
+    parse_duration_ms(s)
         .ok()
-        .and_then(|n| n.checked_mul(scale))
         .filter(|&ms| ms > 0)
         .ok_or_else(|| format!("{s:?}: expected a positive duration such as 3s or 500ms"))
 }

@@ -66,18 +66,8 @@ pub struct OverloadArgs {
 }
 
 fn parse_duration_or_zero(s: &str) -> Result<u64, String> {
-    let (number, scale) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 1)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1000)
-    } else {
-        (s, 1)
-    };
-    number
-        .trim()
-        .parse::<u64>()
+    crate::config::parse_duration_ms(s)
         .ok()
-        .and_then(|n| n.checked_mul(scale))
         .filter(|&ms| ms <= 86_400_000)
         .ok_or_else(|| format!("{s:?}: expected a duration such as 500ms or 1s (0: off)"))
 }

@@ -192,20 +192,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn parse_duration_or_zero(s: &str) -> Result<Duration, String> {
-    let (number, scale) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 1)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1000)
-    } else {
-        return Err(format!("{s:?}: give a unit, e.g. 2s or 500ms"));
-    };
-    number
-        .trim()
-        .parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(scale))
-        .map(Duration::from_millis)
-        .ok_or_else(|| format!("{s:?}: expected a duration such as 2s or 500ms"))
+    crate::config::parse_duration_ms(s).map(Duration::from_millis)
 }
 
 /// Why the router role cannot start with these flags.
