@@ -13,9 +13,9 @@
 //! `dynauthd` is another package's binary: `cargo test --workspace` builds it into the same
 //! target folder as this test (`tests/dynauthd`).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 mod dynauthd;
@@ -40,28 +40,14 @@ impl Server {
 
 /// Starts dynauthd; returns it, its listen address and its metrics address.
 fn start(args: &[&str]) -> (Server, String, SocketAddr) {
-    let mut child = Command::new(dynauthd::binary())
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut banner = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut banner)
-        .unwrap();
-    let addr = banner
-        .split_whitespace()
-        .find(|w| w.starts_with("127.0.0.1:"))
-        .unwrap_or_else(|| panic!("no listen address in {banner:?}"))
-        .to_string();
+    let (child, addr, banner) = dynauthd::start_with_banner(args);
     let metrics = banner
         .split_whitespace()
         .find_map(|w| w.strip_prefix("metrics="))
         .unwrap_or_else(|| panic!("no metrics address in {banner:?}"))
         .parse()
         .unwrap();
-    (Server(dynauthd::Killed(child)), addr, metrics)
+    (Server(child), addr, metrics)
 }
 
 fn scrape(metrics: SocketAddr, name: &str) -> u64 {

@@ -31,6 +31,12 @@ impl Drop for Killed {
 
 /// Starts dynauthd with `args`; returns it and the first 127.0.0.1 address of its banner.
 pub fn start(args: &[&str]) -> (Killed, String) {
+    let (child, addr, _) = start_with_banner(args);
+    (child, addr)
+}
+
+/// [`start`], with the whole banner line too (it names `metrics=ADDR` and the like).
+pub fn start_with_banner(args: &[&str]) -> (Killed, String, String) {
     let mut child = Command::new(binary())
         .args(args)
         .stdout(Stdio::piped())
@@ -46,5 +52,5 @@ pub fn start(args: &[&str]) -> (Killed, String) {
         .find(|w| w.starts_with("127.0.0.1:"))
         .unwrap_or_else(|| panic!("no listen address in {banner:?}"))
         .to_string();
-    (Killed(child), addr)
+    (Killed(child), addr, banner)
 }
