@@ -12,13 +12,13 @@
 //! Must not touch: where affinity is stored (the daemon's Redis client), sockets, clocks.
 #![forbid(unsafe_code)]
 
-use core::fmt::Write as _;
 use core::net::{Ipv4Addr, Ipv6Addr};
+use std::io::Write as _;
 
-use crate::action::{PendingRequest, Settled};
+use crate::action::{ActionKind, PendingRequest, Settled};
 use crate::auth::{self, Authenticator, ResponseCheck, Secret};
 use crate::codec::{self, Packet, PacketWriter};
-use crate::counters::{Discard, RequestKind};
+use crate::counters::Discard;
 use crate::dict::{ErrorCause, attr, code, service_type};
 use crate::rules;
 use crate::session::{Key, KeyValue, Role, Session, SessionQuery};
@@ -39,9 +39,8 @@ pub fn route_key(key: Key, value: KeyValue<'_>, out: &mut Vec<u8>) {
 }
 
 fn push_display(out: &mut Vec<u8>, value: impl core::fmt::Display) {
-    let mut s = String::new();
-    let _ = write!(s, "{value}");
-    out.extend_from_slice(s.as_bytes());
+    // Formatted straight into the key (a Vec<u8> is an io::Write that cannot fail).
+    let _ = write!(out, "{value}");
 }
 
 /// Whether a key is published and looked up for routing: the keys that identify a session
@@ -217,9 +216,9 @@ impl PendingRequest {
         out: &mut [u8],
     ) -> Result<Settled, RelayError> {
         let owner = Packet::parse(answer).map_err(|_| RelayError::Malformed)?;
-        let (ack, nak) = match self.kind_of_request() {
-            RequestKind::Disconnect => (code::DISCONNECT_ACK, code::DISCONNECT_NAK),
-            RequestKind::Coa => (code::COA_ACK, code::COA_NAK),
+        let (ack, nak) = match self.kind {
+            ActionKind::Disconnect => (code::DISCONNECT_ACK, code::DISCONNECT_NAK),
+            ActionKind::Change | ActionKind::Reauthorize => (code::COA_ACK, code::COA_NAK),
         };
         if owner.code() != ack && owner.code() != nak {
             return Err(RelayError::UnexpectedCode(owner.code()));
@@ -299,13 +298,6 @@ impl PendingRequest {
             key: self.key,
             answer_expires_ms: self.answer_expires_ms,
         })
-    }
-
-    fn kind_of_request(&self) -> RequestKind {
-        match self.datagram.first() {
-            Some(&code::COA_REQUEST) => RequestKind::Coa,
-            _ => RequestKind::Disconnect,
-        }
     }
 }
 

@@ -359,100 +359,6 @@ pub fn for_each_put_raw(
     (n, None)
 }
 
-/// [`for_each`] for large inputs: frames are decoded by `workers` threads, a block of
-/// about `block` octets each, and handed to `f` in order with the same offsets and the same
-/// cut as `for_each` would give. Frame boundaries are found first by their length fields
-/// alone; from the first impossible length on, the rest is decoded in order here.
-pub fn for_each_parallel(
-    bytes: &[u8],
-    block: usize,
-    workers: usize,
-    mut f: impl FnMut(Record, usize),
-) -> (u64, Option<Cut>) {
-    // Block starts, at frame boundaries.
-    let mut starts = vec![0usize];
-    let mut at = 0usize;
-    let mut since = 0usize;
-    while let Some(head) = bytes.get(at..at + FRAME_HEADER) {
-        let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
-        if !(9..=MAX_PAYLOAD).contains(&len) || at + FRAME_HEADER + len > bytes.len() {
-            break;
-        }
-        at += FRAME_HEADER + len;
-        since += FRAME_HEADER + len;
-        if since >= block {
-            starts.push(at);
-            since = 0;
-        }
-    }
-    let tail = at;
-    if starts.last() != Some(&tail) {
-        starts.push(tail);
-    }
-    let spans: Vec<(usize, usize)> = starts.windows(2).map(|w| (w[0], w[1])).collect();
-    let mut n = 0u64;
-    let workers = workers.max(1);
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let result = std::thread::scope(|scope| {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, Vec<(Record, usize)>, Option<Cut>)>(
-            workers * 2,
-        );
-        for _ in 0..workers {
-            let (tx, next, spans) = (tx.clone(), &next, &spans);
-            scope.spawn(move || {
-                loop {
-                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some(&(from, to)) = spans.get(i) else {
-                        return;
-                    };
-                    let mut records = Vec::new();
-                    let (_, cut) = for_each(&bytes[from..to], |r, end| {
-                        records.push((r, from + end));
-                    });
-                    let cut = cut.map(|c| Cut {
-                        offset: from + c.offset,
-                        dropped: bytes.len() - (from + c.offset),
-                        reason: c.reason,
-                    });
-                    if tx.send((i, records, cut)).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-        drop(tx);
-        let mut pending = std::collections::BTreeMap::new();
-        let mut want = 0usize;
-        for (i, records, cut) in rx.iter() {
-            pending.insert(i, (records, cut));
-            while let Some((records, cut)) = pending.remove(&want) {
-                want += 1;
-                for (r, end) in records {
-                    n += 1;
-                    f(r, end);
-                }
-                if cut.is_some() {
-                    return Some(cut);
-                }
-            }
-        }
-        None
-    });
-    if let Some(cut) = result {
-        return (n, cut);
-    }
-    // The rest (from the first impossible length): in order, as `for_each` reports it.
-    let (m, cut) = for_each(&bytes[tail..], |r, end| f(r, tail + end));
-    (
-        n + m,
-        cut.map(|c| Cut {
-            offset: tail + c.offset,
-            dropped: c.dropped,
-            reason: c.reason,
-        }),
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -537,35 +443,6 @@ mod tests {
             });
             assert_eq!((got, raw), (want, serial), "len {len}");
         }
-    }
-
-    #[test]
-    fn the_parallel_decode_gives_what_for_each_gives() {
-        let rs = records();
-        let mut bytes = Vec::new();
-        for _ in 0..50 {
-            bytes.extend_from_slice(&encode_all(&rs));
-        }
-        let serial = |b: &[u8]| {
-            let mut out = Vec::new();
-            let r = for_each(b, |rec, at| out.push((rec, at)));
-            (out, r)
-        };
-        for len in [bytes.len(), bytes.len() - 3, bytes.len() / 2 + 1, 7, 0] {
-            for (block, workers) in [(1, 1), (64, 2), (500, 3), (1 << 20, 2)] {
-                let mut got = Vec::new();
-                let r =
-                    for_each_parallel(&bytes[..len], block, workers, |rec, at| got.push((rec, at)));
-                assert_eq!((got, r), serial(&bytes[..len]), "len {len}, block {block}");
-            }
-        }
-        // A damaged frame in the middle: the same cut, the records before it.
-        let mut damaged = bytes.clone();
-        let middle = bytes.len() / 2;
-        damaged[middle] ^= 0x40;
-        let mut got = Vec::new();
-        let r = for_each_parallel(&damaged, 256, 2, |rec, at| got.push((rec, at)));
-        assert_eq!((got, r), serial(&damaged));
     }
 
     #[test]

@@ -1187,13 +1187,7 @@ fn read_snapshot(
             );
             cut
         }
-        None => {
-            let workers = thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-                .clamp(1, 8);
-            codec::for_each_parallel(body, 4 << 20, workers, &mut other).1
-        }
+        None => codec::for_each(body, &mut other).1,
     };
     let (sessions, mut conflicts) = (puts.get(), conflicts.get());
     let complete = !malformed
