@@ -51,7 +51,7 @@ const REDIS_RETRY: Duration = Duration::from_millis(250);
 
 enum Input {
     Request(PendingRequest),
-    /// An owner's datagram on forwarding socket `socket`.
+    /// A datagram that arrived on one of the forwarding sockets (an owner's answer, if it verifies).
     Answer {
         bytes: Vec<u8>,
         from: SocketAddr,
