@@ -6,7 +6,8 @@
 #   scripts/bench-durable.sh storm SESSIONS     # a Disconnect storm, without then with --state-dir
 #   scripts/bench-durable.sh restart SESSIONS   # start-up: --sessions FILE vs restore from the state dir
 #
-# Environment: WINDOW (loadgen's outstanding requests, default 128), BATCH (dynauthd --batch
+# Environment: DYNAUTHD (the server binary, default target/release/dynauthd), WINDOW
+# (loadgen's outstanding requests, default 128), BATCH (dynauthd --batch
 # for both runs, default its own).
 #
 # dynauthd: one shard pinned to CPU 1, table-only data plane; loadgen on CPU 0, closed loop,
@@ -30,7 +31,7 @@ trap '[ -n "$DPID" ] && kill $DPID 2>/dev/null; true' EXIT
 serve() {
     rm -f /tmp/bench-durable.out
     local t0; t0=$(date +%s.%N)
-    target/release/dynauthd --listen 127.0.0.1:$PORT --client 127.0.0.1/32=bench-secret \
+    "${DYNAUTHD:-target/release/dynauthd}" --listen 127.0.0.1:$PORT --client 127.0.0.1/32=bench-secret \
         --shards 1 --cpus 1 --io mmsg --stats-interval 0 ${BATCH:+--batch "$BATCH"} "$@" \
         > /tmp/bench-durable.out 2>/tmp/bench-durable.err &
     DPID=$!

@@ -501,6 +501,15 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
         let _ = t.join();
     }
     if let Some(d) = &durable {
+        let load = |v: &std::sync::atomic::AtomicU64| v.load(std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(
+            "state: journal: {} records, {} octets, {} fsyncs; answers waited for an fsync {} times, {} ms in all",
+            load(&state_stats.records),
+            load(&state_stats.bytes),
+            load(&state_stats.fsyncs),
+            load(&state_stats.commit_waits),
+            load(&state_stats.commit_wait_ns) / 1_000_000
+        );
         // Everything that wrote has stopped: a last snapshot, so the next start replays
         // nothing.
         match d.close() {

@@ -224,6 +224,9 @@ struct ShardHandler {
     audit: Option<Arc<crate::audit::AuditLog>>,
     /// Sheds requests that waited too long (`--shed-after`), before the engine sees them.
     shedder: crate::overload::Shedder,
+    /// The journal points the backend's held batches wait for, oldest first (at most two:
+    /// the held batch and the one being decided; allocated once).
+    held: std::collections::VecDeque<crate::state::Durability>,
 }
 
 impl ShardHandler {
@@ -268,10 +271,13 @@ impl Handler for ShardHandler {
         }
         self.take_settled();
         // With a state directory, the store's changes of the whole batch are covered by one
-        // wait here, before the backend sends any of the batch's answers (durable before
-        // acknowledged, docs/DURABILITY.md).
+        // journal point, and none of the batch's answers leaves before it is durable
+        // (durable before acknowledged, docs/DURABILITY.md). The backend holds the answers
+        // while this shard decides the next batch, so the fsync runs beside the decisions
+        // instead of in front of them ("Pipelined group commit").
         let scope = crate::state::defer_commits();
         self.shedder.start_batch();
+        let mut answered = false;
         for (d, answer) in batch.iter_mut() {
             // RFC 5176 §3.5 under overload: a request that waited past --shed-after is shed
             // here, before the engine or the store sees it (docs/RUNNING.md, "Overload").
@@ -295,13 +301,36 @@ impl Handler for ShardHandler {
                     if let Some(audit) = &self.audit {
                         audit.radius_answer(d.data, d.source, &a);
                     }
+                    answered = true;
                     answer.send(a.len)
                 }
-                Outcome::Replay { len } => answer.send(len),
+                Outcome::Replay { len } => {
+                    answered = true;
+                    answer.send(len)
+                }
             }
         }
         self.shedder.end_batch();
-        scope.wait();
+        // A batch without answers shows nobody anything: nothing to wait for.
+        if let Some(durability) = scope.detach()
+            && answered
+        {
+            if batch.hold() {
+                self.held.push_back(durability);
+            } else {
+                durability.wait();
+            }
+        }
+    }
+
+    fn release_held(&mut self) {
+        if let Some(durability) = self.held.pop_front() {
+            durability.wait();
+        }
+    }
+
+    fn held_ready(&mut self) -> bool {
+        self.held.front().is_none_or(|d| d.is_durable())
     }
 }
 
@@ -514,6 +543,7 @@ pub fn start_at(
         let shard_audit = audit.clone();
         let batch = settings.batch;
         let gso = settings.gso;
+        let durable = settings.state.is_some();
         let shedder = crate::overload::Shedder::new(&settings.overload);
         let spawned = thread::Builder::new()
             .name(format!("dynauthd-shard-{index}"))
@@ -526,6 +556,9 @@ pub fn start_at(
                 let backend = match io {
                     IoKind::Mmsg => {
                         let mut b = dynauth_udp::MmsgBackend::new(shard_listeners, batch);
+                        if durable {
+                            b.enable_holding();
+                        }
                         if gso && !b.enable_gso() {
                             tracing::warn!(
                                 shard = index,
@@ -558,6 +591,7 @@ pub fn start_at(
                     config: shard_config,
                     audit: shard_audit,
                     shedder,
+                    held: std::collections::VecDeque::with_capacity(4),
                 };
                 run_shard(index, backend, handler, &shard_stop, &report);
             });

@@ -1072,8 +1072,28 @@ impl<I: KeyIndex> SessionTable<I> {
     }
 }
 
-impl<I: KeyIndex> SessionStore for SessionTable<I> {
-    fn disconnect(&self, lookup: &Lookup<'_>) -> Result<Applied, Refusal> {
+/// What [`SessionTable::disconnect_recording`] hands each removed session's identity to.
+pub type IdentitySink<'a> = dyn FnMut(&[u8]) + 'a;
+
+impl<I: KeyIndex> SessionTable<I> {
+    /// [`SessionStore::disconnect`] that also hands `removed` the identity of each session
+    /// it removes (NAS, Acct-Session-Id, audit-session-id, CUI, in the octets
+    /// [`encode_session`] writes for a session with only those fields), under the writer
+    /// lock, before the session is buried: what a journal records of a Disconnect, without
+    /// decoding the session or a second lookup. Allocation-free when warm.
+    pub fn disconnect_recording(
+        &self,
+        lookup: &Lookup<'_>,
+        removed: &mut dyn FnMut(&[u8]),
+    ) -> Result<Applied, Refusal> {
+        self.disconnect_observed(lookup, Some(removed))
+    }
+
+    fn disconnect_observed(
+        &self,
+        lookup: &Lookup<'_>,
+        mut removed: Option<&mut IdentitySink<'_>>,
+    ) -> Result<Applied, Refusal> {
         if lookup.query.is_empty() {
             return self.disconnect_without_key(lookup);
         }
@@ -1091,11 +1111,23 @@ impl<I: KeyIndex> SessionStore for SessionTable<I> {
         let count = sel.verdict(lookup.scope.max_sessions)?;
         let ids = core::mem::take(&mut w.ids);
         for &id in &ids {
+            if let Some(removed) = removed.as_mut()
+                && let Some(k) = self.read_keys(id, &mut w.rec)
+            {
+                record::encode_identity(&k, &mut w.enc);
+                removed(&w.enc);
+            }
             self.bury(w, id, lookup.now_ms);
         }
         w.ids = ids;
         self.note_oldest(w);
         Ok(Applied::Sessions(count))
+    }
+}
+
+impl<I: KeyIndex> SessionStore for SessionTable<I> {
+    fn disconnect(&self, lookup: &Lookup<'_>) -> Result<Applied, Refusal> {
+        self.disconnect_observed(lookup, None)
     }
 
     fn change(

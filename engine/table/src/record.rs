@@ -157,6 +157,20 @@ pub(crate) fn keys_of(s: &Session) -> Keys<'_> {
     }
 }
 
+/// The identity of `k` (its NAS, Acct-Session-Id, audit-session-id and CUI: what
+/// `store::same_session` compares) in the record encoding: the octets [`encode`] writes for
+/// a session with only those fields.
+pub(crate) fn encode_identity(k: &Keys<'_>, out: &mut Vec<u8>) {
+    let mut identity = Keys {
+        nas: k.nas,
+        ..Keys::default()
+    };
+    for key in [Key::AcctSessionId, Key::AuditSessionId, Key::Cui] {
+        identity.keys[key as usize] = k.keys[key as usize];
+    }
+    encode_parts(&identity, None, None, out);
+}
+
 /// Encodes keys plus an already serialized authorization and an optional removal time.
 pub(crate) fn encode_parts(
     k: &Keys<'_>,

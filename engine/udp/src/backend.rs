@@ -61,12 +61,45 @@ impl<'d> AnswerBuffer<'d> {
 pub struct Batch<'b, 'd> {
     datagrams: &'b [Received<'d>],
     answers: &'b mut [AnswerBuffer<'d>],
+    /// The backend can keep this batch's answers back while it decides the next batch.
+    can_hold: bool,
+    held: bool,
 }
 
 impl<'b, 'd> Batch<'b, 'd> {
     pub(crate) fn new(datagrams: &'b [Received<'d>], answers: &'b mut [AnswerBuffer<'d>]) -> Self {
         debug_assert_eq!(datagrams.len(), answers.len());
-        Batch { datagrams, answers }
+        Batch {
+            datagrams,
+            answers,
+            can_hold: false,
+            held: false,
+        }
+    }
+
+    /// A batch whose answers the backend can hold (see [`Batch::hold`]).
+    pub(crate) fn holdable(mut self, can_hold: bool) -> Self {
+        self.can_hold = can_hold;
+        self
+    }
+
+    /// Asks the backend to keep this batch's answers back until [`Handler::release_held`]
+    /// says they may go: the backend receives and decides later batches meanwhile, then
+    /// calls `release_held` once for this batch and sends its answers, before any answer
+    /// of a later batch. Returns false when this backend cannot hold answers (the handler
+    /// must then wait itself before returning from [`Handler::batch`]). Hold only a batch
+    /// with answers: one without is released at once (`release_held` right away).
+    ///
+    /// What it is for: answers that may only leave once something else finished (a journal
+    /// fsync), without the shard idling until then.
+    pub fn hold(&mut self) -> bool {
+        self.held = self.can_hold;
+        self.held
+    }
+
+    /// Whether the handler held this batch's answers.
+    pub(crate) fn is_held(&self) -> bool {
+        self.held
     }
 
     pub fn len(&self) -> usize {
@@ -91,6 +124,17 @@ impl<'b, 'd> Batch<'b, 'd> {
 pub trait Handler {
     /// Decides every datagram of the batch, writing answers into their buffers.
     fn batch(&mut self, batch: &mut Batch<'_, '_>);
+
+    /// Blocks until the answers of the oldest batch this handler held ([`Batch::hold`]) and
+    /// that was not released yet may be sent. The backend calls it once per held batch, in
+    /// the order they were decided, right before sending that batch's answers.
+    fn release_held(&mut self) {}
+
+    /// Whether [`Handler::release_held`] would return at once (the backend then sends
+    /// the oldest held batch's answers without waiting).
+    fn held_ready(&mut self) -> bool {
+        true
+    }
 }
 
 /// Empties a vector of borrowed values so that its allocation can be kept across batches

@@ -54,7 +54,32 @@ pub struct MmsgBackend {
     pub(crate) idle: bool,
     /// System calls made by `poll_batch` (receive, poll, send): what the tests count.
     pub(crate) syscalls: u64,
+    /// Handlers may hold a batch's answers ([`Batch::hold`]).
+    pub(crate) can_hold: bool,
+    /// Answer slots (`tx_data` buffers, `tx_meta` entries): `batch` without holding; with
+    /// holding a ring several batches deep, each batch taking a contiguous run of it.
+    pub(crate) tx_slots: usize,
+    /// Decided batches whose answers are not sent yet, oldest first: held ones, and any
+    /// decided after a held one (answers leave in the order their batches were decided).
+    pub(crate) queued: std::collections::VecDeque<QueuedAnswers>,
+    /// The end of the newest queued batch's slots.
+    pub(crate) head: usize,
 }
+
+/// A decided batch whose answers wait in the slot ring.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct QueuedAnswers {
+    /// The listener it arrived on (its answers leave from it).
+    socket: usize,
+    /// Its first slot; its answers: `tx_meta[first..first + answers]`.
+    first: usize,
+    answers: usize,
+    /// The handler held it: [`Handler::release_held`] before it is sent.
+    held: bool,
+}
+
+/// How many batches deep the slot ring of a holding backend is.
+pub const HOLD_DEPTH: usize = 4;
 
 pub(crate) fn zeroed_mmsghdrs(n: usize) -> Box<[libc::mmsghdr]> {
     (0..n)
@@ -116,6 +141,10 @@ impl MmsgBackend {
             receive_timeout: None,
             idle: false,
             syscalls: 0,
+            can_hold: false,
+            tx_slots: batch,
+            queued: std::collections::VecDeque::new(),
+            head: 0,
         };
         backend.point_headers();
         backend
@@ -146,6 +175,67 @@ impl MmsgBackend {
         self.stats
     }
 
+    /// Lets handlers hold a batch's answers while later batches are decided
+    /// ([`Batch::hold`]): the answer slots become a ring [`HOLD_DEPTH`] batches deep
+    /// (`batch` × 4 KiB each).
+    pub fn enable_holding(&mut self) {
+        if !self.can_hold {
+            self.tx_slots = HOLD_DEPTH * self.batch;
+            self.tx_data = vec![0u8; self.tx_slots * MAX_DATAGRAM].into_boxed_slice();
+            self.tx_meta = vec![AnswerMeta::default(); self.tx_slots].into_boxed_slice();
+            self.queued = std::collections::VecDeque::with_capacity(self.tx_slots);
+            self.can_hold = true;
+        }
+    }
+
+    /// The free run of answer slots the next batch is received into: (first, length).
+    fn free_run(&mut self) -> (usize, usize) {
+        let Some(oldest) = self.queued.front() else {
+            self.head = 0;
+            return (0, self.batch.min(self.tx_slots));
+        };
+        let tail = oldest.first;
+        let (start, len) = if self.head > tail {
+            // In use: tail..head. Free: head..end, then 0..tail.
+            let end = (self.head, self.tx_slots - self.head);
+            let front = (0, tail);
+            if end.1 >= self.batch || end.1 >= front.1 {
+                end
+            } else {
+                front
+            }
+        } else {
+            // Wrapped: in use tail..end and 0..head. Free: head..tail.
+            (self.head, tail - self.head)
+        };
+        (start, len.min(self.batch))
+    }
+
+    /// Sends the queued batches' answers, oldest first: every one whose answers may go now,
+    /// and with `wait`, the oldest one even if that means waiting for the handler.
+    pub(crate) fn send_queued(&mut self, handler: &mut dyn Handler, mut wait: bool) {
+        while let Some(&oldest) = self.queued.front() {
+            if oldest.held {
+                if !wait && !handler.held_ready() {
+                    return;
+                }
+                handler.release_held();
+            }
+            wait = false;
+            self.queued.pop_front();
+            let fd = self.listeners[oldest.socket].socket.as_raw_fd();
+            let messages = self.build_messages(oldest.first, oldest.answers);
+            self.send_all(fd, messages);
+        }
+    }
+
+    /// Sends every queued batch's answers, waiting for the handler as long as it takes.
+    pub(crate) fn send_all_queued(&mut self, handler: &mut dyn Handler) {
+        while !self.queued.is_empty() {
+            self.send_queued(handler, true);
+        }
+    }
+
     /// Sends runs of same-size answers to one address as one UDP GSO (UDP_SEGMENT) message,
     /// when every socket supports it. Returns whether GSO is on.
     pub fn enable_gso(&mut self) -> bool {
@@ -163,11 +253,31 @@ impl MmsgBackend {
     /// listener, one blocking `recvmmsg` (MSG_WAITFORONE, bounded by SO_RCVTIMEO) and one
     /// `sendmmsg`; with several, a non-blocking `recvmmsg` per socket while traffic flows, and
     /// after a call that found nothing, `poll` first and a `recvmmsg` per readable socket.
+    ///
+    /// With held answers ([`Batch::hold`]) it does not wait: it decides what is already
+    /// in the sockets, and when nothing is, sends the oldest held batch's answers (waiting
+    /// for the handler to release them) and returns.
     pub fn poll_batch(
         &mut self,
         timeout: Duration,
         handler: &mut dyn Handler,
     ) -> io::Result<usize> {
+        if !self.queued.is_empty() {
+            let mut total = 0;
+            for s in 0..self.listeners.len() {
+                match self.receive_and_answer(s, libc::MSG_DONTWAIT, handler) {
+                    Ok(n) => total += n,
+                    Err(e) => {
+                        self.send_all_queued(handler);
+                        return Err(e);
+                    }
+                }
+            }
+            if total == 0 {
+                self.send_queued(handler, true);
+            }
+            return Ok(total);
+        }
         if self.blocking {
             let flags = if timeout.is_zero() {
                 libc::MSG_DONTWAIT
@@ -246,6 +356,15 @@ impl MmsgBackend {
     ) -> io::Result<usize> {
         let fd = self.listeners[s].socket.as_raw_fd();
         let local = self.listeners[s].local;
+        // The answer slots this batch gets: when the ring is nearly full of held answers,
+        // the oldest go first (waiting for the handler to release them).
+        let (first_slot, slots) = loop {
+            let (first, len) = self.free_run();
+            if len >= (self.batch / HOLD_DEPTH).max(1) || self.queued.is_empty() {
+                break (first, len);
+            }
+            self.send_queued(handler, true);
+        };
         // The kernel rewrote the name and control lengths of the headers it filled (and, to
         // be safe, of the one after): restore their capacities. The pointers never change.
         for hdr in self.rx_hdrs.iter_mut().take(self.rx_dirty + 1) {
@@ -261,7 +380,7 @@ impl MmsgBackend {
             libc::recvmmsg(
                 fd,
                 self.rx_hdrs.as_mut_ptr(),
-                self.batch as libc::c_uint,
+                slots as libc::c_uint,
                 flags,
                 core::ptr::null_mut(),
             )
@@ -284,7 +403,8 @@ impl MmsgBackend {
         self.stats.batches += 1;
         let mut datagrams = recycle(core::mem::take(&mut self.batch_received));
         let mut buffers = recycle_answers(core::mem::take(&mut self.batch_answers));
-        let mut tx = self.tx_data.chunks_exact_mut(MAX_DATAGRAM);
+        let mut tx = self.tx_data[first_slot * MAX_DATAGRAM..(first_slot + slots) * MAX_DATAGRAM]
+            .chunks_exact_mut(MAX_DATAGRAM);
         for i in 0..n {
             let hdr = &self.rx_hdrs[i];
             let len = (hdr.msg_len as usize).min(MAX_DATAGRAM);
@@ -314,51 +434,72 @@ impl MmsgBackend {
             });
             buffers.push(AnswerBuffer::new(out));
         }
-        handler.batch(&mut Batch::new(&datagrams, &mut buffers));
+        let mut batch = Batch::new(&datagrams, &mut buffers).holdable(self.can_hold);
+        handler.batch(&mut batch);
+        let held = batch.is_held();
         let mut answers = 0;
         for (slot, (d, b)) in datagrams.iter().zip(&buffers).enumerate() {
             let Some(len) = b.answer_len() else { continue };
             let info = self.batch_info[slot];
-            self.tx_meta[answers] = AnswerMeta {
+            self.tx_meta[first_slot + answers] = AnswerMeta {
                 to: d.source,
                 local: info.local,
                 ifindex: info.ifindex,
                 len: len.min(MAX_DATAGRAM),
-                slot,
+                slot: first_slot + slot,
             };
             answers += 1;
         }
         self.batch_received = recycle(datagrams);
         self.batch_answers = recycle_answers(buffers);
-        let messages = self.build_messages(answers);
-        self.send_all(fd, messages);
+        // Answers leave in the order their batches were decided: behind any queued ones.
+        if answers > 0 && (held || !self.queued.is_empty()) {
+            self.queued.push_back(QueuedAnswers {
+                socket: s,
+                first: first_slot,
+                answers,
+                held,
+            });
+            self.head = first_slot + n;
+        } else if answers > 0 {
+            let messages = self.build_messages(first_slot, answers);
+            self.send_all(fd, messages);
+        } else if held {
+            // Nothing to send, but the handler counts on its release.
+            handler.release_held();
+        }
+        self.send_queued(handler, false);
         Ok(n)
     }
 
     /// Turns this batch's answers into `sendmmsg` headers: one per answer, or with GSO one
     /// per run of answers to the same address, from the same local address, of the same size
-    /// (UDP_SEGMENT: the kernel splits it into datagrams). Returns how many headers.
-    pub(crate) fn build_messages(&mut self, answers: usize) -> usize {
+    /// (UDP_SEGMENT: the kernel splits it into datagrams), for the answers
+    /// `tx_meta[first..first + answers]`. Returns how many headers.
+    pub(crate) fn build_messages(&mut self, first: usize, answers: usize) -> usize {
+        // `i` counts answers (and iovecs) from 0; their metadata is at `first + i`.
+        let meta = first;
         let mut m = 0;
         let mut i = 0;
         while i < answers {
-            let first = self.tx_meta[i];
+            let first = self.tx_meta[meta + i];
             let mut run = 1;
             if self.gso {
                 while i + run < answers
                     && run < GSO_MAX_SEGMENTS
                     && (run + 1) * first.len <= GSO_MAX_BYTES
-                    && self.tx_meta[i + run].same_flow(&first)
+                    && self.tx_meta[meta + i + run].same_flow(&first)
                 {
                     run += 1;
                 }
             }
             for k in i..i + run {
+                let answer = self.tx_meta[meta + k];
                 self.tx_iov[k] = libc::iovec {
-                    iov_base: self.tx_data[self.tx_meta[k].slot * MAX_DATAGRAM..]
+                    iov_base: self.tx_data[answer.slot * MAX_DATAGRAM..]
                         .as_mut_ptr()
                         .cast(),
-                    iov_len: self.tx_meta[k].len,
+                    iov_len: answer.len,
                 };
             }
             // `msg_name` points at `tx_names[m]` for good (`point_headers`).
@@ -435,8 +576,10 @@ impl MmsgBackend {
         }
     }
 
-    /// Nothing is in the kernel's hands between batches: shutting down needs no draining.
-    pub fn shutdown(&mut self, _handler: &mut dyn Handler) -> bool {
+    /// Nothing is in the kernel's hands between batches: shutting down sends the held
+    /// answers and needs no draining.
+    pub fn shutdown(&mut self, handler: &mut dyn Handler) -> bool {
+        self.send_all_queued(handler);
         true
     }
 }
@@ -599,5 +742,89 @@ mod tests {
         later.join().unwrap();
         assert_eq!(answer(&c), vec![7; 20]);
         assert!(!b.idle);
+    }
+
+    /// Echoes and holds every batch; a batch's answers may go once `released` says so.
+    struct HoldingEcho {
+        /// Batches held, oldest first: whether each may be released yet.
+        may_go: std::collections::VecDeque<std::rc::Rc<core::cell::Cell<bool>>>,
+        next: std::rc::Rc<core::cell::Cell<bool>>,
+        released: usize,
+    }
+
+    impl Handler for HoldingEcho {
+        fn batch(&mut self, batch: &mut Batch<'_, '_>) {
+            for (d, answer) in batch.iter_mut() {
+                let len = d.data.len();
+                answer.buffer()[..len].copy_from_slice(d.data);
+                answer.send(len);
+            }
+            assert!(batch.hold(), "a holding backend holds");
+            self.may_go.push_back(std::rc::Rc::clone(&self.next));
+        }
+        fn release_held(&mut self) {
+            let gate = self.may_go.pop_front().expect("one release per held batch");
+            assert!(gate.get(), "released before its time");
+            self.released += 1;
+        }
+        fn held_ready(&mut self) -> bool {
+            self.may_go.front().is_some_and(|g| g.get())
+        }
+    }
+
+    // Pipelined group commit (docs/DURABILITY.md): a held batch's answers stay in the
+    // backend while later batches are decided, leave only once released, in the order
+    // their batches were decided, and nothing is lost at shutdown.
+    #[test]
+    fn held_answers_leave_only_when_released_and_in_order() {
+        let l = listener();
+        let addr = l.local;
+        let mut b = MmsgBackend::new(vec![l], 8);
+        b.enable_holding();
+        let first_gate = std::rc::Rc::new(core::cell::Cell::new(false));
+        let mut h = HoldingEcho {
+            may_go: Default::default(),
+            next: std::rc::Rc::clone(&first_gate),
+            released: 0,
+        };
+        let c = client();
+        c.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        c.send_to(&[1; 20], addr).unwrap();
+        while b.poll_batch(Duration::from_millis(50), &mut h).unwrap() == 0 {}
+        // Held. A second batch is decided while the first waits (release_held must not be
+        // reached: it would assert).
+        let second_gate = std::rc::Rc::new(core::cell::Cell::new(false));
+        h.next = std::rc::Rc::clone(&second_gate);
+        c.send_to(&[2; 20], addr).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(b.poll_batch(Duration::ZERO, &mut h).unwrap(), 1);
+        let mut buf = [0u8; 64];
+        assert!(
+            c.recv_from(&mut buf).is_err(),
+            "nothing leaves before its release"
+        );
+        assert_eq!(b.queued.len(), 2);
+        // The first batch may go: it leaves, the second stays.
+        first_gate.set(true);
+        c.send_to(&[3; 20], addr).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        let third_gate = std::rc::Rc::new(core::cell::Cell::new(true));
+        h.next = std::rc::Rc::clone(&third_gate);
+        assert_eq!(b.poll_batch(Duration::ZERO, &mut h).unwrap(), 1);
+        assert_eq!(answer(&c), vec![1; 20]);
+        assert!(
+            c.recv_from(&mut buf).is_err(),
+            "the second batch is not released"
+        );
+        // The third batch is ready but queued behind the second: order is kept.
+        assert_eq!(b.queued.len(), 2);
+        second_gate.set(true);
+        b.shutdown(&mut h);
+        assert_eq!(answer(&c), vec![2; 20]);
+        assert_eq!(answer(&c), vec![3; 20]);
+        assert_eq!(h.released, 3);
+        assert!(b.queued.is_empty());
+        assert_eq!(b.stats().sent, 3);
     }
 }

@@ -157,11 +157,60 @@ pub fn encode(record: &Record, out: &mut Vec<u8>, scratch: &mut Vec<u8>) {
             out.extend_from_slice(&tombstones.to_le_bytes());
         }
     }
+    seal(out, start);
+}
+
+/// Writes the length and checksum of the frame that starts at `start` and ends `out`.
+fn seal(out: &mut [u8], start: usize) {
     let payload = &out[start + FRAME_HEADER..];
     let len = payload.len() as u32;
     let crc = crc32fast::hash(payload);
     out[start..start + 4].copy_from_slice(&len.to_le_bytes());
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// A `REMOVE` record written straight into a frame buffer, one identity at a time, each
+/// already in the record encoding (the Disconnect path: the table hands over its records'
+/// identities without decoding them, `SessionTable::disconnect_recording`). The frame is
+/// the one [`encode`] writes for the same [`Record::Remove`].
+#[derive(Debug)]
+pub struct RemoveFrame {
+    start: usize,
+    count: u32,
+}
+
+impl RemoveFrame {
+    /// Starts the record at the end of `out`.
+    pub fn begin(out: &mut Vec<u8>, at_ms: u64, tombstone: bool) -> Self {
+        let start = out.len();
+        out.extend_from_slice(&[0; FRAME_HEADER]);
+        out.push(REMOVE);
+        out.extend_from_slice(&at_ms.to_le_bytes());
+        out.push(u8::from(tombstone));
+        out.extend_from_slice(&0u32.to_le_bytes());
+        RemoveFrame { start, count: 0 }
+    }
+
+    /// Adds one identity (a session's record encoding).
+    pub fn push(&mut self, out: &mut Vec<u8>, identity: &[u8]) {
+        out.extend_from_slice(&(identity.len() as u32).to_le_bytes());
+        out.extend_from_slice(identity);
+        self.count += 1;
+    }
+
+    /// Seals the record; without any identity it is taken back out of `out`. Returns
+    /// whether a record was written.
+    pub fn finish(self, out: &mut Vec<u8>) -> bool {
+        if self.count == 0 {
+            out.truncate(self.start);
+            return false;
+        }
+        // kind, at, flags: the count follows them.
+        let count_at = self.start + FRAME_HEADER + 1 + 8 + 1;
+        out[count_at..count_at + 4].copy_from_slice(&self.count.to_le_bytes());
+        seal(out, self.start);
+        true
+    }
 }
 
 /// Decodes the frame at the start of `bytes`: `Ok(None)` at the end of the bytes, else the
@@ -408,6 +457,30 @@ mod tests {
             encode(r, &mut out, &mut scratch);
         }
         out
+    }
+
+    #[test]
+    fn a_remove_frame_built_identity_by_identity_is_the_encoded_remove_record() {
+        let sessions: Vec<Session> = synth::sessions(4, 8).collect();
+        let record = Record::Remove {
+            at_ms: 1_700_000_000_999,
+            tombstone: true,
+            identities: sessions.iter().map(identity).collect(),
+        };
+        let (mut expected, mut scratch) = (vec![7u8], Vec::new());
+        encode(&record, &mut expected, &mut scratch);
+        let mut out = vec![7u8];
+        let mut frame = RemoveFrame::begin(&mut out, 1_700_000_000_999, true);
+        for s in &sessions {
+            dynauth_table::encode_session(&identity(s), &mut scratch);
+            frame.push(&mut out, &scratch);
+        }
+        assert!(frame.finish(&mut out));
+        assert_eq!(out, expected);
+        // With no identity nothing is written.
+        let frame = RemoveFrame::begin(&mut out, 1, false);
+        assert!(!frame.finish(&mut out));
+        assert_eq!(out, expected);
     }
 
     #[test]

@@ -142,6 +142,10 @@ pub struct StateStats {
     pub records: AtomicU64,
     pub bytes: AtomicU64,
     pub fsyncs: AtomicU64,
+    /// Times a thread had to wait for an fsync before answering (the pipelined shards wait
+    /// only when the journal is slower than their decisions), and the time it waited.
+    pub commit_waits: AtomicU64,
+    pub commit_wait_ns: AtomicU64,
     pub snapshots: AtomicU64,
     pub snapshot_failures: AtomicU64,
     /// Set once by the restore.
@@ -155,7 +159,7 @@ pub struct StateStats {
 impl StateStats {
     pub fn write_prometheus(&self, out: &mut String) {
         use core::fmt::Write as _;
-        let rows: [(&str, &str, &str, &AtomicU64); 10] = [
+        let rows: [(&str, &str, &str, &AtomicU64); 12] = [
             (
                 "dynauth_journal_records_total",
                 "counter",
@@ -173,6 +177,18 @@ impl StateStats {
                 "counter",
                 "Journal fdatasync calls (group commits)",
                 &self.fsyncs,
+            ),
+            (
+                "dynauth_journal_commit_waits_total",
+                "counter",
+                "Times an answer waited for the journal's fsync (its thread had nothing else to do)",
+                &self.commit_waits,
+            ),
+            (
+                "dynauth_journal_commit_wait_nanoseconds_total",
+                "counter",
+                "Time answers' threads spent waiting for the journal's fsync",
+                &self.commit_wait_ns,
             ),
             (
                 "dynauth_snapshots_total",
@@ -273,6 +289,26 @@ impl CommitScope {
         self.finish();
     }
 
+    /// Ends the scope without waiting: what it must wait for, if anything is not durable
+    /// yet. The caller keeps everything derived from the scope's changes unseen until it
+    /// has waited on the returned [`Durability`] (the shards hold the batch's answers while
+    /// they decide the next batch, docs/DURABILITY.md "Pipelined group commit").
+    pub fn detach(mut self) -> Option<Durability> {
+        if !self.active {
+            return None;
+        }
+        self.active = false;
+        let deferred = SCOPE.with(|s| s.borrow_mut().take());
+        match deferred {
+            Some(Deferred {
+                until: Some((shared, lsn)),
+            }) if shared.durable_fast.load(Ordering::Acquire) < lsn => {
+                Some(Durability { shared, lsn })
+            }
+            _ => None,
+        }
+    }
+
     fn finish(&mut self) {
         if !self.active {
             return;
@@ -285,6 +321,33 @@ impl CommitScope {
         {
             shared.wait_durable(lsn);
         }
+    }
+}
+
+/// A point of the journal that an answer waits for ([`CommitScope::detach`]).
+#[must_use = "what it covers must not be seen before `wait` returns"]
+pub struct Durability {
+    shared: Arc<Shared>,
+    lsn: u64,
+}
+
+impl Durability {
+    /// Waits until the journal is durable up to this point.
+    pub fn wait(self) {
+        self.shared.wait_durable(self.lsn);
+    }
+
+    /// Whether it already is.
+    pub fn is_durable(&self) -> bool {
+        self.shared.durable_fast.load(Ordering::Acquire) >= self.lsn
+    }
+}
+
+impl core::fmt::Debug for Durability {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Durability")
+            .field("lsn", &self.lsn)
+            .finish()
     }
 }
 
@@ -334,10 +397,17 @@ impl Shared {
         if self.durable_fast.load(Ordering::Acquire) >= lsn {
             return;
         }
+        let started = Instant::now();
         let mut d = self.durable.lock().unwrap_or_else(|p| p.into_inner());
         while *d < lsn {
             d = self.durable_cv.wait(d).unwrap_or_else(|p| p.into_inner());
         }
+        drop(d);
+        self.stats.commit_waits.fetch_add(1, Ordering::Relaxed);
+        self.stats.commit_wait_ns.fetch_add(
+            u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
     }
 
     /// Makes `lsn` durable before this thread answers: now, or at the end of its scope.
@@ -632,6 +702,46 @@ impl DurableStore {
         out
     }
 
+    /// [`DurableStore::commit`] for a change that writes its records itself: `f` appends
+    /// whole frames to the journal buffer it is given, under the order lock.
+    fn commit_frames<T>(&self, f: impl FnOnce(&SessionTable, &mut Vec<u8>) -> T) -> T {
+        let mut p = self.shared.lock();
+        let Pending {
+            chunks,
+            segment,
+            appended,
+            spare,
+            ..
+        } = &mut *p;
+        // The buffer of the current segment's chunk, taken out while `f` writes to it.
+        let fresh = chunks.last().map(|c| c.0) != Some(*segment);
+        let mut frames = match fresh {
+            true => spare.pop().unwrap_or_default(),
+            false => chunks.pop().map(|(_, frames)| frames).unwrap_or_default(),
+        };
+        let before = frames.len();
+        let out = f(&self.table, &mut frames);
+        let wrote = frames.len() > before;
+        if wrote || !fresh {
+            chunks.push((*segment, frames));
+        } else {
+            // Nothing written into a new chunk: the writer must not wake for an empty one.
+            spare.push(frames);
+        }
+        if wrote {
+            *appended += 1;
+            self.shared.appended.store(*appended, Ordering::Release);
+            self.shared.stats.records.fetch_add(1, Ordering::Relaxed);
+        }
+        let lsn = *appended;
+        drop(p);
+        if wrote {
+            self.shared.wake.notify_one();
+        }
+        self.shared.cover(lsn);
+        out
+    }
+
     /// An answer read from the table is given only once what it reflects is durable.
     fn cover_reads(&self) {
         self.shared
@@ -818,16 +928,14 @@ impl SessionStore for DurableStore {
     }
 
     fn disconnect(&self, lookup: &Lookup<'_>) -> Result<Applied, Refusal> {
-        self.commit(|table, records| {
-            let mut selected = Vec::new();
-            match table.select(lookup, true, &mut selected) {
-                Ok(Applied::Sessions(_)) => {}
-                other => return other,
-            }
-            let result = table.disconnect(lookup);
-            if let Ok(Applied::Sessions(_)) = result {
-                records.push(self.removed(lookup.now_ms, true, &selected));
-            }
+        // The Remove record is written straight from the table's records into the journal
+        // buffer: one lookup, nothing decoded, nothing allocated when warm.
+        let at_ms = self.clock.wall(lookup.now_ms);
+        self.commit_frames(|table, frames| {
+            let mut frame = codec::RemoveFrame::begin(frames, at_ms, true);
+            let result =
+                table.disconnect_recording(lookup, &mut |identity| frame.push(frames, identity));
+            frame.finish(frames);
             result
         })
     }
