@@ -9,6 +9,7 @@
 //! no syscall code of its own.
 //! - [`ids`]: per-socket Identifier rotation (never reuse an outstanding Identifier).
 //! - [`pool`]: sessions (JSON Lines or synthetic) and the requests prepared ahead of time.
+//! - [`deadlines`]: a worker's timeout timers in deadline order (a FIFO plus a heap).
 //! - [`worker`]: one pinned thread's send/receive/verify loop, open or closed loop.
 //! - [`report`]: counters, HdrHistogram percentiles, text/JSON report, `.hgrm` file.
 //! - [`series`]: the per-100 ms time series (rate, p50/p99, timeouts).
@@ -20,6 +21,7 @@
 
 pub mod capacity;
 pub mod cli;
+pub mod deadlines;
 pub mod echo;
 pub mod ids;
 pub mod pool;

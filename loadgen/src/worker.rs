@@ -31,8 +31,7 @@
 //! time loadgen gave up on it, never less than the timeout.
 #![forbid(unsafe_code)]
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::VecDeque;
 use std::io;
 use std::net::UdpSocket;
 use std::os::fd::{AsRawFd, RawFd};
@@ -48,6 +47,7 @@ use dynauth_proto::dict::{ErrorCause, attr};
 use hdrhistogram::Histogram;
 
 use crate::cli::Expect;
+use crate::deadlines::Deadlines;
 use crate::ids::IdAllocator;
 use crate::pool::{Expectation, Pool};
 use crate::report::{Counters, HIST_MAX_NS, NAK_SLOTS, new_histogram};
@@ -222,8 +222,8 @@ struct Worker {
     run_left: usize,
     /// Receive rounds so far.
     rounds: u64,
-    /// Deadlines run from the intended send time, so they are not in send order: a heap.
-    timeouts: BinaryHeap<Reverse<Timer>>,
+    /// Deadlines run from the intended send time, so they are not quite in send order.
+    timeouts: Deadlines<Timer>,
     retransmits: VecDeque<Timer>,
     /// Readiness from the last `ppoll` (`Some(0)`: it timed out), consumed by `receive`.
     polled: Option<usize>,
@@ -295,7 +295,7 @@ pub fn run(plan: WorkerPlan) -> io::Result<WorkerResult> {
         next_sock: 0,
         run_left: batch,
         rounds: 0,
-        timeouts: BinaryHeap::new(),
+        timeouts: Deadlines::default(),
         retransmits: VecDeque::new(),
         polled: None,
         counters: Counters::default(),
@@ -625,10 +625,13 @@ impl Worker {
                 self.lag
                     .saturating_record(now.saturating_sub(slot.intended_ns).max(1));
             }
-            self.timeouts.push(Reverse(Timer {
-                at_ns: slot.deadline_ns,
-                ..timer
-            }));
+            self.timeouts.push(
+                slot.deadline_ns,
+                Timer {
+                    at_ns: slot.deadline_ns,
+                    ..timer
+                },
+            );
         } else {
             self.counters.retransmissions += 1;
         }
@@ -661,11 +664,7 @@ impl Worker {
                 }
             }
         }
-        while let Some(&Reverse(t)) = self.timeouts.peek() {
-            if t.at_ns > now {
-                break;
-            }
-            self.timeouts.pop();
+        while let Some((_, t)) = self.timeouts.pop_due(now) {
             if self.slot_matches(&t) {
                 self.time_out(t.sock as usize, t.id, now);
             }
@@ -937,8 +936,8 @@ impl Worker {
         {
             next = now; // room in the window: only check the sockets, then send more
         }
-        if let Some(Reverse(t)) = self.timeouts.peek() {
-            next = next.min(t.at_ns);
+        if let Some(at) = self.timeouts.next_at() {
+            next = next.min(at);
         }
         if let Some(t) = self.retransmits.front() {
             next = next.min(t.at_ns);
