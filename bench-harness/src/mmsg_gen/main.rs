@@ -54,7 +54,7 @@ struct Args {
     /// Stop sending after this many requests (whichever of this and --duration-ms comes first).
     #[arg(long)]
     requests: Option<u64>,
-    /// Octets per datagram (20 to 4096, not 21): loadgen's 44-octet CoA-Request by default.
+    /// Octets per datagram (38 to 4096): loadgen's 44-octet CoA-Request by default.
     #[arg(long, default_value_t = 44)]
     size: usize,
     /// Datagrams per sendmmsg/recvmmsg at most.
@@ -69,6 +69,14 @@ struct Args {
     /// SO_SNDBUF/SO_RCVBUF in octets (capped by net.core.*mem_max).
     #[arg(long, default_value_t = 4 << 20)]
     socket_buffer: usize,
+    /// Sign every request with this shared secret, as a DAC must (MD5 Request
+    /// Authenticator, with RustCrypto's md-5, not loadgen's code): the same per-request work
+    /// as loadgen's. Without it the Authenticator is zero and nothing is signed.
+    #[arg(long)]
+    secret: Option<String>,
+    /// Busy-poll: never sleep in recvmmsg (MSG_DONTWAIT), spending the whole core.
+    #[arg(long)]
+    spin: bool,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -76,8 +84,8 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if args.size < 20 || args.size == 21 || args.size > 4096 {
-        eprintln!("mmsg-gen: --size must be 20 or 22 to 4096 octets");
+    if !(MIN_SIZE..=4096).contains(&args.size) {
+        eprintln!("mmsg-gen: --size must be {MIN_SIZE} to 4096 octets");
         return ExitCode::from(2);
     }
     match run(&args) {
@@ -106,7 +114,11 @@ fn main() -> ExitCode {
                     r.foreign,
                     r.cpu_ns_per_answer,
                     r.worker_utilisation * 100.0,
-                    if r.clean() { "" } else { " (NOT every answer exact)" }
+                    if r.clean() {
+                        ""
+                    } else {
+                        " (NOT every answer exact)"
+                    }
                 );
             }
             if r.counts_add_up() && r.answered > 0 {
@@ -122,18 +134,22 @@ fn main() -> ExitCode {
     }
 }
 
+/// Octets before the filler: header (20), the first attribute's type and length (2), then
+/// [`MARKER`], the slot (4) and the sequence number (8).
+const MIN_SIZE: usize = 38;
+
 /// Writes the request of `slot` with sequence number `seq` into `buf[..size]`: header
-/// (CoA-Request, Identifier = low octet of the slot, Length), Authenticator = slot (4
-/// octets) + sequence number (8) + [`MARKER`], then Acct-Session-Id attributes of letters
-/// filling the rest.
-fn fill(buf: &mut [u8], slot: u32, seq: u64, size: usize) {
+/// (CoA-Request, Identifier = low octet of the slot, Length, Authenticator), then
+/// Acct-Session-Id attributes, the first starting with [`MARKER`], the slot and the sequence
+/// number, letters filling the rest. The Authenticator is 16 zero octets, or with a secret
+/// the Request Authenticator a DAC sends, MD5(packet with a zero Authenticator + secret)
+/// (RFC 5176 §2.3, RFC 2866 §3). Returns the Authenticator.
+fn fill(buf: &mut [u8], slot: u32, seq: u64, size: usize, secret: Option<&[u8]>) -> [u8; 16] {
     let buf = &mut buf[..size];
     buf[0] = COA_REQUEST;
     buf[1] = slot as u8;
     buf[2..4].copy_from_slice(&(size as u16).to_be_bytes());
-    buf[4..8].copy_from_slice(&slot.to_be_bytes());
-    buf[8..16].copy_from_slice(&seq.to_be_bytes());
-    buf[16..20].copy_from_slice(&MARKER);
+    buf[4..20].fill(0);
     let mut at = 20;
     while at < size {
         let rest = size - at;
@@ -148,15 +164,28 @@ fn fill(buf: &mut [u8], slot: u32, seq: u64, size: usize) {
         }
         at += len;
     }
+    buf[22..26].copy_from_slice(&MARKER);
+    buf[26..30].copy_from_slice(&slot.to_be_bytes());
+    buf[30..38].copy_from_slice(&seq.to_be_bytes());
+    let mut auth = [0u8; 16];
+    if let Some(secret) = secret {
+        use md5::Digest as _;
+        let mut h = md5::Md5::new();
+        h.update(&buf[..]);
+        h.update(secret);
+        auth.copy_from_slice(&h.finalize());
+        buf[4..20].copy_from_slice(&auth);
+    }
+    auth
 }
 
 /// The slot and sequence number an answer names, if it is one of ours.
 fn parse(d: &[u8]) -> Option<(usize, u64)> {
-    if d.len() < 20 || d[16..20] != MARKER {
+    if d.len() < MIN_SIZE || d[20] != ACCT_SESSION_ID || d[22..26] != MARKER {
         return None;
     }
-    let slot = u32::from_be_bytes(d[4..8].try_into().ok()?) as usize;
-    let seq = u64::from_be_bytes(d[8..16].try_into().ok()?);
+    let slot = u32::from_be_bytes(d[26..30].try_into().ok()?) as usize;
+    let seq = u64::from_be_bytes(d[30..38].try_into().ok()?);
     Some((slot, seq))
 }
 
@@ -164,6 +193,8 @@ fn parse(d: &[u8]) -> Option<(usize, u64)> {
 struct Slot {
     /// The latest sequence number sent on this slot (0: never used).
     seq: u64,
+    /// Its Authenticator (zero unless signed).
+    auth: [u8; 16],
     sent_ns: u64,
     outstanding: bool,
 }
@@ -195,6 +226,8 @@ fn run(args: &Args) -> std::io::Result<GenReport> {
     // Room for longer datagrams than ours, so a grown answer is seen as corrupt, not cut.
     let mut rx = io::Batch::new(batch, 4096);
     let mut scratch = vec![0u8; size];
+    let mut auths = vec![[0u8; 16]; batch];
+    let secret = args.secret.as_deref().map(str::as_bytes);
     let mut slots = vec![Slot::default(); window];
     let mut free: Vec<u32> = (0..window as u32).rev().collect();
     let mut next_seq: u64 = 1;
@@ -205,6 +238,7 @@ fn run(args: &Args) -> std::io::Result<GenReport> {
         window,
         batch,
         datagram_octets: size,
+        signed: secret.is_some(),
         cpu: args.cpu,
         sent: 0,
         answered: 0,
@@ -258,17 +292,18 @@ fn run(args: &Args) -> std::io::Result<GenReport> {
             if n == 0 {
                 break;
             }
-            for i in 0..n {
+            for (i, a) in auths.iter_mut().enumerate().take(n) {
                 let slot = free[free.len() - 1 - i];
-                fill(tx.buffer_mut(i), slot, next_seq + i as u64, size);
+                *a = fill(tx.buffer_mut(i), slot, next_seq + i as u64, size, secret);
             }
             r.sendmmsg_calls += 1;
             match tx.send(fd, n, size) {
                 Ok(k) => {
-                    for _ in 0..k {
+                    for auth in &auths[..k] {
                         let slot = free.pop().expect("k <= n <= free.len()") as usize;
                         slots[slot] = Slot {
                             seq: next_seq,
+                            auth: *auth,
                             sent_ns: now,
                             outstanding: true,
                         };
@@ -292,7 +327,7 @@ fn run(args: &Args) -> std::io::Result<GenReport> {
 
         // Receive what is there; block for the first answer when the window is full.
         r.recvmmsg_calls += 1;
-        match rx.recv(fd, retry_soon) {
+        match rx.recv(fd, retry_soon || args.spin) {
             Ok(n) => {
                 for i in 0..n {
                     let d = rx.received(i);
@@ -302,7 +337,9 @@ fn run(args: &Args) -> std::io::Result<GenReport> {
                     };
                     let s = &mut slots[slot];
                     if s.outstanding && s.seq == seq {
-                        fill(&mut scratch, slot as u32, seq, size);
+                        // The request as sent: unsigned, then its Authenticator.
+                        fill(&mut scratch, slot as u32, seq, size, None);
+                        scratch[4..20].copy_from_slice(&s.auth);
                         if d == &scratch[..] {
                             r.answered += 1;
                             s.outstanding = false;
@@ -348,9 +385,10 @@ mod tests {
 
     #[test]
     fn a_request_names_its_slot_and_sequence_and_is_radius_shaped() {
-        for size in [20, 22, 44, 275, 276, 277, 1000, 4096] {
+        for size in [38, 44, 275, 276, 277, 1000, 4096] {
             let mut b = vec![0u8; size];
-            fill(&mut b, 300, 123_456_789, size);
+            let auth = fill(&mut b, 300, 123_456_789, size, None);
+            assert_eq!(auth, [0; 16]);
             assert_eq!(parse(&b), Some((300, 123_456_789)), "size {size}");
             assert_eq!(b[0], COA_REQUEST);
             assert_eq!(b[1], 300u32 as u8);
@@ -370,11 +408,40 @@ mod tests {
     #[test]
     fn different_sequence_numbers_give_different_datagrams() {
         let (mut a, mut b) = (vec![0u8; 44], vec![0u8; 44]);
-        fill(&mut a, 1, 1, 44);
-        fill(&mut b, 1, 2, 44);
+        fill(&mut a, 1, 1, 44, None);
+        fill(&mut b, 1, 2, 44, None);
         assert_ne!(a, b);
-        assert_eq!(parse(&a[..19]), None);
-        a[19] ^= 1;
+        assert_eq!(parse(&a[..37]), None);
+        a[22] ^= 1;
         assert_eq!(parse(&a), None);
     }
+
+    /// A signed request carries MD5(request with a zero Authenticator + secret), RFC 2866
+    /// §3's Request Authenticator (a known vector computed independently with md5sum).
+    #[test]
+    fn a_signed_request_carries_its_request_authenticator() {
+        let mut unsigned = vec![0u8; 44];
+        fill(&mut unsigned, 7, 9, 44, None);
+        let mut signed = vec![0u8; 44];
+        let auth = fill(&mut signed, 7, 9, 44, Some(b"testing123"));
+        assert_ne!(auth, [0; 16]);
+        assert_eq!(signed[4..20], auth);
+        assert_eq!(signed[..4], unsigned[..4]);
+        assert_eq!(signed[20..], unsigned[20..]);
+        assert_eq!(parse(&signed), Some((7, 9)));
+        let mut input = unsigned.clone();
+        input.extend_from_slice(b"testing123");
+        assert_eq!(
+            hex(&auth),
+            MD5_OF_THE_UNSIGNED_REQUEST_AND_SECRET,
+            "{}",
+            hex(&input)
+        );
+    }
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    const MD5_OF_THE_UNSIGNED_REQUEST_AND_SECRET: &str = "2285e6c446f895fc3b5de5aac2ede37a";
 }

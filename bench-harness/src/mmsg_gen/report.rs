@@ -15,6 +15,8 @@ pub struct GenReport {
     pub batch: usize,
     /// Octets of every request (and so of every echo).
     pub datagram_octets: usize,
+    /// Every request signed with a shared secret (MD5 Request Authenticator), as loadgen's.
+    pub signed: bool,
     /// The CPU the generator pinned itself to, if any.
     pub cpu: Option<usize>,
     /// Requests the kernel accepted.
