@@ -122,14 +122,14 @@ mod tests {
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
             base += x >> 60; // 0..15
-            let at = if (x >> 32) % 10 == 0 {
+            let at = if (x >> 32).is_multiple_of(10) {
                 base.saturating_sub(x >> 58)
             } else {
                 base
             };
             d.push(at, i);
             h.push(Reverse((at, i)));
-            if i % 7 == 0 {
+            if i.is_multiple_of(7) {
                 let now = base.saturating_sub(20);
                 loop {
                     let expect = match h.peek() {
