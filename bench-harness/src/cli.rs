@@ -217,6 +217,11 @@ pub struct RunArgs {
     /// The capacity search's loss bound, as a fraction (default 0.001 = 0.1%).
     #[arg(long, default_value_t = 0.001)]
     pub slo_loss: f64,
+    /// loadgen's source sockets (ports) per worker thread (default: loadgen's, 16). Each
+    /// shard gets the share of them that SO_REUSEPORT hashes to it, so many shards need many:
+    /// see docs/BENCHMARKS.md, "Shard scaling at 16 cores".
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub source_ports: Option<u64>,
 }
 
 /// The resolved plan: every default filled in.
@@ -245,6 +250,7 @@ pub struct Plan {
     /// The SLO capacity search's p99 bound (ms); `None`: no search.
     pub slo_p99_ms: Option<u64>,
     pub slo_loss: f64,
+    pub source_ports: Option<usize>,
 }
 
 /// Default CPU split: the lower half for loadgen, the upper half for the server (one CPU:
@@ -352,6 +358,7 @@ impl RunArgs {
                 None => Some(10),
             },
             slo_loss: self.slo_loss.clamp(0.0, 1.0),
+            source_ports: self.source_ports.map(|n| n as usize),
         })
     }
 }

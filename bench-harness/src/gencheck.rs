@@ -281,6 +281,7 @@ fn loadgen_run(plan: &Plan, target: SocketAddr, sessions: &Path) -> LoadgenRun {
         echo: true,
         load: Load::Window(plan.window),
         histogram_file: None,
+        source_ports: None,
     }
 }
 

@@ -270,6 +270,12 @@ pub fn markdown(results: &Results, charts: &[(String, PathBuf)], json_name: &str
         st.seed,
         st.mix
     );
+    if let Some(n) = st.source_ports {
+        let _ = writeln!(
+            s,
+            "| source ports | {n} per loadgen thread (`--source-ports`) |"
+        );
+    }
     let _ = writeln!(
         s,
         "| sweep | {} of each maximum |",
@@ -821,6 +827,7 @@ mod tests {
                 pinned_with_taskset: true,
                 guards: Guards::default(),
                 notes: vec!["dynauthd from branch runtime".into()],
+                source_ports: None,
                 programs: [(
                     "FreeRADIUS".to_string(),
                     "/usr/sbin/freeradius (FreeRADIUS Version 3.2.1)".to_string(),
