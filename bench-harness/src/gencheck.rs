@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::loadgen::{Load, LoadgenRun, RunReport, write_sessions};
 use crate::machine;
 use crate::mmsg_report::GenReport;
+use crate::report::{range, thousands, times};
 use crate::server::{ServerSpec, free_port};
 use crate::stats::{Summary, ratio};
 
@@ -154,57 +155,32 @@ impl Report {
                 times(ratio(Some(r.loadgen.rps), Some(r.independent_signed.rps))),
             );
         }
-        let m = |x: &Option<Summary>| {
-            x.map_or("–".into(), |x| {
-                format!(
-                    "{}/s [{}–{}]",
-                    thousands(x.median),
-                    thousands(x.min),
-                    thousands(x.max)
-                )
-            })
-        };
+        let m =
+            |x: &Option<Summary>| x.map_or("–".into(), |x| format!("{}/s", range(&x, thousands)));
         s += &format!(
-            "median of {} rounds: independent {}, independent signed {}, loadgen {}\n",
+            "median of {} rounds [min–max]: independent {}, independent signed {}, loadgen {}\n",
             self.rounds.len(),
             m(&self.independent),
             m(&self.independent_signed),
             m(&self.loadgen)
         );
-        let range = |x: &Option<Summary>| {
+        let per_round = |x: &Option<Summary>| {
             x.map_or(String::new(), |x| {
-                format!(" (rounds {}–{})", times(Some(x.min)), times(Some(x.max)))
+                format!(" (per round {})", range(&x, |r| times(Some(r))))
             })
         };
         s += &format!(
             "loadgen / independent: {}{}\nloadgen / independent signed: {}{}\n",
             times(self.ratio),
-            range(&self.round_ratios),
+            per_round(&self.round_ratios),
             times(self.ratio_signed),
-            range(&self.round_ratios_signed),
+            per_round(&self.round_ratios_signed),
         );
         if !self.all_exact() {
             s += "WARNING: a run did not get every answer exactly (see NOT EXACT): its rate is not a generator figure\n";
         }
         s
     }
-}
-
-fn times(r: Option<f64>) -> String {
-    r.map_or("–".into(), |r| format!("{r:.2}x"))
-}
-
-fn thousands(x: f64) -> String {
-    let n = x.round() as u64;
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }
 
 /// The order of round `i` (0-based): alternating, so neither generator always runs first
@@ -520,11 +496,20 @@ mod tests {
         assert_eq!(r.round_ratios.unwrap().n, 2);
         assert!(r.all_exact());
         let text = r.text();
-        assert!(text.contains("independent 610,000/s"), "{text}");
-        assert!(text.contains("loadgen 585,000/s"), "{text}");
-        assert!(text.contains("loadgen / independent: 0.96x"), "{text}");
         assert!(
-            text.contains("loadgen / independent signed: 1.00x"),
+            text.contains("independent 610,000 [600,000–620,000]/s"),
+            "{text}"
+        );
+        assert!(
+            text.contains("loadgen 585,000 [570,000–600,000]/s"),
+            "{text}"
+        );
+        assert!(
+            text.contains("loadgen / independent: 0.96× (per round 0.96× [0.95×–0.97×])"),
+            "{text}"
+        );
+        assert!(
+            text.contains("loadgen / independent signed: 1.00×"),
             "{text}"
         );
         assert!(text.contains("load average 0.50 at the start"), "{text}");
@@ -551,12 +536,5 @@ mod tests {
         assert!(!r.all_exact());
         assert!(r.text().contains("NOT EXACT"));
         assert!(r.text().contains("WARNING"));
-    }
-
-    #[test]
-    fn thousands_are_grouped() {
-        assert_eq!(thousands(1234567.4), "1,234,567");
-        assert_eq!(thousands(999.0), "999");
-        assert_eq!(thousands(1000.0), "1,000");
     }
 }

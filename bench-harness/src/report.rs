@@ -101,7 +101,7 @@ pub fn thousands(v: f64) -> String {
 }
 
 /// "median [min–max]" of a summary, or "median" when there is one value.
-fn range(s: &Summary, f: impl Fn(f64) -> String) -> String {
+pub(crate) fn range(s: &Summary, f: impl Fn(f64) -> String) -> String {
     if s.n > 1 && s.max > s.min {
         format!("{} [{}–{}]", f(s.median), f(s.min), f(s.max))
     } else {
@@ -124,7 +124,7 @@ fn pct(v: Option<f64>) -> String {
 }
 
 /// A ratio: whole above 10, two decimals down to 0.1, two significant digits below (0.0071×).
-fn times(v: Option<f64>) -> String {
+pub(crate) fn times(v: Option<f64>) -> String {
     v.map_or("–".into(), |r| {
         if r >= 10.0 {
             format!("{r:.0}×")

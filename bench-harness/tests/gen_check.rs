@@ -232,7 +232,7 @@ fn the_check_reports_both_rates_and_the_ratio() {
     assert!(started.elapsed() < Duration::from_secs(60));
     for line in [
         "round 1 (mmsg-gen, mmsg-gen --secret, loadgen): independent ",
-        "median of 1 rounds: independent ",
+        "median of 1 rounds [min–max]: independent ",
         "loadgen / independent: ",
         "loadgen / independent signed: ",
         "44-octet requests",
