@@ -1,6 +1,7 @@
 //! The command line (clap derive): `bench-harness [OPTIONS]` runs the suite,
 //! `bench-harness report RESULTS.json` redraws a report from raw results, and
-//! `bench-harness compare A.json B.json` compares two runs of the same machine.
+//! `bench-harness compare A.json B.json` compares two runs of the same machine, and
+//! `bench-harness gen-check` checks loadgen against the independent generator.
 //! Owns: flag names, defaults, and turning `--quick` plus flags into a [`Plan`].
 //! Must not touch: running anything.
 
@@ -47,6 +48,11 @@ pub enum Command {
         #[arg(long)]
         title: Option<String>,
     },
+    /// Is loadgen the weak link? Against one echo server, back to back: the independent
+    /// generator `mmsg-gen` (bare and signing), then loadgen with one thread, same window,
+    /// duration and datagram size, each pinned to the generator CPU; rounds alternate. Prints
+    /// every rate and the ratios loadgen / independent (docs/LOADGEN.md, "Generator check").
+    GenCheck(GenCheckArgs),
     /// Compare two results files; refuses files from different machines.
     Compare {
         /// The earlier run.
@@ -54,6 +60,41 @@ pub enum Command {
         /// The later run.
         candidate: PathBuf,
     },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GenCheckArgs {
+    /// Requests in flight, for every generator.
+    #[arg(long, default_value_t = 64)]
+    pub window: usize,
+    /// Sending time of each run, in milliseconds.
+    #[arg(long, default_value_t = 3000)]
+    pub duration_ms: u64,
+    /// Rounds (each runs every generator once; the order alternates).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// The echo server's CPU.
+    #[arg(long, default_value_t = 1)]
+    pub server_cpu: usize,
+    /// The generators' CPU (one at a time).
+    #[arg(long, default_value_t = 0)]
+    pub generator_cpu: usize,
+    /// The shared secret loadgen and `mmsg-gen --secret` sign with (loopback only).
+    #[arg(long, default_value = "testing123")]
+    pub secret: String,
+    /// The loadgen binary (default: next to this binary).
+    #[arg(long)]
+    pub loadgen: Option<PathBuf>,
+    /// The mmsg-gen binary (default: next to this binary).
+    #[arg(long)]
+    pub mmsg_gen: Option<PathBuf>,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Exit non-zero when loadgen's median is below this fraction of the bare independent
+    /// generator's (e.g. 1.0); by default the check only reports.
+    #[arg(long)]
+    pub min_ratio: Option<f64>,
 }
 
 /// A comma-separated list, as one clap value.
@@ -176,6 +217,11 @@ pub struct RunArgs {
     /// The capacity search's loss bound, as a fraction (default 0.001 = 0.1%).
     #[arg(long, default_value_t = 0.001)]
     pub slo_loss: f64,
+    /// loadgen's source sockets (ports) per worker thread (default: loadgen's, 16). Each
+    /// shard gets the share of them that SO_REUSEPORT hashes to it, so many shards need many:
+    /// see docs/BENCHMARKS.md, "Shard scaling at 16 cores".
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub source_ports: Option<u64>,
 }
 
 /// The resolved plan: every default filled in.
@@ -204,6 +250,7 @@ pub struct Plan {
     /// The SLO capacity search's p99 bound (ms); `None`: no search.
     pub slo_p99_ms: Option<u64>,
     pub slo_loss: f64,
+    pub source_ports: Option<usize>,
 }
 
 /// Default CPU split: the lower half for loadgen, the upper half for the server (one CPU:
@@ -311,6 +358,7 @@ impl RunArgs {
                 None => Some(10),
             },
             slo_loss: self.slo_loss.clamp(0.0, 1.0),
+            source_ports: self.source_ports.map(|n| n as usize),
         })
     }
 }

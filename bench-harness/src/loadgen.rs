@@ -69,6 +69,8 @@ pub struct LoadgenRun {
     pub echo: bool,
     pub load: Load,
     pub histogram_file: Option<PathBuf>,
+    /// loadgen's `--source-ports` (source sockets per thread); `None`: its default.
+    pub source_ports: Option<usize>,
 }
 
 /// A CPU list as the tools take it: "0,2,3".
@@ -128,6 +130,9 @@ impl LoadgenRun {
         }
         if let Some(h) = &self.histogram_file {
             push("--histogram-file", h.display().to_string());
+        }
+        if let Some(n) = self.source_ports {
+            push("--source-ports", n.to_string());
         }
         v.push("--json".into());
         v.push("--quiet".into());
@@ -252,6 +257,7 @@ mod tests {
             echo: false,
             load,
             histogram_file: None,
+            source_ports: None,
         }
     }
 
@@ -272,6 +278,11 @@ mod tests {
         assert!(s.starts_with("/x/loadgen "), "{s}");
         assert!(s.contains("--rate 12345 --expect echo"), "{s}");
         assert!(!s.contains("--window"), "{s}");
+        assert!(!s.contains("--source-ports"), "{s}");
+        let mut r = run(Load::Window(64));
+        r.source_ports = Some(128);
+        let s = r.command_line().join(" ");
+        assert!(s.contains("--source-ports 128"), "{s}");
     }
 
     /// `a` and `b` have the same keys, strings, integers and booleans, and floats within

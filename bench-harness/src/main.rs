@@ -7,14 +7,19 @@
 //! Modules: `cli` (flags and the plan), `suite` (running it), `server` (child processes),
 //! `loadgen` (the generator's command line and reports), `freeradius` (its configuration),
 //! `machine` (machine facts, CPU clocks, fingerprint), `results` (the JSON model and guard
-//! flags), `stats` (medians and ratios), `report` (Markdown, comparisons), `charts` (SVG).
+//! flags), `stats` (medians and ratios), `report` (Markdown, comparisons), `charts` (SVG),
+//! `gencheck` (loadgen against the independent generator `mmsg-gen`, whose report type
+//! `mmsg_report` is compiled from that binary's source).
 #![forbid(unsafe_code)]
 
 mod charts;
 mod cli;
 mod freeradius;
+mod gencheck;
 mod loadgen;
 mod machine;
+#[path = "mmsg_gen/report.rs"]
+mod mmsg_report;
 mod report;
 mod results;
 mod server;
@@ -74,6 +79,39 @@ fn real_main() -> anyhow::Result<ExitCode> {
             charts::time_series(&out, &title, &r.time_series)?;
             println!("{}", out.display());
             Ok(ExitCode::SUCCESS)
+        }
+        Some(Command::GenCheck(a)) => {
+            let plan = gencheck::Plan {
+                loadgen: a
+                    .loadgen
+                    .or_else(|| suite::sibling("loadgen"))
+                    .unwrap_or_else(|| "loadgen".into()),
+                mmsg_gen: a
+                    .mmsg_gen
+                    .or_else(|| suite::sibling("mmsg-gen"))
+                    .unwrap_or_else(|| "mmsg-gen".into()),
+                taskset: machine::which("taskset"),
+                server_cpu: a.server_cpu,
+                generator_cpu: a.generator_cpu,
+                window: a.window,
+                duration_ms: a.duration_ms,
+                rounds: a.rounds,
+                secret: a.secret,
+            };
+            let report = gencheck::run(&plan)?;
+            print!("{}", report.text());
+            if let Some(path) = &a.json {
+                std::fs::write(path, serde_json::to_string_pretty(&report)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            let below = a
+                .min_ratio
+                .is_some_and(|min| report.ratio.is_none_or(|r| r < min));
+            Ok(if report.all_exact() && !below {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Some(Command::Compare {
             baseline,

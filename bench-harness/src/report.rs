@@ -101,7 +101,7 @@ pub fn thousands(v: f64) -> String {
 }
 
 /// "median [min–max]" of a summary, or "median" when there is one value.
-fn range(s: &Summary, f: impl Fn(f64) -> String) -> String {
+pub(crate) fn range(s: &Summary, f: impl Fn(f64) -> String) -> String {
     if s.n > 1 && s.max > s.min {
         format!("{} [{}–{}]", f(s.median), f(s.min), f(s.max))
     } else {
@@ -124,7 +124,7 @@ fn pct(v: Option<f64>) -> String {
 }
 
 /// A ratio: whole above 10, two decimals down to 0.1, two significant digits below (0.0071×).
-fn times(v: Option<f64>) -> String {
+pub(crate) fn times(v: Option<f64>) -> String {
     v.map_or("–".into(), |r| {
         if r >= 10.0 {
             format!("{r:.0}×")
@@ -270,6 +270,12 @@ pub fn markdown(results: &Results, charts: &[(String, PathBuf)], json_name: &str
         st.seed,
         st.mix
     );
+    if let Some(n) = st.source_ports {
+        let _ = writeln!(
+            s,
+            "| source ports | {n} per loadgen thread (`--source-ports`) |"
+        );
+    }
     let _ = writeln!(
         s,
         "| sweep | {} of each maximum |",
@@ -821,6 +827,7 @@ mod tests {
                 pinned_with_taskset: true,
                 guards: Guards::default(),
                 notes: vec!["dynauthd from branch runtime".into()],
+                source_ports: None,
                 programs: [(
                     "FreeRADIUS".to_string(),
                     "/usr/sbin/freeradius (FreeRADIUS Version 3.2.1)".to_string(),

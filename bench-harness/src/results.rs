@@ -447,6 +447,10 @@ pub struct Settings {
     /// The user's `--note` lines.
     #[serde(default)]
     pub notes: Vec<String>,
+    /// loadgen's `--source-ports` (source sockets per worker thread), when given; `None`:
+    /// loadgen's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_ports: Option<usize>,
 }
 
 /// One suite run: the raw JSON file.

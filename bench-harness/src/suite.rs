@@ -296,6 +296,7 @@ impl Suite {
                 server_cpus: self.plan.server_cpus.clone(),
                 loadgen_cpus: self.plan.loadgen_cpus.clone(),
                 loadgen_threads: self.plan.loadgen_cpus.len().max(1),
+                source_ports: self.plan.source_ports,
                 pinned_with_taskset: self.bins.taskset.is_some(),
                 guards: self.guards,
                 programs,
@@ -391,6 +392,7 @@ impl Suite {
             echo,
             load,
             histogram_file: None,
+            source_ports: self.plan.source_ports,
         }
     }
 

@@ -20,6 +20,7 @@ use dynauth_proto::session::Session;
 use dynauth_proto::synth;
 
 use crate::cli::Mix;
+use crate::md5x4::md5x4;
 
 /// Why the requests could not be prepared.
 #[derive(Debug, thiserror::Error)]
@@ -349,6 +350,8 @@ pub struct Pool {
     entries: Vec<Template>,
     max_len: usize,
     secret: Secret,
+    /// The secret's octets, for [`Pool::authenticators4`] (`Secret` keeps its own private).
+    secret_bytes: Box<[u8]>,
 }
 
 /// Smooth weighted round robin (as nginx does): over every cycle of `total` picks, each entry
@@ -394,6 +397,7 @@ impl Pool {
             entries: Vec::new(),
             max_len: 0,
             secret: Secret::new(secret)?,
+            secret_bytes: secret.into(),
         })
     }
 
@@ -528,6 +532,25 @@ impl Pool {
     /// Writes request `k` with Identifier `id` into `out` (at least `max_len` octets), signed;
     /// returns its length and its Request Authenticator. `unix_secs` is the Event-Timestamp.
     pub fn build(&self, k: u64, id: u8, unix_secs: u32, out: &mut [u8]) -> (usize, Authenticator) {
+        let (len, auth) = self.prepare(k, id, unix_secs, out);
+        (
+            len,
+            auth.unwrap_or_else(|| self.sign_unsigned(k, &mut out[..len])),
+        )
+    }
+
+    /// Writes request `k` with Identifier `id` into `out` as [`Pool::build`] does, but leaves
+    /// a request without Message-Authenticator unsigned (its Authenticator field zero) for
+    /// [`Pool::authenticators4`] or [`Pool::sign_unsigned`] to sign, several at once: returns
+    /// its length and, when it is already signed (a Message-Authenticator must be computed
+    /// first), its Request Authenticator.
+    pub fn prepare(
+        &self,
+        k: u64,
+        id: u8,
+        unix_secs: u32,
+        out: &mut [u8],
+    ) -> (usize, Option<Authenticator>) {
         let t = self.template(k);
         let len = usize::from(t.len);
         let start = t.start as usize;
@@ -538,15 +561,38 @@ impl Pool {
             let o = usize::from(t.ts_offset);
             out[o..o + 4].copy_from_slice(&unix_secs.to_be_bytes());
         }
-        let ma = (t.ma_offset != 0).then_some(usize::from(t.ma_offset));
-        sign_request(out, ma, &self.secret);
-        if t.expect == Expectation::Discard {
-            // A deliberately wrong Request Authenticator: the DAS must stay silent.
-            out[4] ^= 0xa5;
+        if t.ma_offset == 0 {
+            return (len, None);
         }
-        let mut auth = [0u8; 16];
-        auth.copy_from_slice(&out[4..20]);
-        (len, auth)
+        sign_request(out, Some(usize::from(t.ma_offset)), &self.secret);
+        let ra: Authenticator = out[4..20].try_into().expect("16 octets");
+        (len, Some(self.finish(k, out, ra)))
+    }
+
+    /// Signs request `k`, prepared unsigned in `packet`; returns its Request Authenticator.
+    pub fn sign_unsigned(&self, k: u64, packet: &mut [u8]) -> Authenticator {
+        // The Authenticator field is zero, so MD5 over the packet as it is, then the
+        // secret, is the Request Authenticator (RFC 5176 §2.3, as `sign_request` computes).
+        let ra = self.secret.md5_with_secret_last(&[packet]);
+        self.finish(k, packet, ra)
+    }
+
+    /// The Request Authenticators of four requests prepared unsigned, all of one length, in
+    /// one four-lane MD5 ([`md5x4`]); `None` when they differ in length or are too long
+    /// (sign those with [`Pool::sign_unsigned`]). The caller writes each with
+    /// [`Pool::finish`].
+    pub fn authenticators4(&self, packets: [&[u8]; 4]) -> Option<[Authenticator; 4]> {
+        md5x4(packets, &self.secret_bytes)
+    }
+
+    /// Writes the Request Authenticator `ra` into request `k`'s `packet` (spoiled for a
+    /// deliberately bad request, whose DAS must stay silent); returns what was written.
+    pub fn finish(&self, k: u64, packet: &mut [u8], ra: Authenticator) -> Authenticator {
+        packet[4..20].copy_from_slice(&ra);
+        if self.template(k).expect == Expectation::Discard {
+            packet[4] ^= 0xa5;
+        }
+        packet[4..20].try_into().expect("16 octets")
     }
 }
 
