@@ -125,7 +125,7 @@ fn open_state(
         "state: restoring {} (no socket is bound until the restore is done)",
         options.dir.display()
     );
-    let (mut table, restored) = state::restore(options, base)?;
+    let (mut table, restored) = state::restore(options, base, stats)?;
     tracing::info!("state: {restored}");
     stats.restore_ms.store(
         u64::try_from(restored.elapsed.as_millis()).unwrap_or(u64::MAX),
@@ -176,6 +176,7 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
         return serve_router(cli, &settings, engine_config, router);
     }
     let state_stats = Arc::new(state::StateStats::default());
+    let mut restore_metrics = None;
     let mut durable = None;
     let mut base = None;
     let table = match &settings.state {
@@ -190,6 +191,20 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
             table
         }
         Some(options) => {
+            // /metrics during the restore: its progress, on the address the full metrics
+            // keep afterwards (nothing else is bound until the state is whole).
+            if let Some(addr) = settings.metrics {
+                let stats = Arc::clone(&state_stats);
+                let early = runtime::RestoreMetrics::serve(
+                    runtime::bind_metrics(addr)?,
+                    Arc::new(move |out: &mut String| stats.write_prometheus(out)),
+                )?;
+                tracing::info!(
+                    "state: the restore's progress on http://{}/metrics",
+                    early.local_addr()
+                );
+                restore_metrics = Some(early);
+            }
             let d = open_state(&settings, options, &state_stats)?;
             base = Some(d.1);
             let table = Arc::clone(d.0.table());
@@ -458,7 +473,10 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
                 total.write_prometheus(out);
             }));
         }
-        let bound = server.serve_metrics(addr, extra)?;
+        let bound = match restore_metrics.take() {
+            Some(early) => server.serve_metrics_on(early.finish(), extra)?,
+            None => server.serve_metrics(addr, extra)?,
+        };
         tracing::info!("Prometheus metrics on http://{bound}/metrics");
         extras.push_str(&format!(" metrics={bound}"));
     }

@@ -792,6 +792,88 @@ fn answer_http(mut stream: std::net::TcpStream, body: &str) -> std::io::Result<(
     )
 }
 
+/// Binds the metrics listener (non-blocking: its thread polls its stop flag).
+pub fn bind_metrics(addr: SocketAddr) -> Result<std::net::TcpListener, StartError> {
+    let listener = std::net::TcpListener::bind(addr).map_err(|e| bind_error(addr, e))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| bind_error(addr, e))?;
+    Ok(listener)
+}
+
+fn metrics_addr(listener: &std::net::TcpListener) -> Result<SocketAddr, StartError> {
+    listener.local_addr().map_err(|e| StartError::Bind {
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        source: e,
+    })
+}
+
+/// Answers every connection to `listener` with `body()` until `stop` is set.
+fn serve_http(listener: &std::net::TcpListener, stop: &AtomicBool, body: impl Fn() -> String) {
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let _ = answer_http(stream, &body());
+            }
+            // Idle: look again soon (a scrape waits at most this long to be accepted).
+            Err(_) => thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// `/metrics` while the state directory is restored, before the server exists (no socket
+/// is bound then, docs/DURABILITY.md "Restore"): `source` (the restore's progress) from a
+/// thread of its own, on the listener the full metrics take over afterwards, so a scraper
+/// sees one address throughout.
+pub struct RestoreMetrics {
+    stop: Arc<AtomicBool>,
+    thread: thread::JoinHandle<std::net::TcpListener>,
+    local: SocketAddr,
+}
+
+impl RestoreMetrics {
+    pub fn serve(
+        listener: std::net::TcpListener,
+        source: MetricsSource,
+    ) -> Result<RestoreMetrics, StartError> {
+        let local = metrics_addr(&listener)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = thread::Builder::new()
+            .name("dynauthd-metrics".into())
+            .spawn(move || {
+                serve_http(&listener, &flag, || {
+                    let mut body = String::new();
+                    source(&mut body);
+                    body
+                });
+                listener
+            })
+            .map_err(|e| StartError::Bind {
+                addr: local,
+                source: e,
+            })?;
+        Ok(RestoreMetrics {
+            stop,
+            thread,
+            local,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Stops serving and hands the listener back (connections wait in its backlog meanwhile).
+    pub fn finish(self) -> std::net::TcpListener {
+        self.stop.store(true, Ordering::Relaxed);
+        match self.thread.join() {
+            Ok(listener) => listener,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    }
+}
+
 fn run_shard(
     index: usize,
     mut backend: Backend,
@@ -862,38 +944,39 @@ impl Server {
         addr: SocketAddr,
         extra: Vec<MetricsSource>,
     ) -> Result<SocketAddr, StartError> {
-        let listener = std::net::TcpListener::bind(addr).map_err(|e| bind_error(addr, e))?;
-        let local = listener.local_addr().map_err(|e| bind_error(addr, e))?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| bind_error(addr, e))?;
+        self.serve_metrics_on(bind_metrics(addr)?, extra)
+    }
+
+    /// [`Server::serve_metrics`] on a listener bound earlier (the one that served the
+    /// restore's progress, [`RestoreMetrics`]).
+    pub fn serve_metrics_on(
+        &self,
+        listener: std::net::TcpListener,
+        extra: Vec<MetricsSource>,
+    ) -> Result<SocketAddr, StartError> {
+        let local = metrics_addr(&listener)?;
         let reports = self.reports.clone();
         let stop = Arc::clone(&self.stop);
         let config = Arc::clone(&self.config);
         thread::Builder::new()
             .name("dynauthd-metrics".into())
             .spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    match listener.accept() {
-                        Ok((stream, _)) => {
-                            let current = config.load();
-                            let owned = client_names(&current);
-                            let names: Vec<&str> = owned.iter().map(String::as_str).collect();
-                            let mut body = prometheus_text(&totals_of(&reports, &current), &names);
-                            per_shard_prometheus(&reports, &mut body);
-                            for source in &extra {
-                                source(&mut body);
-                            }
-                            let _ = answer_http(stream, &body);
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            thread::sleep(Duration::from_millis(50));
-                        }
-                        Err(_) => thread::sleep(Duration::from_millis(50)),
+                serve_http(&listener, &stop, || {
+                    let current = config.load();
+                    let owned = client_names(&current);
+                    let names: Vec<&str> = owned.iter().map(String::as_str).collect();
+                    let mut body = prometheus_text(&totals_of(&reports, &current), &names);
+                    per_shard_prometheus(&reports, &mut body);
+                    for source in &extra {
+                        source(&mut body);
                     }
-                }
+                    body
+                })
             })
-            .map_err(|e| StartError::Bind { addr, source: e })?;
+            .map_err(|e| StartError::Bind {
+                addr: local,
+                source: e,
+            })?;
         Ok(local)
     }
 

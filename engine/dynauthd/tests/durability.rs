@@ -533,3 +533,97 @@ fn a_snapshot_is_taken_once_the_journal_has_grown_past_its_limit() {
     assert!(err.contains("the journal grew by"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A metric's value in a Prometheus text body.
+fn metric_in(body: &str, name: &str) -> Option<u64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} "))?.parse().ok())
+}
+
+/// One scrape that tolerates a server not listening yet (None then).
+fn try_scrape(addr: SocketAddr) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut http = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
+    http.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    http.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+    let mut body = String::new();
+    http.read_to_string(&mut body).ok()?;
+    Some(body)
+}
+
+// Issue 12 ("says in the log and in metrics how far the restore is"): /metrics is served
+// while the state directory is restored, before any RADIUS socket is bound, with the octets
+// to read and read so far; the same address then serves the full metrics, with the restore
+// finished and every record counted.
+#[test]
+fn restore_progress_is_served_on_metrics_while_nothing_else_answers() {
+    const SESSIONS: u64 = 400_000;
+    let dir = fresh_dir("progress");
+    let socket = temp_path("progress.sock");
+    let file = daemon::sessions_file("progress-sessions.jsonl", SESSIONS);
+    let d = start(&dir, &socket, &["--sessions", file.to_str().unwrap()]);
+    let (_, err) = d.stop();
+    assert!(err.contains("imported"), "{err}");
+    // A port for --metrics, known before the server prints it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let ready = Arc::new(AtomicBool::new(false));
+    let scraper = {
+        let ready = Arc::clone(&ready);
+        std::thread::spawn(move || {
+            let mut during = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !ready.load(Ordering::Relaxed) && Instant::now() < deadline {
+                match try_scrape(metrics) {
+                    Some(body) if metric_in(&body, "dynauth_restoring") == Some(1) => {
+                        during.push(body)
+                    }
+                    _ => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+            during
+        })
+    };
+    let metrics_arg = metrics.to_string();
+    let d = start(&dir, &socket, &["--metrics", &metrics_arg]);
+    ready.store(true, Ordering::Relaxed);
+    let during = scraper.join().unwrap();
+    eprintln!("{} scrapes during the restore", during.len());
+    assert!(
+        !during.is_empty(),
+        "no scrape saw the restore running (dynauth_restoring 1)"
+    );
+    for body in &during {
+        let total = metric_in(body, "dynauth_restore_octets").unwrap();
+        let read = metric_in(body, "dynauth_restore_octets_read").unwrap();
+        assert!(total > 0 && read <= total, "{read} of {total} octets");
+        assert!(
+            !body.contains("dynauth_datagrams_received_total"),
+            "only the restore's metrics exist while it runs: no RADIUS socket yet"
+        );
+    }
+    let after = try_scrape(metrics).expect("the same address after the restore");
+    assert_eq!(metric_in(&after, "dynauth_restoring"), Some(0));
+    let total = metric_in(&after, "dynauth_restore_octets").unwrap();
+    assert_eq!(
+        metric_in(&after, "dynauth_restore_octets_read"),
+        Some(total)
+    );
+    assert_eq!(
+        metric_in(&after, "dynauth_restore_records"),
+        Some(SESSIONS),
+        "every snapshot record counted"
+    );
+    assert!(
+        after.contains("dynauth_shard_"),
+        "the full metrics now: {after}"
+    );
+    let (_, err) = d.stop();
+    assert!(err.contains("the restore's progress on http://"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(&file);
+}

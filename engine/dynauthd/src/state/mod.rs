@@ -148,6 +148,11 @@ pub struct StateStats {
     pub commit_wait_ns: AtomicU64,
     pub snapshots: AtomicU64,
     pub snapshot_failures: AtomicU64,
+    /// 1 while the restore runs (before any socket is bound), then 0.
+    pub restoring: AtomicU64,
+    /// Octets of snapshot and journal the restore has to read, and has read so far.
+    pub restore_octets: AtomicU64,
+    pub restore_octets_read: AtomicU64,
     /// Set once by the restore.
     pub restore_ms: AtomicU64,
     pub restored_records: AtomicU64,
@@ -157,9 +162,40 @@ pub struct StateStats {
 }
 
 impl StateStats {
+    /// The restore's progress counters (octets read, records), to go back to.
+    fn restore_mark(&self) -> (u64, u64) {
+        (
+            self.restore_octets_read.load(Ordering::Relaxed),
+            self.restored_records.load(Ordering::Relaxed),
+        )
+    }
+
+    fn restore_reset(&self, (octets, records): (u64, u64)) {
+        self.restore_octets_read.store(octets, Ordering::Relaxed);
+        self.restored_records.store(records, Ordering::Relaxed);
+    }
+
     pub fn write_prometheus(&self, out: &mut String) {
         use core::fmt::Write as _;
-        let rows: [(&str, &str, &str, &AtomicU64); 12] = [
+        let rows: [(&str, &str, &str, &AtomicU64); 15] = [
+            (
+                "dynauth_restoring",
+                "gauge",
+                "1 while the state directory is restored (nothing is answered then), else 0",
+                &self.restoring,
+            ),
+            (
+                "dynauth_restore_octets",
+                "gauge",
+                "Snapshot and journal octets the restore reads",
+                &self.restore_octets,
+            ),
+            (
+                "dynauth_restore_octets_read",
+                "gauge",
+                "Snapshot and journal octets the restore has read so far",
+                &self.restore_octets_read,
+            ),
             (
                 "dynauth_journal_records_total",
                 "counter",
@@ -211,7 +247,7 @@ impl StateStats {
             (
                 "dynauth_restore_records",
                 "gauge",
-                "Snapshot and journal records the restore applied",
+                "Snapshot and journal records the restore applied (so far, while it runs)",
                 &self.restored_records,
             ),
             (
@@ -1160,16 +1196,42 @@ impl core::fmt::Display for Restored {
 }
 
 /// Progress logging: at most once a second.
-struct Progress {
-    last: Instant,
+/// The restore's progress: a log line at most once a second, and the counters behind
+/// `/metrics` (`dynauth_restore_octets_read`, `dynauth_restore_records`) at every record.
+struct Progress<'a> {
+    last: core::cell::Cell<Instant>,
     what: String,
     total: u64,
+    stats: &'a StateStats,
+    /// Octets and records of the files read before this one, and this file's header.
+    octets_before: u64,
+    header: u64,
+    records_before: u64,
 }
 
-impl Progress {
-    fn tick(&mut self, done: u64, records: u64) {
-        if self.last.elapsed() >= Duration::from_secs(1) {
-            self.last = Instant::now();
+impl<'a> Progress<'a> {
+    /// `total`: the octets after the file's header.
+    fn new(what: String, total: u64, stats: &'a StateStats) -> Progress<'a> {
+        Progress {
+            last: core::cell::Cell::new(Instant::now()),
+            what,
+            total,
+            stats,
+            header: codec::HEADER_LEN as u64,
+            octets_before: stats.restore_octets_read.load(Ordering::Relaxed),
+            records_before: stats.restored_records.load(Ordering::Relaxed),
+        }
+    }
+
+    fn tick(&self, done: u64, records: u64) {
+        self.stats
+            .restore_octets_read
+            .store(self.octets_before + self.header + done, Ordering::Relaxed);
+        self.stats
+            .restored_records
+            .store(self.records_before + records, Ordering::Relaxed);
+        if self.last.get().elapsed() >= Duration::from_secs(1) {
+            self.last.set(Instant::now());
             let pct = done.saturating_mul(100) / self.total.max(1);
             tracing::info!(
                 "restore: {} {pct}% ({done} of {} octets, {records} records)",
@@ -1177,6 +1239,11 @@ impl Progress {
                 self.total
             );
         }
+    }
+
+    /// The file is read whole (a cut or a rejected snapshot reads no further).
+    fn done(&self, records: u64) {
+        self.tick(self.total, records);
     }
 }
 
@@ -1193,15 +1260,24 @@ fn read_file(path: &Path) -> Result<Vec<u8>, StateError> {
 /// sequence numbers.
 type SnapshotContents = (SessionTable, u64, u64, u64, HashMap<Option<String>, u64>);
 
-fn load_snapshot(
-    path: &Path,
-    base: u64,
-    clock: &Clock,
+/// What reading a snapshot needs besides its bytes.
+struct SnapshotReading<'a> {
+    clock: &'a Clock,
     now_mono: u64,
     window_ms: u64,
     config: TableConfig,
+    stats: &'a StateStats,
+}
+
+fn load_snapshot(
+    path: &Path,
+    base: u64,
+    how: &SnapshotReading<'_>,
 ) -> Result<Option<SnapshotContents>, StateError> {
+    let stats = how.stats;
     let bytes = read_file(path)?;
+    // A pass that is not kept (a second pass, a damaged snapshot) does not count as read.
+    let mark = stats.restore_mark();
     if codec::parse_header(codec::SNAPSHOT_MAGIC, &bytes) != Some(base) {
         return Ok(None);
     }
@@ -1209,14 +1285,22 @@ fn load_snapshot(
     // Fast path: the sessions go into a bulk build (every index built in one sorted pass
     // at the end), the way `--sessions FILE` loads; a snapshot this process did not write
     // whole (two records with one unique key) is read again record by record.
-    if let Some(contents) = read_snapshot(path, body, clock, now_mono, window_ms, config, true) {
+    if let Some(contents) = read_snapshot(path, body, how, true) {
+        if contents.is_none() {
+            stats.restore_reset(mark);
+        }
         return Ok(contents);
     }
+    stats.restore_reset(mark);
     tracing::warn!(
         "restore: snapshot {} holds conflicting sessions: reading it again one by one",
         path.display()
     );
-    Ok(read_snapshot(path, body, clock, now_mono, window_ms, config, false).flatten())
+    let contents = read_snapshot(path, body, how, false).flatten();
+    if contents.is_none() {
+        stats.restore_reset(mark);
+    }
+    Ok(contents)
 }
 
 /// One pass over a snapshot's records. `None`: the bulk build found two records with one
@@ -1224,15 +1308,19 @@ fn load_snapshot(
 fn read_snapshot(
     path: &Path,
     body: &[u8],
-    clock: &Clock,
-    now_mono: u64,
-    window_ms: u64,
-    config: TableConfig,
+    how: &SnapshotReading<'_>,
     bulk: bool,
 ) -> Option<Option<SnapshotContents>> {
+    let SnapshotReading {
+        clock,
+        now_mono,
+        window_ms,
+        config,
+        stats,
+    } = *how;
     let mut loader = bulk.then(|| dynauth_table::load::BulkLoader::new(config));
     let table = SessionTable::new(config);
-    let mut tombs = 0u64;
+    let tombs = std::cell::Cell::new(0u64);
     // Counted by both record callbacks of the bulk path.
     let conflicts = std::cell::Cell::new(0u64);
     let puts = std::cell::Cell::new(0u64);
@@ -1241,15 +1329,15 @@ fn read_snapshot(
     let mut tombstones = Vec::new();
     let mut seqs = HashMap::new();
     let mut end = None;
-    let mut progress = Progress {
-        last: Instant::now(),
-        what: format!("snapshot {}", path.display()),
-        total: body.len() as u64,
-    };
+    let progress = Progress::new(
+        format!("snapshot {}", path.display()),
+        body.len() as u64,
+        stats,
+    );
     let mut other = |r: Record, at: usize| {
         match r {
             Record::Tomb { at_ms, session } if end.is_none() => {
-                tombs += 1;
+                tombs.set(tombs.get() + 1);
                 let t = clock.mono(at_ms);
                 if t.saturating_add(window_ms) >= now_mono {
                     tombstones.push((session, t));
@@ -1274,15 +1362,16 @@ fn read_snapshot(
             // Anything after the end, or a journal record here: not a snapshot we wrote.
             _ => end = Some((u64::MAX, u64::MAX, 0)),
         }
-        progress.tick(at as u64, puts.get() + tombs);
+        progress.tick(at as u64, puts.get() + tombs.get());
     };
     let cut = match loader.as_mut() {
         // The sessions stay encoded: stored as they are, indexed at the end.
         Some(l) => {
             let (_, cut) = codec::for_each_put_raw(
                 body,
-                |rec, _| {
+                |rec, at| {
                     puts.set(puts.get() + 1);
+                    progress.tick(at as u64, puts.get() + tombs.get());
                     match l.push_encoded(rec) {
                         // A session after the end: not a snapshot we wrote.
                         _ if ended.get() => malformed = true,
@@ -1297,7 +1386,7 @@ fn read_snapshot(
         }
         None => codec::for_each(body, &mut other).1,
     };
-    let (sessions, mut conflicts) = (puts.get(), conflicts.get());
+    let (sessions, mut conflicts, tombs) = (puts.get(), conflicts.get(), tombs.get());
     let complete = !malformed
         && matches!(
             (cut, end),
@@ -1306,6 +1395,7 @@ fn read_snapshot(
     if !complete {
         return Some(None);
     }
+    progress.done(sessions + tombs);
     let table = match loader {
         Some(l) => l.finish().ok()?,
         None => table,
@@ -1323,11 +1413,43 @@ fn read_snapshot(
 /// complete snapshot is loaded (a damaged one is passed over for an older one), then every
 /// journal segment from its base is replayed; a damaged tail is cut (the file truncated at
 /// the last good record, later segments set aside), counted and reported. Logs progress.
+///
+/// `stats` follows the restore as it runs (`/metrics` is served meanwhile): `restoring`,
+/// the octets to read and read, the records applied.
 pub fn restore(
     options: &StateOptions,
     base: Instant,
+    stats: &StateStats,
 ) -> Result<(SessionTable, Restored), StateError> {
     let started = Instant::now();
+    stats.restoring.store(1, Ordering::Relaxed);
+    let result = restore_dir(options, base, stats, started);
+    stats.restoring.store(0, Ordering::Relaxed);
+    if result.is_ok() {
+        let total = stats.restore_octets.load(Ordering::Relaxed);
+        stats.restore_octets_read.store(total, Ordering::Relaxed);
+    }
+    result
+}
+
+/// Octets of snapshot `snapshot` (when any) and of the segments from its base on.
+fn planned_octets(dir: &Path, snapshot: Option<u64>, segments: &[u64]) -> u64 {
+    let len = |p: PathBuf| fs::metadata(p).map_or(0, |m| m.len());
+    let from = snapshot.unwrap_or(0);
+    snapshot.map_or(0, |n| len(dir.join(snapshot_name(n))))
+        + segments
+            .iter()
+            .filter(|&&n| n >= from)
+            .map(|&n| len(dir.join(segment_name(n))))
+            .sum::<u64>()
+}
+
+fn restore_dir(
+    options: &StateOptions,
+    base: Instant,
+    stats: &StateStats,
+    started: Instant,
+) -> Result<(SessionTable, Restored), StateError> {
     let dir = &options.dir;
     fs::create_dir_all(dir).map_err(io_err(dir))?;
     // Two servers on one directory would interleave their journals: the first one holds the
@@ -1380,10 +1502,21 @@ pub fn restore(
     };
     let mut table = None;
     let mut from = 0u64;
-    for &n in &snapshots {
+    let how = SnapshotReading {
+        clock: &clock,
+        now_mono,
+        window_ms,
+        config: options.table,
+        stats,
+    };
+    stats.restore_octets.store(
+        planned_octets(dir, snapshots.first().copied(), &segments),
+        Ordering::Relaxed,
+    );
+    for (i, &n) in snapshots.iter().enumerate() {
         let path = dir.join(snapshot_name(n));
         tracing::info!("restore: loading {}", path.display());
-        match load_snapshot(&path, n, &clock, now_mono, window_ms, options.table)? {
+        match load_snapshot(&path, n, &how)? {
             Some((t, s, tombs, conflicts, seqs)) => {
                 restored.feed_seqs = seqs;
                 table = Some(t);
@@ -1400,6 +1533,10 @@ pub fn restore(
                     path.display()
                 );
                 restored.bad_snapshots.push(path);
+                stats.restore_octets.store(
+                    planned_octets(dir, snapshots.get(i + 1).copied(), &segments),
+                    Ordering::Relaxed,
+                );
             }
         }
     }
@@ -1431,11 +1568,11 @@ pub fn restore(
         let bytes = read_file(&path)?;
         restored.segments += 1;
         let header_ok = codec::parse_header(codec::JOURNAL_MAGIC, &bytes) == Some(n);
-        let mut progress = Progress {
-            last: Instant::now(),
-            what: format!("journal {}", path.display()),
-            total: bytes.len() as u64,
-        };
+        let progress = Progress::new(
+            format!("journal {}", path.display()),
+            bytes.len().saturating_sub(codec::HEADER_LEN) as u64,
+            stats,
+        );
         let (records, cut) = if header_ok {
             let mut conflicts = 0;
             let body = &bytes[codec::HEADER_LEN..];
@@ -1475,6 +1612,7 @@ pub fn restore(
             )
         };
         restored.journal_records += records;
+        progress.done(records);
         if let Some((offset, c)) = cut {
             let later: Vec<u64> = replay[i + 1..].to_vec();
             cut_segment(&path, offset as u64)?;
