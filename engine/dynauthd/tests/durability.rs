@@ -257,7 +257,7 @@ fn crash_once(seed: u64, extra: &[&str]) {
     };
     // Even seeds kill right after an ACK arrives (the moment a journal that answered before
     // its fsync would lose it), odd seeds at the seeded moment itself.
-    let kill_at_ack = seed % 2 == 0;
+    let kill_at_ack = seed.is_multiple_of(2);
     let armed = Arc::new(AtomicBool::new(false));
     let killed = Arc::new(AtomicBool::new(false));
     let pid = d.pid();
