@@ -31,26 +31,35 @@ impl Count for Agent {
     }
 }
 
-fn start(dir: &Path, socket: &Path, extra: &[&str]) -> Daemon {
+/// dynauthd's arguments for a test on `dir` with the control socket at `socket`.
+fn args_for(dir: &Path, socket: &Path, extra: &[&str]) -> Vec<String> {
     let _ = std::fs::remove_file(socket);
-    let client = format!("127.0.0.1/32={SECRET}");
-    let mut args = vec![
+    let mut args: Vec<String> = [
         "--listen",
         "127.0.0.1:0",
         "--client",
-        &client,
+        &format!("127.0.0.1/32={SECRET}"),
         "--control",
         socket.to_str().unwrap(),
         "--stats-interval",
         "0",
         "--state-dir",
         dir.to_str().unwrap(),
-    ];
+    ]
+    .iter()
+    .map(ToString::to_string)
+    .collect();
     // The table-only data plane unless the test asks for the agents.
     if !extra.contains(&"--data-plane") {
-        args.extend_from_slice(&["--data-plane", "table"]);
+        args.extend(["--data-plane".to_string(), "table".to_string()]);
     }
-    args.extend_from_slice(extra);
+    args.extend(extra.iter().map(ToString::to_string));
+    args
+}
+
+fn start(dir: &Path, socket: &Path, extra: &[&str]) -> Daemon {
+    let args = args_for(dir, socket, extra);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     start_ok(&args)
 }
 
@@ -773,4 +782,69 @@ fn restore_progress_is_served_on_metrics_while_nothing_else_answers() {
     assert!(err.contains("the restore's progress on http://"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_file(&file);
+}
+
+// Issue 12, docs/DURABILITY.md "Journal I/O errors": a journal write that fails stops
+// dynauthd with exit status 74 (EX_IOERR) instead of acknowledging what is not durable. The
+// failure is real: the file size limit (RLIMIT_FSIZE, with SIGXFSZ ignored so the write
+// returns EFBIG) stops the journal at 32 KiB. Every upsert acknowledged before it is there
+// after a restart without the limit; the one in flight was never acknowledged.
+#[test]
+fn a_journal_write_error_stops_the_server_with_exit_74_and_loses_nothing_acknowledged() {
+    let dir = fresh_dir("efbig");
+    let socket = temp_path("efbig.sock");
+    let mut command = Command::new("sh");
+    command
+        .arg("-c")
+        .arg("trap '' XFSZ; ulimit -f 64; exec \"$0\" \"$@\"")
+        .arg(daemon::BIN)
+        .args(args_for(&dir, &socket, &[]));
+    let d = match daemon::start_command(command) {
+        daemon::Started::Running(d) => d,
+        daemon::Started::Failed(e) => panic!("dynauthd did not start: {e}"),
+    };
+    let mut agent = Agent::connect(&socket);
+    let mut acked = Vec::new();
+    for n in 0..20_000 {
+        let id = format!("f-{n}");
+        let upsert = json!({"v":1,"op":"upsert","nas":"bng1","session":{
+            "acct_session_id": id, "user_name": format!("user-{n}")}});
+        match agent.try_send(&upsert) {
+            Some(reply) => {
+                assert_eq!(reply["ok"], json!(true), "{reply}");
+                acked.push(id);
+            }
+            None => break,
+        }
+    }
+    drop(agent);
+    assert!(
+        acked.len() > 20 && acked.len() < 20_000,
+        "the journal stops at its size limit: {} upserts acknowledged",
+        acked.len()
+    );
+    eprintln!(
+        "{} upserts acknowledged before the journal's write failed",
+        acked.len()
+    );
+    let (status, _, err) = d.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(74), "exit status: {status}\n{err}");
+    assert!(
+        err.contains("writing journal segment") && err.contains("failed"),
+        "{err}"
+    );
+    let d = start(&dir, &socket, &[]);
+    let mut agent = Agent::connect(&socket);
+    let lost: Vec<&String> = acked.iter().filter(|id| agent.count(id) != 1).collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged upserts lost: {:?}",
+        lost.len(),
+        acked.len(),
+        &lost[..lost.len().min(5)]
+    );
+    drop(agent);
+    let (_, err) = d.stop();
+    assert!(err.contains("state: restored from"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -36,9 +36,15 @@ pub fn start(args: &[&str]) -> Started {
 
 /// [`start`] with more environment variables (e.g. NOTIFY_SOCKET).
 pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Started {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .envs(env.iter().copied())
+    let mut command = Command::new(BIN);
+    command.args(args).envs(env.iter().copied());
+    start_command(command)
+}
+
+/// Starts `command` (dynauthd, or a shell that execs it with limits set) and waits for its
+/// banner, as [`start`].
+pub fn start_command(mut command: Command) -> Started {
+    let mut child = command
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
