@@ -10,7 +10,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use dynauth_proto::feed::{Feed, FeedError, FeedOutcome, FeedStats, Sequenced};
+use dynauth_proto::feed::{Feed, FeedError, FeedMemory, FeedOutcome, FeedStats, Sequenced};
 use dynauth_proto::store::SessionStore;
 
 /// The feed, the store it writes, and the clock.
@@ -32,18 +32,14 @@ impl SessionFeed {
     /// `base` is the instant the shards measure monotonic milliseconds from
     /// (`runtime::Server::base`).
     pub fn new(store: Arc<dyn SessionStore>, base: Instant) -> Self {
-        SessionFeed::with_seqs(store, base, Vec::new())
+        SessionFeed::with_memory(store, base, FeedMemory::default())
     }
 
-    /// [`SessionFeed::new`] remembering each NAS's last sequence number (restored from the
-    /// state directory).
-    pub fn with_seqs(
-        store: Arc<dyn SessionStore>,
-        base: Instant,
-        seqs: Vec<(Option<String>, u64)>,
-    ) -> Self {
+    /// [`SessionFeed::new`] going on from what the state directory restored: each NAS's
+    /// last sequence number and the resyncs in progress.
+    pub fn with_memory(store: Arc<dyn SessionStore>, base: Instant, memory: FeedMemory) -> Self {
         SessionFeed {
-            feed: Mutex::new(Feed::with_seqs(seqs)),
+            feed: Mutex::new(Feed::with_memory(memory)),
             store,
             base,
         }

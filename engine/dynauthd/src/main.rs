@@ -346,13 +346,17 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
             "data plane: the session table only (--data-plane table): a Disconnect-ACK removes the session from the table and tears nothing down"
         );
     }
-    // The feed's per-NAS order as the state directory recorded it: an agent's old event
-    // replayed after a restart stays ignored.
-    let feed_seqs = durable.as_ref().map(|d| d.feed_seqs()).unwrap_or_default();
-    let feed = Arc::new(SessionFeed::with_seqs(
+    // The feed's per-NAS order and resyncs in progress as the state directory recorded
+    // them: an agent's old event replayed after a restart stays ignored, and a resync
+    // interrupted by the restart still sweeps what was not re-sent at its sync_end.
+    let feed_memory = durable
+        .as_ref()
+        .map(|d| d.feed_memory())
+        .unwrap_or_default();
+    let feed = Arc::new(SessionFeed::with_memory(
         Arc::clone(&store),
         server.base,
-        feed_seqs,
+        feed_memory,
     ));
     let control = match &settings.control {
         Some(config) => {

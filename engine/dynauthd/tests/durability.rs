@@ -644,6 +644,109 @@ fn feed_sequence_numbers_survive_a_restart_so_old_events_stay_ignored() {
     }
 }
 
+/// A resync interrupted by a restart goes on after it (SPEC control plane: sessions not
+/// re-sent between sync_begin and sync_end are removed): the state directory remembers
+/// which sessions were re-sent, through a kill -9 (the journal), a clean stop (the last
+/// snapshot) and a snapshot taken in the middle of the resync followed by a kill -9 (the
+/// snapshot, then the journal over it).
+#[test]
+fn a_resync_interrupted_by_a_restart_removes_exactly_what_was_not_resent() {
+    let snapshots = |dir: &Path| {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".snap"))
+            .count()
+    };
+    for how in ["kill", "clean", "snapshot-then-kill"] {
+        let dir = fresh_dir(&format!("resync-{how}"));
+        let socket = temp_path(&format!("resync-{how}.sock"));
+        let by_size: &[&str] = match how {
+            "snapshot-then-kill" => &[
+                "--snapshot-interval",
+                "0",
+                "--snapshot-journal-bytes",
+                "20000",
+            ],
+            _ => &["--snapshot-interval", "0"],
+        };
+        let d = start(&dir, &socket, by_size);
+        let mut agent = Agent::connect(&socket);
+        agent.ok(json!({"v":1,"op":"hello","agent":"a","nas":["bng-r"]}));
+        let mut seq = 0u64;
+        fn upsert(agent: &mut Agent, seq: &mut u64, id: &str) {
+            *seq += 1;
+            agent.ok(json!({"v":1,"op":"upsert","nas":"bng-r","seq":*seq,
+                            "session":{"acct_session_id": id, "user_name": format!("u-{id}")}}));
+        }
+        for i in 0..10 {
+            upsert(&mut agent, &mut seq, &format!("R{i}"));
+        }
+        // R0 again, before the begin: it does not count as re-sent.
+        upsert(&mut agent, &mut seq, "R0");
+        seq += 1;
+        agent.ok(json!({"v":1,"op":"sync_begin","nas":"bng-r","seq":seq}));
+        for id in ["R1", "R2", "R3", "R10"] {
+            upsert(&mut agent, &mut seq, id);
+        }
+        if how == "snapshot-then-kill" {
+            // New sessions re-sent until the journal's size starts a snapshot mid-resync.
+            for i in 0..400 {
+                upsert(&mut agent, &mut seq, &format!("F{i}"));
+            }
+            daemon::wait_until(Duration::from_secs(10), "a snapshot by size", || {
+                snapshots(&dir) >= 1
+            });
+            // One more after the snapshot: only the journal over it has this one.
+            upsert(&mut agent, &mut seq, "R4");
+        }
+        drop(agent);
+        if how == "clean" {
+            d.stop();
+        } else {
+            kill9(&d);
+            drop(d);
+        }
+        let d = start(&dir, &socket, by_size);
+        let mut agent = Agent::connect(&socket);
+        agent.ok(json!({"v":1,"op":"hello","agent":"a","nas":["bng-r"]}));
+        let end = agent.ok(json!({"v":1,"op":"sync_end","nas":"bng-r","seq":seq + 1}));
+        let kept: &[&str] = match how {
+            "snapshot-then-kill" => &["R1", "R2", "R3", "R4", "R10", "F0", "F399"],
+            _ => &["R1", "R2", "R3", "R10"],
+        };
+        let swept: Vec<String> = (0..10)
+            .map(|i| format!("R{i}"))
+            .filter(|id| !kept.contains(&id.as_str()))
+            .collect();
+        assert_eq!(end["removed"], json!(swept.len()), "{how}: {end}");
+        for id in kept {
+            assert_eq!(agent.count(id), 1, "{how}: {id} was re-sent and stays");
+        }
+        for id in &swept {
+            assert_eq!(
+                agent.count(id),
+                0,
+                "{how}: {id} was not re-sent and is gone"
+            );
+        }
+        // The resync is over: a second sync_end is refused, before and after a restart.
+        let again = agent.send(json!({"v":1,"op":"sync_end","nas":"bng-r","seq":seq + 2}));
+        assert_eq!(again["ok"], json!(false), "{how}: {again}");
+        drop(agent);
+        kill9(&d);
+        drop(d);
+        let d = start(&dir, &socket, by_size);
+        let mut agent = Agent::connect(&socket);
+        agent.ok(json!({"v":1,"op":"hello","agent":"a","nas":["bng-r"]}));
+        let again = agent.send(json!({"v":1,"op":"sync_end","nas":"bng-r","seq":seq + 3}));
+        assert_eq!(again["ok"], json!(false), "{how}: {again}");
+        drop(agent);
+        d.stop();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
 /// A snapshot is also taken by journal size (`--snapshot-journal-bytes`), not only by time:
 /// a storm between two periodic snapshots cannot grow the journal (and the next restore's
 /// replay) without bound.

@@ -12,7 +12,7 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::session::Session;
-use crate::store::{SessionStore, UpsertError, UpsertMode, Upserted};
+use crate::store::{ResyncMark, SessionStore, UpsertError, UpsertMode, Upserted};
 
 /// One change to the set of sessions, from the NAS's point of view.
 // An event is built, applied and dropped; a batch holds at most one line's worth, so the
@@ -82,22 +82,74 @@ pub struct FeedStats {
     pub refused: u64,
 }
 
-/// The identity a resync remembers for each re-sent session.
-type SessionTag = (Option<String>, Option<String>, Option<String>);
+/// The identity a resync remembers for each re-sent session: 128 bits of MD5 over its
+/// Acct-Session-Id, audit-session-id and CUI (each with its presence and length, so no two
+/// different identities share an input). 16 octets per session instead of three strings
+/// (a resync of 10M sessions is remembered in a few hundred MB, and journaled in 16 octets
+/// a session); not a security boundary: the agent that could craft a collision owns the
+/// NAS anyway, and a collision would only keep one not-re-sent session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ResyncTag(pub [u8; 16]);
 
-fn tag(s: &Session) -> SessionTag {
-    (
-        s.acct_session_id.clone(),
-        s.audit_session_id.clone(),
-        s.cui.clone(),
-    )
+impl ResyncTag {
+    pub fn of(s: &Session) -> ResyncTag {
+        use md5::Digest;
+        let mut h = md5::Md5::new();
+        for part in [&s.acct_session_id, &s.audit_session_id, &s.cui] {
+            match part {
+                None => h.update([0u8]),
+                Some(v) => {
+                    h.update([1u8]);
+                    h.update((v.len() as u64).to_le_bytes());
+                    h.update(v.as_bytes());
+                }
+            }
+        }
+        ResyncTag(h.finalize().into())
+    }
 }
 
 #[derive(Debug, Default)]
 struct NasState {
     last_seq: Option<u64>,
     /// During a resync: the sessions re-sent so far.
-    resent: Option<HashSet<SessionTag>>,
+    resent: Option<HashSet<ResyncTag>>,
+}
+
+/// What a feed remembers across a restart (a durable store records it through
+/// `SessionStore::feed_seq` and `SessionStore::feed_resync` and gives it back at restore).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FeedMemory {
+    /// The last sequence number applied, per NAS.
+    pub seqs: HashMap<Option<String>, u64>,
+    /// The resyncs in progress: per NAS, the sessions re-sent so far.
+    pub resyncs: HashMap<Option<String>, HashSet<ResyncTag>>,
+}
+
+impl FeedMemory {
+    /// Applies one resync step (the restore replays them in journal order). A `Resent` for
+    /// a NAS with no resync open opens one: replaying a journal over a snapshot taken in the
+    /// middle of it may meet re-sent sessions before it meets their `Begin` again, and the
+    /// last `Begin` or `End` decides in the end.
+    pub fn apply_resync(&mut self, nas: Option<String>, mark: ResyncMark) {
+        match mark {
+            ResyncMark::Begin => {
+                self.resyncs.insert(nas, HashSet::new());
+            }
+            ResyncMark::Resent(tag) => {
+                self.resyncs.entry(nas).or_default().insert(tag);
+            }
+            ResyncMark::End => {
+                self.resyncs.remove(&nas);
+            }
+        }
+    }
+
+    /// Records sequence number `seq` of `nas` (the highest wins).
+    pub fn apply_seq(&mut self, nas: Option<String>, seq: u64) {
+        let last = self.seqs.entry(nas).or_insert(seq);
+        *last = (*last).max(seq);
+    }
 }
 
 /// Orders and applies feed events. One per server, shared by every feed source.
@@ -112,12 +164,15 @@ impl Feed {
         Feed::default()
     }
 
-    /// A feed that remembers the last sequence number of each NAS (from a durable store's
-    /// restore: `SessionStore::feed_seq` recorded them).
-    pub fn with_seqs(seqs: impl IntoIterator<Item = (Option<String>, u64)>) -> Self {
+    /// A feed that goes on from what a durable store restored: each NAS's last sequence
+    /// number and the resyncs in progress.
+    pub fn with_memory(memory: FeedMemory) -> Self {
         let mut feed = Feed::default();
-        for (nas, seq) in seqs {
+        for (nas, seq) in memory.seqs {
             feed.nases.entry(nas).or_default().last_seq = Some(seq);
+        }
+        for (nas, resent) in memory.resyncs {
+            feed.nases.entry(nas).or_default().resent = Some(resent);
         }
         feed
     }
@@ -151,11 +206,12 @@ impl Feed {
         let outcome = match event {
             FeedEvent::Upsert { mut session, mode } => {
                 session.nas = nas.clone();
-                let t = state.resent.as_ref().map(|_| tag(&session));
+                let t = state.resent.as_ref().map(|_| ResyncTag::of(&session));
                 match store.upsert(session, mode, now_ms) {
                     Ok(done) => {
                         if let (Some(resent), Some(t)) = (state.resent.as_mut(), t) {
                             resent.insert(t);
+                            store.feed_resync(nas.as_deref(), ResyncMark::Resent(t));
                         }
                         self.stats.upserts += 1;
                         Ok(FeedOutcome::Upserted(done))
@@ -164,10 +220,9 @@ impl Feed {
                 }
             }
             FeedEvent::Delete { acct_session_id } => {
+                // A resync's memory of the session may stay: only live sessions are kept
+                // or removed at SyncEnd, and a re-sent one comes back through an Upsert.
                 self.stats.deletes += 1;
-                if let Some(resent) = state.resent.as_mut() {
-                    resent.retain(|t| t.0.as_deref() != Some(acct_session_id.as_str()));
-                }
                 Ok(FeedOutcome::Deleted(store.delete(
                     nas.as_deref(),
                     &acct_session_id,
@@ -176,21 +231,28 @@ impl Feed {
             }
             FeedEvent::NasReset => {
                 self.stats.nas_resets += 1;
-                state.resent = None;
                 let n = store.retain_nas(nas.as_deref(), &mut |_| false, now_ms);
+                if state.resent.take().is_some() {
+                    store.feed_resync(nas.as_deref(), ResyncMark::End);
+                }
                 self.stats.swept += n as u64;
                 Ok(FeedOutcome::Removed(n))
             }
             FeedEvent::SyncBegin => {
                 state.resent = Some(HashSet::new());
+                store.feed_resync(nas.as_deref(), ResyncMark::Begin);
                 Ok(FeedOutcome::SyncStarted)
             }
             FeedEvent::SyncEnd => match state.resent.take() {
                 None => Err(FeedError::SyncEndWithoutBegin),
                 Some(resent) => {
                     self.stats.syncs += 1;
-                    let n =
-                        store.retain_nas(nas.as_deref(), &mut |s| resent.contains(&tag(s)), now_ms);
+                    let n = store.retain_nas(
+                        nas.as_deref(),
+                        &mut |s| resent.contains(&ResyncTag::of(s)),
+                        now_ms,
+                    );
+                    store.feed_resync(nas.as_deref(), ResyncMark::End);
                     self.stats.swept += n as u64;
                     Ok(FeedOutcome::Removed(n))
                 }
@@ -338,6 +400,175 @@ mod tests {
         let again = feed.apply(ev("n", None, FeedEvent::SyncEnd), &store, 0);
         assert_eq!(again, Err(FeedError::SyncEndWithoutBegin));
         assert_eq!(feed.stats().refused, 1);
+    }
+
+    /// A store that remembers what the feed told it, as a durable store journals it.
+    struct Remembering {
+        inner: MemoryStore,
+        memory: std::sync::Mutex<FeedMemory>,
+    }
+
+    impl SessionStore for Remembering {
+        fn disconnect(
+            &self,
+            l: &crate::store::Lookup<'_>,
+        ) -> Result<crate::store::Applied, crate::store::Refusal> {
+            self.inner.disconnect(l)
+        }
+        fn change(
+            &self,
+            l: &crate::store::Lookup<'_>,
+            c: &crate::change::AuthorizationChange<'_>,
+        ) -> Result<crate::store::Applied, crate::store::Refusal> {
+            self.inner.change(l, c)
+        }
+        fn select(
+            &self,
+            l: &crate::store::Lookup<'_>,
+            t: bool,
+            out: &mut Vec<Session>,
+        ) -> Result<crate::store::Applied, crate::store::Refusal> {
+            self.inner.select(l, t, out)
+        }
+        fn remove_sessions(
+            &self,
+            s: &[Session],
+            t: bool,
+            now: u64,
+        ) -> Result<u32, crate::store::Refusal> {
+            self.inner.remove_sessions(s, t, now)
+        }
+        fn change_sessions(
+            &self,
+            s: &[Session],
+            c: &crate::change::AuthorizationChange<'_>,
+            now: u64,
+        ) -> Result<u32, crate::store::Refusal> {
+            self.inner.change_sessions(s, c, now)
+        }
+        fn insert(&self, s: Session) -> bool {
+            self.inner.insert(s)
+        }
+        fn upsert(&self, s: Session, m: UpsertMode, now: u64) -> Result<Upserted, UpsertError> {
+            self.inner.upsert(s, m, now)
+        }
+        fn delete(&self, nas: Option<&str>, id: &str, now: u64) -> bool {
+            self.inner.delete(nas, id, now)
+        }
+        fn retain_nas(
+            &self,
+            nas: Option<&str>,
+            keep: &mut dyn FnMut(&Session) -> bool,
+            now: u64,
+        ) -> usize {
+            self.inner.retain_nas(nas, keep, now)
+        }
+        fn feed_seq(&self, nas: Option<&str>, seq: u64) {
+            self.memory
+                .lock()
+                .unwrap()
+                .apply_seq(nas.map(str::to_owned), seq);
+        }
+        fn feed_resync(&self, nas: Option<&str>, mark: ResyncMark) {
+            self.memory
+                .lock()
+                .unwrap()
+                .apply_resync(nas.map(str::to_owned), mark);
+        }
+        fn len(&self) -> usize {
+            self.inner.len()
+        }
+    }
+
+    #[test]
+    fn a_resync_goes_on_after_a_restart_from_what_the_store_remembered() {
+        let store = Remembering {
+            inner: MemoryStore::new(TombstonePolicy::default()),
+            memory: Default::default(),
+        };
+        let mut feed = Feed::new();
+        for (seq, id) in [(1, "1"), (2, "2"), (3, "3")] {
+            feed.apply(ev("n", Some(seq), upsert(id, id)), &store, 0)
+                .unwrap();
+        }
+        feed.apply(ev("n", Some(4), FeedEvent::SyncBegin), &store, 0)
+            .unwrap();
+        feed.apply(ev("n", Some(5), upsert("2", "two")), &store, 0)
+            .unwrap();
+        assert_eq!(store.memory.lock().unwrap().resyncs.len(), 1);
+        // The server restarts: a new feed from what the store remembered.
+        let mut feed = Feed::with_memory(store.memory.lock().unwrap().clone());
+        assert!(feed.syncing(Some("n")));
+        assert_eq!(
+            feed.apply(ev("n", Some(5), upsert("3", "late")), &store, 0),
+            Ok(FeedOutcome::Stale { last: 5 }),
+            "the sequence numbers were remembered too"
+        );
+        feed.apply(ev("n", Some(6), upsert("4", "four")), &store, 0)
+            .unwrap();
+        let r = feed.apply(ev("n", Some(7), FeedEvent::SyncEnd), &store, 0);
+        assert_eq!(r, Ok(FeedOutcome::Removed(2)), "1 and 3 were not re-sent");
+        assert_eq!(
+            users(&store.inner),
+            vec![
+                (Some("n".into()), "four".into()),
+                (Some("n".into()), "two".into())
+            ]
+        );
+        assert!(store.memory.lock().unwrap().resyncs.is_empty());
+        // A NAS reset cancels a resync, and the store is told.
+        feed.apply(ev("n", Some(8), FeedEvent::SyncBegin), &store, 0)
+            .unwrap();
+        feed.apply(ev("n", Some(9), FeedEvent::NasReset), &store, 0)
+            .unwrap();
+        assert!(store.memory.lock().unwrap().resyncs.is_empty());
+        assert!(!Feed::with_memory(store.memory.lock().unwrap().clone()).syncing(Some("n")));
+    }
+
+    #[test]
+    fn replaying_resync_steps_over_a_later_state_ends_where_the_journal_ends() {
+        // A snapshot holds the memory at some point of the journal; the restore replays the
+        // journal from an earlier point over it. The result is the journal's end state.
+        let t = |id: &str| ResyncTag::of(&session(id, id));
+        let nas = || Some("n".to_owned());
+        let journal = [
+            ResyncMark::Begin,
+            ResyncMark::Resent(t("1")),
+            ResyncMark::End,
+            ResyncMark::Begin,
+            ResyncMark::Resent(t("2")),
+        ];
+        let mut straight = FeedMemory::default();
+        for m in journal {
+            straight.apply_resync(nas(), m);
+        }
+        for snapshot_at in 0..=journal.len() {
+            for replay_from in 0..=snapshot_at {
+                let mut m = FeedMemory::default();
+                for &j in &journal[..snapshot_at] {
+                    m.apply_resync(nas(), j);
+                }
+                for &j in &journal[replay_from..] {
+                    m.apply_resync(nas(), j);
+                }
+                assert_eq!(
+                    m, straight,
+                    "snapshot at {snapshot_at}, replay from {replay_from}"
+                );
+            }
+        }
+        assert_eq!(straight.resyncs[&nas()].len(), 1);
+        assert_ne!(t("1"), t("2"));
+        // Presence and length are part of the tag: no two identities share an input.
+        let a = Session {
+            acct_session_id: Some("ab".into()),
+            ..Default::default()
+        };
+        let b = Session {
+            audit_session_id: Some("ab".into()),
+            ..Default::default()
+        };
+        assert_ne!(ResyncTag::of(&a), ResyncTag::of(&b));
     }
 
     #[test]

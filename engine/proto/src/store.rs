@@ -180,12 +180,29 @@ pub trait SessionStore: Send + Sync {
     /// repeated event stays ignored, and nothing it removed comes back). Wrappers pass it on.
     fn feed_seq(&self, _nas: Option<&str>, _seq: u64) {}
 
+    /// The session feed's resync of `nas` moved on (`feed::FeedEvent::SyncBegin`, a session
+    /// re-sent during it, its end or cancellation): a durable store records it, so a resync
+    /// interrupted by a restart still removes exactly the sessions not re-sent when its
+    /// `SyncEnd` arrives. Called after the event's own changes; wrappers pass it on.
+    fn feed_resync(&self, _nas: Option<&str>, _mark: ResyncMark) {}
+
     /// Live sessions.
     fn len(&self) -> usize;
 
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// One step of a resync, as [`SessionStore::feed_resync`] is told it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResyncMark {
+    /// A resync began: nothing is re-sent yet (a resync already in progress starts over).
+    Begin,
+    /// This session was re-sent.
+    Resent(crate::feed::ResyncTag),
+    /// The resync ended (`SyncEnd`) or was cancelled (`NasReset`): nothing is remembered.
+    End,
 }
 
 /// How an upsert treats a session that was just removed.

@@ -522,6 +522,10 @@ impl SessionStore for PublishingStore {
         self.inner.feed_seq(nas, seq);
     }
 
+    fn feed_resync(&self, nas: Option<&str>, mark: dynauth_proto::store::ResyncMark) {
+        self.inner.feed_resync(nas, mark);
+    }
+
     fn len(&self) -> usize {
         self.inner.len()
     }

@@ -10,11 +10,16 @@
 //!   times `len: u32 LE` + the identity session (NAS, Acct-Session-Id, audit-session-id,
 //!   CUI) in the record encoding;
 //! - `TOMB` (3, snapshots only): a tombstone, the whole session as removed at `at`;
+//! - `SEQ` (5): `seq: u64 LE`, then the NAS (`0`, or `1` + its octets to the end);
+//! - `RESYNC` (6): `op: u8` (0 begin, 1 a session re-sent, 2 end or cancelled), for op 1 the
+//!   16-octet `feed::ResyncTag`, then the NAS as in `SEQ`;
 //! - `END` (4, snapshots only): `sessions: u64 LE`, `tombstones: u64 LE`, the counts of
 //!   the records before it; a snapshot without it is incomplete and never used.
 #![forbid(unsafe_code)]
 
+use dynauth_proto::feed::ResyncTag;
 use dynauth_proto::session::Session;
+use dynauth_proto::store::ResyncMark;
 
 /// First octets of a journal segment, then its number (`u64 LE`).
 pub const JOURNAL_MAGIC: [u8; 8] = *b"DYNJRNL1";
@@ -33,6 +38,7 @@ const REMOVE: u8 = 2;
 const TOMB: u8 = 3;
 const END: u8 = 4;
 const SEQ: u8 = 5;
+const RESYNC: u8 = 6;
 
 /// One record of a journal segment or a snapshot.
 #[derive(Debug, Clone, PartialEq)]
@@ -56,6 +62,13 @@ pub enum Record {
         at_ms: u64,
         nas: Option<String>,
         seq: u64,
+    },
+    /// A resync of `nas` moved on (a restart goes on with it: the sessions not re-sent are
+    /// removed at its `SyncEnd`).
+    Resync {
+        at_ms: u64,
+        nas: Option<String>,
+        mark: ResyncMark,
     },
 }
 
@@ -139,13 +152,20 @@ pub fn encode(record: &Record, out: &mut Vec<u8>, scratch: &mut Vec<u8>) {
             out.push(SEQ);
             out.extend_from_slice(&at_ms.to_le_bytes());
             out.extend_from_slice(&seq.to_le_bytes());
-            match nas {
-                None => out.push(0),
-                Some(n) => {
+            push_nas(out, nas.as_deref());
+        }
+        Record::Resync { at_ms, nas, mark } => {
+            out.push(RESYNC);
+            out.extend_from_slice(&at_ms.to_le_bytes());
+            match mark {
+                ResyncMark::Begin => out.push(0),
+                ResyncMark::Resent(tag) => {
                     out.push(1);
-                    out.extend_from_slice(n.as_bytes());
+                    out.extend_from_slice(&tag.0);
                 }
+                ResyncMark::End => out.push(2),
             }
+            push_nas(out, nas.as_deref());
         }
         Record::End {
             sessions,
@@ -158,6 +178,26 @@ pub fn encode(record: &Record, out: &mut Vec<u8>, scratch: &mut Vec<u8>) {
         }
     }
     seal(out, start);
+}
+
+/// A NAS to the end of a payload: `0`, or `1` and its octets.
+fn push_nas(out: &mut Vec<u8>, nas: Option<&str>) {
+    match nas {
+        None => out.push(0),
+        Some(n) => {
+            out.push(1);
+            out.extend_from_slice(n.as_bytes());
+        }
+    }
+}
+
+/// The NAS that ends a payload (see [`push_nas`]).
+fn read_nas(rest: &[u8]) -> Option<Option<String>> {
+    match *rest.first()? {
+        0 if rest.len() == 1 => Some(None),
+        1 => Some(Some(String::from_utf8(rest.get(1..)?.to_vec()).ok()?)),
+        _ => None,
+    }
 }
 
 /// Writes the length and checksum of the frame that starts at `start` and ends `out`.
@@ -256,12 +296,21 @@ fn payload_record(p: &[u8]) -> Option<Record> {
         }),
         SEQ => {
             let seq = u64::from_le_bytes(rest.get(..8)?.try_into().ok()?);
-            let nas = match *rest.get(8)? {
-                0 if rest.len() == 9 => None,
-                1 => Some(String::from_utf8(rest.get(9..)?.to_vec()).ok()?),
+            let nas = read_nas(rest.get(8..)?)?;
+            Some(Record::Seq { at_ms, nas, seq })
+        }
+        RESYNC => {
+            let (mark, nas_at) = match *rest.first()? {
+                0 => (ResyncMark::Begin, 1),
+                1 => (
+                    ResyncMark::Resent(ResyncTag(rest.get(1..17)?.try_into().ok()?)),
+                    17,
+                ),
+                2 => (ResyncMark::End, 1),
                 _ => return None,
             };
-            Some(Record::Seq { at_ms, nas, seq })
+            let nas = read_nas(rest.get(nas_at..)?)?;
+            Some(Record::Resync { at_ms, nas, mark })
         }
         TOMB => Some(Record::Tomb {
             at_ms,
@@ -444,6 +493,21 @@ mod tests {
                 nas: None,
                 seq: u64::MAX,
             },
+            Record::Resync {
+                at_ms: 11,
+                nas: Some("bng-a|1".into()),
+                mark: ResyncMark::Begin,
+            },
+            Record::Resync {
+                at_ms: 12,
+                nas: Some("bng-a|1".into()),
+                mark: ResyncMark::Resent(ResyncTag::of(&sessions[6])),
+            },
+            Record::Resync {
+                at_ms: 13,
+                nas: None,
+                mark: ResyncMark::End,
+            },
             Record::End {
                 sessions: 10,
                 tombstones: 2,
@@ -591,10 +655,19 @@ mod tests {
             ) {
                 let sessions: Vec<Session> = synth::sessions(seed, n as u64).collect();
                 let rs: Vec<Record> = sessions.iter().enumerate().map(|(i, s)| {
-                    if i % 3 == 2 {
-                        Record::Remove { at_ms: at, tombstone: i % 2 == 0, identities: vec![identity(s)] }
-                    } else {
-                        Record::Put { at_ms: at.wrapping_add(i as u64), session: s.clone() }
+                    match i % 5 {
+                        2 => Record::Remove { at_ms: at, tombstone: i % 2 == 0, identities: vec![identity(s)] },
+                        3 => Record::Seq { at_ms: at, nas: s.nas.clone(), seq: at ^ i as u64 },
+                        4 => Record::Resync {
+                            at_ms: at,
+                            nas: s.nas.clone(),
+                            mark: match i % 3 {
+                                0 => ResyncMark::Begin,
+                                1 => ResyncMark::Resent(ResyncTag::of(s)),
+                                _ => ResyncMark::End,
+                            },
+                        },
+                        _ => Record::Put { at_ms: at.wrapping_add(i as u64), session: s.clone() },
                     }
                 }).collect();
                 let bytes = encode_all(&rs);

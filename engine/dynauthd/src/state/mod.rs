@@ -14,7 +14,6 @@
 pub mod codec;
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Read as _, Write as _};
 use std::path::{Path, PathBuf};
@@ -24,9 +23,10 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dynauth_proto::change::AuthorizationChange;
+use dynauth_proto::feed::FeedMemory;
 use dynauth_proto::session::Session;
 use dynauth_proto::store::{
-    Applied, Lookup, Refusal, SessionStore, UpsertError, UpsertMode, Upserted,
+    Applied, Lookup, Refusal, ResyncMark, SessionStore, UpsertError, UpsertMode, Upserted,
 };
 use dynauth_table::{SessionTable, TableConfig};
 
@@ -623,9 +623,11 @@ pub struct DurableStore {
     writer: Mutex<Option<thread::JoinHandle<()>>>,
     snapshot_lock: Mutex<()>,
     window_ms: u64,
-    /// The session feed's last sequence number per NAS (journaled with each event,
-    /// written into every snapshot).
-    feed_seqs: Mutex<HashMap<Option<String>, u64>>,
+    /// The session feed's last sequence number per NAS and its resyncs in progress
+    /// (journaled with each event, written into every snapshot). Changed only under the
+    /// order lock, with the record that journals the change: a snapshot's rotation is
+    /// either before both or after both.
+    feed_memory: Mutex<FeedMemory>,
     /// The state directory's lock, for as long as this store lives.
     _dir_lock: Option<Arc<fs::File>>,
 }
@@ -680,19 +682,19 @@ impl DurableStore {
             writer: Mutex::new(Some(handle)),
             snapshot_lock: Mutex::new(()),
             window_ms,
-            feed_seqs: Mutex::new(restored.feed_seqs.clone()),
+            feed_memory: Mutex::new(restored.feed_memory.clone()),
             _dir_lock: restored.lock.clone(),
         }))
     }
 
-    /// The session feed's last sequence number of each NAS, as restored and since recorded.
-    pub fn feed_seqs(&self) -> Vec<(Option<String>, u64)> {
-        self.feed_seqs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(n, s)| (n.clone(), *s))
-            .collect()
+    /// What the session feed must remember (each NAS's last sequence number, the resyncs
+    /// in progress), as restored and since recorded.
+    pub fn feed_memory(&self) -> FeedMemory {
+        self.memory().clone()
+    }
+
+    fn memory(&self) -> std::sync::MutexGuard<'_, FeedMemory> {
+        self.feed_memory.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn table(&self) -> &Arc<SessionTable> {
@@ -887,9 +889,25 @@ impl DurableStore {
                 &mut scratch,
             );
         }
-        // The feed's order too: an event older than the snapshot stays ignored after it.
-        for (nas, seq) in self.feed_seqs() {
+        // The feed's order too: an event older than the snapshot stays ignored after it;
+        // and its resyncs in progress: the sessions re-sent so far.
+        let memory = self.feed_memory();
+        for (nas, seq) in memory.seqs {
             codec::encode(&Record::Seq { at_ms, nas, seq }, &mut frames, &mut scratch);
+        }
+        for (nas, resent) in memory.resyncs {
+            let mut mark = |mark| {
+                let nas = nas.clone();
+                codec::encode(
+                    &Record::Resync { at_ms, nas, mark },
+                    &mut frames,
+                    &mut scratch,
+                );
+            };
+            mark(ResyncMark::Begin);
+            for tag in resent {
+                mark(ResyncMark::Resent(tag));
+            }
         }
         codec::encode(
             &Record::End {
@@ -957,10 +975,19 @@ impl SessionStore for DurableStore {
                 nas: nas.map(str::to_owned),
                 seq,
             });
+            self.memory().apply_seq(nas.map(str::to_owned), seq);
         });
-        let mut seqs = self.feed_seqs.lock().unwrap_or_else(|p| p.into_inner());
-        let last = seqs.entry(nas.map(str::to_owned)).or_insert(seq);
-        *last = (*last).max(seq);
+    }
+
+    fn feed_resync(&self, nas: Option<&str>, mark: ResyncMark) {
+        self.commit(|_, records| {
+            records.push(Record::Resync {
+                at_ms: wall_ms(),
+                nas: nas.map(str::to_owned),
+                mark,
+            });
+            self.memory().apply_resync(nas.map(str::to_owned), mark);
+        });
     }
 
     fn disconnect(&self, lookup: &Lookup<'_>) -> Result<Applied, Refusal> {
@@ -1169,8 +1196,9 @@ pub struct Restored {
     pub clock: Clock,
     /// The state directory's lock, held from the restore on (the durable store keeps it).
     pub lock: Option<Arc<fs::File>>,
-    /// The session feed's last sequence number of each NAS.
-    pub feed_seqs: HashMap<Option<String>, u64>,
+    /// What the session feed remembers: each NAS's last sequence number, the resyncs in
+    /// progress.
+    pub feed_memory: FeedMemory,
 }
 
 impl core::fmt::Display for Restored {
@@ -1258,7 +1286,7 @@ fn read_file(path: &Path) -> Result<Vec<u8>, StateError> {
 /// Applies one snapshot to a fresh table; `None` when it is not a complete, valid snapshot.
 /// A snapshot's table, counts of sessions, tombstones and refused records, and the feed's
 /// sequence numbers.
-type SnapshotContents = (SessionTable, u64, u64, u64, HashMap<Option<String>, u64>);
+type SnapshotContents = (SessionTable, u64, u64, u64, FeedMemory);
 
 /// What reading a snapshot needs besides its bytes.
 struct SnapshotReading<'a> {
@@ -1327,7 +1355,7 @@ fn read_snapshot(
     let ended = std::cell::Cell::new(false);
     let mut malformed = false;
     let mut tombstones = Vec::new();
-    let mut seqs = HashMap::new();
+    let mut memory = FeedMemory::default();
     let mut end = None;
     let progress = Progress::new(
         format!("snapshot {}", path.display()),
@@ -1344,7 +1372,10 @@ fn read_snapshot(
                 }
             }
             Record::Seq { nas, seq, .. } if end.is_none() => {
-                seqs.insert(nas, seq);
+                memory.apply_seq(nas, seq);
+            }
+            Record::Resync { nas, mark, .. } if end.is_none() => {
+                memory.apply_resync(nas, mark);
             }
             Record::End {
                 sessions: s,
@@ -1406,7 +1437,7 @@ fn read_snapshot(
             conflicts += 1;
         }
     }
-    Some(Some((table, sessions, tombs, conflicts, seqs)))
+    Some(Some((table, sessions, tombs, conflicts, memory)))
 }
 
 /// Restores the state in `options.dir` (created when missing) into a table. The newest
@@ -1498,7 +1529,7 @@ fn restore_dir(
         next_segment: 1,
         elapsed: Duration::ZERO,
         clock,
-        feed_seqs: HashMap::new(),
+        feed_memory: FeedMemory::default(),
     };
     let mut table = None;
     let mut from = 0u64;
@@ -1517,8 +1548,8 @@ fn restore_dir(
         let path = dir.join(snapshot_name(n));
         tracing::info!("restore: loading {}", path.display());
         match load_snapshot(&path, n, &how)? {
-            Some((t, s, tombs, conflicts, seqs)) => {
-                restored.feed_seqs = seqs;
+            Some((t, s, tombs, conflicts, memory)) => {
+                restored.feed_memory = memory;
                 table = Some(t);
                 from = n;
                 restored.snapshot = Some(path);
@@ -1577,14 +1608,17 @@ fn restore_dir(
             let mut conflicts = 0;
             let body = &bytes[codec::HEADER_LEN..];
             let mut count = 0;
-            let seqs = &mut restored.feed_seqs;
+            let memory = &mut restored.feed_memory;
             let result = codec::for_each(body, |r, at| {
                 count += 1;
-                if let Record::Seq { nas, seq, .. } = r {
-                    let last = seqs.entry(nas).or_insert(seq);
-                    *last = (*last).max(seq);
-                } else if !apply(&table, &clock, r) {
-                    conflicts += 1;
+                match r {
+                    Record::Seq { nas, seq, .. } => memory.apply_seq(nas, seq),
+                    Record::Resync { nas, mark, .. } => memory.apply_resync(nas, mark),
+                    r => {
+                        if !apply(&table, &clock, r) {
+                            conflicts += 1;
+                        }
+                    }
                 }
                 progress.tick(at as u64, count);
             });
@@ -1672,7 +1706,9 @@ fn apply(table: &SessionTable, clock: &Clock, r: Record) -> bool {
         } => table
             .remove_sessions(&identities, tombstone, clock.mono(at_ms))
             .is_ok(),
-        Record::Tomb { .. } | Record::End { .. } | Record::Seq { .. } => false,
+        Record::Tomb { .. } | Record::End { .. } | Record::Seq { .. } | Record::Resync { .. } => {
+            false
+        }
     }
 }
 
