@@ -43,14 +43,27 @@ pub fn through(feed: Arc<SessionFeed>) -> FeedFn {
     Arc::new(move |event| feed.apply(event))
 }
 
-/// Counters of a running listener, readable from any thread (metrics).
+/// Counters of a running listener, readable from any thread (metrics): the totals and the
+/// same per client (indexed by `ClientId` of the listener's client table).
 #[derive(Debug, Clone, Default)]
-pub struct StatsHandle(Arc<Mutex<AccountingStats>>);
+pub struct StatsHandle(Arc<Mutex<(AccountingStats, Vec<AccountingStats>)>>);
 
 impl StatsHandle {
     /// The counters as of the last datagram decided.
     pub fn get(&self) -> AccountingStats {
-        *self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).0
+    }
+
+    /// Adds the per-client counters as of the last datagram decided into `into` (grown to
+    /// hold every client this listener has seen), so several listeners sum into one set.
+    pub fn add_per_client(&self, into: &mut Vec<AccountingStats>) {
+        let guard = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if into.len() < guard.1.len() {
+            into.resize(guard.1.len(), AccountingStats::default());
+        }
+        for (total, client) in into.iter_mut().zip(&guard.1) {
+            total.add(client);
+        }
     }
 
     /// The counters in the Prometheus text format (`dynauth_accounting_*`).
@@ -60,8 +73,16 @@ impl StatsHandle {
         out
     }
 
-    fn set(&self, stats: AccountingStats) {
-        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = stats;
+    /// Publishes `accounting`'s counters (`clone_from` reuses the per-client vector: no
+    /// allocation per datagram).
+    fn set(&self, accounting: &Accounting) {
+        let mut guard = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        guard.0 = accounting.stats();
+        let per_client = accounting.client_stats();
+        if guard.1.len() != per_client.len() {
+            guard.1.resize(per_client.len(), AccountingStats::default());
+        }
+        guard.1.copy_from_slice(per_client);
     }
 }
 
@@ -241,7 +262,7 @@ fn serve(
         {
             tracing::debug!(%peer, "accounting answer not sent: {e}");
         }
-        stats.set(accounting.stats());
+        stats.set(&accounting);
     }
-    stats.set(accounting.stats());
+    stats.set(&accounting);
 }

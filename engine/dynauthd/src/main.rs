@@ -468,13 +468,20 @@ fn serve(cli: &Cli) -> anyhow::Result<()> {
             }));
         }
         if !accounting.is_empty() {
+            use dynauth_proto::accounting::AccountingStats;
             let handles: Vec<_> = accounting.iter().map(|a| a.stats_handle()).collect();
+            // The accounting listeners verify with the client table they started with.
+            let names: Vec<String> = clients.iter().map(|c| c.name.clone()).collect();
             extra.push(Arc::new(move |out: &mut String| {
-                let mut total = dynauth_proto::accounting::AccountingStats::default();
+                let mut total = AccountingStats::default();
+                let mut per_client = Vec::new();
                 for h in &handles {
                     total.add(&h.get());
+                    h.add_per_client(&mut per_client);
                 }
                 total.write_prometheus(out);
+                let names: Vec<&str> = names.iter().map(String::as_str).collect();
+                AccountingStats::write_prometheus_per_client(&per_client, &names, out);
             }));
         }
         let bound = match restore_metrics.take() {

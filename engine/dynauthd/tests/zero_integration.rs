@@ -33,6 +33,9 @@ fn sessions_learnt_from_accounting_are_disconnected_by_their_keys() {
         "127.0.0.1:0",
         "--client",
         &client,
+        // A second client that sends nothing: it has no per-client accounting rows.
+        "--client",
+        "127.0.0.2/32=another-secret",
         "--io",
         "mmsg",
         "--shards",
@@ -79,10 +82,29 @@ fn sessions_learnt_from_accounting_are_disconnected_by_their_keys() {
     );
     assert_eq!(disconnect(das, 4, &[(1, b"carol")]), (41, Some(201)));
     assert_eq!(disconnect(das, 5, &[(1, b"dave")]), (42, Some(503)));
-    // The feed and the accounting listener are in /metrics.
+    // Bytes that are no RADIUS packet, from the client's address: refused, and counted in
+    // that client's row (RFC 4671 radiusAccClientExtMalformedRequests).
+    let junk = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    junk.send_to(&[4, 1, 0], accounting).unwrap();
+    // The feed and the accounting listener are in /metrics, the totals and per client.
     let metrics = d.banner_addr("metrics");
-    let body = daemon::scrape(metrics);
+    let mut body = daemon::scrape(metrics);
+    let malformed =
+        "dynauth_accounting_client_refused_total{client=\"127.0.0.1/32\",reason=\"malformed\"} 1";
+    for _ in 0..50 {
+        if body.contains(malformed) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        body = daemon::scrape(metrics);
+    }
     for line in [
+        malformed,
+        "dynauth_accounting_client_received_total{client=\"127.0.0.1/32\"} 8",
+        "dynauth_accounting_client_applied_total{client=\"127.0.0.1/32\"} 7",
+        "dynauth_accounting_client_requests_total{client=\"127.0.0.1/32\",status=\"start\"} 3",
+        "dynauth_accounting_client_requests_total{client=\"127.0.0.1/32\",status=\"interim_update\"} 2",
+        "dynauth_accounting_client_requests_total{client=\"127.0.0.1/32\",status=\"accounting_on_off\"} 1",
         "dynauth_accounting_applied_total 7",
         "dynauth_feed_upserts_total 5",
         "dynauth_feed_deletes_total 1",
@@ -91,5 +113,12 @@ fn sessions_learnt_from_accounting_are_disconnected_by_their_keys() {
     ] {
         assert!(body.contains(line), "{line} in\n{body}");
     }
+    assert!(
+        !body
+            .lines()
+            .any(|l| l.starts_with("dynauth_accounting_client")
+                && l.contains("client=\"127.0.0.2/32\"")),
+        "a client that sent no accounting has no accounting rows:\n{body}"
+    );
     d.stop();
 }

@@ -23,7 +23,7 @@ use core::net::{IpAddr, SocketAddr};
 
 use crate::auth::{self, Secret};
 use crate::change::{CiscoAvPair, classify_cisco_avpair};
-use crate::client::{Client, ClientTable};
+use crate::client::{Client, ClientId, ClientTable};
 use crate::codec::{self, AUTHENTICATOR_LEN, HEADER_LEN, Ipv6Prefix, Packet, PacketWriter};
 use crate::dedup::{DedupConfig, DedupStats, DuplicateCache, DuplicateKey, Seen};
 use crate::dict::{acct_status, attr, code, vendor};
@@ -235,6 +235,88 @@ impl AccountingStats {
             let _ = writeln!(out, "{name}{{reason=\"{}\"}} {value}", reason.name());
         }
     }
+
+    /// Per-client counters (RFC 4671's radiusAccClientExt* set, as Prometheus series with a
+    /// `client` label) appended to `out`: `per_client[i]` is labelled `client_names[i]`.
+    /// A client that sent nothing has no series; a name is escaped as the format requires.
+    pub fn write_prometheus_per_client(
+        per_client: &[AccountingStats],
+        client_names: &[&str],
+        out: &mut String,
+    ) {
+        let clients: Vec<(String, &AccountingStats)> = per_client
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.received > 0)
+            .map(|(i, c)| {
+                let name = client_names.get(i).copied().unwrap_or("unnamed");
+                (name.replace('\\', "\\\\").replace('"', "\\\""), c)
+            })
+            .collect();
+        type Field = fn(&AccountingStats) -> u64;
+        let simple: [(&str, &str, Field); 4] = [
+            (
+                "dynauth_accounting_client_received_total",
+                "Accounting datagrams received, per client (radiusAccClientExtRequests with the refused ones)",
+                |c| c.received,
+            ),
+            (
+                "dynauth_accounting_client_applied_total",
+                "Accounting events applied to the session store, per client",
+                |c| c.applied,
+            ),
+            (
+                "dynauth_accounting_client_answered_total",
+                "Accounting-Responses sent for new requests, per client (radiusAccClientExtResponses without the duplicates)",
+                |c| c.answered,
+            ),
+            (
+                "dynauth_accounting_client_duplicates_total",
+                "Retransmissions answered from the duplicate cache, per client (radiusAccClientExtDupRequests)",
+                |c| c.duplicates,
+            ),
+        ];
+        for (name, help, value) in simple {
+            let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} counter");
+            for (client, c) in &clients {
+                let _ = writeln!(out, "{name}{{client=\"{client}\"}} {}", value(c));
+            }
+        }
+        let name = "dynauth_accounting_client_requests_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} New Accounting-Requests by Acct-Status-Type, per client.\n# TYPE {name} counter"
+        );
+        for (client, c) in &clients {
+            for (status, value) in [
+                ("start", c.starts),
+                ("interim_update", c.interims),
+                ("stop", c.stops),
+                ("accounting_on_off", c.nas_resets),
+                ("other", c.ignored),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "{name}{{client=\"{client}\",status=\"{status}\"}} {value}"
+                );
+            }
+        }
+        let name = "dynauth_accounting_client_refused_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Accounting datagrams left unanswered, by reason, per client (radiusAccClientExtMalformedRequests, ...BadAuthenticators, ...PacketsDropped, ...UnknownTypes, ...NoRecords).\n# TYPE {name} counter"
+        );
+        for (client, c) in &clients {
+            for reason in Refused::ALL {
+                let value = c.refused[reason.index()];
+                let _ = writeln!(
+                    out,
+                    "{name}{{client=\"{client}\",reason=\"{}\"}} {value}",
+                    reason.name()
+                );
+            }
+        }
+    }
 }
 
 /// The default sizing of the accounting duplicate cache: accounting rates are far below
@@ -252,6 +334,7 @@ pub const DEFAULT_DEDUP: DedupConfig = DedupConfig {
 pub struct Request<'a> {
     packet: Packet<'a>,
     client: &'a Client,
+    client_id: ClientId,
     secret: &'a Secret,
     key: DuplicateKey,
     status: Status,
@@ -311,7 +394,37 @@ pub enum Received<'c, 'a> {
 #[derive(Debug)]
 pub struct Accounting {
     cache: DuplicateCache,
-    stats: AccountingStats,
+    tally: Tally,
+}
+
+/// The listener's counters: the totals, and the same per client, indexed by `ClientId`
+/// (RFC 4671's per-client radiusAccClientExt* set); a datagram from no client counts in the
+/// totals only.
+#[derive(Debug, Default)]
+struct Tally {
+    totals: AccountingStats,
+    per_client: Vec<AccountingStats>,
+}
+
+impl Tally {
+    /// Applies `what` to the totals and to `client`'s counters (grown to hold it: an
+    /// allocation the first time a client is seen, never per datagram after that).
+    fn count(&mut self, client: Option<ClientId>, what: impl Fn(&mut AccountingStats)) {
+        what(&mut self.totals);
+        let Some(ClientId(id)) = client else { return };
+        let Ok(at) = usize::try_from(id) else { return };
+        if self.per_client.len() <= at {
+            self.per_client.resize(at + 1, AccountingStats::default());
+        }
+        if let Some(slot) = self.per_client.get_mut(at) {
+            what(slot);
+        }
+    }
+
+    fn refused<'c, 'a>(&mut self, client: Option<ClientId>, reason: Refused) -> Received<'c, 'a> {
+        self.count(client, |s| s.refused[reason.index()] += 1);
+        Received::Refused(reason)
+    }
 }
 
 impl Default for Accounting {
@@ -324,12 +437,18 @@ impl Accounting {
     pub fn new(duplicates: DedupConfig) -> Self {
         Accounting {
             cache: DuplicateCache::new(duplicates),
-            stats: AccountingStats::default(),
+            tally: Tally::default(),
         }
     }
 
     pub fn stats(&self) -> AccountingStats {
-        self.stats
+        self.tally.totals
+    }
+
+    /// The counters per client, indexed by `ClientId` of the table the datagrams were
+    /// decided with; clients that never sent anything may be missing at the end.
+    pub fn client_stats(&self) -> &[AccountingStats] {
+        &self.tally.per_client
     }
 
     pub fn duplicate_stats(&self) -> DedupStats {
@@ -346,27 +465,30 @@ impl Accounting {
         now_ms: u64,
         answer_capacity: usize,
     ) -> Received<'c, 'a> {
-        self.stats.received += 1;
-        let (request, scan) = match verify(datagram, source, clients, answer_capacity) {
+        let client = clients.lookup(source.ip());
+        let client_id = client.map(|(id, _)| id);
+        self.tally.count(client_id, |s| s.received += 1);
+        let (request, scan) = match verify(datagram, source, client, answer_capacity) {
             Ok(verified) => verified,
-            Err(reason) => return refused(&mut self.stats, reason),
+            Err(reason) => return self.tally.refused(client_id, reason),
         };
         // The key covers only the header: it is looked up once the whole packet verified.
         if let Seen::Answered(bytes) = self.cache.seen_key(&request.key, now_ms) {
-            self.stats.duplicates += 1;
+            self.tally.count(client_id, |s| s.duplicates += 1);
             return Received::Duplicate(bytes);
         }
         let event = match event(&request, &scan) {
             Ok(event) => event,
-            Err(reason) => return refused(&mut self.stats, reason),
+            Err(reason) => return self.tally.refused(client_id, reason),
         };
-        match request.status {
-            Status::Start => self.stats.starts += 1,
-            Status::InterimUpdate => self.stats.interims += 1,
-            Status::Stop => self.stats.stops += 1,
-            Status::AccountingOn | Status::AccountingOff => self.stats.nas_resets += 1,
-            Status::Other(_) => self.stats.ignored += 1,
-        }
+        let status = request.status;
+        self.tally.count(client_id, |s| match status {
+            Status::Start => s.starts += 1,
+            Status::InterimUpdate => s.interims += 1,
+            Status::Stop => s.stops += 1,
+            Status::AccountingOn | Status::AccountingOff => s.nas_resets += 1,
+            Status::Other(_) => s.ignored += 1,
+        });
         let request = Request {
             has_event: event.is_some(),
             ..request
@@ -382,8 +504,11 @@ impl Accounting {
         buf: &mut [u8],
         now_ms: u64,
     ) -> Result<usize, Refused> {
+        let client = Some(request.client_id);
         let Some(len) = write_answer(&request, buf) else {
-            self.stats.refused[Refused::AnswerWouldNotFit.index()] += 1;
+            self.tally.count(client, |s| {
+                s.refused[Refused::AnswerWouldNotFit.index()] += 1
+            });
             return Err(Refused::AnswerWouldNotFit);
         };
         let window_ms = u64::from(request.client.policy.event_timestamp_window_secs) * 1_000;
@@ -394,23 +519,19 @@ impl Accounting {
             now_ms,
             now_ms.saturating_add(window_ms),
         );
-        self.stats.answered += 1;
-        if request.has_event {
-            self.stats.applied += 1;
-        }
+        let applied = u64::from(request.has_event);
+        self.tally.count(client, |s| {
+            s.answered += 1;
+            s.applied += applied;
+        });
         Ok(len)
     }
 
     /// The request's event was not applied: no answer (counted as `reason`).
     pub fn refuse(&mut self, request: Request<'_>, reason: Refused) {
-        let _ = request;
-        self.stats.refused[reason.index()] += 1;
+        self.tally
+            .count(Some(request.client_id), |s| s.refused[reason.index()] += 1);
     }
-}
-
-fn refused<'c, 'a>(stats: &mut AccountingStats, reason: Refused) -> Received<'c, 'a> {
-    stats.refused[reason.index()] += 1;
-    Received::Refused(reason)
 }
 
 /// What the one walk over the attributes found.
@@ -561,11 +682,11 @@ impl<'a> Scan<'a> {
 fn verify<'a>(
     datagram: &'a [u8],
     source: SocketAddr,
-    clients: &'a ClientTable,
+    client: Option<(ClientId, &'a Client)>,
     answer_capacity: usize,
 ) -> Result<(Request<'a>, Scan<'a>), Refused> {
     let packet = Packet::parse(datagram).map_err(|_| Refused::Malformed)?;
-    let (_, client) = clients.lookup(source.ip()).ok_or(Refused::UnknownClient)?;
+    let (client_id, client) = client.ok_or(Refused::UnknownClient)?;
     if packet.code() != code::ACCOUNTING_REQUEST {
         return Err(Refused::UnsupportedCode);
     }
@@ -614,6 +735,7 @@ fn verify<'a>(
     let request = Request {
         packet,
         client,
+        client_id,
         secret,
         key: DuplicateKey::new(
             source,
@@ -1301,5 +1423,105 @@ mod tests {
             feed.apply(event.unwrap(), &store, u64::from(id)).unwrap();
         }
         assert_eq!(store.len(), 0);
+    }
+
+    /// RFC 4671 keeps the accounting counters per client (radiusAccClientExtTable): each
+    /// datagram counts in its client's row and in the totals, one from no client in the
+    /// totals only, and the exposition labels each row with its client's name.
+    #[test]
+    fn rfc4671_counters_are_kept_per_client_and_sum_to_the_totals() {
+        let first: Cidr = "192.0.2.0/24".parse().unwrap();
+        let second: Cidr = "198.51.100.0/24".parse().unwrap();
+        let mut a = Client::new(first, Secret::new(SECRET).unwrap());
+        a.name = "bng-a".into();
+        let mut b = Client::new(second, Secret::new("b-secret").unwrap());
+        b.name = "bng \"b\"".into();
+        let clients = ClientTable::new([a, b]).unwrap();
+        let from_b: SocketAddr = "198.51.100.7:1813".parse().unwrap();
+        let stranger: SocketAddr = "203.0.113.9:1813".parse().unwrap();
+        let mut acct = Accounting::default();
+        let mut buf = [0u8; 4096];
+        let attrs = start_attrs();
+        let start = request(1, &borrow(&attrs), false, SECRET);
+        // Client a: a Start, its retransmission, and one with a wrong secret.
+        for datagram in [&start, &start] {
+            if let Received::Accepted(Accepted { request, .. }) =
+                acct.receive(datagram, src(), &clients, 1_000, buf.len())
+            {
+                acct.answer(request, &mut buf, 1_000).unwrap();
+            }
+        }
+        let forged = request(2, &borrow(&attrs), false, "wrong");
+        assert!(matches!(
+            acct.receive(&forged, src(), &clients, 1_000, buf.len()),
+            Received::Refused(Refused::BadRequestAuthenticator)
+        ));
+        // Client b: a Stop the feed refuses, and a malformed datagram.
+        let mut stop = attrs.clone();
+        stop[0] = status(acct_status::STOP);
+        let stop = request(3, &borrow(&stop), false, "b-secret");
+        match acct.receive(&stop, from_b, &clients, 1_000, buf.len()) {
+            Received::Accepted(Accepted { request, .. }) => {
+                acct.refuse(request, Refused::FeedRefused)
+            }
+            other => panic!("the Stop was not accepted: {other:?}"),
+        }
+        assert!(matches!(
+            acct.receive(&[1, 2, 3], from_b, &clients, 1_000, buf.len()),
+            Received::Refused(Refused::Malformed)
+        ));
+        // Nobody's: counted in the totals only.
+        assert!(matches!(
+            acct.receive(&start, stranger, &clients, 1_000, buf.len()),
+            Received::Refused(Refused::UnknownClient)
+        ));
+
+        let rows = acct.client_stats();
+        assert_eq!(rows.len(), 2);
+        let (a, b) = (rows[0], rows[1]);
+        assert_eq!((a.received, a.starts, a.answered, a.applied), (3, 1, 1, 1));
+        assert_eq!(a.duplicates, 1);
+        assert_eq!(a.refused[Refused::BadRequestAuthenticator.index()], 1);
+        assert_eq!((b.received, b.stops, b.answered), (2, 1, 0));
+        assert_eq!(b.refused[Refused::FeedRefused.index()], 1);
+        assert_eq!(b.refused[Refused::Malformed.index()], 1);
+        let mut sum = AccountingStats::default();
+        sum.add(&a);
+        sum.add(&b);
+        let totals = acct.stats();
+        assert_eq!(totals.received, sum.received + 1, "the stranger's datagram");
+        assert_eq!(totals.refused[Refused::UnknownClient.index()], 1);
+        assert_eq!(sum.refused[Refused::UnknownClient.index()], 0);
+        assert_eq!(
+            (
+                totals.starts,
+                totals.stops,
+                totals.duplicates,
+                totals.answered
+            ),
+            (sum.starts, sum.stops, sum.duplicates, sum.answered)
+        );
+
+        let mut text = String::new();
+        AccountingStats::write_prometheus_per_client(rows, &["bng-a", "bng \"b\""], &mut text);
+        assert!(
+            text.contains("dynauth_accounting_client_received_total{client=\"bng-a\"} 3"),
+            "{text}"
+        );
+        assert!(text.contains("dynauth_accounting_client_duplicates_total{client=\"bng-a\"} 1"));
+        assert!(text.contains(
+            "dynauth_accounting_client_requests_total{client=\"bng \\\"b\\\"\",status=\"stop\"} 1"
+        ), "{text}");
+        assert!(text.contains(
+            "dynauth_accounting_client_refused_total{client=\"bng \\\"b\\\"\",reason=\"malformed\"} 1"
+        ));
+        // A client that sent nothing has no rows.
+        let mut idle = String::new();
+        AccountingStats::write_prometheus_per_client(
+            &[AccountingStats::default()],
+            &["idle"],
+            &mut idle,
+        );
+        assert!(!idle.contains("idle"), "{idle}");
     }
 }
