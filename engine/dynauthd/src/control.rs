@@ -24,6 +24,7 @@ use std::time::Duration;
 use dynauth_proto::feed::{FeedEvent, FeedOutcome, Sequenced};
 use dynauth_proto::session::{Session, SessionQuery};
 use dynauth_proto::store::{Applied, Lookup, MatchScope, UpsertMode, Upserted};
+use serde::Deserialize as _;
 use serde_json::{Map, Value, json};
 
 use crate::actions::{AgentLink, Agents, Owner, Submitter};
@@ -391,7 +392,12 @@ fn serve_connection(stream: UnixStream, id: u64, shared: &Shared) {
             }
             Ok(LineRead::Line) => {
                 number += 1;
-                let text = String::from_utf8_lossy(&line);
+                // Valid UTF-8 (the norm) is borrowed as it is; anything else is read with
+                // U+FFFD in place of the bad octets, and then fails where a field is wrong.
+                let text = match std::str::from_utf8(&line) {
+                    Ok(text) => std::borrow::Cow::Borrowed(text),
+                    Err(_) => String::from_utf8_lossy(&line),
+                };
                 if text.trim().is_empty() {
                     line.clear();
                     continue;
@@ -568,7 +574,8 @@ fn session_field(value: Option<&Value>, path: &str) -> Result<Session, Refused> 
     let Value::Object(fields) = value else {
         return Err(refused("bad_field", Some(path), "must be a JSON object"));
     };
-    serde_json::from_value::<Session>(value.clone()).map_err(|whole| {
+    // Read from the borrowed value (no copy of the session's JSON per event).
+    Session::deserialize(value).map_err(|whole| {
         // Find the culprit: the first field that does not parse on its own.
         for (name, v) in fields {
             let one = Value::Object(Map::from_iter([(name.clone(), v.clone())]));
@@ -590,6 +597,25 @@ fn mode_field(m: &Map<String, Value>) -> Result<UpsertMode, Refused> {
             Some("mode"),
             "must be \"create\" (the default) or \"refresh\"",
         )),
+    }
+}
+
+/// Where an event message is, for naming a wrong field: the field's name is built only when
+/// there is an error to report (none per event on the way in).
+#[derive(Debug, Clone, Copy)]
+enum Place {
+    /// A message of its own: `nas`.
+    Message,
+    /// Event `i` of a batch: `events[i].nas`.
+    InBatch(usize),
+}
+
+impl Place {
+    fn field(self, name: &str) -> String {
+        match self {
+            Place::Message => name.to_owned(),
+            Place::InBatch(i) => format!("events[{i}].{name}"),
+        }
     }
 }
 
@@ -657,7 +683,7 @@ impl Connection<'_> {
         match op {
             "hello" => self.hello(m),
             "upsert" | "delete" | "nas_reset" | "sync_begin" | "sync_end" => {
-                let event = self.event(op, m, "")?;
+                let event = self.event(op, m, Place::Message)?;
                 self.apply(event)
             }
             "batch" => self.batch(m),
@@ -780,31 +806,31 @@ impl Connection<'_> {
     }
 
     /// May this connection feed events for `nas`?
-    fn check_owner(&self, nas: &str, field: &str) -> Result<(), Refused> {
+    fn check_owner(&self, nas: &str, place: Place) -> Result<(), Refused> {
         match self.shared.agents.owner(nas).as_ref() {
             Some((c, _)) if *c == self.id => Ok(()),
             Some((_, agent)) => Err(refused(
                 "nas_owned",
-                Some(field),
+                Some(&place.field("nas")),
                 format!("NAS {nas:?} is owned by agent {agent:?}"),
             )),
             None if self.claimed => Err(refused(
                 "nas_not_claimed",
-                Some(field),
+                Some(&place.field("nas")),
                 format!("this connection's hello did not claim NAS {nas:?}"),
             )),
             None => Ok(()),
         }
     }
 
-    /// One event message (`prefix` names its place inside a batch, e.g. `events[3].`).
-    fn event(&self, op: &str, m: &Map<String, Value>, prefix: &str) -> Result<Sequenced, Refused> {
+    /// One event message, at `place` (a message of its own, or `events[3]` of a batch).
+    fn event(&self, op: &str, m: &Map<String, Value>, place: Place) -> Result<Sequenced, Refused> {
         let at = |r: Refused| Refused {
-            field: r.field.map(|f| format!("{prefix}{f}")),
+            field: r.field.map(|f| place.field(&f)),
             ..r
         };
         let nas = str_field(m, "nas").map_err(at)?.to_owned();
-        self.check_owner(&nas, &format!("{prefix}nas"))?;
+        self.check_owner(&nas, place)?;
         let seq = seq_field(m).map_err(at)?;
         let event = match op {
             "upsert" => FeedEvent::Upsert {
@@ -854,7 +880,7 @@ impl Connection<'_> {
         };
         let mut events = Vec::with_capacity(list.len());
         for (i, e) in list.iter().enumerate() {
-            let prefix = format!("events[{i}].");
+            let place = Place::InBatch(i);
             let Value::Object(em) = e else {
                 return Err(refused(
                     "bad_field",
@@ -863,10 +889,10 @@ impl Connection<'_> {
                 ));
             };
             let op = str_field(em, "op").map_err(|r| Refused {
-                field: Some(format!("{prefix}op")),
+                field: Some(place.field("op")),
                 ..r
             })?;
-            events.push(self.event(op, em, &prefix)?);
+            events.push(self.event(op, em, place)?);
         }
         let results = self.shared.feed.apply_all(events);
         let mut applied = 0usize;

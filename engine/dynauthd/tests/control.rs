@@ -109,6 +109,18 @@ fn bad_messages_name_the_field_and_line_and_keep_the_connection() {
         {"op": "upsert", "nas": "n", "session": {"acct_session_id": "a"}},
         {"op": "upsert", "nas": "n", "seq": "x", "session": {"acct_session_id": "b"}}]}));
     assert_eq!(r["error"]["field"], json!("events[1].seq"), "{r}");
+    let r = agent.send(json!({"v": 1, "op": "batch", "events": [
+        {"op": "upsert", "nas": "n", "session": {"acct_session_id": "a"}},
+        {"op": "upsert", "nas": "n", "session": {"acct_session_id": "b"}},
+        {"op": "upsert", "nas": "n", "session": {"acct_session_id": "c", "framed_ip": "x"}}]}));
+    assert_eq!(
+        r["error"]["field"],
+        json!("events[2].session.framed_ip"),
+        "{r}"
+    );
+    let r = agent.send(json!({"v": 1, "op": "batch", "events": [
+        {"op": "upsert", "session": {"acct_session_id": "a"}}]}));
+    assert_eq!(r["error"]["field"], json!("events[0].nas"), "{r}");
     assert_eq!(
         agent.ok(json!({"v": 1, "op": "sessions_count"}))["sessions"],
         json!(0),
