@@ -176,8 +176,14 @@ impl Default for AnswerMeta {
 }
 
 impl AnswerMeta {
-    pub(crate) fn same_flow(&self, o: &AnswerMeta) -> bool {
-        self.to == o.to && self.local == o.local && self.ifindex == o.ifindex && self.len == o.len
+    /// Where the answer goes and leaves from: answers with one route can share a GSO
+    /// message.
+    pub(crate) fn route_key(&self) -> (SocketAddr, Option<IpAddr>, u32) {
+        (self.to, self.local, self.ifindex)
+    }
+
+    pub(crate) fn same_route(&self, o: &AnswerMeta) -> bool {
+        self.route_key() == o.route_key()
     }
 }
 
