@@ -258,6 +258,7 @@ fn loadgen_run(plan: &Plan, target: SocketAddr, sessions: &Path) -> LoadgenRun {
         load: Load::Window(plan.window),
         histogram_file: None,
         source_ports: None,
+        server_pid: None,
     }
 }
 

@@ -71,6 +71,9 @@ pub struct LoadgenRun {
     pub histogram_file: Option<PathBuf>,
     /// loadgen's `--source-ports` (source sockets per thread); `None`: its default.
     pub source_ports: Option<usize>,
+    /// loadgen's `--server-pid`: the server whose threads' CPU loadgen samples at the start
+    /// and the end of its measured window.
+    pub server_pid: Option<u32>,
 }
 
 /// A CPU list as the tools take it: "0,2,3".
@@ -133,6 +136,9 @@ impl LoadgenRun {
         }
         if let Some(n) = self.source_ports {
             push("--source-ports", n.to_string());
+        }
+        if let Some(pid) = self.server_pid {
+            push("--server-pid", pid.to_string());
         }
         v.push("--json".into());
         v.push("--quiet".into());
@@ -258,6 +264,7 @@ mod tests {
             load,
             histogram_file: None,
             source_ports: None,
+            server_pid: None,
         }
     }
 
@@ -283,6 +290,10 @@ mod tests {
         r.source_ports = Some(128);
         let s = r.command_line().join(" ");
         assert!(s.contains("--source-ports 128"), "{s}");
+        assert!(!s.contains("--server-pid"), "{s}");
+        r.server_pid = Some(4321);
+        let s = r.command_line().join(" ");
+        assert!(s.contains("--server-pid 4321"), "{s}");
     }
 
     /// `a` and `b` have the same keys, strings, integers and booleans, and floats within

@@ -393,11 +393,16 @@ impl Suite {
             load,
             histogram_file: None,
             source_ports: self.plan.source_ports,
+            server_pid: None,
         }
     }
 
-    /// One loadgen run with the server's CPU and the machine's over the same window.
+    /// One loadgen run. The server's CPU per answer is loadgen's `--server-pid` figure: its
+    /// threads' CPU over loadgen's measured window only. The busy guard compares the
+    /// machine's CPU with the server's and loadgen's whole processes over the whole run.
     fn measure_once(&self, server: &mut Server, run: &LoadgenRun) -> Result<Measurement, String> {
+        let mut run = run.clone();
+        run.server_pid = Some(server.pid());
         let shards0 = server.shard_answers();
         let s0 = server.cpu_ticks().map_err(|e| e.to_string())?;
         let m0 = CpuTimes::now().map_err(|e| e.to_string())?;
@@ -412,14 +417,17 @@ impl Suite {
                 server.last_output(20)
             ));
         }
-        let server_cpu_s = s1.saturating_sub(s0) as f64 / self.clk_tck;
+        if report.server_cpu.is_none() {
+            return Err("loadgen could not read the server's CPU over its window".into());
+        }
+        let server_process_s = s1.saturating_sub(s0) as f64 / self.clk_tck;
         // user + nice + system only: interrupt time is charged to tasks by tick accounting
         // but not with CONFIG_IRQ_TIME_ACCOUNTING; leaving it out can only under-count others
         // (by the loopback's softirq share), never flag a quiet machine as busy.
         let machine_s = m1.process.saturating_sub(m0.process) as f64 / self.clk_tck;
         let loadgen_s = report.generator.process_user_s + report.generator.process_system_s;
-        let other = ((machine_s - server_cpu_s - loadgen_s) / wall).max(0.0);
-        let mut m = Measurement::from_report(&report, server_cpu_s, other, &self.guards);
+        let other = ((machine_s - server_process_s - loadgen_s) / wall).max(0.0);
+        let mut m = Measurement::from_report(&report, self.clk_tck, other, &self.guards);
         // Shards publish their counters every 250 ms: wait for the run's last ones.
         if let Some(before) = shards0 {
             std::thread::sleep(std::time::Duration::from_millis(300));
@@ -456,13 +464,14 @@ impl Suite {
                 &self.loadgen_run(addr, sessions, echo, Load::Window(p.window), p.duration_ms),
             )?;
             say(&format!(
-                "  closed loop {}/{}: {:.0} answers/s, p99 {:.0} µs, server CPU {} ns/answer {}",
+                "  closed loop {}/{}: {:.0} answers/s, p99 {:.0} µs, server CPU {} ns/answer (steal {:.1}%) {}",
                 rep + 1,
                 p.repetitions,
                 m.achieved_rps,
                 m.latency.p99_us,
                 m.server_cpu_ns_per_answer
                     .map_or("-".into(), |c| format!("{c:.0}")),
+                m.steal_share.unwrap_or(0.0) * 100.0,
                 crate::results::marks(&m.flags)
             ));
             r.closed.push(m);

@@ -251,6 +251,13 @@ pub struct RunArgs {
     /// No live progress line (it is shown only when stderr is a terminal anyway).
     #[arg(long)]
     pub quiet: bool,
+    /// Measure the CPU of the server under test, process PID on this machine: the user +
+    /// system ticks of each of its threads (`/proc/PID/task/*/stat`) and the machine's steal
+    /// time (`/proc/stat`), sampled when the workers start sending and when the last one
+    /// stops, so loadgen's start-up and the final drain are outside the window. Reported as
+    /// `server_cpu` (JSON) and a `server CPU` line (text).
+    #[arg(long)]
+    pub server_pid: Option<u32>,
 }
 
 impl RunArgs {

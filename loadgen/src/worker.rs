@@ -36,7 +36,7 @@ use std::io;
 use std::net::UdpSocket;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use dynauth_proto::auth::{
@@ -91,7 +91,10 @@ pub struct Progress {
     pub bad: AtomicU64,
     pub late: AtomicU64,
     pub outstanding: AtomicU64,
-    _pad: [u64; 2],
+    /// The worker has stopped sending (it drains, or it is done): the end of the measured
+    /// window once every worker has.
+    pub sending_done: AtomicBool,
+    _pad: [u64; 1],
 }
 
 /// Everything one worker needs.
@@ -397,6 +400,7 @@ impl Worker {
                     built = self.schedule(now);
                 } else {
                     send_end_ns = Some(now);
+                    self.progress.sending_done.store(true, Ordering::Release);
                     self.count_unsent(now, interrupted);
                 }
             }
