@@ -124,7 +124,7 @@ pub fn prepare(args: &RunArgs) -> Result<Prepared, RunError> {
     if args.timeout.is_zero() {
         return Err(invalid("--timeout must be positive"));
     }
-    if args.source_ports == 0 {
+    if args.source_ports == Some(0) {
         return Err(invalid("--source-ports must be at least 1"));
     }
     if let Some(pid) = args.server_pid {
@@ -207,13 +207,14 @@ pub fn execute(args: &RunArgs, prepared: &Prepared) -> Result<Report, RunError> 
         Some(_) => None,
         None => Some(args.window.unwrap_or(DEFAULT_WINDOW)),
     };
+    let source_ports = crate::cli::source_ports_per_thread(args.source_ports, threads);
     let sockets = match (args.sockets, window) {
         (Some(s), _) => s,
         (None, Some(w)) => {
-            let per_thread = w.div_ceil(threads).div_ceil(256).max(args.source_ports);
+            let per_thread = w.div_ceil(threads).div_ceil(256).max(source_ports);
             per_thread * threads
         }
-        (None, None) => args.source_ports * threads,
+        (None, None) => source_ports * threads,
     };
     if sockets < threads {
         return Err(invalid("--sockets must be at least --threads"));
