@@ -202,6 +202,9 @@ impl Suite {
             }
         }
         let tmp = TempDir::new()?;
+        // Written once per suite, for the servers (each loads it once when it starts); the
+        // loadgen runs generate the same sessions in memory (`--synthetic N --seed S`), so
+        // no run of a sweep reads or parses it.
         let sessions_file = tmp.0.join("sessions.jsonl");
         say(&format!(
             "writing {} synthetic sessions (seed {})",
@@ -273,7 +276,7 @@ impl Suite {
                     continue;
                 }
             };
-            if let Err(e) = self.measure(&mut r, &mut server, spec.1, &sessions_file, &tmp.0) {
+            if let Err(e) = self.measure(&mut r, &mut server, spec.1, &tmp.0) {
                 let msg = format!("{}: measurement stopped: {e}", r.label());
                 r.notes.push(msg.clone());
                 self.warn(msg);
@@ -373,7 +376,6 @@ impl Suite {
     fn loadgen_run(
         &self,
         target: SocketAddr,
-        sessions: &Path,
         echo: bool,
         load: Load,
         duration_ms: u64,
@@ -383,7 +385,8 @@ impl Suite {
             taskset: self.bins.taskset.clone(),
             target,
             secret: self.plan.secret.clone(),
-            sessions_file: sessions.to_path_buf(),
+            sessions: self.plan.sessions,
+            seed: self.plan.seed,
             mix: self.plan.mix.clone(),
             cpus: self.plan.loadgen_cpus.clone(),
             threads: self.plan.loadgen_cpus.len().max(1),
@@ -447,7 +450,6 @@ impl Suite {
         r: &mut TargetResult,
         server: &mut Server,
         addr_echo: (SocketAddr, bool),
-        sessions: &Path,
         tmp: &Path,
     ) -> Result<(), String> {
         let (addr, echo) = addr_echo;
@@ -456,12 +458,12 @@ impl Suite {
         let warm = (p.duration_ms / 3).clamp(100, 1000);
         let _ = self.measure_once(
             server,
-            &self.loadgen_run(addr, sessions, echo, Load::Window(p.window), warm),
+            &self.loadgen_run(addr, echo, Load::Window(p.window), warm),
         )?;
         for rep in 0..p.repetitions {
             let m = self.measure_once(
                 server,
-                &self.loadgen_run(addr, sessions, echo, Load::Window(p.window), p.duration_ms),
+                &self.loadgen_run(addr, echo, Load::Window(p.window), p.duration_ms),
             )?;
             say(&format!(
                 "  closed loop {}/{}: {:.0} answers/s, p99 {:.0} µs, server CPU {} ns/answer (steal {:.1}%) {}",
@@ -501,8 +503,7 @@ impl Suite {
                 runs: Vec::new(),
             };
             for rep in 0..p.repetitions {
-                let mut run =
-                    self.loadgen_run(addr, sessions, echo, Load::Rate(rate), p.duration_ms);
+                let mut run = self.loadgen_run(addr, echo, Load::Rate(rate), p.duration_ms);
                 let hgrm = tmp.join(format!("{}-{fraction}.hgrm", r.id));
                 let want_hgrm = rep == 0 && Some(*fraction) == half;
                 if want_hgrm {
@@ -534,7 +535,6 @@ impl Suite {
             // passing the maximum ends the search ("at least").
             let run = self.loadgen_run(
                 addr,
-                sessions,
                 echo,
                 Load::Capacity {
                     slo_p99_ms,
