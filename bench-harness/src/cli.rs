@@ -217,7 +217,8 @@ pub struct RunArgs {
     /// The capacity search's loss bound, as a fraction (default 0.001 = 0.1%).
     #[arg(long, default_value_t = 0.001)]
     pub slo_loss: f64,
-    /// loadgen's source sockets (ports) per worker thread (default: loadgen's, 16). Each
+    /// loadgen's source sockets (ports) per worker thread (default: loadgen's, 16 per thread
+    /// and at least 128 in all). Each
     /// shard gets the share of them that SO_REUSEPORT hashes to it, so many shards need many:
     /// see docs/BENCHMARKS.md, "Shard scaling at 16 cores".
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=4096))]

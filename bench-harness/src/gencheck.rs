@@ -8,21 +8,21 @@
 //! internals (each is a child process; their reports are their own types).
 
 use std::net::{SocketAddr, UdpSocket};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
-use crate::loadgen::{Load, LoadgenRun, RunReport, write_sessions};
+use crate::loadgen::{Load, LoadgenRun, RunReport};
 use crate::machine;
 use crate::mmsg_report::GenReport;
 use crate::report::{range, thousands, times};
 use crate::server::{ServerSpec, free_port};
 use crate::stats::{Summary, ratio};
 
-/// Sessions in the file loadgen's requests are built from (their Acct-Session-Ids are all
+/// Synthetic sessions loadgen's requests are built from (their Acct-Session-Ids are all
 /// 16 characters, so every request has the same size).
 const SESSIONS: usize = 10_000;
 
@@ -211,10 +211,10 @@ impl Gen {
 }
 
 /// The octets of loadgen's echo-mode requests: loadgen sends a few to a socket of ours.
-fn loadgen_datagram_size(plan: &Plan, sessions: &Path) -> anyhow::Result<usize> {
+fn loadgen_datagram_size(plan: &Plan) -> anyhow::Result<usize> {
     let probe = UdpSocket::bind("127.0.0.1:0").context("binding the probe socket")?;
     probe.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let mut run = loadgen_run(plan, probe.local_addr()?, sessions);
+    let mut run = loadgen_run(plan, probe.local_addr()?);
     run.duration_ms = 50;
     run.timeout_ms = 100;
     run.load = Load::Window(4);
@@ -242,13 +242,14 @@ fn loadgen_datagram_size(plan: &Plan, sessions: &Path) -> anyhow::Result<usize> 
     }
 }
 
-fn loadgen_run(plan: &Plan, target: SocketAddr, sessions: &Path) -> LoadgenRun {
+fn loadgen_run(plan: &Plan, target: SocketAddr) -> LoadgenRun {
     LoadgenRun {
         program: plan.loadgen.clone(),
         taskset: plan.taskset.clone(),
         target,
         secret: plan.secret.clone(),
-        sessions_file: sessions.to_path_buf(),
+        sessions: SESSIONS,
+        seed: 1,
         mix: "coa=1".into(),
         cpus: vec![plan.generator_cpu],
         threads: 1,
@@ -258,6 +259,7 @@ fn loadgen_run(plan: &Plan, target: SocketAddr, sessions: &Path) -> LoadgenRun {
         load: Load::Window(plan.window),
         histogram_file: None,
         source_ports: None,
+        server_pid: None,
     }
 }
 
@@ -314,23 +316,7 @@ pub fn run(plan: &Plan) -> anyhow::Result<Report> {
     );
     let started_utc = machine::utc_now();
     let load_average_start = machine::load_average().unwrap_or_default();
-    let sessions = std::env::temp_dir().join(format!(
-        "bench-harness-gen-check-{}.jsonl",
-        std::process::id()
-    ));
-    write_sessions(&plan.loadgen, SESSIONS, 1, &sessions)?;
-    let result = run_with(plan, &sessions, started_utc, load_average_start);
-    let _ = std::fs::remove_file(&sessions);
-    result
-}
-
-fn run_with(
-    plan: &Plan,
-    sessions: &Path,
-    started_utc: String,
-    load_average_start: [f64; 3],
-) -> anyhow::Result<Report> {
-    let size = loadgen_datagram_size(plan, sessions)?;
+    let size = loadgen_datagram_size(plan)?;
     let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
     let mut echo = ServerSpec::echo(&plan.loadgen, addr, &[plan.server_cpu])
         .with_taskset(plan.taskset.clone())
@@ -365,7 +351,7 @@ fn run_with(
                     independent_signed = Some(Figures::of_independent(&r));
                 }
                 Gen::Loadgen => {
-                    let r = loadgen_run(plan, addr, sessions).run()?;
+                    let r = loadgen_run(plan, addr).run()?;
                     loadgen = Some(Figures::of_loadgen(&r));
                 }
             }

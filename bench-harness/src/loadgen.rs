@@ -60,7 +60,12 @@ pub struct LoadgenRun {
     pub taskset: Option<PathBuf>,
     pub target: SocketAddr,
     pub secret: String,
-    pub sessions_file: PathBuf,
+    /// The sessions, as `--synthetic COUNT --seed SEED`: the same sessions
+    /// [`write_sessions`] wrote for the server (`loadgen sessions --count COUNT --seed SEED`),
+    /// generated in loadgen's memory, so no run of a sweep reads or parses the sessions file
+    /// (only the server does, once, when it starts).
+    pub sessions: usize,
+    pub seed: u64,
     pub mix: String,
     pub cpus: Vec<usize>,
     pub threads: usize,
@@ -71,6 +76,9 @@ pub struct LoadgenRun {
     pub histogram_file: Option<PathBuf>,
     /// loadgen's `--source-ports` (source sockets per thread); `None`: its default.
     pub source_ports: Option<usize>,
+    /// loadgen's `--server-pid`: the server whose threads' CPU loadgen samples at the start
+    /// and the end of its measured window.
+    pub server_pid: Option<u32>,
 }
 
 /// A CPU list as the tools take it: "0,2,3".
@@ -98,7 +106,8 @@ impl LoadgenRun {
         push("--target", self.target.to_string());
         push("--bind", self.target.ip().to_string());
         push("--secret", self.secret.clone());
-        push("--sessions", self.sessions_file.display().to_string());
+        push("--synthetic", self.sessions.to_string());
+        push("--seed", self.seed.to_string());
         push("--mix", self.mix.clone());
         push("--threads", self.threads.max(1).to_string());
         push("--cpus", cpu_list(&self.cpus));
@@ -133,6 +142,9 @@ impl LoadgenRun {
         }
         if let Some(n) = self.source_ports {
             push("--source-ports", n.to_string());
+        }
+        if let Some(pid) = self.server_pid {
+            push("--server-pid", pid.to_string());
         }
         v.push("--json".into());
         v.push("--quiet".into());
@@ -248,7 +260,8 @@ mod tests {
             taskset: Some("/usr/bin/taskset".into()),
             target: "127.0.0.1:4000".parse().unwrap(),
             secret: "s".into(),
-            sessions_file: "/t/s.jsonl".into(),
+            sessions: 5000,
+            seed: 7,
             mix: "coa=9,unknown=1".into(),
             cpus: vec![0, 2],
             threads: 2,
@@ -258,6 +271,7 @@ mod tests {
             load,
             histogram_file: None,
             source_ports: None,
+            server_pid: None,
         }
     }
 
@@ -269,6 +283,9 @@ mod tests {
         assert!(s.contains("--window 128"), "{s}");
         assert!(s.contains("--cpus 0,2 "), "{s}");
         assert!(s.contains("--duration 300ms --timeout 250ms"), "{s}");
+        // The sessions are generated, not read from the file the server loaded.
+        assert!(s.contains("--synthetic 5000 --seed 7 "), "{s}");
+        assert!(!s.contains("--sessions"), "{s}");
         assert!(!s.contains("--rate"), "{s}");
         assert!(s.ends_with("--json --quiet"), "{s}");
         let mut r = run(Load::Rate(12_345.4));
@@ -283,6 +300,10 @@ mod tests {
         r.source_ports = Some(128);
         let s = r.command_line().join(" ");
         assert!(s.contains("--source-ports 128"), "{s}");
+        assert!(!s.contains("--server-pid"), "{s}");
+        r.server_pid = Some(4321);
+        let s = r.command_line().join(" ");
+        assert!(s.contains("--server-pid 4321"), "{s}");
     }
 
     /// `a` and `b` have the same keys, strings, integers and booleans, and floats within

@@ -314,8 +314,14 @@ pub fn markdown(results: &Results, charts: &[(String, PathBuf)], json_name: &str
         "Answers per second with {} requests outstanding: median [min–max] of {} repetition{}. \
          *of ceiling*: this target's median over the echo ceiling's (the most any UDP server can \
          answer here with this generator). *vs FreeRADIUS*: over FreeRADIUS's, same run. *server \
-         CPU/answer*: the server process's user+system CPU (`/proc/<pid>/stat`, every thread) \
-         over the run, divided by the answers; *CPU vs FR*: FreeRADIUS's CPU per answer over this \
+         CPU/answer*: the user+system CPU of the server's threads (`/proc/<pid>/task/*/stat`, \
+         summed), sampled by loadgen when its workers start sending and when they stop (its \
+         start-up and the final drain are outside the window), divided by the answers; softirq \
+         work for the server's packets that the kernel does on other CPUs (the loopback's \
+         delivery, for one) is not included, so compare it between servers on the same machine, \
+         not with a figure from elsewhere. *steal*: the machine's steal time over the same \
+         windows, as a share of all its CPU time, the highest of the repetitions (above a few percent, the hypervisor was running \
+         someone else and every CPU figure is less reliable). *CPU vs FR*: FreeRADIUS's CPU per answer over this \
          target's (how many times less CPU). *ACK share*: ACKs over answers (echoes for the \
          ceiling); with the default mix about 90%, so a server that NAKs everything shows here. \
          *generator capacity*: loadgen's estimate of the rate its own workers could sustain on \
@@ -328,9 +334,9 @@ pub fn markdown(results: &Results, charts: &[(String, PathBuf)], json_name: &str
     );
     let _ = writeln!(
         s,
-        "| target | answers/s | of ceiling | vs FreeRADIUS | server CPU/answer (ns) | CPU vs FR | p50 / p99 (µs) | ACK share | generator capacity/s | flags |"
+        "| target | answers/s | of ceiling | vs FreeRADIUS | server CPU/answer (ns) | steal | CPU vs FR | p50 / p99 (µs) | ACK share | generator capacity/s | flags |"
     );
-    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
     for t in results.targets.iter().filter(|t| t.skipped.is_none()) {
         let generator = t
             .generator_capacity()
@@ -341,7 +347,7 @@ pub fn markdown(results: &Results, charts: &[(String, PathBuf)], json_name: &str
             });
             let _ = writeln!(
                 s,
-                "| {} | {figure} | | | | | | | {generator} | {} |",
+                "| {} | {figure} | | | | | | | | {generator} | {} |",
                 t.label(),
                 marks(&t.closed_flags())
             );
@@ -351,13 +357,14 @@ pub fn markdown(results: &Results, charts: &[(String, PathBuf)], json_name: &str
         let cpu = t
             .cpu_ns_per_answer()
             .map_or("–".into(), |c| range(&c, thousands));
+        let steal = pct(t.steal_share().map(|x| x.max));
         let p50 =
             Summary::of_by(&t.closed, |m| m.latency_of(|l| l.p50_us)).map_or(0.0, |x| x.median);
         let p99 =
             Summary::of_by(&t.closed, |m| m.latency_of(|l| l.p99_us)).map_or(0.0, |x| x.median);
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} / {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} | {} |",
             t.label(),
             range(&max, thousands),
             if t.kind == TargetKind::Echo {
@@ -371,6 +378,7 @@ pub fn markdown(results: &Results, charts: &[(String, PathBuf)], json_name: &str
                 times(r.vs_freeradius)
             },
             cpu,
+            steal,
             if t.kind == TargetKind::Freeradius {
                 "1×".into()
             } else {
@@ -955,7 +963,9 @@ mod tests {
             "abc123",
             "`f1`",
             "2026-11-21 14:00:00 UTC",
-            "| dynauthd mmsg, 1 shard, batch 64 | 150,000 [140,000–160,000] | 50% | 5.00× | 6,000 | 5.00× | 100 / 300 | 90% | – | S |",
+            "| dynauthd mmsg, 1 shard, batch 64 | 150,000 [140,000–160,000] | 50% | 5.00× | 6,000 | 0% | 5.00× | 100 / 300 | 90% | – | S |",
+            "softirq work for the server's packets",
+            "sampled by loadgen when its workers start sending and when they stop",
             "| echo ceiling | 300,000 [290,000–310,000] | 100% |",
             "| FreeRADIUS | 30,000 [28,000–35,000] |",
             "![Maximum throughput by shard count](B-throughput-by-shards.svg)",
@@ -971,6 +981,22 @@ mod tests {
         ] {
             assert!(md.contains(want), "missing `{want}` in:\n{md}");
         }
+    }
+
+    /// Steal is shown beside the CPU per answer: the highest of the repetitions.
+    #[test]
+    fn steal_is_shown_beside_the_cpu_per_answer() {
+        let mut r = results("f1");
+        let t = r
+            .targets
+            .iter_mut()
+            .find(|t| t.id == "dynauthd-mmsg-s1-b64")
+            .unwrap();
+        for (m, steal) in t.closed.iter_mut().zip([0.01, 0.031, 0.02]) {
+            m.steal_share = Some(steal);
+        }
+        let md = markdown(&r, &[], "x.json");
+        assert!(md.contains("| 5.00× | 6,000 | 3.1% | 5.00× |"), "{md}");
     }
 
     #[test]
@@ -1002,7 +1028,9 @@ mod tests {
         }
         let md = markdown(&r, &[], "x.json");
         assert!(
-            md.contains("| echo ceiling | ≥ 300,000 (generator-bound) | | | | | | | 320,000 | N |"),
+            md.contains(
+                "| echo ceiling | ≥ 300,000 (generator-bound) | | | | | | | | 320,000 | N |"
+            ),
             "{md}"
         );
         assert!(

@@ -148,10 +148,22 @@ pub struct Measurement {
     pub schedule_lag_p99_us: Option<f64>,
     pub generator_worker_utilisation: f64,
     pub generator_cpu_ns_per_request: f64,
-    /// Server process CPU (user + system, every thread) over the generator's run.
+    /// Server CPU over loadgen's measured window (its first send to the end of sending; not
+    /// loadgen's start-up, not the drain): user + system ticks of each of the server's threads
+    /// (`/proc/<pid>/task/*/stat`), summed. Softirq work for its packets that runs on other
+    /// CPUs is not in it.
     pub server_cpu_s: f64,
-    /// `server_cpu_s` over answered requests, in nanoseconds.
+    /// `server_cpu_s` over answered requests, in nanoseconds (`None`: no answers, or the
+    /// server's CPU could not be read).
     pub server_cpu_ns_per_answer: Option<f64>,
+    /// The measured window `server_cpu_s` is over, in seconds (`None` in results from before
+    /// the window was loadgen's).
+    #[serde(default)]
+    pub server_cpu_window_s: Option<f64>,
+    /// The machine's steal time over the same window, as a share of all its CPU time (the
+    /// hypervisor ran someone else: CPU figures on a machine with steal are less reliable).
+    #[serde(default)]
+    pub steal_share: Option<f64>,
     /// CPU used by everything else on the machine during the run, in cores.
     pub other_cpu_cores: f64,
     /// loadgen's own check: the generator, not the server, was the bottleneck.
@@ -168,14 +180,19 @@ pub struct Measurement {
 }
 
 impl Measurement {
-    /// Builds a measurement from the generator's report, the server's CPU seconds and the
-    /// other processes' CPU over the run, and sets the guard flags.
+    /// Builds a measurement from the generator's report (with the server's CPU over its
+    /// measured window, in clock ticks: `clk_tck` per second) and the other processes' CPU
+    /// over the run, and sets the guard flags.
     pub fn from_report(
         r: &RunReport,
-        server_cpu_s: f64,
+        clk_tck: f64,
         other_cpu_cores: f64,
         guards: &Guards,
     ) -> Measurement {
+        let cpu = r.server_cpu.as_ref();
+        let server_cpu_s = cpu.map_or(0.0, |c| {
+            (c.user_ticks + c.system_ticks) as f64 / clk_tck.max(1.0)
+        });
         let mode = match r.mode {
             LoopMode::OpenLoop => Mode::OpenLoop,
             LoopMode::ClosedLoop => Mode::ClosedLoop,
@@ -202,8 +219,10 @@ impl Measurement {
             generator_worker_utilisation: r.generator.worker_utilisation,
             generator_cpu_ns_per_request: r.generator.cpu_ns_per_request,
             server_cpu_s,
-            server_cpu_ns_per_answer: (r.answered > 0)
+            server_cpu_ns_per_answer: (r.answered > 0 && cpu.is_some())
                 .then(|| server_cpu_s * 1e9 / r.answered as f64),
+            server_cpu_window_s: cpu.map(|c| c.window_s),
+            steal_share: cpu.map(|c| c.steal_share()),
             other_cpu_cores,
             generator_bound: r.generator_bound,
             generator_capacity_rps: r.generator.capacity_rps,
@@ -414,6 +433,14 @@ impl TargetResult {
             m.server_cpu_ns_per_answer.filter(|_| !m.generator_bound)
         })
     }
+    /// The machine's steal share over the same closed-loop runs as
+    /// [`cpu_ns_per_answer`](Self::cpu_ns_per_answer).
+    pub fn steal_share(&self) -> Option<Summary> {
+        Summary::of_by(&self.closed, |m| {
+            m.steal_share
+                .filter(|_| !m.generator_bound && m.server_cpu_ns_per_answer.is_some())
+        })
+    }
     /// ACKs over answers in the closed-loop runs (the default mix expects about 90%).
     pub fn ack_share(&self) -> Option<f64> {
         let acks: u64 = self.closed.iter().map(|m| m.acks).sum();
@@ -508,6 +535,8 @@ pub(crate) mod tests {
             generator_cpu_ns_per_request: 3000.0,
             server_cpu_s: cpu_ns * answered as f64 / 1e9,
             server_cpu_ns_per_answer: Some(cpu_ns),
+            server_cpu_window_s: Some(2.0),
+            steal_share: Some(0.0),
             other_cpu_cores: 0.0,
             generator_bound: false,
             generator_capacity_rps: 0.0,
@@ -523,6 +552,50 @@ pub(crate) mod tests {
         m.latency.p99_us = p99;
         m.schedule_lag_p99_us = Some(10.0);
         m
+    }
+
+    /// The CPU per answer is loadgen's window figure in ticks over the answers; steal and
+    /// the window come with it; without the figure there is no CPU per answer (not zero).
+    #[test]
+    fn server_cpu_per_answer_comes_from_loadgens_window() {
+        let server = dynauth_loadgen::echo::EchoServer::loopback().unwrap();
+        let args = dynauth_loadgen::RunArgs::from_args([
+            "--target",
+            &server.local_addr().to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--expect",
+            "echo",
+            "--rate",
+            "2000",
+            "--requests",
+            "100",
+            "--quiet",
+        ])
+        .unwrap();
+        let mut r = dynauth_loadgen::run(&args).unwrap().run;
+        server.stop().unwrap();
+        assert!(r.answered > 0);
+        let g = Guards::default();
+        let m = Measurement::from_report(&r, 100.0, 0.0, &g);
+        assert_eq!(m.server_cpu_ns_per_answer, None);
+        assert_eq!(m.server_cpu_window_s, None);
+        r.server_cpu = Some(dynauth_loadgen::watch::ServerCpu {
+            pid: 1,
+            window_s: 0.05,
+            user_ticks: 3,
+            system_ticks: 2,
+            threads: 4,
+            threads_exited: 0,
+            machine_steal_ticks: 1,
+            machine_ticks: 20,
+        });
+        let m = Measurement::from_report(&r, 100.0, 0.0, &g);
+        assert!((m.server_cpu_s - 0.05).abs() < 1e-12);
+        let per = m.server_cpu_ns_per_answer.unwrap();
+        assert!((per - 0.05e9 / r.answered as f64).abs() < 1e-6, "{per}");
+        assert_eq!(m.server_cpu_window_s, Some(0.05));
+        assert_eq!(m.steal_share, Some(0.05));
     }
 
     #[test]

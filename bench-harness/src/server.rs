@@ -305,7 +305,9 @@ impl Server {
         self.child.id()
     }
 
-    /// User + system CPU ticks of the server so far (every thread).
+    /// User + system CPU ticks of the whole server process so far (every thread, exited
+    /// ones too): for the busy guard, over the whole loadgen run. The CPU per answer is
+    /// loadgen's per-thread figure over its measured window (`--server-pid`).
     pub fn cpu_ticks(&self) -> Result<u64, ServerError> {
         Ok(machine::process_ticks(self.pid())?)
     }

@@ -202,6 +202,9 @@ impl Suite {
             }
         }
         let tmp = TempDir::new()?;
+        // Written once per suite, for the servers (each loads it once when it starts); the
+        // loadgen runs generate the same sessions in memory (`--synthetic N --seed S`), so
+        // no run of a sweep reads or parses it.
         let sessions_file = tmp.0.join("sessions.jsonl");
         say(&format!(
             "writing {} synthetic sessions (seed {})",
@@ -273,7 +276,7 @@ impl Suite {
                     continue;
                 }
             };
-            if let Err(e) = self.measure(&mut r, &mut server, spec.1, &sessions_file, &tmp.0) {
+            if let Err(e) = self.measure(&mut r, &mut server, spec.1, &tmp.0) {
                 let msg = format!("{}: measurement stopped: {e}", r.label());
                 r.notes.push(msg.clone());
                 self.warn(msg);
@@ -373,7 +376,6 @@ impl Suite {
     fn loadgen_run(
         &self,
         target: SocketAddr,
-        sessions: &Path,
         echo: bool,
         load: Load,
         duration_ms: u64,
@@ -383,7 +385,8 @@ impl Suite {
             taskset: self.bins.taskset.clone(),
             target,
             secret: self.plan.secret.clone(),
-            sessions_file: sessions.to_path_buf(),
+            sessions: self.plan.sessions,
+            seed: self.plan.seed,
             mix: self.plan.mix.clone(),
             cpus: self.plan.loadgen_cpus.clone(),
             threads: self.plan.loadgen_cpus.len().max(1),
@@ -393,11 +396,16 @@ impl Suite {
             load,
             histogram_file: None,
             source_ports: self.plan.source_ports,
+            server_pid: None,
         }
     }
 
-    /// One loadgen run with the server's CPU and the machine's over the same window.
+    /// One loadgen run. The server's CPU per answer is loadgen's `--server-pid` figure: its
+    /// threads' CPU over loadgen's measured window only. The busy guard compares the
+    /// machine's CPU with the server's and loadgen's whole processes over the whole run.
     fn measure_once(&self, server: &mut Server, run: &LoadgenRun) -> Result<Measurement, String> {
+        let mut run = run.clone();
+        run.server_pid = Some(server.pid());
         let shards0 = server.shard_answers();
         let s0 = server.cpu_ticks().map_err(|e| e.to_string())?;
         let m0 = CpuTimes::now().map_err(|e| e.to_string())?;
@@ -412,14 +420,17 @@ impl Suite {
                 server.last_output(20)
             ));
         }
-        let server_cpu_s = s1.saturating_sub(s0) as f64 / self.clk_tck;
+        if report.server_cpu.is_none() {
+            return Err("loadgen could not read the server's CPU over its window".into());
+        }
+        let server_process_s = s1.saturating_sub(s0) as f64 / self.clk_tck;
         // user + nice + system only: interrupt time is charged to tasks by tick accounting
         // but not with CONFIG_IRQ_TIME_ACCOUNTING; leaving it out can only under-count others
         // (by the loopback's softirq share), never flag a quiet machine as busy.
         let machine_s = m1.process.saturating_sub(m0.process) as f64 / self.clk_tck;
         let loadgen_s = report.generator.process_user_s + report.generator.process_system_s;
-        let other = ((machine_s - server_cpu_s - loadgen_s) / wall).max(0.0);
-        let mut m = Measurement::from_report(&report, server_cpu_s, other, &self.guards);
+        let other = ((machine_s - server_process_s - loadgen_s) / wall).max(0.0);
+        let mut m = Measurement::from_report(&report, self.clk_tck, other, &self.guards);
         // Shards publish their counters every 250 ms: wait for the run's last ones.
         if let Some(before) = shards0 {
             std::thread::sleep(std::time::Duration::from_millis(300));
@@ -439,7 +450,6 @@ impl Suite {
         r: &mut TargetResult,
         server: &mut Server,
         addr_echo: (SocketAddr, bool),
-        sessions: &Path,
         tmp: &Path,
     ) -> Result<(), String> {
         let (addr, echo) = addr_echo;
@@ -448,21 +458,22 @@ impl Suite {
         let warm = (p.duration_ms / 3).clamp(100, 1000);
         let _ = self.measure_once(
             server,
-            &self.loadgen_run(addr, sessions, echo, Load::Window(p.window), warm),
+            &self.loadgen_run(addr, echo, Load::Window(p.window), warm),
         )?;
         for rep in 0..p.repetitions {
             let m = self.measure_once(
                 server,
-                &self.loadgen_run(addr, sessions, echo, Load::Window(p.window), p.duration_ms),
+                &self.loadgen_run(addr, echo, Load::Window(p.window), p.duration_ms),
             )?;
             say(&format!(
-                "  closed loop {}/{}: {:.0} answers/s, p99 {:.0} µs, server CPU {} ns/answer {}",
+                "  closed loop {}/{}: {:.0} answers/s, p99 {:.0} µs, server CPU {} ns/answer (steal {:.1}%) {}",
                 rep + 1,
                 p.repetitions,
                 m.achieved_rps,
                 m.latency.p99_us,
                 m.server_cpu_ns_per_answer
                     .map_or("-".into(), |c| format!("{c:.0}")),
+                m.steal_share.unwrap_or(0.0) * 100.0,
                 crate::results::marks(&m.flags)
             ));
             r.closed.push(m);
@@ -492,8 +503,7 @@ impl Suite {
                 runs: Vec::new(),
             };
             for rep in 0..p.repetitions {
-                let mut run =
-                    self.loadgen_run(addr, sessions, echo, Load::Rate(rate), p.duration_ms);
+                let mut run = self.loadgen_run(addr, echo, Load::Rate(rate), p.duration_ms);
                 let hgrm = tmp.join(format!("{}-{fraction}.hgrm", r.id));
                 let want_hgrm = rep == 0 && Some(*fraction) == half;
                 if want_hgrm {
@@ -525,7 +535,6 @@ impl Suite {
             // passing the maximum ends the search ("at least").
             let run = self.loadgen_run(
                 addr,
-                sessions,
                 echo,
                 Load::Capacity {
                     slo_p99_ms,

@@ -17,6 +17,7 @@
 //! - [`run`]: a whole run, from flags to report.
 //! - [`capacity`]: the SLO capacity search, a bisection over open-loop runs.
 //! - [`echo`]: the UDP echo server used as the ceiling target.
+//! - [`watch`]: the server's CPU (per thread) and the machine's steal over the measured window.
 //! - [`cli`]: the clap command line.
 #![forbid(unsafe_code)]
 
@@ -30,6 +31,7 @@ pub mod pool;
 pub mod report;
 pub mod run;
 pub mod series;
+pub mod watch;
 pub mod worker;
 
 pub use cli::{Cli, Command, EchoArgs, RunArgs};

@@ -378,6 +378,10 @@ pub struct RunReport {
     pub interrupted: bool,
     /// True when `requests == answered + timeouts + expected_discards`.
     pub counts_add_up: bool,
+    /// With --server-pid: the server's CPU (user + system of its threads) and the machine's
+    /// steal over the measured window (first send to the end of sending).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_cpu: Option<crate::watch::ServerCpu>,
 }
 
 /// A worker busier than this (CPU over wall time) was the bottleneck.
@@ -553,6 +557,25 @@ impl RunReport {
             g.recvmmsg_per_request,
             g.ppoll_per_request
         );
+        if let Some(c) = &self.server_cpu {
+            s += &format!(
+                "server CPU (pid {}, {} threads, user+system of its threads over the {:.3} s measured window; softirq work on other CPUs not included): user {} system {} ticks; machine steal {:.2}%{}\n",
+                c.pid,
+                c.threads,
+                c.window_s,
+                c.user_ticks,
+                c.system_ticks,
+                c.steal_share() * 100.0,
+                if c.threads_exited > 0 {
+                    format!(
+                        "; {} thread(s) exited inside the window (their CPU is missing)",
+                        c.threads_exited
+                    )
+                } else {
+                    String::new()
+                }
+            );
+        }
         if self.generator_bound {
             s += &format!(
                 "GENERATOR-BOUND: the generator, not the server, was the bottleneck ({}): not a server figure\n",

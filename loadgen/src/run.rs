@@ -74,6 +74,19 @@ fn open_socket(
     Ok(socket.into())
 }
 
+/// One sample of the server's threads, with its time; a failure (the server exited) is
+/// said on stderr and leaves the run without a server CPU figure.
+fn watch_sample(pid: u32) -> Option<(Instant, crate::watch::Sample)> {
+    let t = Instant::now();
+    match crate::watch::sample(pid) {
+        Ok(s) => Some((t, s)),
+        Err(e) => {
+            eprintln!("loadgen: --server-pid {pid}: {e}; no server CPU figure for this run");
+            None
+        }
+    }
+}
+
 /// Runs the load described by `args` and returns the report (also writing the histogram
 /// file when asked). The live progress line goes to stderr only when it is a terminal.
 pub fn run(args: &RunArgs) -> Result<Report, RunError> {
@@ -111,8 +124,15 @@ pub fn prepare(args: &RunArgs) -> Result<Prepared, RunError> {
     if args.timeout.is_zero() {
         return Err(invalid("--timeout must be positive"));
     }
-    if args.source_ports == 0 {
+    if args.source_ports == Some(0) {
         return Err(invalid("--source-ports must be at least 1"));
+    }
+    if let Some(pid) = args.server_pid {
+        crate::watch::sample(pid).map_err(|e| {
+            invalid(format!(
+                "--server-pid {pid}: cannot read its threads' CPU times ({e}); is it a process on this machine?"
+            ))
+        })?;
     }
     let secret = args.secret_bytes()?;
 
@@ -187,13 +207,14 @@ pub fn execute(args: &RunArgs, prepared: &Prepared) -> Result<Report, RunError> 
         Some(_) => None,
         None => Some(args.window.unwrap_or(DEFAULT_WINDOW)),
     };
+    let source_ports = crate::cli::source_ports_per_thread(args.source_ports, threads);
     let sockets = match (args.sockets, window) {
         (Some(s), _) => s,
         (None, Some(w)) => {
-            let per_thread = w.div_ceil(threads).div_ceil(256).max(args.source_ports);
+            let per_thread = w.div_ceil(threads).div_ceil(256).max(source_ports);
             per_thread * threads
         }
-        (None, None) => args.source_ports * threads,
+        (None, None) => source_ports * threads,
     };
     if sockets < threads {
         return Err(invalid("--sockets must be at least --threads"));
@@ -272,11 +293,44 @@ pub fn execute(args: &RunArgs, prepared: &Prepared) -> Result<Report, RunError> 
         handles.push(handle);
     }
 
+    // The server's CPU window opens at the common start (loadgen's start-up is behind it).
+    let watch_start = args.server_pid.and_then(|pid| {
+        if let Some(wait) = start.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        watch_sample(pid).map(|s| (pid, s))
+    });
+    let mut watch_end = None;
+    let expected_end = send_for.map(|d| start + d);
+
     let live = !args.quiet && std::io::stderr().is_terminal();
     let mut last = (Instant::now(), 0u64, 0u64);
     let mut shown = false;
     while handles.iter().any(|h| !h.is_finished()) {
-        std::thread::sleep(Duration::from_millis(if live { 100 } else { 20 }));
+        let watching = watch_start.is_some() && watch_end.is_none();
+        if let Some((pid, _)) = watch_start.as_ref().filter(|_| watching) {
+            // ... and closes when the last worker has stopped sending (the drain is after).
+            let done = progresses
+                .iter()
+                .zip(&handles)
+                .all(|(p, h)| p.sending_done.load(Ordering::Acquire) || h.is_finished());
+            if done {
+                watch_end = Some(watch_sample(*pid));
+                continue;
+            }
+        }
+        let idle = Duration::from_millis(if live { 100 } else { 20 });
+        let pause = match (watching, expected_end) {
+            // Near the end of sending, look often: the window closes within a fraction of
+            // a millisecond of it.
+            (true, Some(end)) => end
+                .checked_duration_since(Instant::now())
+                .and_then(|left| left.checked_sub(Duration::from_millis(2)))
+                .map_or(Duration::from_micros(200), |d| d.min(idle)),
+            (true, None) => Duration::from_millis(1),
+            (false, _) => idle,
+        };
+        std::thread::sleep(pause);
         if live && last.0.elapsed() >= Duration::from_secs(1) {
             let sum = |f: fn(&Progress) -> u64| progresses.iter().map(|p| f(p)).sum::<u64>();
             let req = sum(|p| p.requests.load(Ordering::Relaxed));
@@ -328,6 +382,16 @@ pub fn execute(args: &RunArgs, prepared: &Prepared) -> Result<Report, RunError> 
         }
     }
     let cpu1 = dynauth_udp::dac::process_cpu_ns();
+    let server_cpu = watch_start.and_then(|(pid, (t0, s0))| {
+        // Every worker finished before the loop saw them stop sending: close it now.
+        let (t1, s1) = watch_end.flatten().or_else(|| watch_sample(pid))?;
+        Some(crate::watch::between(
+            pid,
+            &s0,
+            &s1,
+            t1.saturating_duration_since(t0).as_secs_f64(),
+        ))
+    });
 
     if let Some(path) = &args.histogram_file {
         let file = std::fs::File::create(path).map_err(|source| RunError::Output {
@@ -431,6 +495,7 @@ pub fn execute(args: &RunArgs, prepared: &Prepared) -> Result<Report, RunError> 
         interrupted: dynauth_udp::dac::interrupted(),
         counts_add_up: counters.requests
             == answered + counters.timeouts + counters.expected_discards,
+        server_cpu,
     };
     Ok(Report {
         run,

@@ -477,3 +477,65 @@ fn the_time_series_shows_a_stall_and_its_recovery() {
     let json = serde_json::to_value(&report).unwrap();
     assert_eq!(json["time_series"]["points"][0]["start_ms"], 0.0);
 }
+
+/// The default source ports spread over 16 SO_REUSEPORT shards: one thread sends from at
+/// least 128 distinct ports (seen by the target, not just counted by loadgen), and the
+/// arithmetic behind the default holds (every one of 16 shards gets a port with high
+/// probability).
+#[test]
+fn the_default_source_ports_reach_sixteen_shards() {
+    use dynauth_loadgen::cli::{DEFAULT_SOURCE_PORTS_TOTAL, source_ports_per_thread};
+    // P(each of 16 shards gets at least one of n ports), by inclusion-exclusion.
+    let all_shards = |n: usize| -> f64 {
+        (0..=16u32)
+            .map(|j| {
+                let c = (0..j).fold(1.0, |c, i| c * f64::from(16 - i) / f64::from(i + 1));
+                let sign = if j % 2 == 0 { 1.0 } else { -1.0 };
+                sign * c * (1.0 - f64::from(j) / 16.0).powi(n as i32)
+            })
+            .sum()
+    };
+    assert!(all_shards(DEFAULT_SOURCE_PORTS_TOTAL) > 0.99);
+    assert!(all_shards(16) < 0.01, "the old default of 16");
+    for threads in 1..=32 {
+        assert!(source_ports_per_thread(None, threads) * threads >= DEFAULT_SOURCE_PORTS_TOTAL);
+    }
+    assert_eq!(source_ports_per_thread(Some(3), 1), 3);
+
+    // A probe socket as the target: it answers nothing and records who sent.
+    let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    probe
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let target = probe.local_addr().unwrap();
+    let ports = std::thread::spawn(move || {
+        let mut ports = HashSet::new();
+        let mut buf = [0u8; 4096];
+        while let Ok((_, from)) = probe.recv_from(&mut buf) {
+            ports.insert(from.port());
+        }
+        ports
+    });
+    // --batch 1: each request moves to the next socket, so 512 requests visit every one.
+    let report = run(&args(
+        target,
+        &[
+            "--synthetic",
+            "100",
+            "--rate",
+            "20000",
+            "--requests",
+            "512",
+            "--batch",
+            "1",
+            "--timeout",
+            "50ms",
+        ],
+    ))
+    .unwrap();
+    assert_eq!(report.threads, 1);
+    assert!(report.sockets >= 64, "{}", report.text());
+    assert_eq!(report.sockets, DEFAULT_SOURCE_PORTS_TOTAL);
+    let ports = ports.join().unwrap();
+    assert_eq!(ports.len(), report.sockets, "distinct source ports seen");
+}

@@ -24,6 +24,61 @@ fn assert_adds_up(r: &dynauth_loadgen::Report) {
     );
 }
 
+/// Late answers that arrive on a source socket with nothing outstanding any more are still
+/// read and counted as late: the worker waits in ppoll on the sockets with requests out only,
+/// but on every socket every 64th wait, so an idle one is not forgotten. 256 sockets and
+/// --batch 1 for 200 requests: each request has a socket of its own, never reused, so a late
+/// answer can only be read by such a wait (without them: none is).
+#[test]
+fn late_answers_on_idle_sockets_are_still_counted() {
+    let (addr, _seen, stop, handle) = delayed_engine_target(
+        1000,
+        |n| {
+            if n % 2 == 1 {
+                Duration::from_millis(40)
+            } else {
+                Duration::ZERO
+            }
+        },
+        Duration::from_millis(20),
+    );
+    let report = run(&args(
+        addr,
+        &[
+            "--synthetic",
+            "1000",
+            "--mix",
+            "coa=1",
+            "--rate",
+            "1000",
+            "--requests",
+            "200",
+            "--sockets",
+            "256",
+            "--batch",
+            "1",
+            "--timeout",
+            "20ms",
+        ],
+    ))
+    .unwrap();
+    stop.store(true, Ordering::Relaxed);
+    handle.join().unwrap();
+    assert_adds_up(&report);
+    assert_eq!(report.sockets, 256);
+    assert_eq!(report.answered, 100, "{}", report.text());
+    assert_eq!(report.timeouts, 100, "{}", report.text());
+    let a = &report.answers;
+    // Those of the last few tens of ms arrive after the run ends: not all are read.
+    assert!(a.late >= 30, "{}", report.text());
+    assert_eq!(
+        a.stray + a.bad_response_authenticators,
+        0,
+        "{}",
+        report.text()
+    );
+}
+
 /// Every odd request is answered 100 to 300 ms late, after its 60 ms timeout; one source socket, so
 /// at 2000/s its 256 Identifiers come round again every ~130 ms and late answers arrive
 /// while a newer request holds their Identifier (the server counts those moments). Each late
