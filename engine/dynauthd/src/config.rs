@@ -92,9 +92,13 @@ pub struct Cli {
     /// Seconds between stats log lines (0: none).
     #[arg(long, value_name = "SECS")]
     pub stats_interval: Option<u64>,
-    /// Send runs of same-size answers to one DAC as one UDP GSO message (mmsg backend).
-    #[arg(long)]
+    /// Send a batch's answers to one DAC as UDP GSO messages (mmsg backend). The default
+    /// where the kernel supports it; this flag makes a refusal a warning.
+    #[arg(long, conflicts_with = "no_gso")]
     pub gso: bool,
+    /// Send every answer as a datagram of its own (no UDP GSO).
+    #[arg(long)]
+    pub no_gso: bool,
     /// Serve Prometheus text metrics over HTTP on this address (e.g. 127.0.0.1:9799).
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics: Option<SocketAddr>,
@@ -471,6 +475,26 @@ pub enum ConfigError {
     Other(String),
 }
 
+/// Whether the answers go out as UDP GSO (UDP_SEGMENT) messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gso {
+    /// The default: with the mmsg backend where the kernel supports it, quietly without
+    /// where it does not (and with io_uring, which has no GSO path).
+    Auto,
+    /// Asked for (`--gso`, `gso = true`): as `Auto`, but a kernel or backend without it is
+    /// worth a warning.
+    On,
+    /// `--no-gso`, `gso = false`: one datagram per answer.
+    Off,
+}
+
+impl Gso {
+    /// Whether to try GSO at all.
+    pub fn wanted(self) -> bool {
+        self != Gso::Off
+    }
+}
+
 /// Everything dynauthd runs with, after file, flags and demo defaults are combined.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -486,7 +510,7 @@ pub struct Settings {
     pub send_buffer: usize,
     pub stats_interval_secs: u64,
     /// UDP GSO for answers (mmsg backend).
-    pub gso: bool,
+    pub gso: Gso,
     /// Where to serve Prometheus metrics, if anywhere.
     pub metrics: Option<SocketAddr>,
     /// The control socket, if any.
@@ -974,7 +998,11 @@ fn combine(loaded: Loaded, cli: &Cli) -> Result<Settings, ConfigError> {
             .stats_interval
             .or(file.stats_interval_secs)
             .unwrap_or(DEFAULT_STATS_INTERVAL_SECS),
-        gso: cli.gso || file.gso.unwrap_or(false),
+        gso: match (cli.gso, cli.no_gso, file.gso) {
+            (true, _, _) | (false, false, Some(true)) => Gso::On,
+            (_, true, _) | (false, false, Some(false)) => Gso::Off,
+            (false, false, None) => Gso::Auto,
+        },
         metrics: cli.metrics.or(file.metrics),
         accounting_listen: cli.accounting_listen.clone(),
         control: cli.control.as_ref().map(|path| {
@@ -1164,6 +1192,38 @@ mod tests {
             (a.owner_id.as_str(), a.settings.ttl),
             ("bng-b", Duration::from_secs(60))
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    // Issue 13: GSO is on by default (where the kernel has it), off with `--no-gso` or
+    // `gso = false`; a flag beats the file.
+    #[test]
+    fn gso_is_on_by_default_and_flags_beat_the_file() {
+        let dir = std::env::temp_dir().join(format!("dynauthd-gso-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let off = dir.join("off.toml");
+        std::fs::write(
+            &off,
+            "gso = false\n[[client]]\nnetwork = \"127.0.0.1/32\"\nsecret = \"x\"\n",
+        )
+        .unwrap();
+        let off = off.to_str().unwrap();
+        let gso = |args: &[&str]| {
+            let mut all = vec!["dynauthd"];
+            if !args.contains(&"--config") {
+                all.extend(["--client", "127.0.0.1/32=x"]);
+            }
+            all.extend_from_slice(args);
+            settings_from(&Cli::parse_from(all)).unwrap().gso
+        };
+        assert_eq!(gso(&[]), Gso::Auto);
+        assert!(gso(&[]).wanted());
+        assert_eq!(gso(&["--gso"]), Gso::On);
+        assert_eq!(gso(&["--no-gso"]), Gso::Off);
+        assert!(!Gso::Off.wanted());
+        assert_eq!(gso(&["--config", off]), Gso::Off);
+        assert_eq!(gso(&["--config", off, "--gso"]), Gso::On);
+        assert!(Cli::try_parse_from(["dynauthd", "--gso", "--no-gso"]).is_err());
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -453,7 +453,7 @@ pub fn start_at(
     audit: Option<Arc<crate::audit::AuditLog>>,
 ) -> Result<Server, StartError> {
     let io = choose_backend(settings.io)?;
-    if settings.gso && io == IoKind::Uring {
+    if settings.gso == crate::config::Gso::On && io == IoKind::Uring {
         tracing::warn!(
             "--gso is implemented for the mmsg backend only; io_uring sends answers one by one"
         );
@@ -559,11 +559,18 @@ pub fn start_at(
                         if durable {
                             b.enable_holding();
                         }
-                        if gso && !b.enable_gso() {
-                            tracing::warn!(
-                                shard = index,
-                                "UDP GSO is not supported here: answers go one by one"
-                            );
+                        if gso.wanted() && !b.enable_gso() {
+                            if gso == crate::config::Gso::On {
+                                tracing::warn!(
+                                    shard = index,
+                                    "UDP GSO is not supported here: answers go one by one"
+                                );
+                            } else {
+                                tracing::info!(
+                                    shard = index,
+                                    "UDP GSO is not supported here: answers go one by one"
+                                );
+                            }
                         }
                         Ok(Backend::Mmsg(Box::new(b)))
                     }
