@@ -16,11 +16,14 @@ use std::sync::Arc;
 use crate::action::{Abandoned, ActionSink, PendingRequest, Settled};
 use crate::answer;
 use crate::client::{ClientTable, NasIdentity};
+use crate::codec::Packet;
 use crate::counters::{Counters, Discard, RequestKind};
 use crate::dedup::{DedupConfig, DuplicateCache, Seen};
 use crate::dict::ErrorCause;
+use crate::dict::{attr, code};
 use crate::rules::{self, Operation, Verdict};
-use crate::store::{Applied, SessionStore};
+use crate::session::{Key, KeyValue, PrimaryKey};
+use crate::store::{Applied, SessionStore, Touch};
 use crate::verify::{self, Arrival, Authenticated};
 
 /// The time, passed in by the caller (the engine reads no clock).
@@ -208,6 +211,35 @@ impl Engine {
 
     pub fn store(&self) -> &Arc<dyn SessionStore> {
         &self.store
+    }
+
+    /// The batch hint ([`SessionStore::touch`]): for a Disconnect- or CoA-Request that names
+    /// an Acct-Session-Id (the key a storm is sent by), asks the store to load what its
+    /// lookup will read. Nothing is verified and nothing decided: the bytes are only read to
+    /// find the attribute, and a packet that does not parse is skipped.
+    pub fn touch(&self, datagram: &[u8], step: Touch) {
+        if self.route {
+            return;
+        }
+        let Ok(packet) = Packet::parse(datagram) else {
+            return;
+        };
+        if !matches!(packet.code(), code::DISCONNECT_REQUEST | code::COA_REQUEST) {
+            return;
+        }
+        let found = packet
+            .attributes()
+            .map_while(Result::ok)
+            .find(|a| a.ty == attr::ACCT_SESSION_ID);
+        if let Some(a) = found {
+            self.store.touch(
+                &PrimaryKey {
+                    key: Key::AcctSessionId,
+                    value: KeyValue::Text(a.value),
+                },
+                step,
+            );
+        }
     }
 
     /// Decides one datagram that arrived from `source` on `destination` (the local address,
@@ -602,6 +634,136 @@ mod tests {
             ),
             Outcome::Discard(Discard::BadRequestAuthenticator)
         );
+    }
+
+    /// A store that records the batch hints it is given (and is otherwise `MemoryStore`).
+    struct Touched {
+        inner: MemoryStore,
+        seen: Mutex<Vec<(Key, Vec<u8>, Touch)>>,
+    }
+
+    impl SessionStore for Touched {
+        fn touch(&self, key: &PrimaryKey<'_>, step: Touch) {
+            let KeyValue::Text(value) = key.value else {
+                panic!("an Acct-Session-Id is text");
+            };
+            self.seen
+                .lock()
+                .unwrap()
+                .push((key.key, value.to_vec(), step));
+        }
+        fn disconnect(
+            &self,
+            l: &crate::store::Lookup<'_>,
+        ) -> Result<Applied, crate::store::Refusal> {
+            self.inner.disconnect(l)
+        }
+        fn change(
+            &self,
+            l: &crate::store::Lookup<'_>,
+            c: &crate::change::AuthorizationChange<'_>,
+        ) -> Result<Applied, crate::store::Refusal> {
+            self.inner.change(l, c)
+        }
+        fn select(
+            &self,
+            l: &crate::store::Lookup<'_>,
+            t: bool,
+            out: &mut Vec<crate::session::Session>,
+        ) -> Result<Applied, crate::store::Refusal> {
+            self.inner.select(l, t, out)
+        }
+        fn remove_sessions(
+            &self,
+            s: &[crate::session::Session],
+            t: bool,
+            now: u64,
+        ) -> Result<u32, crate::store::Refusal> {
+            self.inner.remove_sessions(s, t, now)
+        }
+        fn change_sessions(
+            &self,
+            s: &[crate::session::Session],
+            c: &crate::change::AuthorizationChange<'_>,
+            now: u64,
+        ) -> Result<u32, crate::store::Refusal> {
+            self.inner.change_sessions(s, c, now)
+        }
+        fn insert(&self, s: crate::session::Session) -> bool {
+            self.inner.insert(s)
+        }
+        fn upsert(
+            &self,
+            s: crate::session::Session,
+            m: crate::store::UpsertMode,
+            now: u64,
+        ) -> Result<crate::store::Upserted, crate::store::UpsertError> {
+            self.inner.upsert(s, m, now)
+        }
+        fn delete(&self, nas: Option<&str>, id: &str, now: u64) -> bool {
+            self.inner.delete(nas, id, now)
+        }
+        fn retain_nas(
+            &self,
+            nas: Option<&str>,
+            keep: &mut dyn FnMut(&crate::session::Session) -> bool,
+            now: u64,
+        ) -> usize {
+            self.inner.retain_nas(nas, keep, now)
+        }
+        fn len(&self) -> usize {
+            self.inner.len()
+        }
+    }
+
+    // The batch hint reads a request's Acct-Session-Id and nothing else: it is handed to the
+    // store with the step asked for, for a Disconnect and a CoA alike, whoever signed it (it
+    // is read before any check, and changes nothing); a packet that does not parse, another
+    // code, or a request without an Acct-Session-Id gives no hint. The decisions that follow
+    // are the same as without it.
+    #[test]
+    fn touch_hands_the_acct_session_id_to_the_store_and_changes_nothing() {
+        let touched = Arc::new(Touched {
+            inner: MemoryStore::with_sessions(crate::synth::sessions(1, 4)),
+            seen: Mutex::new(Vec::new()),
+        });
+        let store: Arc<dyn SessionStore> = touched.clone();
+        let mut engine = Engine::new(config(vec![client("127.0.0.1", "s", None)]), store);
+        let id = session_id(1);
+        let forged = disconnect(1, &id, "not-the-secret");
+        engine.touch(&forged, Touch::Index);
+        let mut coa = forged.clone();
+        coa[0] = code::COA_REQUEST;
+        engine.touch(&coa, Touch::Record);
+        let mut access = forged.clone();
+        access[0] = 1;
+        engine.touch(&access, Touch::Index);
+        engine.touch(&forged[..10], Touch::Index);
+        let mut buf = [0u8; 64];
+        let mut w = PacketWriter::new(&mut buf, code::DISCONNECT_REQUEST, 2, &[0; 16]).unwrap();
+        w.push(attr::USER_NAME, b"alice").unwrap();
+        engine.touch(w.finish(), Touch::Index);
+        assert_eq!(
+            *touched.seen.lock().unwrap(),
+            vec![
+                (Key::AcctSessionId, id.as_bytes().to_vec(), Touch::Index),
+                (Key::AcctSessionId, id.as_bytes().to_vec(), Touch::Record),
+            ]
+        );
+        assert_eq!(touched.len(), 4, "a hint removes nothing");
+        let req = disconnect(3, &id, "s");
+        let mut out = [0u8; MAX_PACKET_LEN];
+        let Outcome::Answer(a) = engine.handle(
+            &req,
+            addr("127.0.0.1:5000"),
+            addr("127.0.0.1:3799"),
+            NOW,
+            &mut out,
+        ) else {
+            panic!("answered");
+        };
+        assert_eq!(a.code, code::DISCONNECT_ACK);
+        assert_eq!(touched.len(), 3);
     }
 
     struct Capture(Mutex<Vec<PendingRequest>>);

@@ -13,7 +13,7 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 
 use crate::change::AuthorizationChange;
-use crate::session::{Session, SessionQuery};
+use crate::session::{PrimaryKey, Session, SessionQuery};
 
 /// Which sessions a request may see and how many it may touch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,7 +89,23 @@ pub enum Refusal {
 /// a data plane first selects (`select`), the data plane acts (`action`), and only what it
 /// committed is applied (`remove_sessions`, `change_sessions`), so no data-plane code ever
 /// runs under a store's lock.
+/// The two steps of [`SessionStore::touch`]: a batch touches every request's index entry,
+/// then every request's record, so that the cache misses of a whole batch overlap instead of
+/// coming one request after the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Touch {
+    /// Load the index entry a lookup by the key starts at.
+    Index,
+    /// Load the record the index names (its entry is in the cache by now).
+    Record,
+}
+
 pub trait SessionStore: Send + Sync {
+    /// A hint, before a batch is decided: load what a lookup by `key` will read. Changes
+    /// nothing and answers nothing, so it may be given unauthenticated bytes; a store with
+    /// nothing worth loading ignores it (the default).
+    fn touch(&self, _key: &PrimaryKey<'_>, _step: Touch) {}
+
     /// Removes every session the lookup matches (SPEC §7), leaving tombstones (table-only
     /// mode: the table is the data plane).
     fn disconnect(&self, lookup: &Lookup<'_>) -> Result<Applied, Refusal>;

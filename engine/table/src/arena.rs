@@ -205,6 +205,14 @@ fn next_generation(h: u64) -> u64 {
 }
 
 impl Arena {
+    /// Loads the first word of record `id`'s cell (a batch's hint) and returns it, so that
+    /// the load is not optimised away. Lock-free.
+    pub(crate) fn touch(&self, id: u32) -> u64 {
+        self.cell(id)
+            .and_then(|cell| cell.first())
+            .map_or(0, |word| word.load(Ordering::Relaxed))
+    }
+
     fn cell(&self, id: u32) -> Option<&[AtomicU64]> {
         let (chunk, i) = cell_pos(id);
         self.cells.get(chunk)?.get()?.get(i * CELL..(i + 1) * CELL)

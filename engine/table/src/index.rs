@@ -25,6 +25,11 @@ pub trait KeyIndex: Send + Sync + Default {
     /// Calls `f` with every id stored under `hash` (and perhaps others); stops when `f`
     /// returns false. Lock-free.
     fn probe(&self, hash: u64, f: impl FnMut(u32) -> bool);
+    /// Loads the entry a probe for `hash` starts at (a batch's hint, `SessionStore::touch`)
+    /// and returns it, so that the load is not optimised away. Lock-free.
+    fn touch(&self, _hash: u64) -> u64 {
+        0
+    }
     /// Adds `(hash, id)`. Writer only.
     fn insert(&self, hash: u64, id: u32);
     /// Removes `(hash, id)`; false if absent. Writer only.
@@ -187,6 +192,16 @@ impl KeyIndex for FlatIndex {
                 pos = 0;
             }
         }
+    }
+
+    fn touch(&self, hash: u64) -> u64 {
+        let t = self.table.load();
+        if t.slots.is_empty() {
+            return 0;
+        }
+        t.slots
+            .get(t.home(h32(hash)))
+            .map_or(0, |slot| slot.load(Ordering::Relaxed))
     }
 
     fn insert(&self, hash: u64, id: u32) {

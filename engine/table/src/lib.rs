@@ -68,7 +68,8 @@ use std::sync::{Mutex, MutexGuard, PoisonError, TryLockError};
 use dynauth_proto::change::AuthorizationChange;
 use dynauth_proto::session::{HasKeys, Key, KeyValue, PrimaryKey, Session, Uniqueness};
 use dynauth_proto::store::{
-    Applied, Lookup, Refusal, SessionStore, TombstonePolicy, UpsertError, UpsertMode, Upserted,
+    Applied, Lookup, Refusal, SessionStore, TombstonePolicy, Touch, UpsertError, UpsertMode,
+    Upserted,
 };
 
 use arena::{Arena, ArenaWriter, RecBuf};
@@ -1126,6 +1127,25 @@ impl<I: KeyIndex> SessionTable<I> {
 }
 
 impl<I: KeyIndex> SessionStore for SessionTable<I> {
+    /// Index: the probe's first slot; Record: the cell of the first entry whose stored
+    /// hash matches. Plain loads, handed to `black_box`: the misses of a batch's touches
+    /// overlap, and what they load is what the decisions then find in the cache.
+    fn touch(&self, key: &PrimaryKey<'_>, step: Touch) {
+        let Some(ix) = self.index(key.key) else {
+            return;
+        };
+        let hash = self.hash(key.value);
+        match step {
+            Touch::Index => {
+                std::hint::black_box(ix.touch(hash));
+            }
+            Touch::Record => ix.probe(hash, |id| {
+                std::hint::black_box(self.arena.touch(id));
+                false
+            }),
+        }
+    }
+
     fn disconnect(&self, lookup: &Lookup<'_>) -> Result<Applied, Refusal> {
         self.disconnect_observed(lookup, None)
     }

@@ -1016,3 +1016,52 @@ fn panicked_writer_poisons_the_table_for_writers_only() {
     check::<FlatIndex>();
     check::<PapayaIndex>();
 }
+
+/// The batch hint (`SessionStore::touch`) loads and changes nothing: the index step reads
+/// the probe's first slot, the record step the cell of the matching record (its header word
+/// is that of a live record); every lookup answers as before, also for a key that is not
+/// in the table and after a removal.
+#[test]
+fn touch_loads_the_slot_and_the_record_and_changes_nothing() {
+    let t = SessionTable::<FlatIndex>::new(TableConfig::default());
+    for i in 0..64 {
+        t.insert(s(&format!("sess-{i}"), &format!("user-{i}")));
+    }
+    assert_eq!(
+        t.disconnect(&lookup(acct("sess-7"), 1, 1)),
+        Ok(Applied::Sessions(1))
+    );
+    let before: Vec<_> = (0..70)
+        .map(|i| t.peek(&lookup(acct(&format!("sess-{i}")), 1, 2)))
+        .collect();
+    for i in 0..70 {
+        let id = format!("sess-{i}");
+        let key = PrimaryKey {
+            key: Key::AcctSessionId,
+            value: KeyValue::Text(id.as_bytes()),
+        };
+        t.touch(&key, Touch::Index);
+        t.touch(&key, Touch::Record);
+    }
+    let after: Vec<_> = (0..70)
+        .map(|i| t.peek(&lookup(acct(&format!("sess-{i}")), 1, 2)))
+        .collect();
+    assert_eq!(before, after);
+    assert_eq!(t.len(), 63);
+    assert_eq!(before[7], Ok(Applied::AlreadyRemoved));
+    assert_eq!(before[69], Err(Refusal::NotFound));
+    // What the record step loads is the record's header: non-zero for a stored record.
+    let ix = t.index(Key::AcctSessionId).unwrap();
+    let hash = t.hash(KeyValue::Text(b"sess-3"));
+    let mut loaded = Vec::new();
+    ix.probe(hash, |id| {
+        loaded.push(t.arena.touch(id));
+        false
+    });
+    assert!(loaded.first().is_some_and(|&w| w != 0), "{loaded:?}");
+    assert_ne!(
+        ix.touch(hash),
+        0,
+        "a stored key's probe starts at a used slot"
+    );
+}

@@ -36,9 +36,10 @@ use std::time::{Duration, Instant};
 use dynauth_proto::change::AuthorizationChange;
 use dynauth_proto::counters::LatencyHistogram;
 use dynauth_proto::route;
-use dynauth_proto::session::{Session, SessionQuery};
+use dynauth_proto::session::{PrimaryKey, Session, SessionQuery};
 use dynauth_proto::store::{
-    self, Applied, Lookup, MatchScope, Refusal, SessionStore, UpsertError, UpsertMode, Upserted,
+    self, Applied, Lookup, MatchScope, Refusal, SessionStore, Touch, UpsertError, UpsertMode,
+    Upserted,
 };
 
 use super::AffinitySettings;
@@ -382,6 +383,10 @@ fn backs(store: &dyn SessionStore, identity: &str, route_key: &[u8]) -> bool {
 }
 
 impl SessionStore for PublishingStore {
+    fn touch(&self, key: &PrimaryKey<'_>, step: Touch) {
+        self.inner.touch(key, step);
+    }
+
     fn disconnect(&self, lookup: &Lookup<'_>) -> Result<Applied, Refusal> {
         // Table-only mode: what the lookup removes, captured whole before it goes.
         let mut before = Vec::new();

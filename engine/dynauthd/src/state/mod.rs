@@ -24,9 +24,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dynauth_proto::change::AuthorizationChange;
 use dynauth_proto::feed::FeedMemory;
-use dynauth_proto::session::Session;
+use dynauth_proto::session::{PrimaryKey, Session};
 use dynauth_proto::store::{
-    Applied, Lookup, Refusal, ResyncMark, SessionStore, UpsertError, UpsertMode, Upserted,
+    Applied, Lookup, Refusal, ResyncMark, SessionStore, Touch, UpsertError, UpsertMode, Upserted,
 };
 use dynauth_table::{SessionTable, TableConfig};
 
@@ -966,6 +966,11 @@ impl core::fmt::Display for SnapshotReport {
 }
 
 impl SessionStore for DurableStore {
+    fn touch(&self, key: &PrimaryKey<'_>, step: Touch) {
+        // A hint that changes nothing: nothing to journal.
+        self.table.touch(key, step);
+    }
+
     fn feed_seq(&self, nas: Option<&str>, seq: u64) {
         // Journaled after the event's own records, under the same commit scope: the feed's
         // reply waits for both.
