@@ -251,7 +251,7 @@ pub fn parse_hgrm(text: &str) -> Vec<DistPoint> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn run(load: Load) -> LoadgenRun {
@@ -336,14 +336,15 @@ mod tests {
         }
     }
 
-    /// A report from loadgen itself (a real run against its echo server on loopback),
-    /// written as the binary writes it, reads back through the harness's reader unchanged.
-    #[test]
-    fn loadgen_json_round_trips_through_the_harness_reader() {
+    /// A real loadgen run of `requests` requests at 2,000/s against its own echo server on
+    /// loopback (the tests of the harness's readers start from one).
+    pub(crate) fn echo_run(requests: u64) -> dynauth_loadgen::Report {
         let server = dynauth_loadgen::echo::EchoServer::loopback().unwrap();
+        let target = server.local_addr().to_string();
+        let requests = requests.to_string();
         let args = dynauth_loadgen::RunArgs::from_args([
             "--target",
-            &server.local_addr().to_string(),
+            &target,
             "--bind",
             "127.0.0.1",
             "--expect",
@@ -351,7 +352,7 @@ mod tests {
             "--rate",
             "2000",
             "--requests",
-            "200",
+            &requests,
             "--timeout",
             "500ms",
             "--quiet",
@@ -359,6 +360,14 @@ mod tests {
         .unwrap();
         let report = dynauth_loadgen::run(&args).unwrap();
         server.stop().unwrap();
+        report
+    }
+
+    /// A report from loadgen itself (a real run against its echo server on loopback),
+    /// written as the binary writes it, reads back through the harness's reader unchanged.
+    #[test]
+    fn loadgen_json_round_trips_through_the_harness_reader() {
+        let report = echo_run(200);
         let json = serde_json::to_string_pretty(&report.run).unwrap();
         let read = parse_report(&json).unwrap();
         // (serde_json's float parsing may miss the last bit of a double: compare the rest

@@ -177,15 +177,7 @@ impl CpuTimes {
 }
 
 pub fn parse_proc_stat(s: &str) -> Option<CpuTimes> {
-    let line = s.lines().find(|l| l.starts_with("cpu "))?;
-    let v: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .map(|x| x.parse().ok())
-        .collect::<Option<_>>()?;
-    if v.len() < 4 {
-        return None;
-    }
+    let v = dynauth_loadgen::watch::proc_stat_cpu_ticks(s)?;
     // user nice system idle iowait irq softirq steal guest guest_nice
     let total: u64 = v.iter().take(8).sum();
     let idle = v[3] + v.get(4).copied().unwrap_or(0);

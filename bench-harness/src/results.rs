@@ -558,23 +558,7 @@ pub(crate) mod tests {
     /// the window come with it; without the figure there is no CPU per answer (not zero).
     #[test]
     fn server_cpu_per_answer_comes_from_loadgens_window() {
-        let server = dynauth_loadgen::echo::EchoServer::loopback().unwrap();
-        let args = dynauth_loadgen::RunArgs::from_args([
-            "--target",
-            &server.local_addr().to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--expect",
-            "echo",
-            "--rate",
-            "2000",
-            "--requests",
-            "100",
-            "--quiet",
-        ])
-        .unwrap();
-        let mut r = dynauth_loadgen::run(&args).unwrap().run;
-        server.stop().unwrap();
+        let mut r = crate::loadgen::tests::echo_run(100).run;
         assert!(r.answered > 0);
         let g = Guards::default();
         let m = Measurement::from_report(&r, 100.0, 0.0, &g);

@@ -78,19 +78,24 @@ pub fn parse_stat(s: &str) -> Option<(u64, u64)> {
     Some((user, system))
 }
 
-/// Steal and total ticks from the `cpu ` line of `/proc/stat`
-/// (user nice system idle iowait irq softirq steal guest guest_nice; guest time is already
-/// in user, so the total is the first eight).
-pub fn parse_machine_stat(s: &str) -> Option<(u64, u64)> {
+/// The tick counts of the `cpu ` line (all CPUs) of `/proc/stat`, in the kernel's order (user
+/// nice system idle iowait irq softirq steal guest guest_nice); `None` unless it has at
+/// least the first four, all numbers. The harness reads its busy/idle split from the same.
+pub fn proc_stat_cpu_ticks(s: &str) -> Option<Vec<u64>> {
     let line = s.lines().find(|l| l.starts_with("cpu "))?;
     let v: Vec<u64> = line
         .split_whitespace()
         .skip(1)
         .map(|x| x.parse().ok())
         .collect::<Option<_>>()?;
-    if v.len() < 4 {
-        return None;
-    }
+    (v.len() >= 4).then_some(v)
+}
+
+/// Steal and total ticks from the `cpu ` line of `/proc/stat`
+/// (user nice system idle iowait irq softirq steal guest guest_nice; guest time is already
+/// in user, so the total is the first eight).
+pub fn parse_machine_stat(s: &str) -> Option<(u64, u64)> {
+    let v = proc_stat_cpu_ticks(s)?;
     Some((
         v.get(7).copied().unwrap_or(0),
         v.iter().take(8).sum::<u64>(),

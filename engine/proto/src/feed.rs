@@ -409,60 +409,7 @@ mod tests {
     }
 
     impl SessionStore for Remembering {
-        fn disconnect(
-            &self,
-            l: &crate::store::Lookup<'_>,
-        ) -> Result<crate::store::Applied, crate::store::Refusal> {
-            self.inner.disconnect(l)
-        }
-        fn change(
-            &self,
-            l: &crate::store::Lookup<'_>,
-            c: &crate::change::AuthorizationChange<'_>,
-        ) -> Result<crate::store::Applied, crate::store::Refusal> {
-            self.inner.change(l, c)
-        }
-        fn select(
-            &self,
-            l: &crate::store::Lookup<'_>,
-            t: bool,
-            out: &mut Vec<Session>,
-        ) -> Result<crate::store::Applied, crate::store::Refusal> {
-            self.inner.select(l, t, out)
-        }
-        fn remove_sessions(
-            &self,
-            s: &[Session],
-            t: bool,
-            now: u64,
-        ) -> Result<u32, crate::store::Refusal> {
-            self.inner.remove_sessions(s, t, now)
-        }
-        fn change_sessions(
-            &self,
-            s: &[Session],
-            c: &crate::change::AuthorizationChange<'_>,
-            now: u64,
-        ) -> Result<u32, crate::store::Refusal> {
-            self.inner.change_sessions(s, c, now)
-        }
-        fn insert(&self, s: Session) -> bool {
-            self.inner.insert(s)
-        }
-        fn upsert(&self, s: Session, m: UpsertMode, now: u64) -> Result<Upserted, UpsertError> {
-            self.inner.upsert(s, m, now)
-        }
-        fn delete(&self, nas: Option<&str>, id: &str, now: u64) -> bool {
-            self.inner.delete(nas, id, now)
-        }
-        fn retain_nas(
-            &self,
-            nas: Option<&str>,
-            keep: &mut dyn FnMut(&Session) -> bool,
-            now: u64,
-        ) -> usize {
-            self.inner.retain_nas(nas, keep, now)
-        }
+        crate::store::delegate_to_memory_store!(inner);
         fn feed_seq(&self, nas: Option<&str>, seq: u64) {
             self.memory
                 .lock()
@@ -474,9 +421,6 @@ mod tests {
                 .lock()
                 .unwrap()
                 .apply_resync(nas.map(str::to_owned), mark);
-        }
-        fn len(&self) -> usize {
-            self.inner.len()
         }
     }
 

@@ -646,6 +646,78 @@ fn unique_clash(existing: &Session, new: &Session) -> Option<&'static str> {
     None
 }
 
+/// Tests' wrapper stores: the required [`SessionStore`] methods, each handed to the
+/// `MemoryStore` in field `$inner`, so a test store writes only the hooks it watches.
+#[cfg(test)]
+macro_rules! delegate_to_memory_store {
+    ($inner:ident) => {
+        fn disconnect(
+            &self,
+            l: &$crate::store::Lookup<'_>,
+        ) -> Result<$crate::store::Applied, $crate::store::Refusal> {
+            self.$inner.disconnect(l)
+        }
+        fn change(
+            &self,
+            l: &$crate::store::Lookup<'_>,
+            c: &$crate::change::AuthorizationChange<'_>,
+        ) -> Result<$crate::store::Applied, $crate::store::Refusal> {
+            self.$inner.change(l, c)
+        }
+        fn select(
+            &self,
+            l: &$crate::store::Lookup<'_>,
+            t: bool,
+            out: &mut Vec<$crate::session::Session>,
+        ) -> Result<$crate::store::Applied, $crate::store::Refusal> {
+            self.$inner.select(l, t, out)
+        }
+        fn remove_sessions(
+            &self,
+            s: &[$crate::session::Session],
+            t: bool,
+            now: u64,
+        ) -> Result<u32, $crate::store::Refusal> {
+            self.$inner.remove_sessions(s, t, now)
+        }
+        fn change_sessions(
+            &self,
+            s: &[$crate::session::Session],
+            c: &$crate::change::AuthorizationChange<'_>,
+            now: u64,
+        ) -> Result<u32, $crate::store::Refusal> {
+            self.$inner.change_sessions(s, c, now)
+        }
+        fn insert(&self, s: $crate::session::Session) -> bool {
+            self.$inner.insert(s)
+        }
+        fn upsert(
+            &self,
+            s: $crate::session::Session,
+            m: $crate::store::UpsertMode,
+            now: u64,
+        ) -> Result<$crate::store::Upserted, $crate::store::UpsertError> {
+            self.$inner.upsert(s, m, now)
+        }
+        fn delete(&self, nas: Option<&str>, id: &str, now: u64) -> bool {
+            self.$inner.delete(nas, id, now)
+        }
+        fn retain_nas(
+            &self,
+            nas: Option<&str>,
+            keep: &mut dyn FnMut(&$crate::session::Session) -> bool,
+            now: u64,
+        ) -> usize {
+            self.$inner.retain_nas(nas, keep, now)
+        }
+        fn len(&self) -> usize {
+            self.$inner.len()
+        }
+    };
+}
+#[cfg(test)]
+pub(crate) use delegate_to_memory_store;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -700,6 +700,19 @@ mod tests {
         }
     }
 
+    /// A backend with GSO on, and its address; `None` (with a note) where the kernel
+    /// refuses UDP_SEGMENT.
+    fn gso_backend() -> Option<(MmsgBackend, SocketAddr)> {
+        let l = listener();
+        let addr = l.local;
+        let mut b = MmsgBackend::new(vec![l], 16);
+        if !b.enable_gso() {
+            eprintln!("NOTE: this kernel refuses UDP_SEGMENT; nothing to check");
+            return None;
+        }
+        Some((b, addr))
+    }
+
     fn answers(c: &UdpSocket, n: usize) -> Vec<Vec<u8>> {
         let mut buf = [0u8; 64];
         let mut out: Vec<Vec<u8>> = (0..n)
@@ -720,13 +733,9 @@ mod tests {
     // message at all here (every run is one answer long).
     #[test]
     fn gso_groups_a_batch_per_route_and_ends_a_message_with_one_shorter_answer() {
-        let l = listener();
-        let addr = l.local;
-        let mut b = MmsgBackend::new(vec![l], 16);
-        if !b.enable_gso() {
-            eprintln!("NOTE: this kernel refuses UDP_SEGMENT; nothing to check");
+        let Some((mut b, addr)) = gso_backend() else {
             return;
-        }
+        };
         let (c1, c2) = (client(), client());
         let mut sent1 = Vec::new();
         let mut sent2 = Vec::new();
@@ -761,13 +770,9 @@ mod tests {
     // that the kernel would cut at the wrong places.
     #[test]
     fn gso_never_puts_a_longer_answer_after_a_shorter_one() {
-        let l = listener();
-        let addr = l.local;
-        let mut b = MmsgBackend::new(vec![l], 16);
-        if !b.enable_gso() {
-            eprintln!("NOTE: this kernel refuses UDP_SEGMENT; nothing to check");
+        let Some((mut b, addr)) = gso_backend() else {
             return;
-        }
+        };
         let c = client();
         let sent = vec![vec![1u8; 20], vec![2u8; 30], vec![3u8; 20]];
         for d in &sent {
