@@ -72,7 +72,7 @@ pub struct Cli {
     /// CPUs to pin shards to, e.g. `0,2-5` (default: every CPU this process may use).
     #[arg(long, value_name = "LIST")]
     pub cpus: Option<CpuList>,
-    /// I/O backend: `auto` picks io_uring when the kernel allows it, else recvmmsg/sendmmsg.
+    /// I/O backend: `auto` takes recvmmsg/sendmmsg (measured faster, with UDP GSO); `uring` asks for io_uring.
     #[arg(long, value_enum, value_name = "auto|uring|mmsg")]
     pub io: Option<IoChoice>,
     /// Most datagrams received and answered per batch (default 64; 1024 with --state-dir,
@@ -356,7 +356,7 @@ impl<'de> Deserialize<'de> for Shards {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum IoChoice {
-    /// io_uring when the kernel allows it, else mmsg.
+    /// recvmmsg/sendmmsg: the backend measured faster here (UDP GSO, pipelined commits).
     #[default]
     Auto,
     /// io_uring (multishot recvmsg, provided buffers); an error if it is not available.
