@@ -83,12 +83,6 @@ pub enum Refusal {
     Unavailable,
 }
 
-/// The store behind the decisions. Implementations must apply each call to every matched
-/// session or to none, also when two calls touch overlapping sessions at the same moment.
-/// No call hands anything to a data plane: the table is the table. A request that must reach
-/// a data plane first selects (`select`), the data plane acts (`action`), and only what it
-/// committed is applied (`remove_sessions`, `change_sessions`), so no data-plane code ever
-/// runs under a store's lock.
 /// The two steps of [`SessionStore::touch`]: a batch touches every request's index entry,
 /// then every request's record, so that the cache misses of a whole batch overlap instead of
 /// coming one request after the other.
@@ -100,6 +94,12 @@ pub enum Touch {
     Record,
 }
 
+/// The store behind the decisions. Implementations must apply each call to every matched
+/// session or to none, also when two calls touch overlapping sessions at the same moment.
+/// No call hands anything to a data plane: the table is the table. A request that must reach
+/// a data plane first selects (`select`), the data plane acts (`action`), and only what it
+/// committed is applied (`remove_sessions`, `change_sessions`), so no data-plane code ever
+/// runs under a store's lock.
 pub trait SessionStore: Send + Sync {
     /// A hint, before a batch is decided: load what a lookup by `key` will read. Changes
     /// nothing and answers nothing, so it may be given unauthenticated bytes; a store with

@@ -1290,7 +1290,7 @@ fn read_file(path: &Path) -> Result<Vec<u8>, StateError> {
 
 /// Applies one snapshot to a fresh table; `None` when it is not a complete, valid snapshot.
 /// A snapshot's table, counts of sessions, tombstones and refused records, and the feed's
-/// sequence numbers.
+/// memory (sequence numbers, resyncs in progress).
 type SnapshotContents = (SessionTable, u64, u64, u64, FeedMemory);
 
 /// What reading a snapshot needs besides its bytes.
