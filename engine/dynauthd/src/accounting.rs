@@ -73,16 +73,20 @@ impl StatsHandle {
         out
     }
 
-    /// Publishes `accounting`'s counters (`clone_from` reuses the per-client vector: no
-    /// allocation per datagram).
+    /// Publishes `accounting`'s counters after one datagram: the totals and the one client
+    /// row it was counted in (a copy of two rows, whatever the number of clients; the row
+    /// vector grows only the first time a client is seen).
     fn set(&self, accounting: &Accounting) {
         let mut guard = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         guard.0 = accounting.stats();
-        let per_client = accounting.client_stats();
-        if guard.1.len() != per_client.len() {
-            guard.1.resize(per_client.len(), AccountingStats::default());
+        if let Some((at, row)) = accounting.last_client_stats() {
+            if guard.1.len() <= at {
+                guard.1.resize(at + 1, AccountingStats::default());
+            }
+            if let Some(slot) = guard.1.get_mut(at) {
+                *slot = row;
+            }
         }
-        guard.1.copy_from_slice(per_client);
     }
 }
 

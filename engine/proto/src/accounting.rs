@@ -404,6 +404,8 @@ pub struct Accounting {
 struct Tally {
     totals: AccountingStats,
     per_client: Vec<AccountingStats>,
+    /// The client row the last count went to (a reader copies only what changed).
+    last: Option<usize>,
 }
 
 impl Tally {
@@ -411,8 +413,10 @@ impl Tally {
     /// allocation the first time a client is seen, never per datagram after that).
     fn count(&mut self, client: Option<ClientId>, what: impl Fn(&mut AccountingStats)) {
         what(&mut self.totals);
+        self.last = None;
         let Some(ClientId(id)) = client else { return };
         let Ok(at) = usize::try_from(id) else { return };
+        self.last = Some(at);
         if self.per_client.len() <= at {
             self.per_client.resize(at + 1, AccountingStats::default());
         }
@@ -449,6 +453,13 @@ impl Accounting {
     /// decided with; clients that never sent anything may be missing at the end.
     pub fn client_stats(&self) -> &[AccountingStats] {
         &self.tally.per_client
+    }
+
+    /// The client row the last datagram was counted in (its index and counters), if it
+    /// came from a client: what changed since the one before, besides the totals.
+    pub fn last_client_stats(&self) -> Option<(usize, AccountingStats)> {
+        let at = self.tally.last?;
+        self.tally.per_client.get(at).map(|s| (at, *s))
     }
 
     pub fn duplicate_stats(&self) -> DedupStats {
