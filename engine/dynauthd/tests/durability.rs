@@ -951,3 +951,45 @@ fn a_journal_write_error_stops_the_server_with_exit_74_and_loses_nothing_acknowl
     assert!(err.contains("state: restored from"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Group commit costs the appenders one wake-up of the journal writer per commit round, not
+/// one per record (a futex syscall on the shard per Disconnect was 10 % of a durable storm).
+/// A batch of 500 upserts under a 20 ms commit window: every record is journaled, and the
+/// writer was woken at most once per fsync (plus the round still open).
+#[test]
+fn the_journal_writer_is_woken_once_per_group_commit_not_per_record() {
+    let dir = fresh_dir("wakeups");
+    let socket = temp_path("wakeups.sock");
+    let d = start(
+        &dir,
+        &socket,
+        &[
+            "--journal-commit-window",
+            "20ms",
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+    );
+    let mut agent = Agent::connect(&socket);
+    agent.ok(json!({"v":1,"op":"hello","agent":"a","nas":["bng-w"]}));
+    let before = metric(&d, "dynauth_journal_records_total").unwrap_or(0);
+    let events: Vec<Value> = (0..500u64)
+        .map(|i| {
+            json!({"op":"upsert","nas":"bng-w","seq": i + 1,
+                   "session":{"acct_session_id": format!("W{i}")}})
+        })
+        .collect();
+    let reply = agent.ok(json!({"v":1,"op":"batch","events":events}));
+    assert_eq!(reply["applied"], json!(500), "{reply}");
+    let records = metric(&d, "dynauth_journal_records_total").unwrap() - before;
+    let fsyncs = metric(&d, "dynauth_journal_fsyncs_total").unwrap();
+    let wakeups = metric(&d, "dynauth_journal_writer_wakeups_total").unwrap();
+    assert!(records >= 500, "every upsert journaled: {records}");
+    assert!(
+        wakeups <= fsyncs + 1,
+        "{wakeups} wake-ups for {fsyncs} fsyncs and {records} records"
+    );
+    drop(agent);
+    let _ = d.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}

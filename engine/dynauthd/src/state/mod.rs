@@ -142,6 +142,8 @@ pub struct StateStats {
     pub records: AtomicU64,
     pub bytes: AtomicU64,
     pub fsyncs: AtomicU64,
+    /// Times an appender woke the journal writer (at most once per group commit).
+    pub writer_wakeups: AtomicU64,
     /// Times a thread had to wait for an fsync before answering (the pipelined shards wait
     /// only when the journal is slower than their decisions), and the time it waited.
     pub commit_waits: AtomicU64,
@@ -177,7 +179,7 @@ impl StateStats {
 
     pub fn write_prometheus(&self, out: &mut String) {
         use core::fmt::Write as _;
-        let rows: [(&str, &str, &str, &AtomicU64); 15] = [
+        let rows: [(&str, &str, &str, &AtomicU64); 16] = [
             (
                 "dynauth_restoring",
                 "gauge",
@@ -213,6 +215,12 @@ impl StateStats {
                 "counter",
                 "Journal fdatasync calls (group commits)",
                 &self.fsyncs,
+            ),
+            (
+                "dynauth_journal_writer_wakeups_total",
+                "counter",
+                "Times an appender woke the journal writer (once per group commit, not per record)",
+                &self.writer_wakeups,
             ),
             (
                 "dynauth_journal_commit_waits_total",
@@ -427,6 +435,15 @@ impl Shared {
         // Appenders never panic between the table change and the queueing of its record
         // (encoding cannot fail), so a poisoned lock is still consistent.
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wakes the writer for the first chunk of a round. It waits on `wake` only while
+    /// `chunks` is empty (checked under the order lock), so an append to a non-empty
+    /// `chunks` needs no wake-up: the writer takes it at the end of its window. One futex
+    /// wake per group commit, not one per record (a storm's 150k syscalls a second).
+    fn wake_writer(&self) {
+        self.stats.writer_wakeups.fetch_add(1, Ordering::Relaxed);
+        self.wake.notify_one();
     }
 
     fn wait_durable(&self, lsn: u64) {
@@ -704,6 +721,7 @@ impl DurableStore {
     /// Applies a change under the order lock, queues its records, and covers them.
     fn commit<T>(&self, f: impl FnOnce(&SessionTable, &mut Vec<Record>) -> T) -> T {
         let mut records = Vec::new();
+        let mut writer_idle = false;
         let mut p = self.shared.lock();
         let out = f(&self.table, &mut records);
         let lsn = if records.is_empty() {
@@ -716,6 +734,7 @@ impl DurableStore {
                 scratch,
                 spare,
             } = &mut *p;
+            writer_idle = chunks.is_empty();
             if chunks.last().map(|c| c.0) != Some(*segment) {
                 chunks.push((*segment, spare.pop().unwrap_or_default()));
             }
@@ -733,8 +752,8 @@ impl DurableStore {
             *appended
         };
         drop(p);
-        if !records.is_empty() {
-            self.shared.wake.notify_one();
+        if writer_idle {
+            self.shared.wake_writer();
         }
         self.shared.cover(lsn);
         out
@@ -751,6 +770,7 @@ impl DurableStore {
             spare,
             ..
         } = &mut *p;
+        let writer_idle = chunks.is_empty();
         // The buffer of the current segment's chunk, taken out while `f` writes to it.
         let fresh = chunks.last().map(|c| c.0) != Some(*segment);
         let mut frames = match fresh {
@@ -773,8 +793,8 @@ impl DurableStore {
         }
         let lsn = *appended;
         drop(p);
-        if wrote {
-            self.shared.wake.notify_one();
+        if wrote && writer_idle {
+            self.shared.wake_writer();
         }
         self.shared.cover(lsn);
         out
