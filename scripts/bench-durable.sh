@@ -7,8 +7,8 @@
 #   scripts/bench-durable.sh restart SESSIONS   # start-up: --sessions FILE vs restore from the state dir
 #
 # Environment: DYNAUTHD (the server binary, default target/release/dynauthd), WINDOW
-# (loadgen's outstanding requests, default 128), BATCH (dynauthd --batch
-# for both runs, default its own).
+# (loadgen's outstanding requests, closed loop, default 128), RATE (open loop instead: the
+# offered requests/s), BATCH (dynauthd --batch for both runs, default its own).
 #
 # dynauthd: one shard pinned to CPU 1, table-only data plane; loadgen on CPU 0, closed loop,
 # 128 outstanding, every session disconnected once.
@@ -40,8 +40,10 @@ serve() {
 }
 stop() { kill -TERM $DPID; wait $DPID 2>/dev/null || true; DPID=""; }
 storm() {
+    local shape=(--window "${WINDOW:-128}")
+    [ -n "${RATE:-}" ] && shape=(--rate "$RATE")
     target/release/loadgen --target 127.0.0.1:$PORT --secret bench-secret --synthetic "$N" \
-        --profile mass-disconnect --window "${WINDOW:-128}" --threads 1 --cpus 0
+        --profile mass-disconnect "${shape[@]}" --threads 1 --cpus 0 --server-pid "$DPID"
 }
 
 case "$WHAT" in
