@@ -4,6 +4,7 @@
 #
 #   cargo build --release -p dynauthd -p dynauth-loadgen --bins --example commit_agent
 #   scripts/bench-actions.sh agent|table SESSIONS [churn|storm]
+#   DYNAUTHD=path/to/other/dynauthd scripts/bench-actions.sh ...   # another build of the server
 #
 # dynauthd: one shard pinned to CPU 1. commit_agent (owns NAS "bench", loads the sessions over
 # the control socket, commits every action at once) and loadgen on CPU 0. churn: 10 s of CoA
@@ -20,7 +21,7 @@ if ss -Hlun "sport = :$PORT" | grep -q .; then
     echo "port $PORT is taken: stop the earlier server first" >&2
     exit 1
 fi
-target/release/dynauthd --listen 127.0.0.1:$PORT --client 127.0.0.1/32=bench-secret \
+"${DYNAUTHD:-target/release/dynauthd}" --listen 127.0.0.1:$PORT --client 127.0.0.1/32=bench-secret \
     --shards 1 --cpus 1 --io mmsg --control "$SOCK" --data-plane "$MODE" \
     > /tmp/bench-actions-dynauthd.log 2>&1 &
 DPID=$!

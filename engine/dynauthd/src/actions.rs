@@ -29,7 +29,7 @@ use dynauth_proto::codec::MAX_PACKET_LEN;
 use dynauth_proto::dict::ErrorCause;
 use dynauth_proto::session::Session;
 use dynauth_proto::{EngineConfig, Now, SessionStore};
-use dynauth_udp::AnswerSender;
+use dynauth_udp::{AnswerBatch, AnswerSender};
 use serde_json::Value;
 
 /// A settled answer on its way to the shard that received the request.
@@ -100,29 +100,57 @@ struct SessionLine<'a> {
 impl Action {
     /// The control socket's `action` message (docs/CONTROL.md, "Actions"), one line.
     pub fn to_line(&self) -> String {
-        let change = self.plan.kind == ActionKind::Change;
-        let line = ActionLine {
-            v: crate::control::VERSION,
-            ty: "action",
-            action: self.id,
-            kind: self.plan.kind.name(),
-            deadline_ms: self.deadline_ms,
-            sessions: self
-                .indexes
-                .iter()
-                .filter_map(|&i| self.plan.sessions.get(i).map(|p| (i, p)))
-                .map(|(index, p)| SessionLine {
-                    index,
-                    session: &p.session,
-                    authorization: change.then_some(&p.authorization),
-                    steps: change.then_some(p.steps.as_slice()),
-                })
-                .collect(),
-            command: self.plan.command.map(|c| c.name()),
-            compensation: self.compensation,
-        };
-        serde_json::to_string(&line).unwrap_or_default()
+        action_line(
+            self.id,
+            &self.plan,
+            &self.indexes,
+            self.deadline_ms,
+            self.compensation,
+        )
     }
+}
+
+/// The `action` line of `plan`'s sessions at `indexes`, serialized straight from the plan
+/// (an agent's action needs no copy of it).
+fn action_line(
+    id: u64,
+    plan: &ActionPlan,
+    indexes: &[usize],
+    deadline_ms: u64,
+    compensation: bool,
+) -> String {
+    let change = plan.kind == ActionKind::Change;
+    let line = ActionLine {
+        v: crate::control::VERSION,
+        ty: "action",
+        action: id,
+        kind: plan.kind.name(),
+        deadline_ms,
+        sessions: indexes
+            .iter()
+            .filter_map(|&i| plan.sessions.get(i).map(|p| (i, p)))
+            .map(|(index, p)| SessionLine {
+                index,
+                session: &p.session,
+                authorization: change.then_some(&p.authorization),
+                steps: change.then_some(p.steps.as_slice()),
+            })
+            .collect(),
+        command: plan.command.map(|c| c.name()),
+        compensation,
+    };
+    serde_json::to_string(&line).unwrap_or_default()
+}
+
+/// The distinct owners of `owners`, in first-seen order (almost always one).
+fn distinct(owners: &[Owner]) -> Vec<Owner> {
+    let mut out: Vec<Owner> = Vec::with_capacity(1);
+    for o in owners {
+        if !out.contains(o) {
+            out.push(*o);
+        }
+    }
+    out
 }
 
 /// A data plane in the same process (a library user embedding dynauthd's runtime). It is
@@ -465,6 +493,39 @@ impl ActionStats {
 pub struct Delivery {
     pub shards: Vec<Sender<ShardNotice>>,
     pub sender: AnswerSender,
+    /// A round's answers on their way to the DAC (one `sendmmsg` per round and socket).
+    pub outgoing: AnswerBatch,
+}
+
+impl Delivery {
+    pub fn new(shards: Vec<Sender<ShardNotice>>, sender: AnswerSender) -> Self {
+        Delivery {
+            shards,
+            sender,
+            outgoing: AnswerBatch::new(),
+        }
+    }
+
+    /// Sends a round's settled answers: each to its shard first (duplicate cache, counters),
+    /// then all of them to their DACs with one `sendmmsg` per socket, so a retransmission
+    /// that follows an answer always finds it in the cache. Answers that could not be sent
+    /// are counted in `send_errors` (`who` names the sender in the log).
+    pub fn send(&mut self, ready: &mut Vec<SettledAnswer>, send_errors: &AtomicU64, who: &str) {
+        for answer in ready.drain(..) {
+            let (to, from) = (answer.settled.source, answer.settled.destination);
+            if let Err(e) = self.outgoing.push(&self.sender, &answer.bytes, to, from) {
+                send_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("{who}: answer to {to} not sent: {e}");
+            }
+            if let Some(shard) = self.shards.get(answer.settled.shard) {
+                let _ = shard.send(ShardNotice::Answered(answer));
+            }
+        }
+        let flushed = self.outgoing.flush(&self.sender);
+        if flushed.failed > 0 {
+            send_errors.fetch_add(flushed.failed as u64, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Everything the dispatcher works with.
@@ -778,27 +839,33 @@ impl State {
             owners,
             identities,
         };
-        let recipients: HashSet<Owner> = running.owners.iter().copied().collect();
-        for owner in recipients {
-            let action = Action {
-                id,
-                plan: running.plan.clone(),
-                indexes: (0..running.owners.len())
-                    .filter(|&i| running.owners[i] == owner)
-                    .collect(),
-                deadline_ms,
-                compensation: false,
-            };
+        for owner in distinct(&running.owners) {
+            let indexes: Vec<usize> = (0..running.owners.len())
+                .filter(|&i| running.owners[i] == owner)
+                .collect();
             match owner {
                 Owner::InProcess => {
                     if let Some(dp) = &self.setup.in_process {
+                        let action = Action {
+                            id,
+                            plan: running.plan.clone(),
+                            indexes,
+                            deadline_ms,
+                            compensation: false,
+                        };
                         dp.execute(action, self.setup.submitter.results_from(owner));
                     }
                 }
                 Owner::Agent(connection) => {
                     let sent = links.get(&connection).map(|l| {
                         self.unflushed.insert(connection, Arc::clone(l));
-                        l.queue_line(&action.to_line())
+                        l.queue_line(&action_line(
+                            id,
+                            &running.plan,
+                            &indexes,
+                            deadline_ms,
+                            false,
+                        ))
                     });
                     if !matches!(sent, Some(Ok(()))) {
                         // Nobody will answer for these sessions: a result of "none" now.
@@ -1072,20 +1139,9 @@ impl State {
         for (reply, outcome) in self.ready_operators.drain(..) {
             let _ = reply.try_send(outcome);
         }
-        let stats = &self.setup.stats;
-        for answer in self.ready.drain(..) {
-            let (to, from) = (answer.settled.source, answer.settled.destination);
-            let bytes = answer.bytes.clone();
-            // The shard learns of the answer before the DAC can: a retransmission that
-            // follows the answer finds it in the duplicate cache.
-            if let Some(shard) = self.setup.delivery.shards.get(answer.settled.shard) {
-                let _ = shard.send(ShardNotice::Answered(answer));
-            }
-            if let Err(e) = self.setup.delivery.sender.send(&bytes, to, from) {
-                stats.send_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!("actions: answer to {to} not sent: {e}");
-            }
-        }
+        self.setup
+            .delivery
+            .send(&mut self.ready, &self.setup.stats.send_errors, "actions");
     }
 }
 
@@ -1197,10 +1253,10 @@ mod tests {
                 store: Arc::clone(&store),
                 agents: Arc::new(Agents::default()),
                 in_process: Some(plane.clone() as Arc<dyn DataPlane>),
-                delivery: Delivery {
-                    shards: vec![shard_tx],
-                    sender: AnswerSender::new(std::slice::from_ref(&listener)).unwrap(),
-                },
+                delivery: Delivery::new(
+                    vec![shard_tx],
+                    AnswerSender::new(std::slice::from_ref(&listener)).unwrap(),
+                ),
                 base,
                 stats: Arc::new(ActionStats::default()),
                 submitter: submitter.clone(),

@@ -521,10 +521,7 @@ pub fn start_at(
             shard: 0,
             message: format!("duplicating a socket for settled answers: {e}"),
         })?;
-        delivery = Some(Delivery {
-            shards: Vec::with_capacity(shards),
-            sender,
-        });
+        delivery = Some(Delivery::new(Vec::with_capacity(shards), sender));
     }
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::with_capacity(shards);

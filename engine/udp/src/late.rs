@@ -3,7 +3,8 @@
 //! address it was sent to (IP_PKTINFO / IPV6_PKTINFO when the socket is bound to a wildcard
 //! address), by whichever thread settles it.
 //!
-//! Owns: duplicated handles of the shard sockets, one `sendmsg` per answer. Must not touch:
+//! Owns: duplicated handles of the shard sockets, one `sendmsg` per answer (`late_batch`
+//! sends many with one `sendmmsg`). Must not touch:
 //! what the answer says (the engine wrote it).
 #![forbid(unsafe_code)]
 
@@ -35,21 +36,37 @@ impl AnswerSender {
         Ok(AnswerSender { sockets })
     }
 
-    /// Sends `answer` to `to` from local address `from` (where the request arrived).
-    pub fn send(&self, answer: &[u8], to: SocketAddr, from: SocketAddr) -> io::Result<()> {
+    /// The socket answers from local address `from` leave on (its index), and whether it is
+    /// bound to a wildcard address (the answer then names `from` in IP_PKTINFO).
+    pub(crate) fn socket_for(&self, from: SocketAddr) -> io::Result<(usize, bool)> {
         let bound = |local: &SocketAddr| {
             local.port() == from.port()
                 && local.is_ipv4() == from.is_ipv4()
                 && (local.ip() == from.ip() || local.ip().is_unspecified())
         };
-        let Some((local, socket)) = self.sockets.iter().find(|(local, _)| bound(local)) else {
-            return Err(io::Error::new(
-                io::ErrorKind::AddrNotAvailable,
-                format!("no socket of this server is bound to {from}"),
-            ));
-        };
+        self.sockets
+            .iter()
+            .position(|(local, _)| bound(local))
+            .map(|i| (i, self.sockets[i].0.ip().is_unspecified()))
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::AddrNotAvailable,
+                    format!("no socket of this server is bound to {from}"),
+                )
+            })
+    }
+
+    pub(crate) fn raw_socket(&self, index: usize) -> Option<&Socket> {
+        self.sockets.get(index).map(|(_, s)| s)
+    }
+
+    /// Sends `answer` to `to` from local address `from` (where the request arrived).
+    /// Many at once: [`crate::AnswerBatch`].
+    pub fn send(&self, answer: &[u8], to: SocketAddr, from: SocketAddr) -> io::Result<()> {
+        let (index, wildcard) = self.socket_for(from)?;
+        let socket = &self.sockets[index].1;
         let mut control = [0u8; CONTROL_LEN];
-        let control_len = if local.ip().is_unspecified() {
+        let control_len = if wildcard {
             write_pktinfo(&mut control, Some(from.ip()), 0)
         } else {
             0

@@ -19,7 +19,8 @@
 //!   `IoStats`, and `Backend` (either one).
 //! - `mmsg.rs`: the `recvmmsg`/`sendmmsg` backend.
 //! - `uring.rs`: the io_uring backend and its probe.
-//! - `late.rs`: answers sent outside a receive batch (settled by the data plane later).
+//! - `late.rs`: answers sent outside a receive batch (settled by the data plane later);
+//!   `late_batch.rs`: many of them with one `sendmmsg`.
 //! - `lock.rs`: exclusive file locks (one dynauthd per state directory).
 //! - `signals.rs`: SIGINT/SIGTERM for graceful shutdown, SIGHUP for a configuration reload.
 //! - [`cpu`]: CPU lists shared by every tool; [`dac`]: the DAC side (load generator, echo
@@ -39,6 +40,7 @@ pub(crate) const NAME_LEN: usize = 28;
 mod backend;
 mod cmsg;
 mod late;
+mod late_batch;
 mod lock;
 mod mmsg;
 mod signals;
@@ -47,6 +49,7 @@ mod uring;
 
 pub use backend::*;
 pub use late::*;
+pub use late_batch::*;
 pub use lock::*;
 pub use mmsg::*;
 pub use signals::*;

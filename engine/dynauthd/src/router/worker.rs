@@ -891,17 +891,7 @@ impl Worker {
     }
 
     fn send_ready(&mut self) {
-        for answer in self.ready.drain(..) {
-            let (to, from) = (answer.settled.source, answer.settled.destination);
-            let bytes = answer.bytes.clone();
-            // The shard learns of the answer before the DAC can retransmit.
-            if let Some(shard) = self.delivery.shards.get(answer.settled.shard) {
-                let _ = shard.send(ShardNotice::Answered(answer));
-            }
-            if let Err(e) = self.delivery.sender.send(&bytes, to, from) {
-                self.stats.send_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!("router: answer to {to} not sent: {e}");
-            }
-        }
+        self.delivery
+            .send(&mut self.ready, &self.stats.send_errors, "router");
     }
 }
