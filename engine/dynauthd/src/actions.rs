@@ -489,36 +489,103 @@ impl ActionStats {
     }
 }
 
+/// A shard that sends its settled answers itself (mmsg backend): woken with its eventfd, it
+/// sends them from its own CPU in one `sendmmsg`, off the dispatcher's thread.
+#[derive(Debug)]
+pub struct ShardSends {
+    pub waker: Arc<dynauth_udp::Waker>,
+    /// True while the shard loops. Set false, under this lock, when the shard stops, after
+    /// which it sends what its queue still holds and never looks at the queue again; the
+    /// dispatcher hands answers over only under the lock while it is true, so every answer
+    /// is sent by exactly one of the two.
+    pub open: Mutex<bool>,
+}
+
+impl ShardSends {
+    pub fn new(waker: Arc<dynauth_udp::Waker>) -> Self {
+        ShardSends {
+            waker,
+            open: Mutex::new(true),
+        }
+    }
+
+    /// The shard stops taking answers over: from now on the dispatcher sends them.
+    pub fn close(&self) {
+        *self.open.lock().unwrap_or_else(|p| p.into_inner()) = false;
+    }
+}
+
+/// Where a shard's notices go.
+#[derive(Debug)]
+pub struct ShardLink {
+    pub notices: Sender<ShardNotice>,
+    /// `Some`: the shard sends its settled answers itself.
+    pub sends: Option<Arc<ShardSends>>,
+}
+
 /// Delivers settled answers: to the shard (duplicate cache, counters), then to the DAC.
 pub struct Delivery {
-    pub shards: Vec<Sender<ShardNotice>>,
+    pub shards: Vec<ShardLink>,
     pub sender: AnswerSender,
     /// A round's answers on their way to the DAC (one `sendmmsg` per round and socket).
     pub outgoing: AnswerBatch,
+    /// Shards handed answers this round (woken once at its end).
+    woken: Vec<bool>,
 }
 
 impl Delivery {
-    pub fn new(shards: Vec<Sender<ShardNotice>>, sender: AnswerSender) -> Self {
+    pub fn new(shards: Vec<ShardLink>, sender: AnswerSender) -> Self {
         Delivery {
             shards,
             sender,
             outgoing: AnswerBatch::new(),
+            woken: Vec::new(),
         }
     }
 
-    /// Sends a round's settled answers: each to its shard first (duplicate cache, counters),
-    /// then all of them to their DACs with one `sendmmsg` per socket, so a retransmission
-    /// that follows an answer always finds it in the cache. Answers that could not be sent
-    /// are counted in `send_errors` (`who` names the sender in the log).
+    /// Sends a round's settled answers. A shard that sends its own (`ShardSends`) gets
+    /// them on its queue and one wake-up: it caches each answer (duplicate cache, counters)
+    /// and sends them together from its CPU. For any other shard (io_uring, or one that has
+    /// stopped) each answer goes to the shard's cache first, then all of them to their DACs
+    /// with one `sendmmsg` per socket from here. Either way a retransmission that follows an
+    /// answer finds it in the cache. Answers that could not be sent are counted in
+    /// `send_errors` (`who` names the sender in the log).
     pub fn send(&mut self, ready: &mut Vec<SettledAnswer>, send_errors: &AtomicU64, who: &str) {
+        self.woken.clear();
+        self.woken.resize(self.shards.len(), false);
         for answer in ready.drain(..) {
+            let shard = answer.settled.shard;
+            let Some(link) = self.shards.get(shard) else {
+                send_errors.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let mut answer = answer;
+            if let Some(sends) = &link.sends {
+                let open = sends.open.lock().unwrap_or_else(|p| p.into_inner());
+                if *open {
+                    match link.notices.send(ShardNotice::Answered(answer)) {
+                        Ok(()) => {
+                            if let Some(w) = self.woken.get_mut(shard) {
+                                *w = true;
+                            }
+                            continue;
+                        }
+                        // The shard's queue is gone: the answer comes back, sent from here.
+                        Err(channel::SendError(ShardNotice::Answered(back))) => answer = back,
+                        Err(channel::SendError(ShardNotice::Abandoned(_))) => continue,
+                    }
+                }
+            }
             let (to, from) = (answer.settled.source, answer.settled.destination);
             if let Err(e) = self.outgoing.push(&self.sender, &answer.bytes, to, from) {
                 send_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!("{who}: answer to {to} not sent: {e}");
             }
-            if let Some(shard) = self.shards.get(answer.settled.shard) {
-                let _ = shard.send(ShardNotice::Answered(answer));
+            let _ = link.notices.send(ShardNotice::Answered(answer));
+        }
+        for (link, woken) in self.shards.iter().zip(&self.woken) {
+            if let (true, Some(sends)) = (*woken, &link.sends) {
+                sends.waker.wake();
             }
         }
         let flushed = self.outgoing.flush(&self.sender);
@@ -1254,7 +1321,10 @@ mod tests {
                 agents: Arc::new(Agents::default()),
                 in_process: Some(plane.clone() as Arc<dyn DataPlane>),
                 delivery: Delivery::new(
-                    vec![shard_tx],
+                    vec![ShardLink {
+                        notices: shard_tx,
+                        sends: None,
+                    }],
                     AnswerSender::new(std::slice::from_ref(&listener)).unwrap(),
                 ),
                 base,

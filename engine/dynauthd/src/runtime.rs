@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::actions::{Delivery, ShardNotice};
+use crate::actions::{Delivery, ShardLink, ShardNotice, ShardSends};
 use crate::config::{IoChoice, Settings, Shards};
 use arc_swap::ArcSwap;
 use crossbeam::channel::Receiver;
@@ -26,6 +26,7 @@ use dynauth_proto::dedup::DedupStats;
 use dynauth_proto::dict::ErrorCause;
 use dynauth_proto::store::{SessionStore, Touch};
 use dynauth_proto::{Engine, EngineConfig, Now, Outcome};
+use dynauth_udp::AnswerBatch;
 use dynauth_udp::{Backend, Batch, BufferSizes, Handler, IoStats, Listener};
 
 /// A start-up failure, with what to do about it.
@@ -214,7 +215,7 @@ struct ShardHandler {
     base: Instant,
     decision_latency: LatencyHistogram,
     /// Answers to this shard's pending requests, settled by the action dispatcher.
-    settled: Option<Receiver<ShardNotice>>,
+    settled: Option<SettledQueue>,
     /// The current configuration (a reload stores a new one).
     config: SharedConfig,
     /// The one `engine` runs with (published with the counters it indexes).
@@ -226,24 +227,61 @@ struct ShardHandler {
     /// The journal points the backend's held batches wait for, oldest first (at most two:
     /// the held batch and the one being decided; allocated once).
     held: std::collections::VecDeque<crate::state::Durability>,
+    /// Settled answers this shard could not send (counted with the backend's send errors),
+    /// and those it sent.
+    late_send_errors: u64,
+    late_sent: u64,
+}
+
+/// The shard's side of the dispatcher's deliveries.
+struct SettledQueue {
+    notices: Receiver<ShardNotice>,
+    /// `Some`: this shard sends the answers it is handed (`late`), woken by the dispatcher.
+    sends: Option<Arc<ShardSends>>,
+    late: Option<(dynauth_udp::AnswerSender, AnswerBatch)>,
 }
 
 impl ShardHandler {
     /// Records every answer the dispatcher settled since the last call (duplicate cache,
-    /// counters); before any datagram is decided, so a retransmission of a settled request
-    /// is answered from the cache.
+    /// counters), before any datagram is decided, so a retransmission of a settled request
+    /// is answered from the cache; then sends those the shard was handed, in one
+    /// `sendmmsg`, after their cache entries exist.
     fn take_settled(&mut self) {
-        if let Some(rx) = &self.settled {
-            while let Ok(notice) = rx.try_recv() {
-                match notice {
-                    ShardNotice::Answered(s) => {
-                        self.engine
-                            .settle(&s.settled, &s.bytes, self.now.monotonic_ms);
+        let Some(q) = &mut self.settled else {
+            return;
+        };
+        while let Ok(notice) = q.notices.try_recv() {
+            match notice {
+                ShardNotice::Answered(s) => {
+                    self.engine
+                        .settle(&s.settled, &s.bytes, self.now.monotonic_ms);
+                    if let Some((sender, batch)) = &mut q.late
+                        && let Err(e) =
+                            batch.push(sender, &s.bytes, s.settled.source, s.settled.destination)
+                    {
+                        self.late_send_errors += 1;
+                        tracing::warn!("answer to {} not sent: {e}", s.settled.source);
                     }
-                    ShardNotice::Abandoned(a) => self.engine.abandon(&a),
                 }
+                ShardNotice::Abandoned(a) => self.engine.abandon(&a),
             }
         }
+        if let Some((sender, batch)) = &mut q.late
+            && !batch.is_empty()
+        {
+            let flushed = batch.flush(sender);
+            self.late_send_errors += flushed.failed as u64;
+            self.late_sent += flushed.sent as u64;
+        }
+    }
+
+    /// The shard stops: the dispatcher sends answers from now on; what it handed over
+    /// before is sent here.
+    fn close_settled(&mut self) {
+        if let Some(sends) = self.settled.as_ref().and_then(|q| q.sends.as_ref()) {
+            sends.close();
+        }
+        self.take_settled();
     }
 }
 
@@ -544,8 +582,27 @@ pub fn start_at(
                 engine.with_actions(index, Arc::clone(sink))
             };
             let (tx, rx) = crossbeam::channel::unbounded();
-            d.shards.push(tx);
-            settled = Some(rx);
+            // The mmsg backend polls an eventfd beside its sockets, so the shard can be
+            // woken to send its settled answers itself (io_uring: the dispatcher sends them).
+            let sends = match io {
+                IoKind::Mmsg => {
+                    let waker = dynauth_udp::Waker::new().map_err(|e| StartError::Shard {
+                        shard: index,
+                        message: format!("creating the eventfd for settled answers: {e}"),
+                    })?;
+                    Some(Arc::new(ShardSends::new(Arc::new(waker))))
+                }
+                IoKind::Uring => None,
+            };
+            d.shards.push(ShardLink {
+                notices: tx,
+                sends: sends.clone(),
+            });
+            settled = Some(SettledQueue {
+                notices: rx,
+                sends,
+                late: None,
+            });
         }
         let shard_stop = Arc::clone(&stop);
         let shard_config = Arc::clone(&shared_config);
@@ -562,9 +619,26 @@ pub fn start_at(
                 {
                     tracing::warn!(shard = index, cpu, "could not pin the shard to its CPU");
                 }
+                let mut settled = settled;
                 let backend = match io {
                     IoKind::Mmsg => {
+                        if let Some(q) = settled.as_mut()
+                            && q.sends.is_some()
+                        {
+                            match dynauth_udp::AnswerSender::new(&shard_listeners) {
+                                Ok(sender) => q.late = Some((sender, AnswerBatch::new())),
+                                Err(e) => {
+                                    let _ = ready_tx.send(Err(format!(
+                                        "duplicating a socket for settled answers: {e}"
+                                    )));
+                                    return;
+                                }
+                            }
+                        }
                         let mut b = dynauth_udp::MmsgBackend::new(shard_listeners, batch);
+                        if let Some(sends) = settled.as_ref().and_then(|q| q.sends.as_ref()) {
+                            b.set_waker(Arc::clone(&sends.waker));
+                        }
                         if durable {
                             b.enable_holding();
                         }
@@ -608,6 +682,8 @@ pub fn start_at(
                     audit: shard_audit,
                     shedder,
                     held: std::collections::VecDeque::with_capacity(4),
+                    late_send_errors: 0,
+                    late_sent: 0,
                 };
                 run_shard(index, backend, handler, &shard_stop, &report);
             });
@@ -728,6 +804,11 @@ pub fn prometheus_text(totals: &Totals, client_names: &[&str]) -> String {
             "dynauth_gso_messages_total",
             "UDP GSO messages sent",
             io.gso_messages,
+        ),
+        (
+            "dynauth_settled_answers_sent_by_shards_total",
+            "Answers settled by the data plane that their shard sent (woken by the dispatcher)",
+            io.settled_sent,
         ),
         (
             "dynauth_truncated_datagrams_total",
@@ -908,6 +989,8 @@ fn run_shard(
         }
         r.counters.clone_from(handler.engine.counters());
         r.io = backend.stats();
+        r.io.send_errors += handler.late_send_errors;
+        r.io.settled_sent = handler.late_sent;
         r.dedup = handler.engine.dedup_stats();
         r.decision_latency = handler.decision_latency;
         r.shed = handler.shedder.stats;
@@ -928,6 +1011,7 @@ fn run_shard(
             last_publish = Instant::now();
         }
     }
+    handler.close_settled();
     if !backend.shutdown(&mut handler) {
         tracing::warn!(
             shard = index,

@@ -515,3 +515,60 @@ fn rfc5176_s3_a_split_multi_session_result_is_a_nak_and_a_coa_is_undone() {
     }
     d.stop();
 }
+
+// The shard sends its settled answers itself (mmsg backend): the dispatcher hands them over
+// and wakes the shard's eventfd, so an idle shard, waiting for datagrams with a 100 ms poll
+// timeout, answers right after the agent's commit, not at the end of its wait. Twenty
+// Disconnects one after another on an idle server: every ACK left from the shard (metric), and
+// the median time from commit to ACK is far below the half-timeout (50 ms) that a missed
+// wake-up would cost on average.
+#[test]
+fn an_idle_shard_is_woken_to_send_its_settled_answers_at_once() {
+    let (d, path) = server("wake.sock", &["--metrics", "127.0.0.1:0"]);
+    let metrics = d.banner_addr("metrics");
+    let mut agent = Agent::connect(&path, "bng1");
+    let rounds = 20u64;
+    for n in 0..rounds {
+        agent.upsert(
+            "bng1",
+            n + 1,
+            json!({"acct_session_id": format!("w-{n}"), "user_name": format!("u{n}")}),
+        );
+    }
+    let mut delays = Vec::new();
+    for n in 0..rounds {
+        let (sock, req) = dac(n as u8, &format!("w-{n}"));
+        send(&sock, d.addr(), &req);
+        let action = agent.action(Duration::from_secs(5)).expect("an action");
+        // The shard is idle now (the request was decided long ago): it waits in poll.
+        std::thread::sleep(Duration::from_millis(20));
+        let committed_at = Instant::now();
+        agent.answer(&action, "committed", None);
+        let (code, _, _, acked_at) = receive(&sock, &req, Duration::from_secs(5)).expect("ACK");
+        assert_eq!(code, 41);
+        delays.push(acked_at.duration_since(committed_at));
+    }
+    delays.sort();
+    let median = delays[delays.len() / 2];
+    assert!(
+        median < Duration::from_millis(25),
+        "median commit-to-ACK {median:?} (all: {delays:?})"
+    );
+    // The shards publish their counters every 250 ms.
+    let sent_by_shards = || {
+        daemon::scrape(metrics)
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("dynauth_settled_answers_sent_by_shards_total ")?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .unwrap_or(0)
+    };
+    daemon::wait_until(
+        Duration::from_secs(5),
+        "every ACK sent by the shard",
+        || sent_by_shards() >= rounds,
+    );
+    d.stop();
+}

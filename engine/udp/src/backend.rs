@@ -179,6 +179,8 @@ pub struct IoStats {
     pub batches: u64,
     /// UDP GSO messages sent (each carrying several answers).
     pub gso_messages: u64,
+    /// Settled answers (decided later by the data plane) the shard sent itself.
+    pub settled_sent: u64,
 }
 
 impl IoStats {
@@ -194,6 +196,7 @@ impl IoStats {
         self.out_of_buffers += o.out_of_buffers;
         self.batches += o.batches;
         self.gso_messages += o.gso_messages;
+        self.settled_sent += o.settled_sent;
     }
 }
 
@@ -249,6 +252,18 @@ impl Backend {
         match self {
             Backend::Mmsg(b) => b.shutdown(handler),
             Backend::Uring(b) => b.shutdown(handler),
+        }
+    }
+
+    /// Lets another thread end the wait for datagrams; false where the backend cannot
+    /// (io_uring: the caller then does not rely on it).
+    pub fn set_waker(&mut self, waker: std::sync::Arc<crate::Waker>) -> bool {
+        match self {
+            Backend::Mmsg(b) => {
+                b.set_waker(waker);
+                true
+            }
+            Backend::Uring(_) => false,
         }
     }
 

@@ -21,6 +21,7 @@
 //! - `uring.rs`: the io_uring backend and its probe.
 //! - `late.rs`: answers sent outside a receive batch (settled by the data plane later);
 //!   `late_batch.rs`: many of them with one `sendmmsg`.
+//! - `waker.rs`: an eventfd that ends a shard's wait (the dispatcher hands it answers).
 //! - `lock.rs`: exclusive file locks (one dynauthd per state directory).
 //! - `signals.rs`: SIGINT/SIGTERM for graceful shutdown, SIGHUP for a configuration reload.
 //! - [`cpu`]: CPU lists shared by every tool; [`dac`]: the DAC side (load generator, echo
@@ -46,6 +47,7 @@ mod mmsg;
 mod signals;
 mod socket;
 mod uring;
+mod waker;
 
 pub use backend::*;
 pub use late::*;
@@ -55,6 +57,7 @@ pub use mmsg::*;
 pub use signals::*;
 pub use socket::*;
 pub use uring::*;
+pub use waker::*;
 
 #[cfg(test)]
 mod tests {

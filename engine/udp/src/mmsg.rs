@@ -64,6 +64,9 @@ pub struct MmsgBackend {
     pub(crate) queued: std::collections::VecDeque<QueuedAnswers>,
     /// The end of the newest queued batch's slots.
     pub(crate) head: usize,
+    /// Polled beside the listeners (its `pollfd` is the last one): another thread ends the
+    /// wait with it ([`MmsgBackend::set_waker`]).
+    pub(crate) waker: Option<std::sync::Arc<crate::Waker>>,
 }
 
 /// A decided batch whose answers wait in the slot ring.
@@ -145,6 +148,7 @@ impl MmsgBackend {
             tx_slots: batch,
             queued: std::collections::VecDeque::new(),
             head: 0,
+            waker: None,
         };
         backend.point_headers();
         backend
@@ -173,6 +177,25 @@ impl MmsgBackend {
 
     pub fn stats(&self) -> IoStats {
         self.stats
+    }
+
+    /// Lets another thread end this backend's wait for datagrams ([`crate::Waker::wake`]):
+    /// the wait becomes a `poll` over the listeners and the waker, so an idle batch costs a
+    /// non-blocking `recvmmsg` and a `poll` (under load, one `recvmmsg` as before).
+    pub fn set_waker(&mut self, waker: std::sync::Arc<crate::Waker>) {
+        self.blocking = false;
+        self.pollfds = self
+            .listeners
+            .iter()
+            .map(|l| l.socket.as_raw_fd())
+            .chain(core::iter::once(waker.raw_fd()))
+            .map(|fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        self.waker = Some(waker);
     }
 
     /// Lets handlers hold a batch's answers while later batches are decided
@@ -342,6 +365,16 @@ impl MmsgBackend {
                 return Err(e);
             }
             return Ok(false);
+        }
+        if let Some(waker) = &self.waker
+            && self
+                .pollfds
+                .get(self.listeners.len())
+                .is_some_and(|p| p.revents != 0)
+        {
+            // Woken: the caller looks at what it was woken for after this batch.
+            waker.drain();
+            return Ok(true);
         }
         Ok(rc > 0)
     }

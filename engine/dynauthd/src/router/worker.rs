@@ -869,7 +869,7 @@ impl Worker {
                         .fetch_add(1, Ordering::Relaxed);
                     let abandoned = flight.pending.abandoned();
                     if let Some(shard) = self.delivery.shards.get(abandoned.shard) {
-                        let _ = shard.send(ShardNotice::Abandoned(abandoned));
+                        let _ = shard.notices.send(ShardNotice::Abandoned(abandoned));
                     }
                 }
             }
