@@ -1082,3 +1082,41 @@ fn the_journal_writer_is_woken_once_per_group_commit_not_per_record() {
     let _ = d.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The commit window batches changes while their threads have other work; a thread blocked
+/// waiting for a commit (nothing else to decide) ends the window at once. Ten upserts, each
+/// waiting for its reply, under a 500 ms window: with the window waited out they would take
+/// about 4.5 s; they take a few fsyncs, and each early commit is counted.
+#[test]
+fn a_thread_blocked_on_a_commit_ends_the_commit_window_early() {
+    let dir = fresh_dir("early");
+    let socket = temp_path("early.sock");
+    let d = start(
+        &dir,
+        &socket,
+        &[
+            "--journal-commit-window",
+            "500ms",
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+    );
+    let mut agent = Agent::connect(&socket);
+    agent.ok(json!({"v":1,"op":"hello","agent":"a","nas":["bng-e"]}));
+    let started = Instant::now();
+    for i in 0..10u64 {
+        agent.ok(json!({"v":1,"op":"upsert","nas":"bng-e","seq": i + 1,
+                        "session":{"acct_session_id": format!("E{i}")}}));
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(2000),
+        "ten acknowledged upserts took {took:?} under a 500 ms window"
+    );
+    let early = metric(&d, "dynauth_journal_early_commits_total").unwrap();
+    assert!(early >= 5, "{early} early commits");
+    drop(agent);
+    let (_, err) = d.stop();
+    assert!(err.contains("state:"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

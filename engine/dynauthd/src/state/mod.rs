@@ -144,6 +144,8 @@ pub struct StateStats {
     pub fsyncs: AtomicU64,
     /// Times an appender woke the journal writer (at most once per group commit).
     pub writer_wakeups: AtomicU64,
+    /// Group commits started before the window ended, because a thread was blocked waiting.
+    pub early_commits: AtomicU64,
     /// Times a thread had to wait for an fsync before answering (the pipelined shards wait
     /// only when the journal is slower than their decisions), and the time it waited.
     pub commit_waits: AtomicU64,
@@ -179,7 +181,7 @@ impl StateStats {
 
     pub fn write_prometheus(&self, out: &mut String) {
         use core::fmt::Write as _;
-        let rows: [(&str, &str, &str, &AtomicU64); 16] = [
+        let rows: [(&str, &str, &str, &AtomicU64); 17] = [
             (
                 "dynauth_restoring",
                 "gauge",
@@ -221,6 +223,12 @@ impl StateStats {
                 "counter",
                 "Times an appender woke the journal writer (once per group commit, not per record)",
                 &self.writer_wakeups,
+            ),
+            (
+                "dynauth_journal_early_commits_total",
+                "counter",
+                "Group commits started before the commit window ended because a thread was blocked waiting for one",
+                &self.early_commits,
             ),
             (
                 "dynauth_journal_commit_waits_total",
@@ -426,6 +434,9 @@ struct Shared {
     durable: Mutex<u64>,
     durable_cv: Condvar,
     durable_fast: AtomicU64,
+    /// Threads blocked in `wait_durable` (they have nothing else to do until a commit): the
+    /// writer then commits at once instead of waiting out its window.
+    waiters: AtomicU64,
     stop: AtomicBool,
     stats: Arc<StateStats>,
 }
@@ -451,11 +462,18 @@ impl Shared {
             return;
         }
         let started = Instant::now();
+        // Counted before the writer's lock is taken to notify it: the writer checks the count
+        // under that lock before each wait of its window, so it either sees this waiter or
+        // is already waiting and gets the notification.
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        drop(self.lock());
+        self.wake.notify_one();
         let mut d = self.durable.lock().unwrap_or_else(|p| p.into_inner());
         while *d < lsn {
             d = self.durable_cv.wait(d).unwrap_or_else(|p| p.into_inner());
         }
         drop(d);
+        self.waiters.fetch_sub(1, Ordering::SeqCst);
         self.stats.commit_waits.fetch_add(1, Ordering::Relaxed);
         self.stats.commit_wait_ns.fetch_add(
             u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX),
@@ -542,12 +560,30 @@ impl Writer {
                     return;
                 }
             }
-            // Group commit: at most one fsync per window; records arriving meanwhile join.
+            // Group commit: at most one fsync per window while every appender has other work
+            // (records arriving meanwhile join); as soon as a thread blocks waiting for a
+            // commit, the window ends: nobody would be decided meanwhile.
             if let Some(t) = last_sync {
                 let due = t + self.window;
-                let now = Instant::now();
-                if due > now {
-                    thread::sleep(due - now);
+                let mut p = self.shared.lock();
+                loop {
+                    let now = Instant::now();
+                    if now >= due || self.shared.stop.load(Ordering::Acquire) {
+                        break;
+                    }
+                    if self.shared.waiters.load(Ordering::SeqCst) > 0 {
+                        self.shared
+                            .stats
+                            .early_commits
+                            .fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                    p = self
+                        .shared
+                        .wake
+                        .wait_timeout(p, due - now)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
                 }
             }
             let (chunks, lsn) = {
@@ -676,6 +712,7 @@ impl DurableStore {
             appended: AtomicU64::new(0),
             durable: Mutex::new(0),
             durable_cv: Condvar::new(),
+            waiters: AtomicU64::new(0),
             durable_fast: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             stats,
