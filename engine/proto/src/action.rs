@@ -105,10 +105,13 @@ pub struct PendingRequest {
     pub(crate) shard: usize,
     pub(crate) kind: ActionKind,
     pub(crate) sessions: Vec<Session>,
-    pub(crate) datagram: Vec<u8>,
+    /// Private: `reopen` trusts that these are the bytes that passed `verify::authenticate`.
+    datagram: Vec<u8>,
     pub(crate) source: SocketAddr,
     pub(crate) destination: SocketAddr,
     pub(crate) client_id: ClientId,
+    /// Which of the client's secrets verified it (`Client::secrets`): reopened with it.
+    pub(crate) secret_index: usize,
     pub(crate) arrived: Now,
     pub(crate) key: DuplicateKey,
     pub(crate) deadline_ms: u64,
@@ -201,6 +204,11 @@ impl PendingRequest {
             source: request.source(),
             destination,
             client_id: request.client_id(),
+            secret_index: request
+                .client()
+                .secrets()
+                .position(|s| core::ptr::eq(s, request.secret()))
+                .unwrap_or(0),
             arrived,
             key: request.duplicate_key(),
             deadline_ms,
@@ -437,7 +445,8 @@ impl PendingRequest {
 
     /// The request again, from its own bytes, as verified when it arrived (the same
     /// configuration, so the same client and secret; the same clock reading, so the same
-    /// checks pass).
+    /// checks pass). Its MACs are not computed again: these bytes passed them, and nothing
+    /// outside this module can change them (`verify::reauthenticate`).
     pub(crate) fn reopen(&self) -> Result<Authenticated<'_>, Discard> {
         let client = self
             .config
@@ -445,7 +454,7 @@ impl PendingRequest {
             .get(self.client_id)
             .ok_or(Discard::UnknownClient)?;
         let (packet, kind) = verify::classify(&self.datagram)?;
-        verify::authenticate(
+        verify::reauthenticate(
             Arrival {
                 packet,
                 kind,
@@ -453,6 +462,7 @@ impl PendingRequest {
                 client_id: self.client_id,
                 client,
             },
+            self.secret_index,
             self.arrived,
             crate::codec::MAX_PACKET_LEN,
         )

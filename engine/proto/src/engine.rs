@@ -768,6 +768,53 @@ mod tests {
         );
     }
 
+    /// Secret rotation with the data plane: a pending request is reopened to plan and to
+    /// settle without computing its MACs again, with the secret that verified it, so one
+    /// verified with the previous secret is answered signed with that one (RFC 2865 §3).
+    #[test]
+    fn a_pending_request_verified_with_the_previous_secret_is_answered_with_it() {
+        let cfg = config(vec![client("127.0.0.1", "new", Some("old"))]);
+        let sink = Arc::new(Capture(Mutex::new(Vec::new())));
+        let store = store();
+        let mut engine = Engine::new(cfg, Arc::clone(&store)).with_actions(0, sink.clone());
+        let mut out = [0u8; MAX_PACKET_LEN];
+        for (id, secret, other) in [(1u8, "old", "new"), (2, "new", "old")] {
+            let req = disconnect(id, &session_id(id.into()), secret);
+            assert_eq!(
+                engine.handle(
+                    &req,
+                    addr("127.0.0.1:5000"),
+                    addr("127.0.0.1:3799"),
+                    NOW,
+                    &mut out
+                ),
+                Outcome::Pending
+            );
+            let pending = sink.0.lock().unwrap().pop().unwrap();
+            assert_eq!(pending.plan().unwrap().sessions.len(), 1);
+            let settled = pending
+                .settle(
+                    &*store,
+                    &[Some(crate::action::SessionResult::Committed)],
+                    NOW,
+                    &mut out,
+                )
+                .unwrap();
+            assert_eq!(settled.code, code::DISCONNECT_ACK);
+            let answer = &out[..settled.len];
+            assert_eq!(
+                check(answer, &req, secret),
+                ResponseCheck::Valid,
+                "{secret}"
+            );
+            assert_eq!(
+                check(answer, &req, other),
+                ResponseCheck::BadResponseAuthenticator,
+                "not signed with {other}"
+            );
+        }
+    }
+
     #[test]
     fn a_reload_keeps_counters_by_network_and_totals_of_removed_clients() {
         let mut engine = Engine::new(

@@ -184,8 +184,63 @@ pub fn authenticate<'a>(
         .secrets()
         .find(|s| auth::request_authenticator_is_valid(&packet, s))
         .ok_or(Discard::BadRequestAuthenticator)?;
+    let arrival = Arrival {
+        packet,
+        kind,
+        source,
+        client_id,
+        client,
+    };
+    checked(arrival, secret, now, answer_capacity, Macs::Verify)
+}
+
+/// Whether [`checked`] verifies the Message-Authenticator.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Macs {
+    Verify,
+    /// Already verified over these very bytes with this secret ([`reauthenticate`]).
+    Verified,
+}
+
+/// [`authenticate`] again, for a request that passed it when it arrived and whose bytes are
+/// owned and unchanged since (`action::PendingRequest`), with the secret that verified it
+/// then (its position in `Client::secrets`) and the same clock reading: every check of
+/// `authenticate` gives the same result again, so the two MACs (Request Authenticator,
+/// Message-Authenticator) are not computed twice more per action. Crate-private: only what
+/// `authenticate` accepted may come back this way.
+pub(crate) fn reauthenticate<'a>(
+    arrival: Arrival<'a>,
+    secret_index: usize,
+    now: Now,
+    answer_capacity: usize,
+) -> Result<Authenticated<'a>, Discard> {
+    let secret = arrival
+        .client
+        .secrets()
+        .nth(secret_index)
+        .ok_or(Discard::BadRequestAuthenticator)?;
+    checked(arrival, secret, now, answer_capacity, Macs::Verified)
+}
+
+/// The checks after the Request Authenticator's.
+fn checked<'a>(
+    arrival: Arrival<'a>,
+    secret: &'a Secret,
+    now: Now,
+    answer_capacity: usize,
+    macs: Macs,
+) -> Result<Authenticated<'a>, Discard> {
+    let Arrival {
+        packet,
+        kind,
+        source,
+        client_id,
+        client,
+    } = arrival;
     let scan = Scan::of(packet, kind);
-    check_message_authenticator(&packet, &scan, client, secret)?;
+    if macs == Macs::Verify {
+        check_message_authenticator(&packet, &scan, client, secret)?;
+    }
     let event_timestamp = check_event_timestamp(&scan, client, now)?;
     if scan.echo.proxy_states > usize::from(client.policy.max_proxy_states) {
         return Err(Discard::TooManyProxyStates);
