@@ -1041,26 +1041,33 @@ fn a_failed_journal_fdatasync_stops_the_server_with_exit_74_and_acknowledges_not
     let _ = std::fs::remove_file(&object);
 }
 
+/// A fresh state directory `name` served with commit window `window` and `/metrics`, and an
+/// agent that owns `nas`.
+fn with_window(name: &str, window: &str, nas: &str) -> (PathBuf, Daemon, Agent) {
+    let dir = fresh_dir(name);
+    let socket = temp_path(&format!("{name}.sock"));
+    let d = start(
+        &dir,
+        &socket,
+        &[
+            "--journal-commit-window",
+            window,
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+    );
+    let mut agent = Agent::connect(&socket);
+    agent.ok(json!({"v":1,"op":"hello","agent":"a","nas":[nas]}));
+    (dir, d, agent)
+}
+
 /// Group commit costs the appenders one wake-up of the journal writer per commit round, not
 /// one per record (a futex syscall on the shard per Disconnect was 10 % of a durable storm).
 /// A batch of 500 upserts under a 20 ms commit window: every record is journaled, and the
 /// writer was woken at most once per fsync (plus the round still open).
 #[test]
 fn the_journal_writer_is_woken_once_per_group_commit_not_per_record() {
-    let dir = fresh_dir("wakeups");
-    let socket = temp_path("wakeups.sock");
-    let d = start(
-        &dir,
-        &socket,
-        &[
-            "--journal-commit-window",
-            "20ms",
-            "--metrics",
-            "127.0.0.1:0",
-        ],
-    );
-    let mut agent = Agent::connect(&socket);
-    agent.ok(json!({"v":1,"op":"hello","agent":"a","nas":["bng-w"]}));
+    let (dir, d, mut agent) = with_window("wakeups", "20ms", "bng-w");
     let before = metric(&d, "dynauth_journal_records_total").unwrap_or(0);
     let events: Vec<Value> = (0..500u64)
         .map(|i| {
@@ -1089,20 +1096,7 @@ fn the_journal_writer_is_woken_once_per_group_commit_not_per_record() {
 /// about 4.5 s; they take a few fsyncs, and each early commit is counted.
 #[test]
 fn a_thread_blocked_on_a_commit_ends_the_commit_window_early() {
-    let dir = fresh_dir("early");
-    let socket = temp_path("early.sock");
-    let d = start(
-        &dir,
-        &socket,
-        &[
-            "--journal-commit-window",
-            "500ms",
-            "--metrics",
-            "127.0.0.1:0",
-        ],
-    );
-    let mut agent = Agent::connect(&socket);
-    agent.ok(json!({"v":1,"op":"hello","agent":"a","nas":["bng-e"]}));
+    let (dir, d, mut agent) = with_window("early", "500ms", "bng-e");
     let started = Instant::now();
     for i in 0..10u64 {
         agent.ok(json!({"v":1,"op":"upsert","nas":"bng-e","seq": i + 1,

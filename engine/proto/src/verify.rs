@@ -171,26 +171,13 @@ pub fn authenticate<'a>(
     now: Now,
     answer_capacity: usize,
 ) -> Result<Authenticated<'a>, Discard> {
-    let Arrival {
-        packet,
-        kind,
-        source,
-        client_id,
-        client,
-    } = arrival;
     // The Request Authenticator covers the whole packet, so it is checked before anything
     // else (and before the duplicate cache, whose key covers only the first 20 octets).
-    let secret = client
+    let secret = arrival
+        .client
         .secrets()
-        .find(|s| auth::request_authenticator_is_valid(&packet, s))
+        .find(|s| auth::request_authenticator_is_valid(&arrival.packet, s))
         .ok_or(Discard::BadRequestAuthenticator)?;
-    let arrival = Arrival {
-        packet,
-        kind,
-        source,
-        client_id,
-        client,
-    };
     checked(arrival, secret, now, answer_capacity, Macs::Verify)
 }
 
