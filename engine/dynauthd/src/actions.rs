@@ -673,7 +673,7 @@ struct Running {
     plan: ActionPlan,
     owners: Vec<Owner>,
     results: Vec<Option<SessionResult>>,
-    identities: Vec<String>,
+    identities: Vec<u64>,
 }
 
 struct State {
@@ -682,7 +682,9 @@ struct State {
     unflushed: HashMap<u64, Arc<AgentLink>>,
     next_id: u64,
     running: HashMap<u64, Running>,
-    busy: HashSet<String>,
+    /// The identities of sessions with an action running, with how many running actions
+    /// (or sessions of one action) hold each.
+    busy: HashMap<u64, u32>,
     waiting: VecDeque<Origin>,
     compensating: HashSet<u64>,
     out: Vec<u8>,
@@ -699,16 +701,26 @@ const BURST: usize = 1024;
 /// The most requests waiting behind another action on the same session.
 const MAX_WAITING: usize = 4096;
 
-/// A session's identity for serialization (`store::same_session`).
-fn identity(s: &Session) -> String {
-    let nas = s.nas.as_deref().unwrap_or("");
+/// A session's identity for serialization (`store::same_session`), hashed: the NAS and the
+/// first of Acct-Session-Id, audit-session-id and CUI it has (else the whole session). Two
+/// sessions whose identities collide are serialized as if they were one, which only makes
+/// the second wait; two requests for one session always share the identity.
+fn identity(s: &Session) -> u64 {
+    use std::hash::{BuildHasher, Hash, Hasher};
+    let mut h = IDENTITY_HASH.build_hasher();
+    s.nas.as_deref().unwrap_or("").hash(&mut h);
     match (&s.acct_session_id, &s.audit_session_id, &s.cui) {
-        (Some(a), _, _) => format!("{nas}\0a\0{a}"),
-        (None, Some(a), _) => format!("{nas}\0s\0{a}"),
-        (None, None, Some(c)) => format!("{nas}\0c\0{c}"),
-        (None, None, None) => format!("{nas}\0?\0{}", serde_json::to_string(s).unwrap_or_default()),
+        (Some(a), _, _) => (b'a', a).hash(&mut h),
+        (None, Some(a), _) => (b's', a).hash(&mut h),
+        (None, None, Some(c)) => (b'c', c).hash(&mut h),
+        (None, None, None) => (b'?', serde_json::to_string(s).unwrap_or_default()).hash(&mut h),
     }
+    h.finish()
 }
+
+/// Fixed keys: identities are compared within one process only.
+const IDENTITY_HASH: std::hash::BuildHasherDefault<std::hash::DefaultHasher> =
+    std::hash::BuildHasherDefault::new();
 
 impl State {
     fn new(setup: DispatcherSetup) -> Self {
@@ -717,7 +729,7 @@ impl State {
             unflushed: HashMap::new(),
             next_id: 1,
             running: HashMap::new(),
-            busy: HashSet::new(),
+            busy: HashMap::new(),
             waiting: VecDeque::new(),
             compensating: HashSet::new(),
             out: vec![0; MAX_PACKET_LEN],
@@ -838,7 +850,7 @@ impl State {
     fn admit(&mut self, p: Origin) {
         if p.sessions()
             .iter()
-            .any(|s| self.busy.contains(&identity(s)))
+            .any(|s| self.busy.contains_key(&identity(s)))
         {
             if self.waiting.len() >= MAX_WAITING {
                 self.refuse(p, ErrorCause::ResourcesUnavailable);
@@ -895,9 +907,9 @@ impl State {
         let id = self.next_id;
         self.next_id += 1;
         let deadline_ms = p.deadline_ms().saturating_sub(self.now().monotonic_ms);
-        let identities: Vec<String> = p.sessions().iter().map(identity).collect();
+        let identities: Vec<u64> = p.sessions().iter().map(identity).collect();
         for i in &identities {
-            self.busy.insert(i.clone());
+            *self.busy.entry(*i).or_insert(0) += 1;
         }
         let mut running = Running {
             results: vec![None; plan.sessions.len()],
@@ -1004,7 +1016,12 @@ impl State {
             return;
         };
         for i in &running.identities {
-            self.busy.remove(i);
+            if let Some(n) = self.busy.get_mut(i) {
+                *n -= 1;
+                if *n == 0 {
+                    self.busy.remove(i);
+                }
+            }
         }
         let now = self.now();
         match &running.origin {
@@ -1110,7 +1127,7 @@ impl State {
         while let Some(p) = self.waiting.pop_front() {
             if p.sessions()
                 .iter()
-                .any(|s| self.busy.contains(&identity(s)))
+                .any(|s| self.busy.contains_key(&identity(s)))
             {
                 still.push_back(p);
                 continue;
