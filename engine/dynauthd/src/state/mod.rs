@@ -434,9 +434,10 @@ struct Shared {
     durable: Mutex<u64>,
     durable_cv: Condvar,
     durable_fast: AtomicU64,
-    /// Threads blocked in `wait_durable` (they have nothing else to do until a commit): the
-    /// writer then commits at once instead of waiting out its window.
-    waiters: AtomicU64,
+    /// The highest sequence number a thread blocked in `wait_durable` waits for (it has
+    /// nothing else to do until then): while it is above `durable_fast`, the writer commits at
+    /// once instead of waiting out its window.
+    wanted: AtomicU64,
     stop: AtomicBool,
     stats: Arc<StateStats>,
 }
@@ -462,10 +463,11 @@ impl Shared {
             return;
         }
         let started = Instant::now();
-        // Counted before the writer's lock is taken to notify it: the writer checks the count
+        // Published before the writer's lock is taken to notify it: the writer checks `wanted`
         // under that lock before each wait of its window, so it either sees this waiter or
-        // is already waiting and gets the notification.
-        self.waiters.fetch_add(1, Ordering::SeqCst);
+        // is already waiting and gets the notification. A waiter whose record is already in
+        // the fsync under way asks for nothing more: the writer compares with what is durable.
+        self.wanted.fetch_max(lsn, Ordering::SeqCst);
         drop(self.lock());
         self.wake.notify_one();
         let mut d = self.durable.lock().unwrap_or_else(|p| p.into_inner());
@@ -473,7 +475,6 @@ impl Shared {
             d = self.durable_cv.wait(d).unwrap_or_else(|p| p.into_inner());
         }
         drop(d);
-        self.waiters.fetch_sub(1, Ordering::SeqCst);
         self.stats.commit_waits.fetch_add(1, Ordering::Relaxed);
         self.stats.commit_wait_ns.fetch_add(
             u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX),
@@ -571,7 +572,9 @@ impl Writer {
                     if now >= due || self.shared.stop.load(Ordering::Acquire) {
                         break;
                     }
-                    if self.shared.waiters.load(Ordering::SeqCst) > 0 {
+                    if self.shared.wanted.load(Ordering::SeqCst)
+                        > self.shared.durable_fast.load(Ordering::Acquire)
+                    {
                         self.shared
                             .stats
                             .early_commits
@@ -712,7 +715,7 @@ impl DurableStore {
             appended: AtomicU64::new(0),
             durable: Mutex::new(0),
             durable_cv: Condvar::new(),
-            waiters: AtomicU64::new(0),
+            wanted: AtomicU64::new(0),
             durable_fast: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             stats,
