@@ -118,8 +118,12 @@ impl AnswerBatch {
         if self.queued.is_empty() {
             return report;
         }
-        // Answers leave grouped by socket, each socket's in the order they were queued.
-        self.queued.sort_by_key(|q| q.socket);
+        // Answers leave grouped by socket, each socket's in the order they were queued. With
+        // one socket (the usual case) they already are: the stable sort, which allocates its
+        // scratch space, runs only when they are not.
+        if !self.queued.is_sorted_by_key(|q| q.socket) {
+            self.queued.sort_by_key(|q| q.socket);
+        }
         let mut start = 0;
         while start < self.queued.len() {
             let socket = self.queued[start].socket;
@@ -307,5 +311,53 @@ mod tests {
             let (len, _) = dacs[1].recv_from(&mut buf).unwrap();
             assert_eq!(&buf[..len], b"again");
         }
+    }
+    #[test]
+    fn answers_from_two_sockets_leave_from_each_in_the_order_queued() {
+        let sizes = BufferSizes {
+            recv: 1 << 20,
+            send: 1 << 20,
+        };
+        let a = bind_udp("127.0.0.1:0".parse().unwrap(), sizes).unwrap();
+        let b = bind_udp("127.0.0.1:0".parse().unwrap(), sizes).unwrap();
+        let (from_a, from_b) = (a.local, b.local);
+        let sender = AnswerSender::new(&[a, b]).unwrap();
+        let dac = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        dac.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let to = dac.local_addr().unwrap();
+        let mut batch = AnswerBatch::new();
+        // Interleaved, and longer than the stable sort's small-slice cut-off.
+        for n in 0..40 {
+            let (from, tag) = if n % 2 == 0 {
+                (from_b, "b")
+            } else {
+                (from_a, "a")
+            };
+            batch
+                .push(&sender, format!("{tag}{n}").as_bytes(), to, from)
+                .unwrap();
+        }
+        let report = batch.flush(&sender);
+        assert_eq!((report.sent, report.failed, report.calls), (40, 0, 2));
+        let mut got = std::collections::HashMap::<SocketAddr, Vec<String>>::new();
+        let mut buf = [0u8; 64];
+        for _ in 0..40 {
+            let (len, peer) = dac.recv_from(&mut buf).unwrap();
+            got.entry(peer)
+                .or_default()
+                .push(String::from_utf8_lossy(&buf[..len]).into_owned());
+        }
+        let want = |tag: &str, first: usize| -> Vec<String> {
+            (first..40)
+                .step_by(2)
+                .map(|n| format!("{tag}{n}"))
+                .collect()
+        };
+        assert_eq!(
+            got[&from_a],
+            want("a", 1),
+            "from the socket it was queued for, in order"
+        );
+        assert_eq!(got[&from_b], want("b", 0));
     }
 }
