@@ -528,7 +528,7 @@ pub struct Delivery {
     pub shards: Vec<ShardLink>,
     pub sender: AnswerSender,
     /// A round's answers on their way to the DAC (one `sendmmsg` per round and socket).
-    pub outgoing: AnswerBatch,
+    outgoing: AnswerBatch,
     /// Shards handed answers this round (woken once at its end).
     woken: Vec<bool>,
 }

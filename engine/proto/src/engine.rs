@@ -707,6 +707,22 @@ mod tests {
 
     struct Capture(Mutex<Vec<PendingRequest>>);
 
+    /// Settles a one-session pending request as committed by the data plane.
+    fn settle_committed(
+        pending: &PendingRequest,
+        store: &dyn SessionStore,
+        out: &mut [u8],
+    ) -> crate::action::Settled {
+        pending
+            .settle(
+                store,
+                &[Some(crate::action::SessionResult::Committed)],
+                NOW,
+                out,
+            )
+            .unwrap()
+    }
+
     impl ActionSink for Capture {
         fn submit(&self, request: PendingRequest) -> Result<(), QueueFull> {
             self.0.lock().unwrap().push(request);
@@ -740,14 +756,7 @@ mod tests {
         engine.set_config(after);
         let pending = sink.0.lock().unwrap().pop().unwrap();
         assert_eq!(pending.client_id(), ClientId(0));
-        let settled = pending
-            .settle(
-                &*store,
-                &[Some(crate::action::SessionResult::Committed)],
-                NOW,
-                &mut out,
-            )
-            .unwrap();
+        let settled = settle_committed(&pending, &*store, &mut out);
         assert_eq!(settled.code, code::DISCONNECT_ACK);
         let answer = out[..settled.len].to_vec();
         assert_eq!(check(&answer, &req, "old"), ResponseCheck::Valid);
@@ -792,14 +801,7 @@ mod tests {
             );
             let pending = sink.0.lock().unwrap().pop().unwrap();
             assert_eq!(pending.plan().unwrap().sessions.len(), 1);
-            let settled = pending
-                .settle(
-                    &*store,
-                    &[Some(crate::action::SessionResult::Committed)],
-                    NOW,
-                    &mut out,
-                )
-                .unwrap();
+            let settled = settle_committed(&pending, &*store, &mut out);
             assert_eq!(settled.code, code::DISCONNECT_ACK);
             let answer = &out[..settled.len];
             assert_eq!(
