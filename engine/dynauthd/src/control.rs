@@ -30,6 +30,8 @@ use serde_json::{Map, Value, json};
 use crate::actions::{AgentLink, Agents, Owner, Submitter};
 use crate::feed::SessionFeed;
 
+mod typed_batch;
+
 /// The protocol version this server speaks.
 pub const VERSION: u64 = 1;
 /// The longest line accepted (a batch of a few thousand sessions).
@@ -640,6 +642,13 @@ impl Connection<'_> {
     }
 
     fn reply(&mut self, text: &str, line: u64) -> String {
+        // The feed's bulk form first, read without a `Value` tree; anything it does not
+        // take as it is goes the general way, which names what is wrong.
+        if let Some(batch) = typed_batch::parse(text)
+            && let Some(reply) = self.typed_batch(batch)
+        {
+            return reply;
+        }
         let parsed: Result<Value, _> = serde_json::from_str(text);
         let message = match parsed {
             Ok(Value::Object(m)) => m,
@@ -894,6 +903,34 @@ impl Connection<'_> {
             })?;
             events.push(self.event(op, em, place)?);
         }
+        Ok(self.apply_batch(events))
+    }
+
+    /// A batch read by [`typed_batch::parse`], applied as [`Connection::batch`] applies one;
+    /// `None` when an event names a NAS this connection may not feed (the `Value` path then
+    /// refuses the line, naming the event). Ownership is looked up once per run of events
+    /// for the same NAS, not once per event.
+    fn typed_batch(&self, batch: typed_batch::TypedBatch<'_>) -> Option<String> {
+        let mut events = Vec::with_capacity(batch.events.len());
+        let mut allowed: Option<&str> = None;
+        for (i, e) in batch.events.iter().enumerate() {
+            if allowed != Some(&*e.nas) {
+                self.check_owner(&e.nas, Place::InBatch(i)).ok()?;
+                allowed = Some(&e.nas);
+            }
+        }
+        for e in batch.events {
+            events.push(Sequenced {
+                nas: Some(e.nas.into_owned()),
+                seq: e.seq,
+                event: e.event,
+            });
+        }
+        Some(ok_reply(&batch.id, self.apply_batch(events)))
+    }
+
+    /// Applies a parsed batch under one feed lock; the reply names each event refused.
+    fn apply_batch(&self, events: Vec<Sequenced>) -> Value {
         let results = self.shared.feed.apply_all(events);
         let mut applied = 0usize;
         let mut errors = Vec::new();
@@ -903,7 +940,7 @@ impl Connection<'_> {
                 Err(e) => errors.push(json!({"index": i, "message": e.to_string()})),
             }
         }
-        Ok(json!({"applied": applied, "errors": errors}))
+        json!({"applied": applied, "errors": errors})
     }
 
     /// An agent's results for an action it received: `{"op": "action_result", "action": N,

@@ -1,0 +1,270 @@
+//! The `batch` message read straight into typed events, without a `serde_json::Value` tree
+//! (a batch of 1,000 upserts is the feed's bulk form, and building the tree, one map and
+//! one `String` per field of every session, was the control thread's largest cost:
+//! docs/BENCHMARKS.md, "Where the control thread's time goes").
+//!
+//! Owns: one function, [`parse`], which accepts exactly the well-formed batches and says
+//! nothing about the rest. Must not touch: what a wrong message is answered with. Anything
+//! this reader does not take as it is (a field of the wrong type, a duplicate field, an
+//! event given as an array, `"mode": null`, a session that does not parse, ...) makes it
+//! return `None`, and the caller reads the line again through the `Value` path, which names
+//! the field and the line at fault. So the two paths cannot disagree on an error: only one
+//! of them ever reports errors, and this one only ever accepts what that one accepts (the
+//! unit tests below pin each case where a typed reader is more lenient than the `Value`
+//! path; `tests/control.rs` checks the error replies end to end).
+#![forbid(unsafe_code)]
+
+use std::borrow::Cow;
+
+use dynauth_proto::feed::FeedEvent;
+use dynauth_proto::session::Session;
+use dynauth_proto::store::UpsertMode;
+use serde::{Deserialize, Deserializer};
+use serde_json::Value;
+use serde_json::value::RawValue;
+
+/// A batch read by [`parse`]: the message's `id` and its events in order, each with the
+/// NAS it names (not yet checked against the connection's claims) and its sequence number.
+#[derive(Debug)]
+pub(super) struct TypedBatch<'a> {
+    pub id: Value,
+    pub events: Vec<TypedEvent<'a>>,
+}
+
+#[derive(Debug)]
+pub(super) struct TypedEvent<'a> {
+    pub nas: Cow<'a, str>,
+    pub seq: Option<u64>,
+    pub event: FeedEvent,
+}
+
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    v: u64,
+    #[serde(default)]
+    id: Option<Value>,
+    #[serde(borrow)]
+    op: Cow<'a, str>,
+    #[serde(borrow)]
+    events: Vec<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct Fields<'a> {
+    #[serde(borrow)]
+    op: Cow<'a, str>,
+    #[serde(borrow)]
+    nas: Cow<'a, str>,
+    /// `null` and absent are both "no sequence number", as on the `Value` path.
+    #[serde(default)]
+    seq: Option<u64>,
+    #[serde(default, borrow)]
+    session: Option<&'a RawValue>,
+    /// Absent is `create`; `null` is an error on the `Value` path, so only a present
+    /// string is taken here (`deserialize_with` runs only for a present field).
+    #[serde(default, borrow, deserialize_with = "present")]
+    mode: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    acct_session_id: Option<Cow<'a, str>>,
+}
+
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Cow<'de, str>>, D::Error> {
+    <Cow<'de, str>>::deserialize(d).map(Some)
+}
+
+/// Whether the raw JSON text is an object (a typed struct would also take an array).
+fn is_object(raw: &RawValue) -> bool {
+    raw.get().trim_start().starts_with('{')
+}
+
+/// Reads `text` as a version-1 `batch` message, or `None` when it is anything else or
+/// anything about it is wrong (then the `Value` path reads it and names the error).
+pub(super) fn parse(text: &str) -> Option<TypedBatch<'_>> {
+    if !text.trim_start().starts_with('{') {
+        return None;
+    }
+    let envelope: Envelope<'_> = serde_json::from_str(text).ok()?;
+    if envelope.v != super::VERSION || envelope.op != "batch" {
+        return None;
+    }
+    let mut events = Vec::with_capacity(envelope.events.len());
+    for raw in envelope.events {
+        if !is_object(raw) {
+            return None;
+        }
+        let fields: Fields<'_> = serde_json::from_str(raw.get()).ok()?;
+        events.push(typed_event(fields)?);
+    }
+    Some(TypedBatch {
+        id: envelope.id.unwrap_or(Value::Null),
+        events,
+    })
+}
+
+fn typed_event(f: Fields<'_>) -> Option<TypedEvent<'_>> {
+    if f.nas.is_empty() {
+        return None;
+    }
+    let event = match &*f.op {
+        "upsert" => {
+            let raw = f.session?;
+            if !is_object(raw) {
+                return None;
+            }
+            let session: Session = serde_json::from_str(raw.get()).ok()?;
+            let mode = match f.mode.as_deref() {
+                None | Some("create") => UpsertMode::Create,
+                Some("refresh") => UpsertMode::Refresh,
+                Some(_) => return None,
+            };
+            FeedEvent::Upsert { session, mode }
+        }
+        "delete" => match f.acct_session_id {
+            Some(id) if !id.is_empty() => FeedEvent::Delete {
+                acct_session_id: id.into_owned(),
+            },
+            _ => return None,
+        },
+        "nas_reset" => FeedEvent::NasReset,
+        "sync_begin" => FeedEvent::SyncBegin,
+        "sync_end" => FeedEvent::SyncEnd,
+        _ => return None,
+    };
+    Some(TypedEvent {
+        nas: f.nas,
+        seq: f.seq,
+        event,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn events(text: &str) -> Option<Vec<(String, Option<u64>, FeedEvent)>> {
+        parse(text).map(|b| {
+            b.events
+                .into_iter()
+                .map(|e| (e.nas.into_owned(), e.seq, e.event))
+                .collect()
+        })
+    }
+
+    #[test]
+    fn a_well_formed_batch_is_read_into_the_events_the_value_path_builds() {
+        let text = r#"{"v":1,"id":"b7","op":"batch","events":[
+            {"op":"upsert","nas":"bng-1","seq":4,"session":{"acct_session_id":"s-1","user_name":"alice","framed_ip":"10.0.0.1"}},
+            {"op":"upsert","nas":"bng-1","mode":"refresh","session":{"acct_session_id":"s-2"}},
+            {"op":"delete","nas":"bng-1","seq":null,"acct_session_id":"s-3"},
+            {"op":"nas_reset","nas":"bng-2","unknown_extra":true},
+            {"op":"sync_begin","nas":"bng-3"},{"op":"sync_end","nas":"bng-3"}]}"#;
+        let batch = parse(text).expect("a well-formed batch takes the typed path");
+        assert_eq!(batch.id, Value::from("b7"));
+        let got: Vec<_> = batch
+            .events
+            .into_iter()
+            .map(|e| (e.nas.into_owned(), e.seq, e.event))
+            .collect();
+        let session = |id: &str, user: Option<&str>, ip: Option<&str>| Session {
+            acct_session_id: Some(id.into()),
+            user_name: user.map(Into::into),
+            framed_ip: ip.map(|i| i.parse().unwrap()),
+            ..Session::default()
+        };
+        assert_eq!(
+            got,
+            vec![
+                (
+                    "bng-1".into(),
+                    Some(4),
+                    FeedEvent::Upsert {
+                        session: session("s-1", Some("alice"), Some("10.0.0.1")),
+                        mode: UpsertMode::Create
+                    }
+                ),
+                (
+                    "bng-1".into(),
+                    None,
+                    FeedEvent::Upsert {
+                        session: session("s-2", None, None),
+                        mode: UpsertMode::Refresh
+                    }
+                ),
+                (
+                    "bng-1".into(),
+                    None,
+                    FeedEvent::Delete {
+                        acct_session_id: "s-3".into()
+                    }
+                ),
+                ("bng-2".into(), None, FeedEvent::NasReset),
+                ("bng-3".into(), None, FeedEvent::SyncBegin),
+                ("bng-3".into(), None, FeedEvent::SyncEnd),
+            ]
+        );
+    }
+
+    #[test]
+    fn escaped_strings_are_read_as_their_text() {
+        let got = events(
+            r#"{"v":1,"op":"batch","events":[{"op":"upsert","nas":"n\u002d1","session":{"acct_session_id":"a\"b"}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(got[0].0, "n-1");
+        let FeedEvent::Upsert { session, .. } = &got[0].2 else {
+            panic!("{got:?}")
+        };
+        assert_eq!(session.acct_session_id.as_deref(), Some("a\"b"));
+    }
+
+    /// Every shape the `Value` path refuses (or that is not a batch) is left to it: a typed
+    /// struct would take some of these (an array for a struct, `null` for an absent
+    /// `mode`, the last of two duplicate fields), so each is pinned here.
+    #[test]
+    fn anything_the_value_path_would_refuse_or_read_differently_is_left_to_it() {
+        let ok_event = r#"{"op":"upsert","nas":"n","session":{"acct_session_id":"a"}}"#;
+        let batch = |events: &str| format!(r#"{{"v":1,"op":"batch","events":[{events}]}}"#);
+        assert!(events(&batch(ok_event)).is_some(), "the control case");
+        let left_to_the_value_path = [
+            // Not a version-1 batch.
+            r#"{"v":2,"op":"batch","events":[]}"#.to_owned(),
+            r#"{"v":1,"op":"upsert","nas":"n","session":{"acct_session_id":"a"}}"#.to_owned(),
+            r#"{"v":1.0,"op":"batch","events":[]}"#.to_owned(),
+            r#"{"op":"batch","events":[]}"#.to_owned(),
+            r#"[1,"batch",[]]"#.to_owned(),
+            r#"{"v":1,"op":"batch"}"#.to_owned(),
+            r#"{"v":1,"op":"batch","events":{}}"#.to_owned(),
+            r#"{"v":1,"v":1,"op":"batch","events":[]}"#.to_owned(),
+            // An event given as an array (serde would fill the struct from it).
+            batch(r#"["upsert","n",null,{"acct_session_id":"a"}]"#),
+            batch("7"),
+            // Fields of an event.
+            batch(r#"{"op":"upsert","session":{"acct_session_id":"a"}}"#),
+            batch(r#"{"op":"upsert","nas":"","session":{"acct_session_id":"a"}}"#),
+            batch(r#"{"op":"upsert","nas":7,"session":{"acct_session_id":"a"}}"#),
+            batch(r#"{"op":"","nas":"n"}"#),
+            batch(r#"{"op":"frobnicate","nas":"n"}"#),
+            batch(r#"{"op":"upsert","nas":"n","nas":"m","session":{"acct_session_id":"a"}}"#),
+            batch(r#"{"op":"upsert","nas":"n","seq":"x","session":{"acct_session_id":"a"}}"#),
+            batch(r#"{"op":"upsert","nas":"n","seq":-1,"session":{"acct_session_id":"a"}}"#),
+            batch(r#"{"op":"upsert","nas":"n","seq":1.5,"session":{"acct_session_id":"a"}}"#),
+            batch(r#"{"op":"upsert","nas":"n"}"#),
+            batch(r#"{"op":"upsert","nas":"n","session":null}"#),
+            batch(r#"{"op":"upsert","nas":"n","session":["a"]}"#),
+            batch(r#"{"op":"upsert","nas":"n","session":{"acct_session_id":"a","framed_ip":"x"}}"#),
+            batch(r#"{"op":"upsert","nas":"n","session":{"colour":"red"}}"#),
+            batch(r#"{"op":"upsert","nas":"n","mode":null,"session":{"acct_session_id":"a"}}"#),
+            batch(r#"{"op":"upsert","nas":"n","mode":"later","session":{"acct_session_id":"a"}}"#),
+            batch(r#"{"op":"delete","nas":"n"}"#),
+            batch(r#"{"op":"delete","nas":"n","acct_session_id":""}"#),
+            batch(r#"{"op":"delete","nas":"n","acct_session_id":5}"#),
+            // One bad event among good ones: the whole line goes to the `Value` path.
+            batch(&format!(
+                r#"{ok_event},{{"op":"upsert","nas":"n","seq":"x"}}"#
+            )),
+        ];
+        for text in &left_to_the_value_path {
+            assert!(events(text).is_none(), "taken by the typed path: {text}");
+        }
+    }
+}
