@@ -8,7 +8,6 @@
 //! Batched I/O (sendmmsg/recvmmsg, ppoll, thread CPU time) is `dynauth_udp::dac`: loadgen has
 //! no syscall code of its own.
 //! - [`ids`]: per-socket Identifier rotation (never reuse an outstanding Identifier).
-//! - [`md5x4`]: MD5 of four messages at once (batch signing).
 //! - [`pool`]: sessions (JSON Lines or synthetic) and the requests prepared ahead of time.
 //! - [`deadlines`]: a worker's timeout timers in deadline order (a FIFO plus a heap).
 //! - [`worker`]: one pinned thread's send/receive/verify loop, open or closed loop.
@@ -26,7 +25,6 @@ pub mod cli;
 pub mod deadlines;
 pub mod echo;
 pub mod ids;
-pub mod md5x4;
 pub mod pool;
 pub mod report;
 pub mod run;

@@ -20,7 +20,7 @@ use dynauth_proto::session::Session;
 use dynauth_proto::synth;
 
 use crate::cli::Mix;
-use crate::md5x4::md5x4;
+use dynauth_proto::md5x4::md5x4;
 
 /// Why the requests could not be prepared.
 #[derive(Debug, thiserror::Error)]

@@ -231,6 +231,8 @@ struct ShardHandler {
     /// and those it sent.
     late_send_errors: u64,
     late_sent: u64,
+    /// This batch's answers left for `Engine::seal_batch` (their positions in the batch).
+    sealed_later: Vec<usize>,
 }
 
 /// The shard's side of the dispatcher's deliveries.
@@ -318,17 +320,23 @@ impl Handler for ShardHandler {
         // Two passes of hints before any decision: every request's index entry, then every
         // request's record, so that a storm's cache misses overlap across the batch instead
         // of stalling each decision in turn (docs/BENCHMARKS.md, "Batch touches").
-        if batch.len() >= TOUCH_BATCH_MIN {
+        let together = batch.len() >= TOUCH_BATCH_MIN;
+        if together {
             for step in [Touch::Index, Touch::Record] {
                 for d in batch.datagrams() {
                     self.engine.touch(d.data, step);
                 }
             }
+            // The batch's MD5s four at a time: the Request Authenticators now, the answers'
+            // signatures after the decisions (`Engine::begin_batch`).
+            self.engine
+                .begin_batch(batch.datagrams().iter().map(|d| (d.data, d.source)));
         }
+        self.sealed_later.clear();
         let scope = crate::state::defer_commits();
         self.shedder.start_batch();
         let mut answered = false;
-        for (d, answer) in batch.iter_mut() {
+        for (i, (d, answer)) in batch.iter_mut().enumerate() {
             // RFC 5176 §3.5 under overload: a request that waited past --shed-after is shed
             // here, before the engine or the store sees it (docs/RUNNING.md, "Overload").
             let started = Instant::now();
@@ -351,6 +359,9 @@ impl Handler for ShardHandler {
                     if let Some(audit) = &self.audit {
                         audit.radius_answer(d.data, d.source, &a);
                     }
+                    if a.sealed_later {
+                        self.sealed_later.push(i);
+                    }
                     answered = true;
                     answer.send(a.len)
                 }
@@ -361,6 +372,18 @@ impl Handler for ShardHandler {
             }
         }
         self.shedder.end_batch();
+        if together {
+            self.engine.seal_batch();
+            let mut next = self.sealed_later.iter().copied().peekable();
+            for (i, (_, answer)) in batch.iter_mut().enumerate() {
+                if next.next_if_eq(&i).is_some() && !self.engine.write_sealed(answer.buffer()) {
+                    // Never reached while the engine and this loop agree; an answer
+                    // without its signatures must not leave all the same.
+                    tracing::error!("an answer of this batch was not signed: not sent");
+                    answer.cancel();
+                }
+            }
+        }
         // A batch without answers shows nobody anything: nothing to wait for.
         if let Some(durability) = scope.detach()
             && answered
@@ -684,6 +707,7 @@ pub fn start_at(
                     held: std::collections::VecDeque::with_capacity(4),
                     late_send_errors: 0,
                     late_sent: 0,
+                    sealed_later: Vec::new(),
                 };
                 run_shard(index, backend, handler, &shard_stop, &report);
             });

@@ -61,6 +61,22 @@ pub(crate) fn encode(
     request: &Authenticated<'_>,
     verdict: &Verdict,
 ) -> Result<usize, WriteError> {
+    let (len, ma_offset) = encode_unsigned(out, request, verdict)?;
+    if let Some(answer) = out.get_mut(..len) {
+        auth::sign_response(answer, ma_offset, request.secret());
+    }
+    Ok(len)
+}
+
+/// [`encode`] without the signatures: the Authenticator field holds the request's Request
+/// Authenticator and the Message-Authenticator (at the returned offset, when the answer
+/// carries one) is zero, as `auth::sign_response` expects them (`batch` signs later).
+/// Returns the length and that offset.
+pub(crate) fn encode_unsigned(
+    out: &mut [u8],
+    request: &Authenticated<'_>,
+    verdict: &Verdict,
+) -> Result<(usize, Option<usize>), WriteError> {
     let packet = request.packet();
     let reason = (!verdict.ack && request.client().policy.reply_message_reasons)
         .then(|| verdict.error_cause.map(ErrorCause::reason))
@@ -88,8 +104,5 @@ pub(crate) fn encode(
     for echoed in request.echo().attributes() {
         w.push(echoed.ty, echoed.value)?;
     }
-    let answer = w.finish();
-    let len = answer.len();
-    auth::sign_response(answer, ma_offset, request.secret());
-    Ok(len)
+    Ok((w.finish().len(), ma_offset))
 }

@@ -29,6 +29,33 @@ const ZERO: Authenticator = [0; AUTHENTICATOR_LEN];
 pub struct Secret {
     bytes: Box<[u8]>,
     hmac_key_state: Hmac<Md5>,
+    /// The same key state as two MD5 midstates, after the key block XOR ipad and XOR opad
+    /// (RFC 2104 §2), for HMACs computed four at a time ([`crate::md5x4`]).
+    hmac_midstates: HmacMidstates,
+}
+
+/// The MD5 states after the HMAC key block XOR ipad (`inner`) and XOR opad (`outer`).
+#[derive(Clone, Copy)]
+pub(crate) struct HmacMidstates {
+    pub inner: [u32; 4],
+    pub outer: [u32; 4],
+}
+
+impl HmacMidstates {
+    fn of(key: &[u8]) -> Self {
+        // RFC 2104 §2: a key longer than the block is hashed first; then zero-padded.
+        let mut block = [0u8; 64];
+        if key.len() > block.len() {
+            let digest: [u8; 16] = Md5::digest(key).into();
+            block[..16].copy_from_slice(&digest);
+        } else {
+            block[..key.len()].copy_from_slice(key);
+        }
+        HmacMidstates {
+            inner: crate::md5x4::state_after(&block.map(|b| b ^ 0x36)),
+            outer: crate::md5x4::state_after(&block.map(|b| b ^ 0x5c)),
+        }
+    }
 }
 
 /// The secret is empty: RFC 2865 §3 forbids an empty shared secret.
@@ -47,7 +74,18 @@ impl Secret {
         Ok(Secret {
             bytes: bytes.into(),
             hmac_key_state,
+            hmac_midstates: HmacMidstates::of(bytes),
         })
+    }
+
+    /// The secret's octets, for authenticators computed four at a time. Crate-private:
+    /// nothing outside the authenticators may see them.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    pub(crate) fn hmac_midstates(&self) -> HmacMidstates {
+        self.hmac_midstates
     }
 
     /// HMAC-MD5 over the concatenation of `parts`, starting from the precomputed key state.
@@ -237,6 +275,24 @@ mod tests {
                 0xb7, 0x38
             ]
         );
+    }
+
+    /// The HMAC midstates (four-lane HMACs continue from them) give the `hmac` crate's
+    /// HMAC-MD5 for keys of every length up to past the block (RFC 2104 §2: a longer key
+    /// is hashed first).
+    #[test]
+    fn hmac_midstates_continue_to_the_same_mac_for_every_key_length() {
+        let message = b"a Disconnect-ACK, more or less";
+        for len in 1..=100usize {
+            let key: Vec<u8> = (0..len).map(|k| (k * 13 + len) as u8).collect();
+            let s = Secret::new(&key).unwrap();
+            let m = s.hmac_midstates();
+            let inner =
+                crate::md5x4::md5x4_parts([m.inner; 4], 64, [&[&message[..]][..]; 4]).unwrap()[0];
+            let outer =
+                crate::md5x4::md5x4_parts([m.outer; 4], 64, [&[&inner[..]][..]; 4]).unwrap()[1];
+            assert_eq!(outer, s.hmac_md5(&[message]), "key of {len} octets");
+        }
     }
 
     // RFC 2202 §2 test case 6: an 80-octet key (longer than the block) is hashed first.

@@ -140,6 +140,16 @@ struct Entry {
     len: u32,
     /// The high half of the key's hash: its home in the index and its tag there.
     tag: u32,
+    /// Stored before its signatures ([`DuplicateCache::complete_unsigned`]): never replayed
+    /// until [`DuplicateCache::seal`] writes the signed octets.
+    unsigned: bool,
+}
+
+/// Where an answer stored unsigned is, for [`DuplicateCache::seal`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct UnsignedSlot {
+    pos: usize,
+    key: Packed,
 }
 
 /// A free index word. Never a real one: ring positions are below `u32::MAX`.
@@ -306,6 +316,10 @@ impl DuplicateCache {
         if entry.expires_ms < now_ms {
             return Seen::New;
         }
+        if entry.unsigned {
+            // Answered, but its signatures are still being computed (same batch).
+            return Seen::InFlight;
+        }
         let start = entry.offset as usize;
         match self.arena.get(start..start + entry.len as usize) {
             Some(bytes) => Seen::Answered(bytes),
@@ -344,6 +358,42 @@ impl DuplicateCache {
         }
     }
 
+    /// Stores an answer whose signatures are not written yet: a retransmission finds it
+    /// in flight, not answered, until [`DuplicateCache::seal`]. `None` when it was not
+    /// stored (too large).
+    pub(crate) fn complete_unsigned(
+        &mut self,
+        request: &Authenticated<'_>,
+        answer: &[u8],
+        now_ms: u64,
+        expires_ms: u64,
+    ) -> Option<UnsignedSlot> {
+        let key = request.duplicate_key();
+        self.store(key, answer, now_ms, expires_ms, true)
+            .map(|pos| UnsignedSlot {
+                pos,
+                key: key.packed(),
+            })
+    }
+
+    /// Writes the signed octets of an answer stored by
+    /// [`DuplicateCache::complete_unsigned`], which may be replayed from then on. Nothing
+    /// happens when that answer has left the cache meanwhile (its ring slot then holds
+    /// another key, or a signed answer) or `signed` is not of its length.
+    pub(crate) fn seal(&mut self, slot: UnsignedSlot, signed: &[u8]) {
+        let Some(entry) = self.ring.get_mut(slot.pos) else {
+            return;
+        };
+        if !entry.unsigned || entry.key != slot.key || entry.len as usize != signed.len() {
+            return;
+        }
+        let start = entry.offset as usize;
+        if let Some(bytes) = self.arena.get_mut(start..start + signed.len()) {
+            bytes.copy_from_slice(signed);
+            entry.unsigned = false;
+        }
+    }
+
     pub(crate) fn complete_key(
         &mut self,
         key: DuplicateKey,
@@ -351,6 +401,18 @@ impl DuplicateCache {
         now_ms: u64,
         expires_ms: u64,
     ) {
+        let _ = self.store(key, answer, now_ms, expires_ms, false);
+    }
+
+    /// Stores an answer; its ring position, or `None` when it was not stored.
+    fn store(
+        &mut self,
+        key: DuplicateKey,
+        answer: &[u8],
+        now_ms: u64,
+        expires_ms: u64,
+        unsigned: bool,
+    ) -> Option<usize> {
         let key = key.packed();
         if !self.in_flight.is_empty() {
             self.unmark(key);
@@ -359,7 +421,7 @@ impl DuplicateCache {
         let len = answer.len();
         if len >= self.arena.len() || self.ring.is_empty() {
             self.stats.too_large += 1;
-            return;
+            return None;
         }
         // Room first (oldest answers out), then the key's place in the index: evictions may
         // have moved it, which `locate` notices.
@@ -378,9 +440,7 @@ impl DuplicateCache {
         self.write_pos = offset + len;
         let pos = self.ring_pos(self.len);
         let slot = self.locate(key);
-        let Some(memo) = self.memo.as_mut() else {
-            return;
-        };
+        let memo = self.memo.as_mut()?;
         let tag = hash_tag(memo.hash, self.tag_mask);
         if let Some(entry) = self.ring.get_mut(pos) {
             *entry = Entry {
@@ -389,6 +449,7 @@ impl DuplicateCache {
                 offset: offset as u32,
                 len: len as u32,
                 tag,
+                unsigned,
             };
         }
         self.len += 1;
@@ -407,6 +468,7 @@ impl DuplicateCache {
         memo.slot = Ok(slot);
         memo.generation = self.generation;
         self.stats.stored += 1;
+        Some(pos)
     }
 
     /// Where `len` octets fit without overlapping a live answer, if anywhere. Live answers

@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use crate::action::{Abandoned, ActionSink, PendingRequest, Settled};
 use crate::answer;
+use crate::batch::BatchWork;
 use crate::client::{ClientTable, NasIdentity};
 use crate::codec::Packet;
 use crate::counters::{Counters, Discard, RequestKind};
@@ -82,6 +83,9 @@ pub struct Answer {
     pub error_cause: Option<ErrorCause>,
     /// Sessions removed or changed.
     pub sessions: u32,
+    /// Left unsigned in a batch ([`Engine::begin_batch`]): the buffer may be sent only after
+    /// [`Engine::write_sealed`] wrote the signed answer over it.
+    pub sealed_later: bool,
 }
 
 /// One engine per shard: the shared configuration and store, where actions go (when the
@@ -96,6 +100,8 @@ pub struct Engine {
     shard: usize,
     dedup: DuplicateCache,
     counters: Counters,
+    /// The MD5s of the current receive batch, four at a time ([`Engine::begin_batch`]).
+    batch: BatchWork,
 }
 
 impl core::fmt::Debug for Engine {
@@ -119,6 +125,7 @@ impl Engine {
             actions: None,
             route: false,
             shard: 0,
+            batch: BatchWork::default(),
         }
     }
 
@@ -200,6 +207,8 @@ impl Engine {
     /// totals never go down). Requests already handed to the data plane keep the
     /// configuration they verified under ([`PendingRequest::config`]).
     pub fn set_config(&mut self, config: Arc<EngineConfig>) {
+        // Answers left unsigned are signed with the secrets they were decided with.
+        self.seal_batch();
         let (old, new) = (&self.config.clients, &config.clients);
         self.counters = self.counters.reindexed(new.len(), |i| {
             old.get(crate::client::ClientId(i as u32))
@@ -240,6 +249,42 @@ impl Engine {
                 step,
             );
         }
+    }
+
+    /// Starts a receive batch (the batch engine API): the Request Authenticators of the
+    /// batch's requests are computed now, four at a time, and the answers decided until
+    /// [`Engine::seal_batch`] are left unsigned ([`Answer::sealed_later`]) to be signed
+    /// four at a time there. The caller then hands each such answer's buffer, in the order
+    /// decided, to [`Engine::write_sealed`], and must not send one it refuses. Without
+    /// `begin_batch`, [`Engine::handle`] signs every answer itself, as before.
+    pub fn begin_batch<'d>(&mut self, datagrams: impl IntoIterator<Item = (&'d [u8], SocketAddr)>) {
+        // A batch the caller never sealed: its cached answers are signed now all the same.
+        self.seal_batch();
+        if self.route {
+            return;
+        }
+        self.batch.prepare(
+            datagrams.into_iter().map(|(d, source)| (d, source.ip())),
+            &self.config.clients,
+        );
+    }
+
+    /// Signs the answers left unsigned since [`Engine::begin_batch`] (and their copies in
+    /// the duplicate cache, which replays none of them before this). From now on answers
+    /// are signed at once again, until the next `begin_batch`.
+    pub fn seal_batch(&mut self) {
+        self.batch.seal(&self.config.clients, &mut self.dedup);
+    }
+
+    /// Writes the next answer signed by [`Engine::seal_batch`] over `out`, which must hold
+    /// that answer as [`Engine::handle`] left it (answers in the order they were decided).
+    /// `false` when it does not, or none is left: that buffer must not be sent.
+    pub fn write_sealed(&mut self, out: &mut [u8]) -> bool {
+        let written = self.batch.write_sealed(out);
+        if self.batch.unhanded() == 0 {
+            self.batch.finish();
+        }
+        written
     }
 
     /// Decides one datagram that arrived from `source` on `destination` (the local address,
@@ -294,6 +339,7 @@ impl Engine {
             shard: shard_index,
             dedup,
             counters,
+            batch,
         } = self;
         let Some((client_id, client)) = config.clients.lookup(source.ip()) else {
             counters.unknown_client += 1;
@@ -307,6 +353,7 @@ impl Engine {
             shard: *shard_index,
             dedup,
             counters,
+            batch,
         };
         let arrival = verify::classify(datagram).map(|(packet, kind)| Arrival {
             packet,
@@ -337,6 +384,7 @@ struct Shard<'a> {
     shard: usize,
     dedup: &'a mut DuplicateCache,
     counters: &'a mut Counters,
+    batch: &'a mut BatchWork,
 }
 
 impl Shard<'_> {
@@ -353,7 +401,10 @@ impl Shard<'_> {
         if let Some(c) = self.counters.per_client.get_mut(ci) {
             c.requests[kind as usize] += 1;
         }
-        let request = verify::authenticate(arrival, now, out.len())?;
+        let expected = self
+            .batch
+            .precomputed(arrival.packet.bytes(), arrival.client_id);
+        let request = verify::authenticate_precomputed(arrival, now, out.len(), expected)?;
         match self.dedup.seen(&request, now.monotonic_ms) {
             Seen::New => {}
             Seen::InFlight => return Err(Discard::DuplicateInFlight),
@@ -452,14 +503,40 @@ impl Shard<'_> {
     ) -> Result<Outcome, Discard> {
         let ci = request.client_id().0 as usize;
         let kind = request.kind();
-        let len = answer::encode(out, request, verdict).map_err(|_| Discard::AnswerTooLarge)?;
-        if cache && let Some(bytes) = out.get(..len) {
-            self.dedup.complete(
-                request,
-                bytes,
-                now.monotonic_ms,
-                answer_expiry(request, now),
-            );
+        let (len, ma_offset) =
+            answer::encode_unsigned(out, request, verdict).map_err(|_| Discard::AnswerTooLarge)?;
+        let bytes = out.get_mut(..len).ok_or(Discard::AnswerTooLarge)?;
+        let sealed_later = self.batch.defers(len, request.secret());
+        if sealed_later {
+            // Signed with the batch's other answers (`batch`); cached unsigned until then,
+            // and never replayed before.
+            let cached = if cache {
+                self.dedup.complete_unsigned(
+                    request,
+                    bytes,
+                    now.monotonic_ms,
+                    answer_expiry(request, now),
+                )
+            } else {
+                None
+            };
+            let secret = request
+                .client()
+                .secrets()
+                .position(|s| core::ptr::eq(s, request.secret()))
+                .unwrap_or(0);
+            self.batch
+                .push_unsigned(bytes, ma_offset, request.client_id(), secret, cached);
+        } else {
+            crate::auth::sign_response(bytes, ma_offset, request.secret());
+            if cache {
+                self.dedup.complete(
+                    request,
+                    bytes,
+                    now.monotonic_ms,
+                    answer_expiry(request, now),
+                );
+            }
         }
         if let Some(c) = self.counters.per_client.get_mut(ci) {
             count_answer(c, kind, verdict);
@@ -469,6 +546,7 @@ impl Shard<'_> {
             code: answer::answer_code(kind, verdict.ack),
             error_cause: verdict.error_cause,
             sessions: verdict.sessions,
+            sealed_later,
         }))
     }
 
@@ -634,6 +712,189 @@ mod tests {
             ),
             Outcome::Discard(Discard::BadRequestAuthenticator)
         );
+    }
+
+    /// Two clients, one signing every answer (a Message-Authenticator, the default) and
+    /// one only when asked, the second with a previous secret too: the batch tests mix
+    /// lanes with and without an HMAC and with two secrets.
+    fn batch_config() -> Arc<EngineConfig> {
+        let mut plain = client("127.0.0.2", "plain", Some("old-plain"));
+        plain.policy.answer_message_authenticator = crate::client::AnswerSigning::WhenRequested;
+        config(vec![client("127.0.0.1", "signed", None), plain])
+    }
+
+    /// A batch's worth of requests: Disconnects of known and unknown sessions (ACK and NAK,
+    /// answers of two lengths), from both clients, one signed with the previous secret, one
+    /// forged, one retransmitted.
+    fn batch_requests() -> Vec<(Vec<u8>, SocketAddr)> {
+        let (a, b) = (addr("127.0.0.1:5000"), addr("127.0.0.2:5000"));
+        let mut requests = vec![
+            (disconnect(1, &session_id(0), "signed"), a),
+            (disconnect(2, "no-such-session", "signed"), a),
+            (disconnect(3, &session_id(1), "plain"), b),
+            (disconnect(4, &session_id(2), "old-plain"), b),
+            (disconnect(5, "another-unknown-session-id", "plain"), b),
+            (disconnect(6, &session_id(3), "not-the-secret"), a),
+            (disconnect(7, "x", "signed"), a),
+        ];
+        requests.push(requests[2].clone());
+        requests
+    }
+
+    /// Decides `requests` as one batch: begin, decide each, seal, write the sealed answers.
+    /// Each outcome, and the octets each buffer would send.
+    fn decide_as_a_batch(
+        engine: &mut Engine,
+        requests: &[(Vec<u8>, SocketAddr)],
+    ) -> Vec<(Outcome, Option<Vec<u8>>)> {
+        engine.begin_batch(requests.iter().map(|(r, from)| (&r[..], *from)));
+        let mut bufs: Vec<[u8; MAX_PACKET_LEN]> = vec![[0; MAX_PACKET_LEN]; requests.len()];
+        let outcomes: Vec<Outcome> = requests
+            .iter()
+            .zip(&mut bufs)
+            .map(|((r, from), buf)| engine.handle(r, *from, addr("127.0.0.1:3799"), NOW, buf))
+            .collect();
+        engine.seal_batch();
+        outcomes
+            .into_iter()
+            .zip(&mut bufs)
+            .map(|(outcome, buf)| {
+                let sent = match outcome {
+                    Outcome::Answer(a) if a.sealed_later => {
+                        assert!(engine.write_sealed(buf), "{outcome:?}");
+                        Some(buf[..a.len].to_vec())
+                    }
+                    Outcome::Answer(a) => Some(buf[..a.len].to_vec()),
+                    Outcome::Replay { len } => Some(buf[..len].to_vec()),
+                    Outcome::Discard(_) | Outcome::Pending => None,
+                };
+                (outcome, sent)
+            })
+            .collect()
+    }
+
+    /// The batch engine API (four-lane MD5 for the Request Authenticators before the
+    /// decisions and for the answers' Message- and Response Authenticators after them)
+    /// sends exactly the octets one-by-one decisions send (RFC 5176 §3.4/§3.5 signatures,
+    /// RFC 3579 §3.2 Message-Authenticator), for every mix of lanes: with and without a
+    /// Message-Authenticator, ACK and NAK lengths, the current and the previous secret; a
+    /// forged request is discarded all the same, and a retransmission in the same batch is
+    /// a duplicate in flight (its answer is not signed yet), replayed signed afterwards.
+    #[test]
+    fn a_batch_sends_the_octets_one_by_one_decisions_send() {
+        let requests = batch_requests();
+        let mut one_by_one = Engine::new(batch_config(), store());
+        let mut batched = Engine::new(batch_config(), store());
+        let together = decide_as_a_batch(&mut batched, &requests);
+        let mut out = [0u8; MAX_PACKET_LEN];
+        let dup = requests.len() - 1;
+        for (i, ((request, from), (outcome, sent))) in requests.iter().zip(&together).enumerate() {
+            let alone = one_by_one.handle(request, *from, addr("127.0.0.1:3799"), NOW, &mut out);
+            if i == dup {
+                // One by one, the retransmission finds the answer and replays it.
+                assert!(matches!(alone, Outcome::Replay { .. }), "{alone:?}");
+                assert_eq!(*outcome, Outcome::Discard(Discard::DuplicateInFlight));
+                continue;
+            }
+            match (alone, outcome) {
+                (Outcome::Answer(x), Outcome::Answer(y)) => {
+                    assert!(y.sealed_later && !x.sealed_later, "request {i}");
+                    assert_eq!(Some(&out[..x.len]), sent.as_deref(), "request {i}");
+                }
+                (x, y) => assert_eq!(x, *y, "request {i}"),
+            }
+        }
+        // Every answer checks with the secret its request was signed with.
+        let secrets = ["signed", "signed", "plain", "old-plain", "plain"];
+        for (i, secret) in secrets.into_iter().enumerate() {
+            let sent = together[i].1.as_ref().expect("answered");
+            assert_eq!(
+                check(sent, &requests[i].0, secret),
+                ResponseCheck::Valid,
+                "{i}"
+            );
+        }
+        assert_eq!(
+            together[5].0,
+            Outcome::Discard(Discard::BadRequestAuthenticator)
+        );
+        // After the batch the retransmission gets the sealed answer from the cache.
+        let (request, from) = &requests[dup];
+        let replay = batched.handle(request, *from, addr("127.0.0.1:3799"), NOW, &mut out);
+        let Outcome::Replay { len } = replay else {
+            panic!("{replay:?}");
+        };
+        assert_eq!(Some(&out[..len]), together[2].1.as_deref());
+    }
+
+    /// A Request Authenticator computed ahead vouches only for the octets it was computed
+    /// over: a forgery that copies a batch member's Identifier and Authenticator but not its
+    /// attributes is discarded (RFC 5176 §3.4), inside the batch and after it.
+    #[test]
+    fn a_precomputed_request_authenticator_vouches_only_for_its_own_octets() {
+        let mut engine = Engine::new(batch_config(), store());
+        let genuine = disconnect(9, &session_id(0), "signed");
+        let mut forged = disconnect(9, &session_id(1), "not-the-secret");
+        forged[4..20].copy_from_slice(&genuine[4..20]);
+        let from = addr("127.0.0.1:5000");
+        let batch = [(genuine.clone(), from), (forged.clone(), from)];
+        engine.begin_batch(batch.iter().map(|(r, f)| (&r[..], *f)));
+        let mut out = [0u8; MAX_PACKET_LEN];
+        assert_eq!(
+            engine.handle(&forged, from, addr("127.0.0.1:3799"), NOW, &mut out),
+            Outcome::Discard(Discard::BadRequestAuthenticator),
+            "the forgery, decided first"
+        );
+        let Outcome::Answer(a) =
+            engine.handle(&genuine, from, addr("127.0.0.1:3799"), NOW, &mut out)
+        else {
+            panic!("the genuine request is answered");
+        };
+        assert_eq!(a.code, code::DISCONNECT_ACK);
+        engine.seal_batch();
+        assert!(engine.write_sealed(&mut out));
+        assert_eq!(
+            check(&out[..a.len], &genuine, "signed"),
+            ResponseCheck::Valid
+        );
+    }
+
+    /// `write_sealed` writes an answer only over the buffer that holds it unsigned, in the
+    /// order decided; a buffer holding anything else is refused (and must not be sent).
+    #[test]
+    fn write_sealed_refuses_a_buffer_that_does_not_hold_the_answer() {
+        let mut engine = Engine::new(batch_config(), store());
+        let from = addr("127.0.0.1:5000");
+        let requests: Vec<_> = (0..4u8)
+            .map(|i| (disconnect(i, &session_id(i.into()), "signed"), from))
+            .collect();
+        engine.begin_batch(requests.iter().map(|(r, f)| (&r[..], *f)));
+        let mut bufs = vec![[0u8; MAX_PACKET_LEN]; 4];
+        for ((r, f), buf) in requests.iter().zip(&mut bufs) {
+            let outcome = engine.handle(r, *f, addr("127.0.0.1:3799"), NOW, buf);
+            assert!(
+                matches!(outcome, Outcome::Answer(a) if a.sealed_later),
+                "{outcome:?}"
+            );
+        }
+        engine.seal_batch();
+        let unsigned_second = bufs[1];
+        assert!(
+            !engine.write_sealed(&mut bufs[1]),
+            "the second answer's buffer, first"
+        );
+        assert_eq!(bufs[1], unsigned_second, "left untouched");
+        for buf in &mut bufs {
+            assert!(engine.write_sealed(buf));
+        }
+        assert!(
+            !engine.write_sealed(&mut [0u8; MAX_PACKET_LEN]),
+            "none left"
+        );
+        for ((r, _), buf) in requests.iter().zip(&bufs) {
+            let len = usize::from(u16::from_be_bytes([buf[2], buf[3]]));
+            assert_eq!(check(&buf[..len], r, "signed"), ResponseCheck::Valid);
+        }
     }
 
     /// A store that records the batch hints it is given (and is otherwise `MemoryStore`).

@@ -11,7 +11,8 @@
 //! - [`dict`]: codes, attribute numbers, Error-Cause values.
 //! - [`codec`]: checked, zero-copy packet view and the allocation-free answer writer.
 //! - [`auth`]: Request/Response Authenticators and Message-Authenticator (HMAC-MD5 with the
-//!   key state precomputed per secret), constant-time comparisons.
+//!   key state precomputed per secret), constant-time comparisons; [`md5x4`]: four MD5s at
+//!   once, for the authenticators of a batch.
 //! - [`client`]: source address to client (longest-prefix match), secrets, policy.
 //! - [`session`], [`change`]: the session model, queries and matching; CoA changes.
 //! - [`feed`]: the session feed's event model (Upsert, Delete, NasReset, resync) and its
@@ -33,6 +34,7 @@ pub mod accounting;
 pub mod action;
 pub mod answer;
 pub mod auth;
+mod batch;
 pub mod change;
 pub mod client;
 pub mod codec;
@@ -43,6 +45,8 @@ pub mod engine;
 pub mod feed;
 #[doc(hidden)]
 pub mod fuzzing;
+#[allow(clippy::needless_range_loop)]
+pub mod md5x4;
 pub mod route;
 pub mod rules;
 pub mod session;

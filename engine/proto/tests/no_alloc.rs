@@ -48,6 +48,9 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
+/// The counter is global: tests that count take turns.
+static TURNS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn count<T>(f: impl FnOnce() -> T) -> (T, usize) {
     ALLOCATIONS.store(0, Ordering::SeqCst);
     COUNTING.store(true, Ordering::SeqCst);
@@ -58,6 +61,7 @@ fn count<T>(f: impl FnOnce() -> T) -> (T, usize) {
 
 #[test]
 fn disconnect_request_path_allocates_nothing() {
+    let _turn = TURNS.lock().unwrap_or_else(|p| p.into_inner());
     let sessions: Vec<_> = (0..8).map(|i| session(&format!("sess-{i}"))).collect();
     let mut f = Fixture::new(ClientPolicy::default(), vec![]);
     // Table-only mode (the table is the data plane): the hand-off of an action to an agent
@@ -137,4 +141,54 @@ fn disconnect_request_path_allocates_nothing() {
     // The counter can fail: an allocation inside `count` is seen.
     let (_, seen) = count(|| vec![0u8; 64]);
     assert_eq!(seen, 1);
+}
+
+/// The batch engine API (four-lane MD5 before and after the decisions,
+/// docs/ARCHITECTURE.md "A receive batch") allocates nothing per batch once its buffers have
+/// grown to a batch's size.
+#[test]
+fn a_batch_of_disconnects_allocates_nothing_once_warm() {
+    let _turn = TURNS.lock().unwrap_or_else(|p| p.into_inner());
+    let sessions: Vec<_> = (0..64).map(|i| session(&format!("sess-{i}"))).collect();
+    let mut f = Fixture::new(ClientPolicy::default(), vec![]);
+    let config = std::sync::Arc::new(f.engine.config().clone());
+    let store = std::sync::Arc::new(dynauth_proto::store::MemoryStore::with_sessions(sessions));
+    f.engine = dynauth_proto::Engine::new(config, store);
+    let batch = |first: u8| -> Vec<Vec<u8>> {
+        (first..first + 8)
+            .map(|i| {
+                let id = format!("sess-{i}");
+                request(
+                    code::DISCONNECT_REQUEST,
+                    i,
+                    &[(attr::ACCT_SESSION_ID, id.as_bytes())],
+                    i % 2 == 0,
+                )
+            })
+            .collect()
+    };
+    let mut outs = vec![[0u8; 4096]; 8];
+    let mut run = |engine: &mut dynauth_proto::Engine, requests: &[Vec<u8>]| -> usize {
+        engine.begin_batch(requests.iter().map(|r| (&r[..], source())));
+        let mut later = 0;
+        for (r, out) in requests.iter().zip(&mut outs) {
+            if let Outcome::Answer(a) = engine.handle(r, source(), destination(), NOW, out) {
+                later += usize::from(a.sealed_later);
+            }
+        }
+        engine.seal_batch();
+        for out in &mut outs[..later] {
+            assert!(engine.write_sealed(out));
+        }
+        later
+    };
+    // Warm-up: the batch buffers grow once, the store's tombstone list (8 more per batch)
+    // to a capacity of 32.
+    for first in [0, 8, 16] {
+        run(&mut f.engine, &batch(first));
+    }
+    let fourth = batch(24);
+    let (sealed, allocations) = count(|| run(&mut f.engine, &fourth));
+    assert_eq!(sealed, 8, "every answer of the batch was signed in lanes");
+    assert_eq!(allocations, 0, "allocations on the batch path");
 }

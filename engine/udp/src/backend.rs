@@ -48,6 +48,11 @@ impl<'d> AnswerBuffer<'d> {
         self.len = Some(len.min(self.buffer.len()));
     }
 
+    /// Sends nothing after all (undoes [`AnswerBuffer::send`]).
+    pub fn cancel(&mut self) {
+        self.len = None;
+    }
+
     /// The length to send, if the handler answered.
     pub fn answer_len(&self) -> Option<usize> {
         self.len

@@ -276,6 +276,7 @@ impl Fixture {
                 code: settled.code,
                 error_cause: settled.error_cause,
                 sessions: settled.sessions,
+                sealed_later: false,
             });
         }
         let len = match outcome {
