@@ -15,7 +15,44 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+
+/// One upsert event of a batch line, borrowed from the session it sends.
+#[derive(Serialize)]
+struct Upsert<'a> {
+    op: &'static str,
+    nas: &'a str,
+    session: &'a dynauth_proto::session::Session,
+}
+
+/// The reply to a batch line: only whether it was applied whole.
+#[derive(Deserialize)]
+struct BatchReply {
+    ok: bool,
+    result: BatchResult,
+}
+
+#[derive(Deserialize)]
+struct BatchResult {
+    errors: Vec<Value>,
+}
+
+/// An action line, as far as committing it needs: its id and the sessions' indexes.
+#[derive(Deserialize)]
+struct Action<'a> {
+    #[serde(rename = "type", borrow)]
+    ty: std::borrow::Cow<'a, str>,
+    #[serde(default)]
+    action: u64,
+    #[serde(default)]
+    sessions: Vec<ActionSession>,
+}
+
+#[derive(Deserialize)]
+struct ActionSession {
+    index: u64,
+}
 
 fn main() -> anyhow::Result<()> {
     // --feed-only: load the sessions and take no actions (a server with --data-plane table).
@@ -26,10 +63,15 @@ fn main() -> anyhow::Result<()> {
         .map(|v| v.parse())
         .transpose()?
         .unwrap_or(0);
+    // --rate=R: feed at most R upserts per second (batches of 1,000 paced evenly).
+    let rate: Option<f64> = std::env::args()
+        .find_map(|a| a.strip_prefix("--rate=").map(str::to_owned))
+        .map(|v| v.parse())
+        .transpose()?;
     let mut args = std::env::args()
         .skip(1)
-        .filter(|a| a != "--feed-only" && !a.starts_with("--from="));
-    let usage = "usage: commit_agent CONTROL_SOCKET NAS SESSIONS [SEED] [--feed-only] [--from=I]";
+        .filter(|a| a != "--feed-only" && !a.starts_with("--from=") && !a.starts_with("--rate="));
+    let usage = "usage: commit_agent CONTROL_SOCKET NAS SESSIONS [SEED] [--feed-only] [--from=I] [--rate=R]";
     let path = args.next().ok_or_else(|| anyhow::anyhow!(usage))?;
     let nas = args.next().ok_or_else(|| anyhow::anyhow!(usage))?;
     let count: u64 = args.next().ok_or_else(|| anyhow::anyhow!(usage))?.parse()?;
@@ -56,22 +98,45 @@ fn main() -> anyhow::Result<()> {
         json!({"v": 1, "op": "hello", "agent": "commit-agent", "nas": [nas], "actions": !feed_only}),
     )?;
     let started = Instant::now();
-    let mut batch = Vec::with_capacity(1000);
     let mut sent = 0u64;
-    for i in from..from + count {
-        let mut s = dynauth_proto::synth::session(seed, i);
-        s.nas = None;
-        batch.push(json!({"op": "upsert", "nas": nas, "session": s}));
-        if batch.len() == 1000 || i + 1 == from + count {
-            let events = std::mem::take(&mut batch);
-            sent += events.len() as u64;
-            let r = request(
-                &mut writer,
-                &mut reader,
-                json!({"v": 1, "op": "batch", "events": events}),
-            )?;
-            anyhow::ensure!(r["errors"] == json!([]), "{r}");
+    // Each batch line written straight from typed values (no `serde_json::Value` per
+    // session: the agent's own cost stays small beside the server's).
+    let mut line = Vec::with_capacity(1 << 20);
+    let mut reply = String::new();
+    let mut i = from;
+    while i < from + count {
+        if let Some(rate) = rate {
+            let due = started + std::time::Duration::from_secs_f64((i - from) as f64 / rate);
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
         }
+        let end = (i + 1000).min(from + count);
+        line.clear();
+        line.extend_from_slice(br#"{"v":1,"op":"batch","events":["#);
+        for k in i..end {
+            let mut session = dynauth_proto::synth::session(seed, k);
+            session.nas = None;
+            if k > i {
+                line.push(b',');
+            }
+            serde_json::to_writer(
+                &mut line,
+                &Upsert {
+                    op: "upsert",
+                    nas: &nas,
+                    session: &session,
+                },
+            )?;
+        }
+        line.extend_from_slice(b"]}\n");
+        writer.write_all(&line)?;
+        writer.flush()?;
+        reply.clear();
+        reader.read_line(&mut reply)?;
+        let r: BatchReply =
+            serde_json::from_str(&reply).map_err(|e| anyhow::anyhow!("{e}: {reply}"))?;
+        anyhow::ensure!(r.ok && r.result.errors.is_empty(), "{reply}");
+        sent += end - i;
+        i = end;
     }
     let secs = started.elapsed().as_secs_f64();
     println!(
@@ -83,31 +148,34 @@ fn main() -> anyhow::Result<()> {
     }
     let mut committed = 0u64;
     let mut text = String::new();
+    let mut out = String::new();
     loop {
         text.clear();
         if reader.read_line(&mut text)? == 0 {
             break;
         }
-        let message: Value = match serde_json::from_str(&text) {
-            Ok(v) => v,
-            Err(_) => continue,
+        // Only the fields a commit needs are read (the sessions' contents are skipped).
+        let Ok(action) = serde_json::from_str::<Action>(&text) else {
+            continue;
         };
-        if message["type"] != json!("action") {
+        if action.ty != "action" {
             continue; // the replies to our action_result lines
         }
-        let results: Vec<Value> = message["sessions"]
-            .as_array()
-            .map(|list| {
-                list.iter()
-                    .map(|s| json!({"index": s["index"], "result": "committed"}))
-                    .collect()
-            })
-            .unwrap_or_default();
-        writeln!(
-            writer,
-            "{}",
-            json!({"v": 1, "op": "action_result", "action": message["action"], "results": results})
+        out.clear();
+        use std::fmt::Write as _;
+        write!(
+            out,
+            r#"{{"v":1,"op":"action_result","action":{},"results":["#,
+            action.action
         )?;
+        for (k, s) in action.sessions.iter().enumerate() {
+            if k > 0 {
+                out.push(',');
+            }
+            write!(out, r#"{{"index":{},"result":"committed"}}"#, s.index)?;
+        }
+        out.push_str("]}");
+        writeln!(writer, "{out}")?;
         // One write for every action already read.
         if !reader.buffer().contains(&b'\n') {
             writer.flush()?;
