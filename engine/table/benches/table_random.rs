@@ -13,8 +13,8 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use dynauth_proto::session::SessionQuery;
-use dynauth_proto::store::{Lookup, MatchScope};
+use dynauth_proto::session::{Key, KeyValue, PrimaryKey, SessionQuery};
+use dynauth_proto::store::{Lookup, MatchScope, SessionStore, Touch};
 use dynauth_proto::synth;
 use dynauth_table::SessionTable;
 
@@ -110,8 +110,39 @@ fn random_lookups(c: &mut Criterion) {
             black_box(table.peek(&lookup(black_box(&keys[k]))))
         })
     });
+    // The same lookups a receive batch at a time, as a shard does them: first the index
+    // slot of every key of the batch is touched, then every record, then each is looked
+    // up, so that the batch's cache misses overlap (`SessionStore::touch`; docs/
+    // BENCHMARKS.md, "Batch touches"). Criterion's figure is per batch of 64: divide by 64
+    // for a lookup.
+    let mut k = 0usize;
+    g.bench_function(format!("lookup_acct_session_id_batch_of_64/{n}"), |b| {
+        b.iter(|| {
+            k = (k + BATCH) & (KEYS - 1);
+            let batch = &keys[k..k + BATCH];
+            for step in [Touch::Index, Touch::Record] {
+                for key in batch {
+                    table.touch(
+                        &PrimaryKey {
+                            key: Key::AcctSessionId,
+                            value: KeyValue::Text(key),
+                        },
+                        step,
+                    );
+                }
+            }
+            let mut found = 0usize;
+            for key in batch {
+                found += usize::from(table.peek(&lookup(black_box(key))).is_ok());
+            }
+            black_box(found)
+        })
+    });
     g.finish();
 }
+
+/// Keys per batch in the batched lookups (a full receive batch of the shard).
+const BATCH: usize = 64;
 
 criterion_group!(table_random, random_lookups);
 criterion_main!(table_random);
