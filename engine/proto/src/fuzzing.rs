@@ -222,6 +222,118 @@ pub fn decide_sequence(data: &[u8]) -> SequenceStats {
     stats
 }
 
+/// Datagrams per receive batch in [`decide_batches`] (a real batch is up to 64; eight keeps
+/// same-batch retransmissions and batches with and without them frequent).
+const FUZZ_BATCH: usize = 8;
+
+/// [`decide_sequence`]'s format, decided twice on two fresh engines: one datagram at a time
+/// (`Engine::handle`, `Engine::shed`), and [`FUZZ_BATCH`] at a time through the batch engine
+/// API (`begin_batch`, the same calls, `seal_batch`, `write_sealed`), the clock read once
+/// per batch in both. The oracle: every answer of both passes is checked as in
+/// [`decide_sequence`]; the batch pass sends the same octets for every datagram, except that
+/// a copy of an earlier datagram of the same batch, which one by one is replayed, is a
+/// duplicate in flight there (its answer is not signed yet); and `write_sealed` accepts every
+/// answer the batch pass left unsigned. Returns what the batch pass did.
+pub fn decide_batches(data: &[u8]) -> SequenceStats {
+    use crate::counters::Discard;
+    let secret = Secret::new(FUZZ_SECRET).expect("non-empty");
+    let mut datagrams: Vec<(Vec<u8>, u64, bool)> = Vec::new();
+    let mut rest = data;
+    while let [l0, l1, s0, s1, tail @ ..] = rest {
+        let len = usize::from(u16::from_be_bytes([*l0, *l1])).min(tail.len());
+        let step = u16::from_be_bytes([*s0, *s1]);
+        let (datagram, after) = tail.split_at(len);
+        rest = after;
+        let mut request = datagram.to_vec();
+        if let Ok(p) = Packet::parse(datagram) {
+            let ma = p
+                .attributes()
+                .map_while(Result::ok)
+                .find(|a| a.ty == attr::MESSAGE_AUTHENTICATOR && a.value.len() == 16)
+                .map(|a| a.value_offset());
+            request.truncate(p.length());
+            auth::sign_request(&mut request, ma, &secret);
+        }
+        datagrams.push((request, u64::from(step & 0x7fff), step & 0x8000 != 0));
+    }
+    let (from, to) = (
+        "127.0.0.1:40000".parse().expect("valid address"),
+        "127.0.0.1:3799".parse().expect("valid address"),
+    );
+    let (mut alone, mut batched) = (engine(), engine());
+    let mut stats = SequenceStats::default();
+    let mut now = START;
+    let decide = |engine: &mut Engine, request: &[u8], shed: bool, now: Now, out: &mut [u8]| {
+        if shed {
+            engine.shed(request, from, to, now, out)
+        } else {
+            engine.handle(request, from, to, now, out)
+        }
+    };
+    for batch in datagrams.chunks(FUZZ_BATCH) {
+        for (_, step, _) in batch {
+            now.unix_secs += step;
+            now.monotonic_ms += step * 1000;
+        }
+        let mut outs = vec![[0u8; MAX_PACKET_LEN]; batch.len()];
+        batched.begin_batch(batch.iter().map(|(r, _, _)| (&r[..], from)));
+        let outcomes: Vec<Outcome> = batch
+            .iter()
+            .zip(&mut outs)
+            .map(|((r, _, shed), out)| decide(&mut batched, r, *shed, now, out))
+            .collect();
+        batched.seal_batch();
+        for (outcome, out) in outcomes.iter().zip(&mut outs) {
+            if let Outcome::Answer(a) = outcome
+                && a.sealed_later
+            {
+                assert!(
+                    batched.write_sealed(out),
+                    "every answer left unsigned is sealed, in order"
+                );
+                stats.sealed += 1;
+            }
+        }
+        for (i, ((request, _, shed), (outcome, out))) in
+            batch.iter().zip(outcomes.iter().zip(&outs)).enumerate()
+        {
+            let mut one = [0u8; MAX_PACKET_LEN];
+            let single = decide(&mut alone, request, *shed, now, &mut one);
+            let sent_alone = check_outcome(request, single, &one).map(<[u8]>::to_vec);
+            let sent = check_outcome(request, *outcome, out);
+            let earlier_copy = batch
+                .get(..i)
+                .unwrap_or_default()
+                .iter()
+                .any(|(r, _, _)| r.get(..20) == request.get(..20));
+            match (single, outcome) {
+                (Outcome::Replay { .. }, Outcome::Discard(Discard::DuplicateInFlight)) => {
+                    assert!(
+                        earlier_copy,
+                        "only a copy of an earlier datagram of the batch is in flight"
+                    );
+                    stats.in_flight += 1;
+                }
+                _ => {
+                    assert_eq!(
+                        sent,
+                        sent_alone.as_deref(),
+                        "a batch sends what one-by-one decisions send"
+                    );
+                    if sent.is_none() {
+                        assert_eq!(single, *outcome, "the same discard");
+                    }
+                }
+            }
+            if sent.is_some() {
+                stats.answers += 1;
+                stats.replays += usize::from(matches!(outcome, Outcome::Replay { .. }));
+            }
+        }
+    }
+    stats
+}
+
 /// What one [`decide_sequence`] run did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SequenceStats {
@@ -229,4 +341,8 @@ pub struct SequenceStats {
     pub answers: usize,
     /// Of those, answers replayed from the duplicate cache.
     pub replays: usize,
+    /// [`decide_batches`]: answers signed in lanes (`Engine::seal_batch`).
+    pub sealed: usize,
+    /// [`decide_batches`]: copies found in flight in their own batch.
+    pub in_flight: usize,
 }

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use dynauth_proto::fuzzing::{decide_sequence, decode_and_decide};
+use dynauth_proto::fuzzing::{decide_batches, decide_sequence, decode_and_decide};
 
 #[test]
 fn fuzz_corpus_replays_without_panic() {
@@ -85,4 +85,36 @@ fn fuzz_sequence_corpus_replays_without_panic() {
         "the seeds reach the decisions: {answers} answers"
     );
     assert!(replays > 5, "and the duplicate cache: {replays} replays");
+}
+
+/// The corpus through the batch engine API (`decide_batches`): each file three times in a
+/// row (the second and third copies land in the same batch of eight as the first, so they
+/// are duplicates in flight there and replays one by one), the clock moving between files.
+/// Every batch must send what one-by-one decisions send; the sequence seeds too, whole.
+#[test]
+fn fuzz_corpus_replays_as_batches() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
+    let mut files: Vec<_> = std::fs::read_dir(root.join("decode_decide"))
+        .expect("the corpus folder exists")
+        .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+        .collect();
+    files.sort();
+    let mut sequence = Vec::new();
+    for data in &files {
+        let len = u16::try_from(data.len().min(4096)).unwrap();
+        for step in [1u16, 0, 0] {
+            sequence.extend_from_slice(&len.to_be_bytes());
+            sequence.extend_from_slice(&step.to_be_bytes());
+            sequence.extend_from_slice(&data[..usize::from(len)]);
+        }
+    }
+    let stats = decide_batches(&sequence);
+    assert!(
+        stats.answers > 40 && stats.sealed > 20,
+        "the batches reach the decisions and the lanes: {stats:?}"
+    );
+    assert!(stats.in_flight > 10, "and same-batch copies: {stats:?}");
+    for entry in std::fs::read_dir(root.join("decide_sequence")).expect("the corpus folder") {
+        decide_batches(&std::fs::read(entry.unwrap().path()).unwrap());
+    }
 }
