@@ -220,11 +220,20 @@ impl Shedder {
         }
     }
 
-    /// At the start of a batch (one clock read each).
-    pub fn start_batch(&mut self) {
-        self.batch_started = Instant::now();
-        self.batch_wall_ns = wall_ns();
+    /// At the start of a batch that began at `started` (the caller's clock read); the wall
+    /// clock is read only when shedding is on.
+    pub fn start_batch(&mut self, started: Instant) {
+        self.batch_started = started;
+        if self.after_ns.is_some() {
+            self.batch_wall_ns = wall_ns();
+        }
         self.decided = 0;
+    }
+
+    /// Whether [`Shedder::should_shed`] looks at its clock argument (shedding is on): when
+    /// not, the caller need not read the clock per datagram.
+    pub fn needs_clock(&self) -> bool {
+        self.after_ns.is_some()
     }
 
     /// Whether `d` waited too long at `now` (the caller's clock read for this datagram): its
@@ -313,7 +322,7 @@ mod tests {
     fn rfc5176_s3_5_shed_by_kernel_receive_age() {
         let mut settings = OverloadSettings::default();
         let mut s = Shedder::new(&settings);
-        s.start_batch();
+        s.start_batch(Instant::now());
         let now = wall_ns();
         assert!(!s.should_shed(&datagram(Some(now)), Instant::now()));
         assert!(!s.should_shed(&datagram(Some(now - 400_000_000)), Instant::now()));
@@ -321,12 +330,12 @@ mod tests {
         assert_eq!(s.stats.nak, 1);
         settings.shed_action = ShedAction::Drop;
         let mut s = Shedder::new(&settings);
-        s.start_batch();
+        s.start_batch(Instant::now());
         assert!(s.should_shed(&datagram(Some(now - 2_000_000_000)), Instant::now()));
         assert_eq!((s.stats.nak, s.stats.drop), (0, 1));
         settings.shed_after = None;
         let mut s = Shedder::new(&settings);
-        s.start_batch();
+        s.start_batch(Instant::now());
         assert!(!s.should_shed(&datagram(Some(0)), Instant::now()));
     }
 
@@ -339,7 +348,7 @@ mod tests {
             ..OverloadSettings::default()
         };
         let mut s = Shedder::new(&settings);
-        s.start_batch();
+        s.start_batch(Instant::now());
         assert!(!s.should_shed(&datagram(None), Instant::now()));
         std::thread::sleep(Duration::from_millis(30));
         assert!(s.should_shed(&datagram(None), Instant::now()));
