@@ -392,9 +392,9 @@ impl Handler for ShardHandler {
         }
         // The batch's time (touches, the MD5 lanes, the decisions, the signatures) shared
         // evenly among the datagrams it decided: two clock reads per batch, not per datagram.
-        if decided > 0 {
-            let ns = u64::try_from(batch_started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-            self.decision_latency.record_n(ns / decided, decided);
+        let ns = u64::try_from(batch_started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        if let Some(each) = ns.checked_div(decided) {
+            self.decision_latency.record_n(each, decided);
         }
         // A batch without answers shows nobody anything: nothing to wait for.
         if let Some(durability) = scope.detach()
