@@ -157,27 +157,9 @@ pub fn decide_sequence(data: &[u8]) -> SequenceStats {
     let secret = Secret::new(FUZZ_SECRET).expect("non-empty");
     let mut now = START;
     let mut first_answers: Vec<(Vec<u8>, Vec<u8>, u64)> = Vec::new();
-    let mut rest = data;
-    while let [l0, l1, s0, s1, tail @ ..] = rest {
-        let len = usize::from(u16::from_be_bytes([*l0, *l1])).min(tail.len());
-        let step = u16::from_be_bytes([*s0, *s1]);
-        let shed = step & 0x8000 != 0;
-        let step = u64::from(step & 0x7fff);
-        let (datagram, after) = tail.split_at(len);
-        rest = after;
+    for (request, step, shed) in sequence_datagrams(data, &secret) {
         now.unix_secs += step;
         now.monotonic_ms += step * 1000;
-        let mut request = datagram.to_vec();
-        if let Ok(p) = Packet::parse(datagram) {
-            let ma = p
-                .attributes()
-                .map_while(Result::ok)
-                .find(|a| a.ty == attr::MESSAGE_AUTHENTICATOR && a.value.len() == 16)
-                .map(|a| a.value_offset());
-            let plen = p.length();
-            request.truncate(plen);
-            auth::sign_request(&mut request, ma, &secret);
-        }
         let mut out = [0u8; MAX_PACKET_LEN];
         let (from, to) = (
             "127.0.0.1:40000".parse().expect("valid address"),
@@ -222,6 +204,32 @@ pub fn decide_sequence(data: &[u8]) -> SequenceStats {
     stats
 }
 
+/// The datagrams of a sequence input ([`decide_sequence`]'s format), each re-signed with
+/// `secret` when it parses (cut to its Length), with its clock step in seconds and whether it
+/// goes through the overload path.
+fn sequence_datagrams(data: &[u8], secret: &Secret) -> Vec<(Vec<u8>, u64, bool)> {
+    let mut datagrams = Vec::new();
+    let mut rest = data;
+    while let [l0, l1, s0, s1, tail @ ..] = rest {
+        let len = usize::from(u16::from_be_bytes([*l0, *l1])).min(tail.len());
+        let step = u16::from_be_bytes([*s0, *s1]);
+        let (datagram, after) = tail.split_at(len);
+        rest = after;
+        let mut request = datagram.to_vec();
+        if let Ok(p) = Packet::parse(datagram) {
+            let ma = p
+                .attributes()
+                .map_while(Result::ok)
+                .find(|a| a.ty == attr::MESSAGE_AUTHENTICATOR && a.value.len() == 16)
+                .map(|a| a.value_offset());
+            request.truncate(p.length());
+            auth::sign_request(&mut request, ma, secret);
+        }
+        datagrams.push((request, u64::from(step & 0x7fff), step & 0x8000 != 0));
+    }
+    datagrams
+}
+
 /// Datagrams per receive batch in [`decide_batches`] (a real batch is up to 64; eight keeps
 /// same-batch retransmissions and batches with and without them frequent).
 const FUZZ_BATCH: usize = 8;
@@ -237,25 +245,7 @@ const FUZZ_BATCH: usize = 8;
 pub fn decide_batches(data: &[u8]) -> SequenceStats {
     use crate::counters::Discard;
     let secret = Secret::new(FUZZ_SECRET).expect("non-empty");
-    let mut datagrams: Vec<(Vec<u8>, u64, bool)> = Vec::new();
-    let mut rest = data;
-    while let [l0, l1, s0, s1, tail @ ..] = rest {
-        let len = usize::from(u16::from_be_bytes([*l0, *l1])).min(tail.len());
-        let step = u16::from_be_bytes([*s0, *s1]);
-        let (datagram, after) = tail.split_at(len);
-        rest = after;
-        let mut request = datagram.to_vec();
-        if let Ok(p) = Packet::parse(datagram) {
-            let ma = p
-                .attributes()
-                .map_while(Result::ok)
-                .find(|a| a.ty == attr::MESSAGE_AUTHENTICATOR && a.value.len() == 16)
-                .map(|a| a.value_offset());
-            request.truncate(p.length());
-            auth::sign_request(&mut request, ma, &secret);
-        }
-        datagrams.push((request, u64::from(step & 0x7fff), step & 0x8000 != 0));
-    }
+    let datagrams = sequence_datagrams(data, &secret);
     let (from, to) = (
         "127.0.0.1:40000".parse().expect("valid address"),
         "127.0.0.1:3799".parse().expect("valid address"),
