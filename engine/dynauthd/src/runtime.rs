@@ -24,7 +24,7 @@ use dynauth_proto::action::ActionSink;
 use dynauth_proto::counters::{Counters, Discard, LatencyHistogram, RequestKind};
 use dynauth_proto::dedup::DedupStats;
 use dynauth_proto::dict::ErrorCause;
-use dynauth_proto::store::{SessionStore, Touch};
+use dynauth_proto::store::SessionStore;
 use dynauth_proto::{Engine, EngineConfig, Now, Outcome};
 use dynauth_udp::AnswerBatch;
 use dynauth_udp::{Backend, Batch, BufferSizes, Handler, IoStats, Listener};
@@ -324,11 +324,8 @@ impl Handler for ShardHandler {
         // of stalling each decision in turn (docs/BENCHMARKS.md, "Batch touches").
         let together = batch.len() >= TOUCH_BATCH_MIN;
         if together {
-            for step in [Touch::Index, Touch::Record] {
-                for d in batch.datagrams() {
-                    self.engine.touch(d.data, step);
-                }
-            }
+            self.engine
+                .touch_batch(batch.datagrams().iter().map(|d| d.data));
             // The batch's MD5s four at a time: the Request Authenticators now, the answers'
             // signatures after the decisions (`Engine::begin_batch`).
             self.engine

@@ -230,21 +230,11 @@ impl Engine {
         if self.route {
             return;
         }
-        let Ok(packet) = Packet::parse(datagram) else {
-            return;
-        };
-        if !matches!(packet.code(), code::DISCONNECT_REQUEST | code::COA_REQUEST) {
-            return;
-        }
-        let found = packet
-            .attributes()
-            .map_while(Result::ok)
-            .find(|a| a.ty == attr::ACCT_SESSION_ID);
-        if let Some(a) = found {
+        if let Some(value) = acct_session_id_of(datagram) {
             self.store.touch(
                 &PrimaryKey {
                     key: Key::AcctSessionId,
-                    value: KeyValue::Text(a.value),
+                    value: KeyValue::Text(value),
                 },
                 step,
             );
@@ -285,6 +275,43 @@ impl Engine {
             self.batch.finish();
         }
         written
+    }
+
+    /// The batch hint for a whole receive batch ([`SessionStore::touch_all`]): the
+    /// Acct-Session-Id of every Disconnect- and CoA-Request among `datagrams`, read as
+    /// [`Engine::touch`] reads it, handed to the store in one call per 64 keys.
+    pub fn touch_batch<'d>(&self, datagrams: impl IntoIterator<Item = &'d [u8]>) {
+        const CHUNK: usize = 64;
+        if self.route {
+            return;
+        }
+        let none = PrimaryKey {
+            key: Key::AcctSessionId,
+            value: KeyValue::Text(&[]),
+        };
+        let mut keys = [none; CHUNK];
+        let mut n = 0;
+        for datagram in datagrams {
+            let Some(value) = acct_session_id_of(datagram) else {
+                continue;
+            };
+            if let Some(slot) = keys.get_mut(n) {
+                *slot = PrimaryKey {
+                    key: Key::AcctSessionId,
+                    value: KeyValue::Text(value),
+                };
+                n += 1;
+            }
+            if n == CHUNK {
+                self.store.touch_all(&keys);
+                n = 0;
+            }
+        }
+        if let Some(rest) = keys.get(..n)
+            && !rest.is_empty()
+        {
+            self.store.touch_all(rest);
+        }
     }
 
     /// Decides one datagram that arrived from `source` on `destination` (the local address,
@@ -593,6 +620,20 @@ impl Shard<'_> {
             }
         }
     }
+}
+
+/// The Acct-Session-Id of a Disconnect- or CoA-Request, read without any check (a batch
+/// hint only: nothing is decided from it); `None` for anything else.
+fn acct_session_id_of(datagram: &[u8]) -> Option<&[u8]> {
+    let packet = Packet::parse(datagram).ok()?;
+    if !matches!(packet.code(), code::DISCONNECT_REQUEST | code::COA_REQUEST) {
+        return None;
+    }
+    packet
+        .attributes()
+        .map_while(Result::ok)
+        .find(|a| a.ty == attr::ACCT_SESSION_ID)
+        .map(|a| a.value)
 }
 
 /// Counts one answer in its client's counters.
@@ -964,6 +1005,51 @@ mod tests {
         };
         assert_eq!(a.code, code::DISCONNECT_ACK);
         assert_eq!(touched.len(), 3);
+    }
+
+    /// The batch hint hands the store every Acct-Session-Id of the batch in one call (the
+    /// default `touch_all`: every index entry, then every record), skipping what has none,
+    /// and the decisions after it are the same.
+    #[test]
+    fn touch_batch_hands_every_acct_session_id_of_the_batch_to_the_store_at_once() {
+        let touched = Arc::new(Touched {
+            inner: MemoryStore::with_sessions(crate::synth::sessions(1, 4)),
+            seen: Mutex::new(Vec::new()),
+        });
+        let store: Arc<dyn SessionStore> = touched.clone();
+        let engine = Engine::new(config(vec![client("127.0.0.1", "s", None)]), store);
+        let (a, b) = (session_id(1), session_id(2));
+        let mut access = disconnect(3, &a, "s");
+        access[0] = 1;
+        let batch = [
+            disconnect(1, &a, "s"),
+            access,
+            disconnect(2, &b, "forged-is-fine-for-a-hint"),
+            vec![0u8; 7],
+        ];
+        engine.touch_batch(batch.iter().map(Vec::as_slice));
+        let key = |id: &str, step| (Key::AcctSessionId, id.as_bytes().to_vec(), step);
+        assert_eq!(
+            *touched.seen.lock().unwrap(),
+            vec![
+                key(&a, Touch::Index),
+                key(&b, Touch::Index),
+                key(&a, Touch::Record),
+                key(&b, Touch::Record),
+            ]
+        );
+        // 100 keys: two calls (64 and 36), each index entries first.
+        touched.seen.lock().unwrap().clear();
+        let many: Vec<Vec<u8>> = (0..100u32)
+            .map(|i| disconnect(i as u8, &i.to_string(), "s"))
+            .collect();
+        engine.touch_batch(many.iter().map(Vec::as_slice));
+        let seen = touched.seen.lock().unwrap();
+        assert_eq!(seen.len(), 200);
+        assert!(seen[..64].iter().all(|(_, _, s)| *s == Touch::Index));
+        assert!(seen[64..128].iter().all(|(_, _, s)| *s == Touch::Record));
+        assert_eq!(seen[128].1, b"64".to_vec());
+        assert_eq!(touched.len(), 4, "a hint removes nothing");
     }
 
     struct Capture(Mutex<Vec<PendingRequest>>);

@@ -138,6 +138,28 @@ fn random_lookups(c: &mut Criterion) {
             black_box(found)
         })
     });
+    // The same, through `SessionStore::touch_all` (what the shard calls): the batch's keys
+    // hashed first, then the index entries in one tight loop, then the records.
+    let mut k = 0usize;
+    g.bench_function(
+        format!("lookup_acct_session_id_batch_of_64_touch_all/{n}"),
+        |b| {
+            b.iter(|| {
+                k = (k + BATCH) & (KEYS - 1);
+                let batch = &keys[k..k + BATCH];
+                let primary: [PrimaryKey<'_>; BATCH] = std::array::from_fn(|i| PrimaryKey {
+                    key: Key::AcctSessionId,
+                    value: KeyValue::Text(&batch[i]),
+                });
+                table.touch_all(&primary);
+                let mut found = 0usize;
+                for key in batch {
+                    found += usize::from(table.peek(&lookup(black_box(key))).is_ok());
+                }
+                black_box(found)
+            })
+        },
+    );
     g.finish();
 }
 

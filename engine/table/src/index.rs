@@ -30,6 +30,12 @@ pub trait KeyIndex: Send + Sync + Default {
     fn touch(&self, _hash: u64) -> u64 {
         0
     }
+    /// [`KeyIndex::touch`] for many hashes, the index's table looked up once: the loop
+    /// body is a few instructions, so that many loads that miss are in flight together.
+    /// Returns what they loaded, combined. Lock-free.
+    fn touch_many(&self, hashes: &[u64]) -> u64 {
+        hashes.iter().fold(0, |acc, &h| acc ^ self.touch(h))
+    }
     /// Adds `(hash, id)`. Writer only.
     fn insert(&self, hash: u64, id: u32);
     /// Removes `(hash, id)`; false if absent. Writer only.
@@ -195,13 +201,20 @@ impl KeyIndex for FlatIndex {
     }
 
     fn touch(&self, hash: u64) -> u64 {
+        self.touch_many(&[hash])
+    }
+
+    fn touch_many(&self, hashes: &[u64]) -> u64 {
         let t = self.table.load();
         if t.slots.is_empty() {
             return 0;
         }
-        t.slots
-            .get(t.home(h32(hash)))
-            .map_or(0, |slot| slot.load(Ordering::Relaxed))
+        hashes.iter().fold(0, |acc, &h| {
+            acc ^ t
+                .slots
+                .get(t.home(h32(h)))
+                .map_or(0, |slot| slot.load(Ordering::Relaxed))
+        })
     }
 
     fn insert(&self, hash: u64, id: u32) {

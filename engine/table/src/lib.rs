@@ -1146,6 +1146,46 @@ impl<I: KeyIndex> SessionStore for SessionTable<I> {
         }
     }
 
+    /// The batch's keys hashed first (no memory touched), then every index entry in one
+    /// tight loop per run of keys of one kind, then every record: more of the batch's misses
+    /// in flight together than one `touch` per key and step allows (plain loads stall
+    /// retirement, so fewer instructions between them mean more of them issued).
+    fn touch_all(&self, keys: &[PrimaryKey<'_>]) {
+        const CHUNK: usize = 64;
+        for keys in keys.chunks(CHUNK) {
+            let mut hashes = [0u64; CHUNK];
+            for (h, key) in hashes.iter_mut().zip(keys) {
+                *h = self.hash(key.value);
+            }
+            let hashes = hashes.get(..keys.len()).unwrap_or_default();
+            let mut loaded = 0u64;
+            let mut start = 0;
+            while let Some(first) = keys.get(start) {
+                let run = keys
+                    .get(start..)
+                    .unwrap_or_default()
+                    .iter()
+                    .take_while(|k| k.key == first.key)
+                    .count();
+                if let (Some(ix), Some(run_hashes)) =
+                    (self.index(first.key), hashes.get(start..start + run))
+                {
+                    loaded ^= ix.touch_many(run_hashes);
+                }
+                start += run.max(1);
+            }
+            for (key, &h) in keys.iter().zip(hashes) {
+                if let Some(ix) = self.index(key.key) {
+                    ix.probe(h, |id| {
+                        loaded ^= self.arena.touch(id);
+                        false
+                    });
+                }
+            }
+            std::hint::black_box(loaded);
+        }
+    }
+
     fn disconnect(&self, lookup: &Lookup<'_>) -> Result<Applied, Refusal> {
         self.disconnect_observed(lookup, None)
     }

@@ -1065,3 +1065,47 @@ fn touch_loads_the_slot_and_the_record_and_changes_nothing() {
         "a stored key's probe starts at a used slot"
     );
 }
+
+/// `touch_all` (a whole batch's hint, mixed key kinds and keys that are not stored) changes
+/// nothing either, and its tight index loop loads what one `touch` per key loads.
+#[test]
+fn touch_all_changes_nothing_and_loads_what_touch_loads() {
+    let t = SessionTable::<FlatIndex>::new(TableConfig::default());
+    for i in 0..200 {
+        t.insert(s(&format!("sess-{i}"), &format!("user-{i}")));
+    }
+    let ids: Vec<String> = (0..260).map(|i| format!("sess-{i}")).collect();
+    let before: Vec<_> = ids
+        .iter()
+        .map(|id| t.peek(&lookup(acct(id), 1, 2)))
+        .collect();
+    let mut keys: Vec<PrimaryKey<'_>> = ids
+        .iter()
+        .map(|id| PrimaryKey {
+            key: Key::AcctSessionId,
+            value: KeyValue::Text(id.as_bytes()),
+        })
+        .collect();
+    keys.insert(
+        70,
+        PrimaryKey {
+            key: Key::UserName,
+            value: KeyValue::Text(b"user-3"),
+        },
+    );
+    t.touch_all(&keys);
+    let after: Vec<_> = ids
+        .iter()
+        .map(|id| t.peek(&lookup(acct(id), 1, 2)))
+        .collect();
+    assert_eq!(before, after);
+    assert_eq!(t.len(), 200);
+    let ix = t.index(Key::AcctSessionId).unwrap();
+    let hashes: Vec<u64> = ids
+        .iter()
+        .map(|id| t.hash(KeyValue::Text(id.as_bytes())))
+        .collect();
+    let one_by_one = hashes.iter().fold(0, |acc, &h| acc ^ ix.touch(h));
+    assert_eq!(ix.touch_many(&hashes), one_by_one);
+    assert_ne!(one_by_one, 0);
+}
