@@ -199,18 +199,22 @@ impl AgentLink {
         }
     }
 
-    /// Writes one line (the connection's replies go through the same lock, so lines never
-    /// interleave) and sends it.
-    pub fn send_line(&self, line: &str) -> io::Result<()> {
+    /// Writes one line and sends it.
+    pub fn send_line(&self, line: String) -> io::Result<()> {
         self.queue_line(line)?;
         self.flush()
     }
 
     /// Writes one line into the connection's buffer; [`AgentLink::flush`] sends it (one
-    /// write for a burst of actions).
-    pub fn queue_line(&self, line: &str) -> io::Result<()> {
+    /// write for a burst of actions). The line and its newline go to the writer in one
+    /// `write_all`: the connection's replies take the writer's lock once per call, so a
+    /// line written in two calls (`writeln!` makes one per piece) could have a reply land
+    /// between its text and its newline, and the agent would read two messages run together.
+    pub fn queue_line(&self, mut line: String) -> io::Result<()> {
+        line.push('\n');
         let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
-        writeln!(out, "{line}").inspect_err(|_| (self.close)())
+        out.write_all(line.as_bytes())
+            .inspect_err(|_| (self.close)())
     }
 
     pub fn flush(&self) -> io::Result<()> {
@@ -938,13 +942,7 @@ impl State {
                 Owner::Agent(connection) => {
                     let sent = links.get(&connection).map(|l| {
                         self.unflushed.insert(connection, Arc::clone(l));
-                        l.queue_line(&action_line(
-                            id,
-                            &running.plan,
-                            &indexes,
-                            deadline_ms,
-                            false,
-                        ))
+                        l.queue_line(action_line(id, &running.plan, &indexes, deadline_ms, false))
                     });
                     if !matches!(sent, Some(Ok(()))) {
                         // Nobody will answer for these sessions: a result of "none" now.
@@ -1111,7 +1109,7 @@ impl State {
                 }
                 Owner::Agent(connection) => {
                     if let Some(link) = self.setup.agents.link(connection) {
-                        let _ = link.queue_line(&action.to_line());
+                        let _ = link.queue_line(action.to_line());
                         self.unflushed.insert(connection, link);
                     }
                 }
@@ -1271,6 +1269,42 @@ mod tests {
     use dynauth_proto::store::MemoryStore;
     use dynauth_proto::{Engine, Outcome};
     use std::net::{SocketAddr, UdpSocket};
+
+    /// Records every `write` call it gets, as the connection's shared writer sees them.
+    #[derive(Clone, Default)]
+    struct Calls(Arc<Mutex<Vec<Vec<u8>>>>);
+
+    impl Write for Calls {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().push(buf.to_vec());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// An action line reaches the connection's writer in one call, newline included: the
+    /// connection's replies take the same writer between calls, so a line written in two
+    /// (its text, then its newline: `writeln!`) could have a reply land inside it and the
+    /// agent read two messages run together (seen once as "trailing characters" in
+    /// `tests/durability.rs::kill_9_in_agent_mode_loses_nothing_acknowledged`).
+    #[test]
+    fn an_action_line_reaches_the_shared_writer_in_one_call() {
+        let calls = Calls::default();
+        let link = AgentLink::new("a".into(), Box::new(calls.clone()), Box::new(|| {}));
+        link.queue_line(r#"{"type":"action","action":1}"#.to_owned())
+            .unwrap();
+        link.send_line(r#"{"type":"action","action":2}"#.to_owned())
+            .unwrap();
+        assert_eq!(
+            *calls.0.lock().unwrap(),
+            vec![
+                br#"{"type":"action","action":1}"#.iter().chain(b"\n").copied().collect::<Vec<u8>>(),
+                br#"{"type":"action","action":2}"#.iter().chain(b"\n").copied().collect::<Vec<u8>>(),
+            ]
+        );
+    }
 
     /// An in-process data plane that commits every session from another thread.
     struct Committer {
