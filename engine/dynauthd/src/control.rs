@@ -649,6 +649,11 @@ impl Connection<'_> {
         {
             return reply;
         }
+        if let Some(result) = typed_batch::parse_action_result(text)
+            && let Some(reply) = self.typed_action_result(result)
+        {
+            return reply;
+        }
         let parsed: Result<Value, _> = serde_json::from_str(text);
         let message = match parsed {
             Ok(Value::Object(m)) => m,
@@ -970,6 +975,21 @@ impl Connection<'_> {
             .report(action, results);
         self.silent = true;
         Ok(json!({"accepted": n}))
+    }
+
+    /// An `action_result` read by [`typed_batch::parse_action_result`], reported as
+    /// [`Connection::action_result`] reports one; `None` when this connection takes no
+    /// actions (the `Value` path then refuses the line).
+    fn typed_action_result(&mut self, r: typed_batch::TypedActionResult) -> Option<String> {
+        let (Some(actions), true) = (&self.shared.actions, self.takes_actions) else {
+            return None;
+        };
+        let n = r.results.len();
+        actions
+            .results_from(Owner::Agent(self.id))
+            .report(r.action, r.results);
+        self.silent = true;
+        Some(ok_reply(&Value::Null, json!({"accepted": n})))
     }
 
     /// With agents: the matched sessions are torn down by the agents that own them (the

@@ -1,10 +1,11 @@
-//! The `batch` message read straight into typed events, without a `serde_json::Value` tree
-//! (a batch of 1,000 upserts is the feed's bulk form, and building the tree, one map and
-//! one `String` per field of every session, was the control thread's largest cost:
-//! docs/BENCHMARKS.md, "Where the control thread's time goes").
+//! The control socket's two bulk messages read straight into typed values, without a
+//! `serde_json::Value` tree: `batch` (a batch of 1,000 upserts is the feed's bulk form, and
+//! building the tree, one map and one `String` per field of every session, was the control
+//! thread's largest cost: docs/BENCHMARKS.md, "Where the control thread's time goes") and
+//! `action_result` (one per action an agent commits).
 //!
-//! Owns: one function, [`parse`], which accepts exactly the well-formed batches and says
-//! nothing about the rest. Must not touch: what a wrong message is answered with. Anything
+//! Owns: [`parse`] and [`parse_action_result`], which accept exactly the well-formed
+//! messages of their kind and say nothing about the rest. Must not touch: what a wrong message is answered with. Anything
 //! this reader does not take as it is (a field of the wrong type, a duplicate field, an
 //! event given as an array, `"mode": null`, a session that does not parse, ...) makes it
 //! return `None`, and the caller reads the line again through the `Value` path, which names
@@ -16,6 +17,8 @@
 
 use std::borrow::Cow;
 
+use dynauth_proto::action::SessionResult;
+use dynauth_proto::dict::ErrorCause;
 use dynauth_proto::feed::FeedEvent;
 use dynauth_proto::session::Session;
 use dynauth_proto::store::UpsertMode;
@@ -80,7 +83,8 @@ fn is_object(raw: &RawValue) -> bool {
 /// Reads `text` as a version-1 `batch` message, or `None` when it is anything else or
 /// anything about it is wrong (then the `Value` path reads it and names the error).
 pub(super) fn parse(text: &str) -> Option<TypedBatch<'_>> {
-    if !text.trim_start().starts_with('{') {
+    // A line without the word is no batch: not worth a typed parse that would fail.
+    if !text.trim_start().starts_with('{') || !text.contains("\"batch\"") {
         return None;
     }
     let envelope: Envelope<'_> = serde_json::from_str(text).ok()?;
@@ -98,6 +102,70 @@ pub(super) fn parse(text: &str) -> Option<TypedBatch<'_>> {
     Some(TypedBatch {
         id: envelope.id.unwrap_or(Value::Null),
         events,
+    })
+}
+
+/// An agent's `action_result` read by [`parse_action_result`].
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct TypedActionResult {
+    pub action: u64,
+    pub results: Vec<(usize, SessionResult)>,
+}
+
+#[derive(Deserialize)]
+struct ResultEnvelope<'a> {
+    v: u64,
+    #[serde(borrow)]
+    op: Cow<'a, str>,
+    action: u64,
+    #[serde(borrow)]
+    results: Vec<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct ResultFields<'a> {
+    index: u64,
+    #[serde(borrow)]
+    result: Cow<'a, str>,
+    /// `null` and absent are both "none", as on the `Value` path.
+    #[serde(default)]
+    error_cause: Option<u64>,
+}
+
+/// Reads `text` as a version-1 `action_result` message (`{"v": 1, "op": "action_result",
+/// "action": N, "results": [{"index": 0, "result": "committed"}, ...]}`), or `None` when it
+/// is anything else or anything about it is wrong (the `Value` path then names the field).
+pub(super) fn parse_action_result(text: &str) -> Option<TypedActionResult> {
+    if !text.trim_start().starts_with('{') || !text.contains("\"action_result\"") {
+        return None;
+    }
+    let envelope: ResultEnvelope<'_> = serde_json::from_str(text).ok()?;
+    if envelope.v != super::VERSION || envelope.op != "action_result" {
+        return None;
+    }
+    let mut results = Vec::with_capacity(envelope.results.len());
+    for raw in envelope.results {
+        if !is_object(raw) {
+            return None;
+        }
+        let f: ResultFields<'_> = serde_json::from_str(raw.get()).ok()?;
+        let result = match (&*f.result, f.error_cause) {
+            ("committed", _) => SessionResult::Committed,
+            ("not_found", _) => SessionResult::NotFound,
+            ("failed", None) => SessionResult::Failed(None),
+            ("failed", Some(n)) => SessionResult::Failed(Some(
+                u32::try_from(n)
+                    .ok()
+                    .and_then(ErrorCause::from_value)
+                    .filter(|c| c.value() >= 400)?,
+            )),
+            _ => return None,
+        };
+        results.push((usize::try_from(f.index).ok()?, result));
+    }
+    Some(TypedActionResult {
+        action: envelope.action,
+        results,
     })
 }
 
@@ -215,6 +283,48 @@ mod tests {
             panic!("{got:?}")
         };
         assert_eq!(session.acct_session_id.as_deref(), Some("a\"b"));
+    }
+
+    /// An `action_result` is read into what the `Value` path reads (`actions::parse_results`),
+    /// and every shape it would refuse or read otherwise is left to it.
+    #[test]
+    fn an_action_result_is_read_as_the_value_path_reads_it_and_the_rest_is_left_to_it() {
+        let text = r#"{"v":1,"op":"action_result","action":42,"results":[
+            {"index":0,"result":"committed"},{"index":1,"result":"not_found","extra":1},
+            {"index":2,"result":"failed"},{"index":3,"result":"failed","error_cause":null},
+            {"index":4,"result":"failed","error_cause":504}]}"#;
+        let got = parse_action_result(text).expect("the typed path takes it");
+        let value: Value = serde_json::from_str(text).unwrap();
+        let expected = crate::actions::parse_results(value.get("results")).unwrap();
+        assert_eq!(got.action, 42);
+        assert_eq!(got.results, expected);
+        assert_eq!(
+            got.results[4].1,
+            SessionResult::Failed(ErrorCause::from_value(504))
+        );
+        let result =
+            |r: &str| format!(r#"{{"v":1,"op":"action_result","action":1,"results":[{r}]}}"#);
+        for text in [
+            r#"{"v":2,"op":"action_result","action":1,"results":[]}"#.to_owned(),
+            r#"{"v":1,"op":"action_result","action":1.0,"results":[]}"#.to_owned(),
+            r#"{"v":1,"op":"action_result","action":-1,"results":[]}"#.to_owned(),
+            r#"{"v":1,"op":"action_result","results":[]}"#.to_owned(),
+            r#"{"v":1,"op":"action_result","action":1}"#.to_owned(),
+            r#"{"v":1,"op":"action_result","action":1,"results":{}}"#.to_owned(),
+            r#"{"v":1,"op":"hello","action_result":1,"action":1,"results":[]}"#.to_owned(),
+            result(r#"[0,"committed"]"#),
+            result(r#"{"result":"committed"}"#),
+            result(r#"{"index":"0","result":"committed"}"#),
+            result(r#"{"index":0}"#),
+            result(r#"{"index":0,"result":"done"}"#),
+            result(r#"{"index":0,"result":"failed","error_cause":"504"}"#),
+            result(r#"{"index":0,"result":"failed","error_cause":201}"#),
+            result(r#"{"index":0,"result":"failed","error_cause":999}"#),
+            result(r#"{"index":0,"index":1,"result":"committed"}"#),
+        ] {
+            assert!(parse_action_result(&text).is_none(), "taken: {text}");
+        }
+        assert!(parse(text).is_none(), "an action_result is no batch");
     }
 
     /// Every shape the `Value` path refuses (or that is not a batch) is left to it: a typed
