@@ -45,7 +45,6 @@ pub mod engine;
 pub mod feed;
 #[doc(hidden)]
 pub mod fuzzing;
-#[allow(clippy::needless_range_loop)]
 pub mod md5x4;
 pub mod route;
 pub mod rules;
