@@ -204,11 +204,7 @@ impl PendingRequest {
             source: request.source(),
             destination,
             client_id: request.client_id(),
-            secret_index: request
-                .client()
-                .secrets()
-                .position(|s| core::ptr::eq(s, request.secret()))
-                .unwrap_or(0),
+            secret_index: request.secret_index(),
             arrived,
             key: request.duplicate_key(),
             deadline_ms,

@@ -54,50 +54,49 @@ fn digests<'a>(
     input: impl Fn(usize) -> Option<LaneInput<'a>>,
     out: &mut [Authenticator],
 ) {
-    let mut groups = [([0usize; LANES], 0usize); 4];
+    // Per block count (1 to 4): the lanes waiting for a run, and how many there are.
+    let mut groups: [(Lanes<'a>, usize); 4] = [([None; LANES], 0); 4];
     for i in 0..n {
         let Some(lane) = input(i) else { continue };
-        let Some((ids, count)) = groups.get_mut(lane.blocks().wrapping_sub(1)) else {
+        let Some((lanes, count)) = groups.get_mut(lane.blocks().wrapping_sub(1)) else {
             continue;
         };
-        if let Some(id) = ids.get_mut(*count) {
-            *id = i;
+        if let Some(slot) = lanes.get_mut(*count) {
+            *slot = Some((i, lane));
         }
         *count += 1;
         if *count == LANES {
-            run(ids, LANES, prefix, &input, out);
+            run(lanes, prefix, out);
             *count = 0;
         }
     }
-    for (ids, count) in &groups {
+    for (lanes, count) in &mut groups {
+        if let Some(waiting) = lanes.get_mut(*count..) {
+            waiting.fill(None);
+        }
         if *count > 0 {
-            run(ids, *count, prefix, &input, out);
+            run(lanes, prefix, out);
         }
     }
 }
 
-fn run<'a>(
-    ids: &[usize; LANES],
-    count: usize,
-    prefix: u64,
-    input: &impl Fn(usize) -> Option<LaneInput<'a>>,
-    out: &mut [Authenticator],
-) {
-    let lane = |l: usize| {
-        let id = if l < count { ids[l] } else { ids[0] };
-        input(id)
-    };
-    let lanes: [Option<LaneInput<'a>>; LANES] = core::array::from_fn(lane);
-    let [Some(a), Some(b), Some(c), Some(d)] = lanes else {
+/// One run's lanes, each with the input (its index) it is for; `None`: an unused lane.
+type Lanes<'a> = [Option<(usize, LaneInput<'a>)>; LANES];
+
+/// One four-lane run; lanes that are `None` repeat the first (their digests are dropped).
+fn run(lanes: &Lanes<'_>, prefix: u64, out: &mut [Authenticator]) {
+    let Some(Some(first)) = lanes.first().copied() else {
         return;
     };
-    let lanes = [a, b, c, d];
-    let parts: [&[&[u8]]; LANES] = core::array::from_fn(|l| &lanes[l].parts[..]);
-    let Some(digests) = md5x4::md5x4_parts(lanes.map(|l| l.state), prefix, parts) else {
+    let full: [(usize, LaneInput<'_>); LANES] = core::array::from_fn(|l| lanes[l].unwrap_or(first));
+    let parts: [&[&[u8]]; LANES] = core::array::from_fn(|l| &full[l].1.parts[..]);
+    let Some(digests) = md5x4::md5x4_parts(full.map(|(_, lane)| lane.state), prefix, parts) else {
         return;
     };
-    for (l, digest) in digests.into_iter().enumerate().take(count) {
-        if let Some(slot) = out.get_mut(ids[l]) {
+    for (lane, digest) in lanes.iter().zip(digests) {
+        if let Some((i, _)) = lane
+            && let Some(slot) = out.get_mut(*i)
+        {
             *slot = digest;
         }
     }
@@ -228,7 +227,7 @@ impl BatchWork {
 
     /// Whether an answer encoded now should be left to [`BatchWork::seal`].
     pub(crate) fn defers(&self, answer_len: usize, secret: &Secret) -> bool {
-        self.deferring && !self.sealed && answer_len + secret.bytes().len() <= md5x4::MAX_LEN
+        self.deferring && answer_len + secret.bytes().len() <= md5x4::MAX_LEN
     }
 
     /// Keeps a copy of an answer left unsigned (its octets as encoded).
@@ -381,16 +380,11 @@ impl BatchWork {
         }
         target.copy_from_slice(signed);
         self.handed += 1;
-        true
-    }
-
-    /// Answers signed by the last [`BatchWork::seal`] and not handed out yet.
-    pub(crate) fn unhanded(&self) -> usize {
-        if self.sealed {
-            self.unsigned.len() - self.handed
-        } else {
-            self.unsigned.len()
+        if self.handed == self.unsigned.len() {
+            // The batch is over: nothing of it is needed any more.
+            self.clear();
         }
+        true
     }
 
     fn clear(&mut self) {
@@ -402,10 +396,5 @@ impl BatchWork {
         self.unsigned_bytes.clear();
         self.sealed = false;
         self.handed = 0;
-    }
-
-    /// Ends the batch without deferring anything more (leftovers must be sealed first).
-    pub(crate) fn finish(&mut self) {
-        self.clear();
     }
 }

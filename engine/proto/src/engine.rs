@@ -270,11 +270,7 @@ impl Engine {
     /// that answer as [`Engine::handle`] left it (answers in the order they were decided).
     /// `false` when it does not, or none is left: that buffer must not be sent.
     pub fn write_sealed(&mut self, out: &mut [u8]) -> bool {
-        let written = self.batch.write_sealed(out);
-        if self.batch.unhanded() == 0 {
-            self.batch.finish();
-        }
-        written
+        self.batch.write_sealed(out)
     }
 
     /// The batch hint for a whole receive batch ([`SessionStore::touch_all`]): the
@@ -547,13 +543,13 @@ impl Shard<'_> {
             } else {
                 None
             };
-            let secret = request
-                .client()
-                .secrets()
-                .position(|s| core::ptr::eq(s, request.secret()))
-                .unwrap_or(0);
-            self.batch
-                .push_unsigned(bytes, ma_offset, request.client_id(), secret, cached);
+            self.batch.push_unsigned(
+                bytes,
+                ma_offset,
+                request.client_id(),
+                request.secret_index(),
+                cached,
+            );
         } else {
             crate::auth::sign_response(bytes, ma_offset, request.secret());
             if cache {

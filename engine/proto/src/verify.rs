@@ -65,6 +65,15 @@ impl<'a> Authenticated<'a> {
         self.secret
     }
 
+    /// Which of the client's secrets ([`Client::secrets`]) verified the request: what a
+    /// later signature or re-verification looks it up by.
+    pub(crate) fn secret_index(&self) -> usize {
+        self.client
+            .secrets()
+            .position(|s| core::ptr::eq(s, self.secret))
+            .unwrap_or(0)
+    }
+
     /// Offset of the verified Message-Authenticator's value, when the request carried one.
     pub fn message_authenticator(&self) -> Option<usize> {
         self.message_authenticator

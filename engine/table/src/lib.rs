@@ -1160,19 +1160,15 @@ impl<I: KeyIndex> SessionStore for SessionTable<I> {
             let hashes = hashes.get(..keys.len()).unwrap_or_default();
             let mut loaded = 0u64;
             let mut start = 0;
-            while let Some(first) = keys.get(start) {
-                let run = keys
-                    .get(start..)
-                    .unwrap_or_default()
-                    .iter()
-                    .take_while(|k| k.key == first.key)
-                    .count();
-                if let (Some(ix), Some(run_hashes)) =
-                    (self.index(first.key), hashes.get(start..start + run))
-                {
+            for run in keys.chunk_by(|a, b| a.key == b.key) {
+                let end = start + run.len();
+                if let (Some(ix), Some(run_hashes)) = (
+                    run.first().and_then(|k| self.index(k.key)),
+                    hashes.get(start..end),
+                ) {
                     loaded ^= ix.touch_many(run_hashes);
                 }
-                start += run.max(1);
+                start = end;
             }
             for (key, &h) in keys.iter().zip(hashes) {
                 if let Some(ix) = self.index(key.key) {
