@@ -633,7 +633,7 @@ fn outcome_json(outcome: FeedOutcome) -> Value {
     }
 }
 
-impl Connection<'_> {
+impl<'s> Connection<'s> {
     /// The reply line; `None` for an accepted `action_result`, which gets none (an agent
     /// answering a storm of actions must never be blocked by replies it does not read).
     fn handle(&mut self, text: &str, line: u64) -> Option<String> {
@@ -916,7 +916,6 @@ impl Connection<'_> {
     /// refuses the line, naming the event). Ownership is looked up once per run of events
     /// for the same NAS, not once per event.
     fn typed_batch(&self, batch: typed_batch::TypedBatch<'_>) -> Option<String> {
-        let mut events = Vec::with_capacity(batch.events.len());
         let mut allowed: Option<&str> = None;
         for (i, e) in batch.events.iter().enumerate() {
             if allowed != Some(&*e.nas) {
@@ -924,13 +923,15 @@ impl Connection<'_> {
                 allowed = Some(&e.nas);
             }
         }
-        for e in batch.events {
-            events.push(Sequenced {
+        let events = batch
+            .events
+            .into_iter()
+            .map(|e| Sequenced {
                 nas: Some(e.nas.into_owned()),
                 seq: e.seq,
                 event: e.event,
-            });
-        }
+            })
+            .collect();
         Some(ok_reply(&batch.id, self.apply_batch(events)))
     }
 
@@ -951,13 +952,7 @@ impl Connection<'_> {
     /// An agent's results for an action it received: `{"op": "action_result", "action": N,
     /// "results": [{"index": 0, "result": "committed"}, ...]}`.
     fn action_result(&mut self, m: &Map<String, Value>) -> Result<Value, Refused> {
-        let (Some(actions), true) = (&self.shared.actions, self.takes_actions) else {
-            return Err(refused(
-                "no_actions",
-                Some("op"),
-                "this connection takes no actions (say \"actions\": true in hello)",
-            ));
-        };
+        let actions = self.results_sink()?;
         let action = m
             .get("action")
             .and_then(Value::as_u64)
@@ -969,27 +964,45 @@ impl Connection<'_> {
                 "results: [{\"index\": N, \"result\": \"committed\" | \"not_found\" | \"failed\", \"error_cause\": 4xx/5xx}]",
             )
         })?;
-        let n = results.len();
-        actions
-            .results_from(Owner::Agent(self.id))
-            .report(action, results);
-        self.silent = true;
-        Ok(json!({"accepted": n}))
+        Ok(self.report(actions, action, results))
     }
 
     /// An `action_result` read by [`typed_batch::parse_action_result`], reported as
     /// [`Connection::action_result`] reports one; `None` when this connection takes no
     /// actions (the `Value` path then refuses the line).
     fn typed_action_result(&mut self, r: typed_batch::TypedActionResult) -> Option<String> {
-        let (Some(actions), true) = (&self.shared.actions, self.takes_actions) else {
-            return None;
-        };
-        let n = r.results.len();
+        let actions = self.results_sink().ok()?;
+        let result = self.report(actions, r.action, r.results);
+        Some(ok_reply(&Value::Null, result))
+    }
+
+    /// Where this connection's action results go, or why it has none.
+    fn results_sink(&self) -> Result<&'s Submitter, Refused> {
+        let shared: &'s Shared = self.shared;
+        match (&shared.actions, self.takes_actions) {
+            (Some(actions), true) => Ok(actions),
+            _ => Err(refused(
+                "no_actions",
+                Some("op"),
+                "this connection takes no actions (say \"actions\": true in hello)",
+            )),
+        }
+    }
+
+    /// Hands an action's results to the dispatcher; the message gets no reply (`silent`: an
+    /// agent answering a storm of actions must never be blocked by replies it does not read).
+    fn report(
+        &mut self,
+        actions: &Submitter,
+        action: u64,
+        results: Vec<(usize, dynauth_proto::action::SessionResult)>,
+    ) -> Value {
+        let n = results.len();
         actions
             .results_from(Owner::Agent(self.id))
-            .report(r.action, r.results);
+            .report(action, results);
         self.silent = true;
-        Some(ok_reply(&Value::Null, json!({"accepted": n})))
+        json!({"accepted": n})
     }
 
     /// With agents: the matched sessions are torn down by the agents that own them (the

@@ -75,29 +75,36 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Cow<'de, str>>, D::
     <Cow<'de, str>>::deserialize(d).map(Some)
 }
 
-/// Whether the raw JSON text is an object (a typed struct would also take an array).
-fn is_object(raw: &RawValue) -> bool {
-    raw.get().trim_start().starts_with('{')
+/// The JSON object `raw` read as a `T`; `None` when it is no object (a typed struct would
+/// also take an array) or does not read as one.
+fn object<'a, T: Deserialize<'a>>(raw: &'a RawValue) -> Option<T> {
+    let text = raw.get();
+    if !text.trim_start().starts_with('{') {
+        return None;
+    }
+    serde_json::from_str(text).ok()
+}
+
+/// The line read as the envelope `T` of a message whose op is `quoted_op` (with its
+/// quotes); `None` at once for a line that does not even contain it (not worth a typed
+/// parse that would fail), or when it does not read.
+fn message<'a, T: Deserialize<'a>>(text: &'a str, quoted_op: &str) -> Option<T> {
+    if !text.trim_start().starts_with('{') || !text.contains(quoted_op) {
+        return None;
+    }
+    serde_json::from_str(text).ok()
 }
 
 /// Reads `text` as a version-1 `batch` message, or `None` when it is anything else or
 /// anything about it is wrong (then the `Value` path reads it and names the error).
 pub(super) fn parse(text: &str) -> Option<TypedBatch<'_>> {
-    // A line without the word is no batch: not worth a typed parse that would fail.
-    if !text.trim_start().starts_with('{') || !text.contains("\"batch\"") {
-        return None;
-    }
-    let envelope: Envelope<'_> = serde_json::from_str(text).ok()?;
+    let envelope: Envelope<'_> = message(text, r#""batch""#)?;
     if envelope.v != super::VERSION || envelope.op != "batch" {
         return None;
     }
     let mut events = Vec::with_capacity(envelope.events.len());
     for raw in envelope.events {
-        if !is_object(raw) {
-            return None;
-        }
-        let fields: Fields<'_> = serde_json::from_str(raw.get()).ok()?;
-        events.push(typed_event(fields)?);
+        events.push(typed_event(object(raw)?)?);
     }
     Some(TypedBatch {
         id: envelope.id.unwrap_or(Value::Null),
@@ -136,19 +143,13 @@ struct ResultFields<'a> {
 /// "action": N, "results": [{"index": 0, "result": "committed"}, ...]}`), or `None` when it
 /// is anything else or anything about it is wrong (the `Value` path then names the field).
 pub(super) fn parse_action_result(text: &str) -> Option<TypedActionResult> {
-    if !text.trim_start().starts_with('{') || !text.contains("\"action_result\"") {
-        return None;
-    }
-    let envelope: ResultEnvelope<'_> = serde_json::from_str(text).ok()?;
+    let envelope: ResultEnvelope<'_> = message(text, r#""action_result""#)?;
     if envelope.v != super::VERSION || envelope.op != "action_result" {
         return None;
     }
     let mut results = Vec::with_capacity(envelope.results.len());
     for raw in envelope.results {
-        if !is_object(raw) {
-            return None;
-        }
-        let f: ResultFields<'_> = serde_json::from_str(raw.get()).ok()?;
+        let f: ResultFields<'_> = object(raw)?;
         let result = match (&*f.result, f.error_cause) {
             ("committed", _) => SessionResult::Committed,
             ("not_found", _) => SessionResult::NotFound,
@@ -175,11 +176,7 @@ fn typed_event(f: Fields<'_>) -> Option<TypedEvent<'_>> {
     }
     let event = match &*f.op {
         "upsert" => {
-            let raw = f.session?;
-            if !is_object(raw) {
-                return None;
-            }
-            let session: Session = serde_json::from_str(raw.get()).ok()?;
+            let session: Session = object(f.session?)?;
             let mode = match f.mode.as_deref() {
                 None | Some("create") => UpsertMode::Create,
                 Some("refresh") => UpsertMode::Refresh,
