@@ -387,6 +387,10 @@ impl SessionStore for PublishingStore {
         self.inner.touch(key, step);
     }
 
+    fn touch_all(&self, keys: &[PrimaryKey<'_>]) {
+        self.inner.touch_all(keys);
+    }
+
     fn disconnect(&self, lookup: &Lookup<'_>) -> Result<Applied, Refusal> {
         // Table-only mode: what the lookup removes, captured whole before it goes.
         let mut before = Vec::new();

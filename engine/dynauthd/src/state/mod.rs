@@ -1031,6 +1031,10 @@ impl SessionStore for DurableStore {
         self.table.touch(key, step);
     }
 
+    fn touch_all(&self, keys: &[PrimaryKey<'_>]) {
+        self.table.touch_all(keys);
+    }
+
     fn feed_seq(&self, nas: Option<&str>, seq: u64) {
         // Journaled after the event's own records, under the same commit scope: the feed's
         // reply waits for both.
